@@ -1,0 +1,8 @@
+"""gemma4: the Gemma 4 text model family in clean PyTorch."""
+
+__version__ = "0.1.0"
+
+from gemma4.config import Gemma4Config, ConfigError, PRESETS
+from gemma4.model import Gemma4ForCausalLM, build_model, init_random_
+from gemma4.cache import ModelCache, FullCache, SlidingCache
+from gemma4.checkpoint import load_pretrained, save_pretrained, CheckpointError

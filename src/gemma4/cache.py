@@ -1,0 +1,191 @@
+"""KV caches: small objects outside the modules, one interface for every layer kind.
+
+Every cache addresses tokens by *slot*: the index of the token in the (padded) batch sequence, the
+same for every row. Masks are built from slots (causal ``k <= q``, sliding ``q - k < W``) and the 2-D
+padding mask, which is how left-padded batches stay exact.
+
+* :class:`FullCache` keeps every slot (preallocated, grown in chunks).
+* :class:`SlidingCache` is a ring buffer: it keeps the last ``window - 1 + slack`` slots. ``window - 1``
+  is all a new query can see; ``slack`` lets speculative decoding roll back that many tokens.
+* KV-sharing consumer layers have no cache at all: they attend over their producer's keys/values.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gemma4.config import FULL, SLIDING, Gemma4Config
+
+
+class LayerCache:
+    """Interface: ``update`` appends keys/values and returns what the new queries attend over."""
+
+    length: int = 0  # slots written so far
+
+    def key_slots(self, t: int, device: torch.device) -> torch.Tensor:
+        """Slots of the keys ``update`` will return when called with ``t`` new tokens (-1 = empty)."""
+        raise NotImplementedError
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v: [B, Nkv, T, hd]. Returns keys/values [B, Nkv, S, hd] ordered as ``key_slots``."""
+        raise NotImplementedError
+
+    def rollback(self, n: int) -> None:
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        raise NotImplementedError
+
+
+class FullCache(LayerCache):
+    def __init__(self, chunk: int = 256, max_length: int | None = None):
+        self.chunk, self.max_length = chunk, max_length
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.length = 0
+
+    def key_slots(self, t: int, device: torch.device) -> torch.Tensor:
+        return torch.arange(self.length + t, device=device)
+
+    def _reserve(self, k: torch.Tensor, v: torch.Tensor, need: int) -> None:
+        cap = 0 if self.k is None else self.k.shape[2]
+        if need <= cap:
+            return
+        # Grow in whole chunks so decoding reallocates once every `chunk` tokens, not every token.
+        new_cap = -(-need // self.chunk) * self.chunk
+        if self.max_length is not None:
+            new_cap = min(max(new_cap, need), max(self.max_length, need))
+        b, h, _, d = k.shape
+        nk = k.new_empty(b, h, new_cap, d)
+        nv = v.new_empty(b, h, new_cap, v.shape[-1])
+        if self.k is not None:
+            nk[:, :, : self.length] = self.k[:, :, : self.length]
+            nv[:, :, : self.length] = self.v[:, :, : self.length]
+        self.k, self.v = nk, nv
+
+    def update(self, k, v):
+        t = k.shape[2]
+        self._reserve(k, v, self.length + t)
+        self.k[:, :, self.length : self.length + t] = k
+        self.v[:, :, self.length : self.length + t] = v
+        self.length += t
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+
+    def rollback(self, n: int) -> None:
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot roll back {n} tokens from a cache holding {self.length}")
+        self.length -= n
+
+    def nbytes(self) -> int:
+        """Bytes holding live tokens (the preallocated tail is excluded; see ``reserved_nbytes``)."""
+        if self.k is None:
+            return 0
+        per_slot = (self.k[:, :, :1].numel() * self.k.element_size() + self.v[:, :, :1].numel() * self.v.element_size())
+        return per_slot * self.length
+
+    def reserved_nbytes(self) -> int:
+        if self.k is None:
+            return 0
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+
+class SlidingCache(LayerCache):
+    def __init__(self, window: int, slack: int = 0):
+        self.window, self.slack = window, slack
+        self.capacity = window - 1 + slack
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.length = 0
+
+    def _ring_slots(self, length: int, device) -> torch.Tensor:
+        # Ring index j holds the largest slot s < length with s % capacity == j (or nothing).
+        j = torch.arange(self.capacity, device=device)
+        s = length - 1 - torch.remainder(length - 1 - j, self.capacity)
+        return torch.where(s >= 0, s, torch.full_like(s, -1))
+
+    def key_slots(self, t: int, device: torch.device) -> torch.Tensor:
+        if t == 1 and self.capacity > 0:
+            # Decode: the new token is written into the ring first, then the ring is attended over.
+            return self._ring_slots(self.length + 1, device)
+        kept = min(self.length, self.capacity)
+        return torch.arange(self.length - kept, self.length + t, device=device)
+
+    def update(self, k, v):
+        b, h, t, d = k.shape
+        if self.k is None:
+            self.k = k.new_zeros(b, h, max(self.capacity, 1), d)
+            self.v = v.new_zeros(b, h, max(self.capacity, 1), v.shape[-1])
+        if t == 1 and self.capacity > 0:
+            j = self.length % self.capacity
+            self.k[:, :, j] = k[:, :, 0]
+            self.v[:, :, j] = v[:, :, 0]
+            self.length += 1
+            return self.k, self.v
+        kept = min(self.length, self.capacity)
+        order = torch.remainder(torch.arange(self.length - kept, self.length, device=k.device), max(self.capacity, 1))
+        k_all = torch.cat([self.k[:, :, order], k], dim=2)
+        v_all = torch.cat([self.v[:, :, order], v], dim=2)
+        # Store the newest `capacity` tokens at their ring positions.
+        n = min(t, self.capacity)
+        if n > 0:
+            slots = torch.arange(self.length + t - n, self.length + t, device=k.device)
+            idx = torch.remainder(slots, self.capacity)
+            self.k[:, :, idx] = k[:, :, t - n :]
+            self.v[:, :, idx] = v[:, :, t - n :]
+        self.length += t
+        return k_all, v_all
+
+    def rollback(self, n: int) -> None:
+        if not 0 <= n <= min(self.slack, self.length):
+            raise ValueError(
+                f"a sliding cache with slack {self.slack} can roll back at most {min(self.slack, self.length)} tokens, asked {n}"
+            )
+        self.length -= n
+
+    def nbytes(self) -> int:
+        if self.k is None:
+            return 0
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+    reserved_nbytes = nbytes
+
+
+class ModelCache:
+    """The caches of one model: a :class:`LayerCache` per K/V-producing layer, ``None`` for consumers."""
+
+    def __init__(self, config: Gemma4Config, *, slack: int = 0, chunk: int = 256, max_length: int | None = None):
+        self.config = config
+        modes = config.kv_sharing_modes
+        self.layers: list[LayerCache | None] = []
+        for i, t in enumerate(config.layer_types):
+            if modes[i] == "reuse":
+                self.layers.append(None)
+            elif t == SLIDING:
+                self.layers.append(SlidingCache(config.sliding_window, slack=slack))
+            else:
+                self.layers.append(FullCache(chunk=chunk, max_length=max_length))
+
+    @property
+    def length(self) -> int:
+        return next(c.length for c in self.layers if c is not None)
+
+    def first_of_type(self, layer_type: str) -> LayerCache | None:
+        for c, t in zip(self.layers, self.config.layer_types):
+            if c is not None and t == layer_type:
+                return c
+        return None
+
+    def rollback(self, n: int) -> None:
+        for c in self.layers:
+            if c is not None:
+                c.rollback(n)
+
+    def nbytes(self) -> int:
+        return sum(c.nbytes() for c in self.layers if c is not None)
+
+    def nbytes_by_type(self) -> dict[str, int]:
+        out = {SLIDING: 0, FULL: 0}
+        for c, t in zip(self.layers, self.config.layer_types):
+            if c is not None:
+                out[t] += c.nbytes()
+        return out
