@@ -5,8 +5,9 @@ same for every row. Masks are built from slots (causal ``k <= q``, sliding ``q -
 padding mask, which is how left-padded batches stay exact.
 
 * :class:`FullCache` keeps every slot (preallocated, grown in chunks).
-* :class:`SlidingCache` is a ring buffer: it keeps the last ``window - 1 + slack`` slots. ``window - 1``
-  is all a new query can see; ``slack`` lets speculative decoding roll back that many tokens.
+* :class:`SlidingCache` is a ring buffer of ``window + slack`` slots: a decoded token is written into
+  the ring and then attends over it, and a query sees itself plus ``window - 1`` earlier tokens.
+  ``slack`` lets speculative decoding roll back that many tokens.
 * KV-sharing consumer layers have no cache at all: they attend over their producer's keys/values.
 """
 
@@ -92,7 +93,7 @@ class FullCache(LayerCache):
 class SlidingCache(LayerCache):
     def __init__(self, window: int, slack: int = 0):
         self.window, self.slack = window, slack
-        self.capacity = window - 1 + slack
+        self.capacity = window + slack
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
         self.length = 0
