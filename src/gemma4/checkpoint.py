@@ -171,6 +171,10 @@ def load_state_streaming(model: Gemma4ForCausalLM, items, *, dtype: torch.dtype 
             if t.dtype != want.dtype:
                 raise CheckpointError(f"tensor {key!r} has dtype {t.dtype} but {want.dtype} is expected")
             t = t.to(device)
+        if t.data_ptr() % 64:
+            # safetensors hands out views into the mmapped file at whatever offset the header left.
+            # Unaligned weights take slower (and differently rounding) SIMD paths: own an aligned copy.
+            t = t.clone()
         _set_tensor(model, name, t)
         seen.add(name)
     if skipped_towers:

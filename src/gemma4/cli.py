@@ -11,4 +11,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+@app.callback()
+def _main() -> None:
+    """Gemma 4 in plain PyTorch. Start with `gemma4 info e2b` or `gemma4 generate --model gemma3-270m "Hello"`."""
+
+
 # Command modules (one line each; a module's `register(app)` adds its commands).
+from gemma4.info import register as _reg_info; _reg_info(app)  # noqa: E402
