@@ -99,10 +99,15 @@ def sdpa_attention(q, k, v, mask, scale, softcap, ctx):
     if softcap:  # SDPA cannot soft-cap scores
         return eager_attention(q, k, v, mask, scale, softcap, ctx)
     if k.shape[1] != q.shape[1]:
+        if _SDPA_GQA:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         g = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(g, dim=1)
         v = v.repeat_interleave(g, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+_SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
 
 # Other modules (e.g. gemma4.attention) register experimental backends here.
@@ -137,7 +142,9 @@ class Attention(nn.Module):
         self.scale, self.softcap = cfg.attention_scale, cfg.attn_logit_softcapping
         self.is_consumer = cfg.kv_sharing_modes[i] == "reuse"
         self.k_eq_v = cfg.layer_k_eq_v(i)
-        self.backend = "sdpa"
+        # Eager is the default: it is the reference computation, and on CPUs measured here it is as fast
+        # as SDPA for prefill and 2-10x faster for decoding (one query row against the cache).
+        self.backend = "eager"
         eps, off, bias = cfg.rms_norm_eps, cfg.norm_offset, cfg.attention_bias
         self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * d, bias=bias)
         self.q_norm = RMSNorm(d, eps, offset=off)
