@@ -88,13 +88,14 @@ def test_bfloat16_matches_reference(checkpoints, kind):
 
 
 def test_bfloat16_moe_against_grouped_mm_experts(checkpoints):
-    """transformers' default MoE kernel (grouped_mm) sums in another order; in bf16 that moves a few
-    tokens' top-k choice on random weights. Observed: max |dlogit| ~1.8, argmax agreement 95%."""
-    ref_model = _reference("moe", checkpoints["moe"], torch.bfloat16, experts="grouped_mm")
+    """transformers' default MoE kernel (grouped_mm) sums in another order than its eager experts; in
+    bf16 on random weights that moves some tokens' top-k choice (observed: argmax agreement ~84-95%).
+    Our difference to that default is exactly transformers' own eager-vs-grouped_mm difference."""
+    grouped = _reference("moe", checkpoints["moe"], torch.bfloat16, experts="grouped_mm")
+    eager = _reference("moe", checkpoints["moe"], torch.bfloat16, experts="eager")
     ours = gemma4.load_pretrained(checkpoints["moe"], dtype=torch.bfloat16)
     ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        ref = ref_model(ids).logits.float()
-        out = ours(ids).float()
-    assert (out.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.85
-    assert (out - ref).abs().mean().item() <= 0.25
+        ref_g, ref_e, out = grouped(ids).logits.float(), eager(ids).logits.float(), ours(ids).float()
+    assert torch.equal(out, ref_e)
+    assert torch.equal((out - ref_g).abs(), (ref_e - ref_g).abs())
