@@ -1,0 +1,155 @@
+"""`gemma4 generate`: run a checkpoint on a prompt from the command line, streaming the output."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+           "float16": "float16", "fp16": "float16"}
+
+
+def _find_tokenizer(model_path: str):
+    """The checkpoint's tokenizer (tokenizer.json / tokenizer.model in the directory, or the GGUF
+    vocabulary), or None when there is none (then the CLI works on token ids)."""
+    try:
+        from gemma4.tokenizer import load_tokenizer
+        from gemma4.checkpoint import resolve_path
+    except ImportError:
+        return None
+    try:
+        p = resolve_path(model_path)
+    except FileNotFoundError:
+        return None
+    try:
+        if p.is_dir():
+            if (p / "tokenizer.json").is_file() or (p / "tokenizer.model").is_file():
+                return load_tokenizer(p)
+            return None
+        if p.suffix == ".gguf":
+            return load_tokenizer(p)
+    except Exception as e:  # a broken tokenizer file should not hide the model: say so and use ids
+        typer.echo(f"warning: could not load the tokenizer from {p}: {e}; working on token ids", err=True)
+    return None
+
+
+class _TextStreamer:
+    """Prints the text of newly generated ids, holding back an incomplete UTF-8 character."""
+
+    def __init__(self, tokenizer, out):
+        self.tok, self.out = tokenizer, out
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def put(self, token: int, final: bool = False) -> None:
+        self.ids.append(token)
+        self.flush(final)
+
+    def flush(self, final: bool = False) -> None:
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if not final and text.endswith("\ufffd"):
+            return  # a multi-byte character split across tokens: wait for the rest
+        self.out.write(text[self.printed:])
+        self.out.flush()
+        self.printed = len(text)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("generate")
+    def generate_cmd(
+        prompt: Optional[str] = typer.Argument(None, help="Prompt text (needs a tokenizer next to the checkpoint)."),
+        model: str = typer.Option(..., "--model", "-m", help="Checkpoint directory, .gguf file or short name."),
+        ids: Optional[str] = typer.Option(None, "--ids", help='Prompt as token ids, e.g. "2 651 1234".'),
+        max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Most tokens to generate."),
+        temperature: float = typer.Option(0.0, help="0 = greedy."),
+        top_k: int = typer.Option(0, help="Keep the k most likely tokens (0 = off)."),
+        top_p: float = typer.Option(1.0, help="Nucleus sampling mass (1 = off)."),
+        min_p: float = typer.Option(0.0, help="Drop tokens below min_p x the top probability (0 = off)."),
+        repetition_penalty: float = typer.Option(1.0, help="> 1 discourages repeats (1 = off)."),
+        seed: Optional[int] = typer.Option(None, help="Random seed for reproducible sampling."),
+        stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable; needs a tokenizer)."),
+        no_bos: bool = typer.Option(False, "--no-bos", help="Do not prepend <bos> to a text prompt."),
+        dtype: Optional[str] = typer.Option(None, help="float32 / bfloat16 / float16 (default: the checkpoint's)."),
+        device: str = typer.Option("cpu", help="cpu, cuda, ..."),
+        prefill_chunk: int = typer.Option(512, help="Prompt tokens per prefill forward."),
+        threads: Optional[int] = typer.Option(None, help="torch.set_num_threads."),
+        stats: bool = typer.Option(False, "--stats", help="Print latency and the per-component breakdown."),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON object (ids, text, stats) instead of streaming."),
+    ):
+        """Generate a continuation of a prompt, streamed as it is produced."""
+        import torch
+
+        from gemma4.checkpoint import load_pretrained
+        from gemma4.generate import GenerationError, stream
+        from gemma4.monitor import LatencyMonitor
+        from gemma4.sampling import SamplingError, SamplingParams
+
+        if threads:
+            torch.set_num_threads(threads)
+        if dtype is not None and dtype.lower() not in _DTYPES:
+            raise typer.BadParameter(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(set(_DTYPES.values())))}")
+        if (prompt is None) == (ids is None):
+            raise typer.BadParameter("give either a text prompt or --ids (not both)")
+        try:
+            params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                    repetition_penalty=repetition_penalty, seed=seed)
+        except SamplingError as e:
+            raise typer.BadParameter(str(e)) from None
+
+        tok = _find_tokenizer(model)
+        if ids is not None:
+            try:
+                prompt_ids = [int(x) for x in ids.replace(",", " ").split()]
+            except ValueError:
+                raise typer.BadParameter(f"--ids must be integers separated by spaces, got {ids!r}") from None
+        else:
+            if tok is None:
+                raise typer.BadParameter(f"no tokenizer found for {model}; pass the prompt as token ids with --ids")
+            prompt_ids = tok.encode(prompt, add_bos=not no_bos)
+        if stop and tok is None:
+            raise typer.BadParameter("--stop needs a tokenizer next to the checkpoint")
+
+        torch_dtype = getattr(torch, _DTYPES[dtype.lower()]) if dtype else None
+        m = load_pretrained(model, dtype=torch_dtype, device=device)
+        mon = LatencyMonitor(m, breakdown=stats)
+        with mon:
+            try:
+                g = stream(m, [prompt_ids], max_new_tokens, params=params, stop_strings=stop or None,
+                           tokenizer=tok, prefill_chunk=prefill_chunk, monitor=mon)
+            except GenerationError as e:
+                raise typer.BadParameter(str(e)) from None
+            text_out = _TextStreamer(tok, sys.stdout) if (tok is not None and not as_json) else None
+            for step in g:
+                t = step[0]
+                if t is None:
+                    continue
+                if as_json:
+                    continue
+                if text_out is not None:
+                    text_out.put(t, final=g.done)
+                else:
+                    sys.stdout.write(f"{t} ")
+                    sys.stdout.flush()
+        if not as_json:
+            sys.stdout.write("\n")
+        out_ids = g.tokens[0]
+        if as_json:
+            obj = {"prompt_ids": prompt_ids, "ids": out_ids, "finish_reason": g.finish_reasons[0]}
+            if tok is not None:
+                obj["text"] = tok.decode(out_ids, skip_special_tokens=True)
+            if stats:
+                r = mon.report()
+                r.pop("per_layer", None)
+                obj["stats"] = r
+            typer.echo(json.dumps(obj))
+            return
+        if stats:
+            from rich.console import Console
+
+            Console(file=sys.stdout, width=110).print(mon.table())
+        else:
+            typer.echo(f"[{len(out_ids)} tokens, {g.finish_reasons[0]}]", err=True)
