@@ -1,0 +1,638 @@
+"""Weight-only quantization by module swapping: int8 per output channel, int4 group-wise.
+
+``quantize(model, "int8" | "int4", group_size=32)`` replaces, in place:
+
+* every ``nn.Linear`` (attention, MLP, PLE gates/projections) by :class:`Int8Linear` / :class:`Int4Linear`;
+* the token embedding by a quantized table that serves both the lookup and, through
+  :class:`TiedHead`, the tied output head (one copy of the table);
+* the PLE table (a lookup only) and the MoE expert stacks.
+
+The router (top-k selection is sensitive, and the matrix is tiny) and norms stay in float.
+
+Formats (all scales in bf16, the dtype the CPU kernels take):
+
+* int8: ``w ≈ q * scale``, q int8 in [-127, 127], one scale per output row (symmetric; the scale is
+  rounded *up* to bf16 so no weight clips).
+* int4: ``w ≈ (q - 8) * scale + zero``, q in [0, 15], one (scale, zero) pair per ``group_size``
+  inputs of a row (asymmetric min/max). ``scales_zeros`` is stored as ``[.., K/g, N, 2]`` — the layout
+  ``torch._weight_int4pack_mm_for_cpu`` reads — and the codes as uint8 ``[.., N, K/2]`` with the even
+  input in the low nibble. That nibble order is the portable file format; in memory the codes are
+  repacked into the kernel's own layout, which depends on the CPU's vector width (AVX-512, AVX2 or
+  none), and unpacked again when saved.
+
+Matmuls use ``torch._weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu`` with bf16 activations (on
+this CPU both are 10-30x slower with float32 activations than with bf16) and fall back to
+dequantize-then-matmul elsewhere (other devices, shapes the kernels reject).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gemma4.model import Experts, Gemma4ForCausalLM
+
+log = logging.getLogger("gemma4")
+
+SCHEMES = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128, 256)
+FORMAT_VERSION = 1
+DEFAULT_SKIP = ("router",)
+_FLOAT_OK = (torch.float32, torch.bfloat16, torch.float16)
+_ROWS_PER_CHUNK = 8192  # quantize big tables in row chunks: bounded float temporaries
+
+
+class QuantizationError(ValueError):
+    """Bad quantization request or quantized checkpoint; the message names the problem."""
+
+
+# ----------------------------------------------------------------------------- kernels available here
+def _has_op(name: str) -> bool:
+    return hasattr(torch.ops.aten, name)
+
+
+@functools.cache
+def _int8_kernel_ok() -> bool:
+    """Self-check of torch._weight_int8pack_mm on this machine (it has silently wrong results for
+    unsupported shapes, so shapes are also gated in :func:`_int8_shape_ok`)."""
+    if not hasattr(torch, "_weight_int8pack_mm"):
+        return False
+    try:
+        g = torch.Generator().manual_seed(0)
+        w = torch.randint(-127, 128, (48, 64), dtype=torch.int8, generator=g)
+        s = torch.rand(48, generator=g).to(torch.bfloat16)
+        x = torch.randn(3, 64, generator=g).to(torch.bfloat16)
+        ref = (x.float() @ w.float().t()) * s.float()
+        y = torch._weight_int8pack_mm(x, w, s).float()
+        return bool(torch.allclose(y, ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max())))
+    except Exception:  # noqa: BLE001 - any failure means "don't use it"
+        return False
+
+
+def _int8_shape_ok(k: int) -> bool:
+    # The vectorised kernel walks K in 16-wide steps and returns garbage for other K (measured on
+    # AVX-512, torch 2.13); 32 leaves a margin for wider vector units.
+    return k % 32 == 0
+
+
+# int4 CPU layout candidates: (kind, BLOCK_N). "split": a byte holds rows r and r + BLOCK_N/2 of a
+# block (AVX-512: 64 rows, AVX2: 32); "pairs": rows 2j and 2j+1 (no vector unit, and partial blocks).
+_INT4_LAYOUTS = (("split", 64), ("split", 32), ("pairs", 32))
+
+
+def _unpack_cpu_int4(p: torch.Tensor, layout: tuple[str, int], k: int) -> torch.Tensor:
+    """Kernel-packed int4 [N, K/2] -> codes uint8 [N, K]."""
+    kind, bn = layout
+    n = p.shape[0]
+    full = n // bn * bn
+    out = torch.empty(n, k, dtype=torch.uint8, device=p.device)
+    if full:
+        blk = p[:full].reshape(full // bn, k, bn // 2)  # [NB, K, BN/2] bytes
+        lo, hi = blk & 15, blk >> 4
+        rows = torch.cat([lo, hi], -1) if kind == "split" else torch.stack([lo, hi], -1).reshape(full // bn, k, bn)
+        out[:full] = rows.transpose(1, 2).reshape(full, k)
+    if n > full:
+        nb = n - full
+        t = p[full:].reshape(k, nb // 2)
+        out[full:] = torch.stack([t & 15, t >> 4], -1).reshape(k, nb).t()
+    return out
+
+
+def _gather_cpu_int4_rows(p: torch.Tensor, layout: tuple[str, int], k: int, ids: torch.Tensor) -> torch.Tensor:
+    """Codes [n, K] of rows ``ids`` of a kernel-packed [N, K/2] tensor, without unpacking the rest."""
+    kind, bn = layout
+    n = p.shape[0]
+    full = n // bn * bn
+    ids = ids.reshape(-1).long()
+    in_full = ids < full
+    r = torch.where(in_full, ids % bn, ids - full)
+    base = torch.where(in_full, (ids // bn) * bn * (k // 2), torch.full_like(ids, full * (k // 2)))
+    width = torch.where(in_full, torch.full_like(ids, bn // 2), torch.full_like(ids, max(n - full, 2) // 2))
+    split = in_full & (kind == "split")
+    col = torch.where(split, r % (bn // 2), r // 2)
+    shift = torch.where(split, (r >= bn // 2).long() * 4, (r % 2) * 4)
+    idx = base[:, None] + torch.arange(k, device=p.device)[None] * width[:, None] + col[:, None]  # [n, K]
+    return (p.reshape(-1)[idx] >> shift[:, None].to(torch.uint8)) & 15
+
+
+@functools.cache
+def _int4_cpu_layout() -> tuple[str, int] | None:
+    """Which CPU int4 layout this torch build packs into (probed and checked numerically), or None
+    when the kernel is missing or unrecognised — then int4 stays portable and dequantizes."""
+    if not (_has_op("_convert_weight_to_int4pack_for_cpu") and _has_op("_weight_int4pack_mm_for_cpu")):
+        return None
+    try:
+        g = torch.Generator().manual_seed(0)
+        for n in (128, 80):  # full blocks, and a partial last block
+            k = 64
+            q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=g)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+            found = [lay for lay in _INT4_LAYOUTS if torch.equal(_unpack_cpu_int4(packed, lay, k), q.to(torch.uint8))]
+            if not found:
+                log.warning("unrecognised int4 CPU packing layout: int4 weights will be dequantized per matmul")
+                return None
+            layout = found[0]
+            sz = torch.rand(k // 32, n, 2, generator=g).to(torch.bfloat16)
+            x = torch.randn(2, k, generator=g).to(torch.bfloat16)
+            w = _int4_dequant(q.to(torch.uint8), sz, 32, torch.float32)
+            ref = x.float() @ w.t()
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 32, sz).float()
+            if not torch.allclose(y, ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max())):
+                return None
+        return layout
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def kernels_available() -> dict[str, bool]:
+    return {"int8": _int8_kernel_ok(), "int4": _int4_cpu_layout() is not None}
+
+
+# ----------------------------------------------------------------------------- quantize / dequantize
+def _bf16_round_up(s: torch.Tensor) -> torch.Tensor:
+    """Smallest bf16 >= s (s > 0): a scale rounded up never lets a weight clip."""
+    b = s.to(torch.bfloat16)
+    up = torch.nextafter(b, torch.tensor(float("inf"), dtype=torch.bfloat16))
+    return torch.where(b.float() < s, up, b)
+
+
+def quantize_int8_tensor(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[.., N, K] float -> (q int8 [.., N, K], scales bf16 [.., N]); symmetric per output row."""
+    wf = w.detach().float()
+    scale = _bf16_round_up((wf.abs().amax(-1) / 127.0).clamp(min=1e-12))
+    q = torch.round(wf / scale.float()[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def int8_dequant(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * scales.float()[..., None]).to(dtype)
+
+
+def quantize_int4_tensor(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[.., N, K] float -> (codes uint8 [.., N, K] in 0..15, scales_zeros bf16 [.., K/g, N, 2]).
+    Asymmetric: the group's [min, max] maps onto 0..15, w ≈ (q - 8) * scale + zero."""
+    *lead, n, k = w.shape
+    t = w.detach().float().reshape(*lead, n, k // group_size, group_size)
+    lo, hi = t.amin(-1), t.amax(-1)
+    scale = _bf16_round_up(((hi - lo) / 15.0).clamp(min=1e-12))
+    zero = (lo + 8.0 * scale.float()).to(torch.bfloat16)
+    q = torch.round((t - zero.float()[..., None]) / scale.float()[..., None] + 8.0).clamp_(0, 15)
+    sz = torch.stack([scale, zero], -1).transpose(-3, -2).contiguous()  # [.., K/g, N, 2]
+    return q.to(torch.uint8).reshape(*lead, n, k), sz
+
+
+def _int4_dequant(codes: torch.Tensor, sz: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """codes [.., N, K] + scales_zeros [.., K/g, N, 2] -> weight [.., N, K]."""
+    *lead, n, k = codes.shape
+    s = sz.float().transpose(-3, -2)  # [.., N, K/g, 2]
+    t = codes.float().reshape(*lead, n, k // group_size, group_size)
+    return ((t - 8.0) * s[..., 0:1] + s[..., 1:2]).reshape(*lead, n, k).to(dtype)
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """[.., K] codes 0..15 -> [.., K/2] uint8, even input in the low nibble (the file format)."""
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
+    return torch.stack([p & 15, p >> 4], -1).reshape(*p.shape[:-1], p.shape[-1] * 2)
+
+
+# ----------------------------------------------------------------------------- quantized weights
+class _QuantWeight(nn.Module):
+    """A quantized weight [*lead, N, K] (lead = (E,) for expert stacks). Subclasses pick the scheme.
+
+    Buffers keep their dtype when the model is cast (``model.to(torch.bfloat16)`` must not round
+    int4 scales through fp16, say); only their device follows."""
+
+    scheme = ""
+    _fixed_dtype: tuple[str, ...] = ()
+
+    def __init__(self, n: int, k: int, lead: tuple[int, ...] = ()):
+        super().__init__()
+        self.out_features, self.in_features, self.lead = n, k, tuple(lead)
+
+    def _apply(self, fn, recurse=True):
+        keep = {name: b for name, b in self._buffers.items() if name in self._fixed_dtype and b is not None}
+        super()._apply(fn, recurse)
+        for name, old in keep.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(device=new.device)
+        return self
+
+    def extra_repr(self) -> str:
+        lead = f"lead={self.lead}, " if self.lead else ""
+        return f"{lead}in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}"
+
+
+class _Int8(_QuantWeight):
+    scheme = "int8"
+    _fixed_dtype = ("scales",)
+
+    def __init__(self, n, k, lead=(), device=None):
+        super().__init__(n, k, lead)
+        self.register_buffer("qweight", torch.empty(*lead, n, k, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(*lead, n, dtype=torch.bfloat16, device=device))
+
+    def set_from_float(self, w: torch.Tensor) -> None:
+        q, s = _chunked(w, quantize_int8_tensor)
+        self.qweight, self.scales = q, s
+
+    def _ensure_ready(self) -> None:
+        """After loading in another float dtype: scales back to bf16 (exact: they are bf16 values)."""
+        if self.scales.dtype != torch.bfloat16 and not self.scales.is_meta:
+            self._buffers["scales"] = self.scales.to(torch.bfloat16)
+
+    def dequantize(self, dtype=torch.float32, index: int | None = None) -> torch.Tensor:
+        q, s = (self.qweight, self.scales) if index is None else (self.qweight[index], self.scales[index])
+        return int8_dequant(q, s, dtype)
+
+    def matmul(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
+        """x [.., K] -> x @ W[index]^T [.., N], in x's dtype."""
+        self._ensure_ready()
+        q = self.qweight if index is None else self.qweight[index]
+        s = self.scales if index is None else self.scales[index]
+        if x.device.type == "cpu" and _int8_shape_ok(self.in_features) and _int8_kernel_ok():
+            x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+            y = torch._weight_int8pack_mm(x2, q, s.to(torch.bfloat16))
+            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return F.linear(x, int8_dequant(q, s, x.dtype))
+
+    def rows(self, ids: torch.Tensor, dtype) -> torch.Tensor:
+        self._ensure_ready()
+        return int8_dequant(self.qweight[ids], self.scales[ids], dtype)
+
+
+class _Int4(_QuantWeight):
+    scheme = "int4"
+    _fixed_dtype = ("scales_zeros",)
+
+    def __init__(self, n, k, group_size: int, lead=(), device=None, kernel_layout: bool = True):
+        super().__init__(n, k, lead)
+        self.group_size = group_size
+        self.kernel_layout = kernel_layout  # False for lookup-only tables: never repacked
+        self.register_buffer("qweight", torch.empty(*lead, n, k // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales_zeros", torch.empty(*lead, k // group_size, n, 2, dtype=torch.bfloat16, device=device))
+        self._packed: tuple[str, int] | None = None  # the CPU layout qweight is in, None = portable
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", group_size={self.group_size}"
+
+    def set_from_float(self, w: torch.Tensor) -> None:
+        codes, sz = _chunked(w, functools.partial(quantize_int4_tensor, group_size=self.group_size), sz_dim=-2)
+        self.qweight, self.scales_zeros = pack_nibbles(codes), sz
+        self._packed = None
+        self._ensure_ready()
+
+    # -- layouts
+    def _kernel_usable(self) -> bool:
+        return (self.kernel_layout and self.qweight.device.type == "cpu" and not self.qweight.is_meta
+                and self.out_features % 16 == 0 and self.group_size in GROUP_SIZES
+                and _int4_cpu_layout() is not None)
+
+    def _ensure_ready(self) -> None:
+        """After loading (portable codes, maybe float32 scales): repack for the kernel, scales to bf16."""
+        if self.scales_zeros.dtype != torch.bfloat16 and not self.scales_zeros.is_meta:
+            self._buffers["scales_zeros"] = self.scales_zeros.to(torch.bfloat16)
+        if self._packed is None and self._kernel_usable():
+            layout = _int4_cpu_layout()
+            codes = unpack_nibbles(self.qweight).to(torch.int32)
+            flat = codes.reshape(-1, self.out_features, self.in_features)
+            packed = torch.empty_like(self.qweight).reshape(-1, self.out_features, self.in_features // 2)
+            for e in range(flat.shape[0]):
+                packed[e] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(flat[e].contiguous(), 2)
+            self._buffers["qweight"] = packed.reshape(self.qweight.shape)
+            self._packed = layout
+
+    def codes(self, index: int | None = None) -> torch.Tensor:
+        q = self.qweight if index is None else self.qweight[index]
+        if self._packed is None:
+            return unpack_nibbles(q)
+        flat = q.reshape(-1, self.out_features, self.in_features // 2)
+        out = torch.stack([_unpack_cpu_int4(f, self._packed, self.in_features) for f in flat])
+        return out.reshape(*q.shape[:-1], self.in_features)
+
+    def dequantize(self, dtype=torch.float32, index: int | None = None) -> torch.Tensor:
+        sz = self.scales_zeros if index is None else self.scales_zeros[index]
+        return _int4_dequant(self.codes(index), sz, self.group_size, dtype)
+
+    def matmul(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
+        self._ensure_ready()
+        if self._packed is not None and x.device.type == "cpu":
+            q = self.qweight if index is None else self.qweight[index]
+            sz = self.scales_zeros if index is None else self.scales_zeros[index]
+            x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, q, self.group_size, sz)
+            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return F.linear(x, self.dequantize(x.dtype, index))
+
+    def rows(self, ids: torch.Tensor, dtype) -> torch.Tensor:
+        self._ensure_ready()
+        flat = ids.reshape(-1)
+        if self._packed is None:
+            codes = unpack_nibbles(self.qweight[flat])  # [n, K]
+        else:
+            codes = _gather_cpu_int4_rows(self.qweight, self._packed, self.in_features, flat)
+        sz = self.scales_zeros[:, flat]  # [K/g, n, 2]
+        return _int4_dequant(codes, sz, self.group_size, dtype).reshape(*ids.shape, self.in_features)
+
+    # -- state dict: always the portable nibble order
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._packed is not None:
+            destination[prefix + "qweight"] = pack_nibbles(self.codes())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._packed = None  # the loaded codes are in file order: repack on first use
+
+
+def _chunked(w: torch.Tensor, fn, sz_dim: int | None = None):
+    """Run a quantizer over row chunks of a 2-D table (bounded temporaries for 262144-row tables)."""
+    if w.dim() != 2 or w.shape[0] <= _ROWS_PER_CHUNK:
+        return fn(w)
+    parts = [fn(w[i : i + _ROWS_PER_CHUNK]) for i in range(0, w.shape[0], _ROWS_PER_CHUNK)]
+    q = torch.cat([p[0] for p in parts], 0)
+    s = torch.cat([p[1] for p in parts], sz_dim if sz_dim is not None else 0)
+    return q, s
+
+
+# ----------------------------------------------------------------------------- modules
+class Int8Linear(_Int8):
+    """nn.Linear (no bias) with int8 per-output-channel weights."""
+
+    def forward(self, x):
+        return self.matmul(x)
+
+
+class Int4Linear(_Int4):
+    """nn.Linear (no bias) with int4 group-wise weights."""
+
+    def forward(self, x):
+        return self.matmul(x)
+
+
+class _EmbeddingMixin:
+    """Quantized nn.Embedding. ``weight`` is an empty tensor that only carries the model's dtype and
+    device (``Gemma4ForCausalLM.dtype``, ``embed()``'s scale rounding and checkpoint dtype detection
+    read it); the table itself is ``qweight`` + scales."""
+
+    def _init_witness(self, dtype, device):
+        self.register_buffer("weight", torch.empty(0, dtype=dtype, device=device))
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.out_features
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.in_features
+
+    def forward(self, ids):
+        return self.rows(ids, self.weight.dtype)
+
+    def head(self, h):
+        """Logits through the tied table: h [.., H] -> [.., V]."""
+        return self.matmul(h)
+
+
+class Int8Embedding(_EmbeddingMixin, _Int8):
+    def __init__(self, v, h, dtype=torch.float32, device=None):
+        _Int8.__init__(self, v, h, device=device)
+        self._init_witness(dtype, device)
+
+
+class Int4Embedding(_EmbeddingMixin, _Int4):
+    def __init__(self, v, h, group_size, dtype=torch.float32, device=None, kernel_layout=True):
+        _Int4.__init__(self, v, h, group_size, device=device, kernel_layout=kernel_layout)
+        self._init_witness(dtype, device)
+
+
+class TiedHead(nn.Module):
+    """The output head of a tied model: the quantized embedding table used as a matmul. Holds no
+    tensors of its own (so nothing is saved twice); the table is read from the embedding module."""
+
+    def __init__(self, embedding: _EmbeddingMixin):
+        super().__init__()
+        object.__setattr__(self, "_embedding", embedding)  # not a submodule: one owner in the state dict
+
+    def forward(self, h):
+        return self._embedding.head(h)
+
+
+class QuantExperts(Experts):
+    """MoE expert stacks [E, 2I, H] / [E, H, I] quantized per expert; routing code is inherited."""
+
+    def __init__(self, num_experts: int, hidden: int, inter: int, make):
+        nn.Module.__init__(self)
+        self.num_experts = num_experts
+        self.gate_up_proj = make(2 * inter, hidden, (num_experts,))
+        self.down_proj = make(hidden, inter, (num_experts,))
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        g, u = self.gate_up_proj.matmul(x, e).chunk(2, dim=-1)
+        return self.down_proj.matmul(F.gelu(g, approximate="tanh") * u, e)
+
+
+# ----------------------------------------------------------------------------- planning
+def _validate_request(scheme: str, group_size: int | None) -> int | None:
+    if scheme not in SCHEMES:
+        raise QuantizationError(f"unknown quantization scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    if scheme == "int8":
+        if group_size not in (None, 0):
+            raise QuantizationError("int8 is per-output-channel: group_size must be None")
+        return None
+    if group_size is None:
+        group_size = 32
+    if group_size not in GROUP_SIZES:
+        raise QuantizationError(f"int4 group_size must be one of {GROUP_SIZES}, got {group_size!r}")
+    return group_size
+
+
+def _targets(model: Gemma4ForCausalLM, embeddings: bool, skip: Iterable[str]) -> list[tuple[str, str, nn.Module]]:
+    """(qualified name, kind, module) of everything to quantize, kind in linear/embedding/ple/experts."""
+    skip = tuple(skip)
+    out = []
+    for name, mod in model.named_modules():
+        if any(s and (f".{s}." in f".{name}." ) for s in skip):
+            continue
+        if isinstance(mod, nn.Linear):
+            out.append((name, "linear", mod))
+        elif isinstance(mod, Experts) and not isinstance(mod, QuantExperts):
+            out.append((name, "experts", mod))
+        elif isinstance(mod, nn.Embedding) and embeddings:
+            out.append((name, "ple" if name.endswith("embed_tokens_per_layer") else "embedding", mod))
+    return out
+
+
+def _shape(kind: str, mod: nn.Module) -> list[tuple[str, int, int]]:
+    if kind == "experts":
+        return [("gate_up_proj", mod.gate_up_proj.shape[-2], mod.gate_up_proj.shape[-1]),
+                ("down_proj", mod.down_proj.shape[-2], mod.down_proj.shape[-1])]
+    return [("weight", mod.weight.shape[0], mod.weight.shape[1])]
+
+
+def _check_divisible(targets, group_size: int | None) -> None:
+    for name, kind, mod in targets:
+        if kind == "linear" and getattr(mod, "bias", None) is not None:
+            raise QuantizationError(f"{name} has a bias; only bias-free linear layers are supported")
+        for sub, n, k in _shape(kind, mod):
+            if k % 2 and group_size:
+                raise QuantizationError(f"{name}.{sub}: input dim {k} is odd; int4 packs two inputs per byte")
+            if group_size and k % group_size:
+                raise QuantizationError(
+                    f"group size {group_size} does not divide the input dim {k} of {name}.{sub} "
+                    f"(shape [{n}, {k}]); choose a group size dividing every input dim"
+                )
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def _build(kind: str, mod: nn.Module, scheme: str, group_size: int | None, dtype, device) -> nn.Module:
+    def make(n, k, lead=(), kernel_layout=True):
+        if scheme == "int8":
+            return _Int8(n, k, lead, device=device)
+        return _Int4(n, k, group_size, lead, device=device, kernel_layout=kernel_layout)
+
+    if kind == "experts":
+        e, two_i, h = mod.gate_up_proj.shape
+        return QuantExperts(e, h, two_i // 2, make)
+    n, k = mod.weight.shape
+    if kind == "linear":
+        return Int8Linear(n, k, device=device) if scheme == "int8" else Int4Linear(n, k, group_size, device=device)
+    if scheme == "int8":
+        return Int8Embedding(n, k, dtype=dtype, device=device)
+    # The PLE table is only gathered from: keep it in the portable order (no kernel repack).
+    return Int4Embedding(n, k, group_size, dtype=dtype, device=device, kernel_layout=(kind == "embedding"))
+
+
+def _is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, (_QuantWeight, QuantExperts, TiedHead)) for m in model.modules())
+
+
+def quantize(model: Gemma4ForCausalLM, scheme: str = "int4", group_size: int | None = None, *,
+             embeddings: bool = True, skip: Iterable[str] = DEFAULT_SKIP) -> Gemma4ForCausalLM:
+    """Quantize ``model`` in place (weights only) and record the recipe in ``model.config.quantization``.
+
+    ``scheme``: "int8" (per output channel, symmetric) or "int4" (``group_size`` 32/64/128/256,
+    default 32). ``embeddings``: also quantize the token embedding/tied head and the PLE table.
+    ``skip``: module-name components left in float (default: the MoE router)."""
+    group_size = _validate_request(scheme, group_size)
+    if model.config.quantization or _is_quantized(model):
+        q = model.config.quantization or {}
+        raise QuantizationError(
+            f"model is already quantized ({q.get('scheme', '?')}"
+            f"{', group ' + str(q['group_size']) if q.get('group_size') else ''}); quantize from float weights"
+        )
+    dtype = model.dtype
+    targets = _targets(model, embeddings, skip)
+    for name, kind, mod in targets:
+        for p in mod.parameters():
+            if p.is_meta:
+                raise QuantizationError(f"{name} has no data (meta device): load weights first, or use prepare_quantized")
+            if p.dtype not in _FLOAT_OK:
+                raise QuantizationError(f"{name} has dtype {p.dtype}; quantize float32/bfloat16/float16 weights")
+    _check_divisible(targets, group_size)
+    tied = model.lm_head is None
+    with torch.no_grad():
+        while targets:  # pop as we go: each float weight is freed once its quantized copy exists
+            name, kind, mod = targets.pop(0)
+            dev = next(mod.parameters()).device
+            new = _build(kind, mod, scheme, group_size, dtype, dev)
+            if kind == "experts":
+                new.gate_up_proj.set_from_float(mod.gate_up_proj)
+                new.down_proj.set_from_float(mod.down_proj)
+            else:
+                new.set_from_float(mod.weight)
+            _set_module(model, name, new)
+            del mod, new
+    if tied and isinstance(model.model.embed_tokens, _EmbeddingMixin):
+        model.lm_head = TiedHead(model.model.embed_tokens)
+    _record(model, scheme, group_size, embeddings, skip)
+    return model
+
+
+def _record(model, scheme, group_size, embeddings, skip) -> None:
+    q = {"format": FORMAT_VERSION, "scheme": scheme, "group_size": group_size, "embeddings": bool(embeddings),
+         "skip": list(skip)}
+    cfg = model.config.replace(quantization=q)
+    model.config = cfg
+    model.model.config = cfg
+
+
+def prepare_quantized(model: Gemma4ForCausalLM, qcfg: dict[str, Any]) -> Gemma4ForCausalLM:
+    """Give a freshly built (usually meta-device) model the module structure ``quantize`` produced for
+    ``qcfg`` (a config's ``quantization`` section), so packed weights + scales can be loaded into it."""
+    if not isinstance(qcfg, dict):
+        raise QuantizationError(f"quantization config must be a dict, got {type(qcfg).__name__}")
+    unknown = sorted(set(qcfg) - {"format", "scheme", "group_size", "embeddings", "skip"})
+    if unknown:
+        raise QuantizationError(f"unknown key(s) in the quantization config: {', '.join(unknown)}")
+    if qcfg.get("format", FORMAT_VERSION) != FORMAT_VERSION:
+        raise QuantizationError(f"quantization format {qcfg.get('format')!r} is not supported (this version reads {FORMAT_VERSION})")
+    if "scheme" not in qcfg:
+        raise QuantizationError("quantization config has no 'scheme'")
+    scheme = qcfg["scheme"]
+    group_size = _validate_request(scheme, qcfg.get("group_size"))
+    embeddings = bool(qcfg.get("embeddings", True))
+    skip = qcfg.get("skip", list(DEFAULT_SKIP))
+    if _is_quantized(model):
+        raise QuantizationError("model already has quantized modules")
+    dtype = model.dtype
+    targets = _targets(model, embeddings, skip)
+    _check_divisible(targets, group_size)
+    for name, kind, mod in targets:
+        dev = next(mod.parameters()).device
+        _set_module(model, name, _build(kind, mod, scheme, group_size, dtype, dev))
+    if model.lm_head is None and isinstance(model.model.embed_tokens, _EmbeddingMixin):
+        model.lm_head = TiedHead(model.model.embed_tokens)
+    _record(model, scheme, group_size, embeddings, skip)
+    return model
+
+
+def dequantize_model(model: Gemma4ForCausalLM, dtype: torch.dtype | None = None) -> Gemma4ForCausalLM:
+    """Float copy of every quantized weight back into ordinary modules (for comparisons/exports)."""
+    dtype = dtype or model.dtype
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, (Int8Linear, Int4Linear)):
+            lin = nn.Linear(mod.in_features, mod.out_features, bias=False, device=mod.qweight.device, dtype=dtype)
+            lin.weight = nn.Parameter(mod.dequantize(dtype), requires_grad=False)
+            _set_module(model, name, lin)
+        elif isinstance(mod, (Int8Embedding, Int4Embedding)):
+            emb = nn.Embedding(mod.out_features, mod.in_features, device=mod.qweight.device, dtype=dtype)
+            emb.weight = nn.Parameter(mod.dequantize(dtype), requires_grad=False)
+            _set_module(model, name, emb)
+        elif isinstance(mod, QuantExperts):
+            ex = Experts.__new__(Experts)
+            nn.Module.__init__(ex)
+            ex.num_experts = mod.num_experts
+            ex.gate_up_proj = nn.Parameter(mod.gate_up_proj.dequantize(dtype), requires_grad=False)
+            ex.down_proj = nn.Parameter(mod.down_proj.dequantize(dtype), requires_grad=False)
+            _set_module(model, name, ex)
+    if isinstance(model.lm_head, TiedHead):
+        model.lm_head = None
+    cfg = model.config.replace(quantization=None)
+    model.config = model.model.config = cfg
+    return model
+
+
+def model_nbytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer the model holds (each storage once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.device) if not t.is_meta else id(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total
