@@ -1,0 +1,461 @@
+"""How well does a tokenizer fit a text? Fertility, compression and byte fallback, per file and per script.
+
+Definitions (every number is computed from one tokenization of each whole file, without `<bos>`):
+* word: a maximal run of non-whitespace characters (so a CJK sentence without spaces is one "word";
+  look at chars/token for those scripts);
+* pieces of a word: the tokens whose character span overlaps the word (a token that spans two words
+  counts for the first); tokens covering only whitespace belong to no word;
+* fertility: pieces per word, averaged over words (1.0 = every word is a single token);
+* bytes/token and chars/token: UTF-8 bytes and characters of the text per token (higher = better compression);
+* byte fallback: share of tokens that are raw `<0xXX>` bytes, i.e. characters the vocabulary lacks.
+A word's script is the Unicode script most of its letters belong to (digits / symbols when it has none).
+
+CLI: `gemma4 tokens analyze FILE...` and `gemma4 tokens train FILE... --heldout FILE` (see `--help`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import re
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import typer
+
+from gemma4.tokenizer import Tokenizer, load_tokenizer
+
+__all__ = ["Stats", "Report", "analyze", "compare_reports", "read_text_file", "train_bpe", "plot_pieces",
+           "register"]
+
+_WORD = re.compile(r"\S+")
+
+
+@dataclass
+class Stats:
+    """Counts for one group of text (a file, a script, or everything)."""
+
+    name: str
+    words: int = 0
+    tokens: int = 0
+    word_tokens: int = 0
+    chars: int = 0
+    bytes: int = 0
+    byte_tokens: int = 0
+    pieces_hist: Counter = field(default_factory=Counter)  # pieces per word -> number of words
+    split_words: dict = field(default_factory=dict)  # word -> its pieces (for the most-split list)
+
+    @property
+    def fertility(self) -> float:
+        return self.word_tokens / self.words if self.words else 0.0
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.bytes / self.tokens if self.tokens else 0.0
+
+    @property
+    def chars_per_token(self) -> float:
+        return self.chars / self.tokens if self.tokens else 0.0
+
+    @property
+    def byte_fallback_share(self) -> float:
+        return self.byte_tokens / self.tokens if self.tokens else 0.0
+
+    @property
+    def single_token_share(self) -> float:
+        return self.pieces_hist.get(1, 0) / self.words if self.words else 0.0
+
+    def most_split(self, n: int = 10) -> list[tuple[str, list[str]]]:
+        ranked = sorted(self.split_words.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+        return ranked[:n]
+
+    def to_dict(self, top: int = 10) -> dict:
+        return {
+            "name": self.name, "words": self.words, "tokens": self.tokens, "chars": self.chars, "bytes": self.bytes,
+            "fertility": round(self.fertility, 4), "bytes_per_token": round(self.bytes_per_token, 4),
+            "chars_per_token": round(self.chars_per_token, 4),
+            "byte_fallback_share": round(self.byte_fallback_share, 4),
+            "single_token_word_share": round(self.single_token_share, 4),
+            "pieces_per_word_histogram": {str(k): v for k, v in sorted(self.pieces_hist.items())},
+            "most_split_words": [{"word": w, "pieces": p} for w, p in self.most_split(top)],
+        }
+
+    def _add_word(self, word: str, pieces: list[str], n_byte: int) -> None:
+        self.words += 1
+        self.word_tokens += len(pieces)
+        self.tokens += len(pieces)
+        self.chars += len(word)
+        self.bytes += len(word.encode("utf-8"))
+        self.byte_tokens += n_byte
+        self.pieces_hist[len(pieces)] += 1
+        if len(pieces) > 1:
+            self.split_words.setdefault(word, pieces)
+
+
+@dataclass
+class Report:
+    tokenizer: str
+    files: dict[str, Stats]
+    scripts: dict[str, Stats]
+    total: Stats
+
+    def to_dict(self, top: int = 10) -> dict:
+        return {"tokenizer": self.tokenizer, "total": self.total.to_dict(top),
+                "files": {k: v.to_dict(top) for k, v in self.files.items()},
+                "scripts": {k: v.to_dict(top) for k, v in self.scripts.items()}}
+
+
+# ------------------------------------------------------------------------------------------- scripts
+
+_SCRIPT_ALIASES = {"CJK": "Han", "HIRAGANA": "Kana", "KATAKANA": "Kana", "HANGUL": "Hangul",
+                   "FULLWIDTH": "Latin", "MODIFIER": "Latin"}
+
+
+@lru_cache(maxsize=65536)
+def char_script(ch: str) -> str:
+    """A coarse Unicode script for one character, from its character name ("CYRILLIC SMALL LETTER A")."""
+    cat = unicodedata.category(ch)
+    if cat[0] == "L":
+        first = unicodedata.name(ch, "UNKNOWN").split(" ")[0]
+        return _SCRIPT_ALIASES.get(first, first.title())
+    if cat[0] == "N":
+        return "Digits"
+    if cat in ("So", "Sk", "Cs") or cat == "Cn":
+        return "Symbols/emoji"
+    return "Punctuation"
+
+
+def word_script(word: str) -> str:
+    letters = Counter(char_script(c) for c in word if unicodedata.category(c)[0] == "L")
+    if letters:
+        return letters.most_common(1)[0][0]
+    kinds = Counter(char_script(c) for c in word)
+    for kind in ("Digits", "Symbols/emoji"):
+        if kinds[kind]:
+            return kind
+    return "Punctuation"
+
+
+# ------------------------------------------------------------------------------------------ analysis
+
+
+def analyze(tokenizer: Tokenizer, texts_by_name: Mapping[str, str], top: int = 10) -> Report:
+    """Tokenize each named text once and gather per-file, per-script and overall statistics."""
+    if not texts_by_name:
+        raise ValueError("nothing to analyze: no texts given")
+    files: dict[str, Stats] = {}
+    scripts: dict[str, Stats] = {}
+    total = Stats("all")
+    for name, text in texts_by_name.items():
+        if not isinstance(text, str):
+            raise TypeError(f"{name}: expected text (str), got {type(text).__name__}")
+        if not text.strip():
+            raise ValueError(f"{name}: empty text (nothing to tokenize)")
+        ids, offsets = tokenizer.encode_with_offsets(text)
+        pieces = tokenizer.backend.encode(text, add_special_tokens=False).tokens
+        byte_ids = tokenizer.byte_token_ids
+        words = [(m.start(), m.end()) for m in _WORD.finditer(text)]
+        ends = [e for _, e in words]
+        per_word: list[list[int]] = [[] for _ in words]
+        for k, (s, e) in enumerate(offsets):
+            w = bisect.bisect_right(ends, s)  # first word ending after the token starts
+            if w < len(words) and words[w][0] < max(e, s + 1):
+                per_word[w].append(k)
+        stats = files[name] = Stats(name)
+        for (s, e), toks in zip(words, per_word):
+            if not toks:  # cannot happen for non-empty words; guard against odd offsets
+                continue
+            word = text[s:e]
+            word_pieces = [pieces[k] for k in toks]
+            n_byte = sum(ids[k] in byte_ids for k in toks)
+            script = word_script(word)
+            group = scripts.setdefault(script, Stats(script))
+            for target in (stats, group, total):
+                target._add_word(word, word_pieces, n_byte)
+        # File and overall totals also count whitespace-only tokens and all characters.
+        extra_tokens = len(ids) - stats.word_tokens
+        extra_bytes = sum(ids[k] in byte_ids for k in range(len(ids))) - stats.byte_tokens
+        for target in (stats, total):
+            target.tokens += extra_tokens
+            target.byte_tokens += extra_bytes
+        stats_chars, stats_bytes = len(text), len(text.encode("utf-8"))
+        total.chars += stats_chars - stats.chars
+        total.bytes += stats_bytes - stats.bytes
+        stats.chars, stats.bytes = stats_chars, stats_bytes
+    return Report(tokenizer.source or "tokenizer", files, dict(sorted(scripts.items())), total)
+
+
+def compare_reports(a: Report, b: Report) -> dict:
+    """Side-by-side numbers per file and per script; `change` is B relative to A, in percent."""
+    def row(sa: Stats | None, sb: Stats | None):
+        out = {}
+        for metric in ("fertility", "bytes_per_token", "chars_per_token", "byte_fallback_share"):
+            va = getattr(sa, metric) if sa else None
+            vb = getattr(sb, metric) if sb else None
+            change = (vb - va) / va * 100 if va and vb is not None else None
+            out[metric] = {"a": va, "b": vb, "change_pct": change}
+        return out
+
+    return {
+        "a": a.tokenizer, "b": b.tokenizer,
+        "total": row(a.total, b.total),
+        "files": {k: row(a.files.get(k), b.files.get(k)) for k in a.files},
+        "scripts": {k: row(a.scripts.get(k), b.scripts.get(k)) for k in sorted(set(a.scripts) | set(b.scripts))},
+    }
+
+
+def read_text_file(path: str | Path) -> str:
+    """UTF-8 text of a file, with errors that name the file and the offending byte."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: invalid UTF-8 at byte {e.start} ({data[e.start:e.start + 4]!r}); "
+                         "convert the file to UTF-8 first") from None
+    if not text.strip():
+        raise ValueError(f"{path}: empty text (nothing to tokenize)")
+    return text
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def train_bpe(texts: Sequence[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+    """Train a Gemma-style BPE (spaces as '▁', byte fallback) on domain text with `tokenizers`.
+
+    Unlike Gemma's own tokenizer, training splits words at spaces so merges stay within words; rare
+    characters outside the learned alphabet fall back to the 256 `<0xXX>` byte tokens.
+    """
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as Backend
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)]
+    if vocab_size < len(specials) + 40:
+        raise ValueError(f"vocab size {vocab_size} is too small: {len(specials)} ids are reserved for special "
+                         f"and byte tokens; use at least {len(specials) + 40}")
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise ValueError("no training text (all inputs are empty)")
+    backend = Backend(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\n+|\t+"), behavior="isolated"),
+        pre_tokenizers.Split("▁", behavior="merged_with_next"),
+    ])
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+                                  limit_alphabet=1000, show_progress=False)
+    backend.train_from_iterator(texts, trainer=trainer)
+    return Tokenizer(backend, source=f"trained BPE ({backend.get_vocab_size()} tokens)")
+
+
+# ----------------------------------------------------------------------------------------------- plot
+
+
+def plot_pieces(series: Mapping[str, Stats], out: str | Path, max_pieces: int = 10) -> Path:
+    """Bar chart of the pieces-per-word distribution (share of words), one series per entry."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    xs = list(range(1, max_pieces + 1))
+    width = 0.8 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, (label, st) in enumerate(series.items()):
+        counts = [st.pieces_hist.get(x, 0) for x in xs[:-1]]
+        counts.append(sum(v for k, v in st.pieces_hist.items() if k >= max_pieces))  # last bar: max_pieces+
+        shares = [c / st.words * 100 if st.words else 0 for c in counts]
+        ax.bar([x + (i - (len(series) - 1) / 2) * width for x in xs], shares, width=width,
+               label=f"{label} (fertility {st.fertility:.2f})")
+    ax.set_xticks(xs, [str(x) for x in xs[:-1]] + [f"{max_pieces}+"])
+    ax.set_xlabel("pieces per word")
+    ax.set_ylabel("% of words")
+    ax.set_title("How many tokens does a word become?")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+tokens_app = typer.Typer(
+    help="Measure how a tokenizer splits your text (fertility, compression, byte fallback) and train a "
+         "domain tokenizer to compare against.",
+    no_args_is_help=True,
+)
+
+_TOKENIZER_HELP = ("Tokenizer: 'gemma4' (default: the Gemma 4 vocabulary, fetched and cached on first use), "
+                   "'gemma3' (the Gemma 3 vocabulary from the Gemma 3 270M GGUF), or a path to a "
+                   "tokenizer.json, tokenizer.model, .gguf file or a directory holding one.")
+
+
+@lru_cache(maxsize=4)
+def resolve_tokenizer(spec: str | None) -> Tokenizer:
+    from gemma4 import assets
+
+    if spec in (None, "", "gemma4"):
+        return load_tokenizer(assets.gemma4_vocab_gguf())
+    if spec == "gemma3":
+        return load_tokenizer(assets.gemma3_270m_gguf())
+    return load_tokenizer(spec)
+
+
+def _fail(msg: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {msg}", highlight=False, markup=True)
+    raise typer.Exit(2)
+
+
+def _read_all(files: Sequence[Path]) -> dict[str, str]:
+    texts = {}
+    for f in files:
+        name = Path(f).name if Path(f).name not in texts else str(f)
+        texts[name] = read_text_file(f)
+    return texts
+
+
+def _fmt(v: float | None, pct: bool = False) -> str:
+    if v is None:
+        return "-"
+    return f"{v * 100:.2f}%" if pct else f"{v:.3f}"
+
+
+def _print_report(report: Report, top: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    con.print(f"[bold]Tokenizer:[/] {report.tokenizer}")
+    for title, groups in (("Per file / domain", report.files), ("Per script", report.scripts)):
+        t = Table(title=title)
+        t.add_column("name", overflow="fold")
+        # Short headers keep the table readable in an 80-column terminal (see the module docstring).
+        for col in ("words", "tokens", "fertility", "bytes/tok", "chars/tok", "byte fb", "1-piece"):
+            t.add_column(col, justify="right")
+        rows = list(groups.values()) + ([report.total] if groups is report.files else [])
+        for st in rows:
+            t.add_row(st.name, str(st.words), str(st.tokens), _fmt(st.fertility), _fmt(st.bytes_per_token),
+                      _fmt(st.chars_per_token), _fmt(st.byte_fallback_share, True), _fmt(st.single_token_share, True))
+        con.print(t)
+    t = Table(title=f"Words split into the most pieces (top {top})")
+    t.add_column("word")
+    t.add_column("pieces", justify="right")
+    t.add_column("split")
+    for word, pieces in report.total.most_split(top):
+        t.add_row(word, str(len(pieces)), " | ".join(pieces))
+    con.print(t)
+
+
+def _print_comparison(cmp: dict, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    con.print(f"[bold]A:[/] {cmp['a']}\n[bold]B:[/] {cmp['b']}\n(fert = fertility, tokens per word; B/tok = "
+              "bytes per token; fb = byte-fallback share)", highlight=False)
+    t = Table(title=title)
+    t.add_column("group", overflow="fold")
+    for col in ("fert A", "fert B", "Δ fert", "B/tok A", "B/tok B", "fb A", "fb B"):
+        t.add_column(col, justify="right")
+    groups = [("all", cmp["total"])] + list(cmp["files"].items()) + [(f"[{k}]", v) for k, v in cmp["scripts"].items()]
+    for name, row in groups:
+        fert, bpt, fb = row["fertility"], row["bytes_per_token"], row["byte_fallback_share"]
+        change = "-" if fert["change_pct"] is None else f"{fert['change_pct']:+.1f}%"
+        t.add_row(name, _fmt(fert["a"]), _fmt(fert["b"]), change, _fmt(bpt["a"]), _fmt(bpt["b"]),
+                  _fmt(fb["a"], True), _fmt(fb["b"], True))
+    con.print(t)
+
+
+_ANALYZE_HELP = ("Tokens per word (fertility), bytes and characters per token, byte-fallback share and the "
+                 "most-split words, for each file and each script. Lower fertility and more bytes per token mean "
+                 "the vocabulary fits the text better; byte fallback marks characters the vocabulary lacks.")
+_TRAIN_HELP = ("Train a domain BPE tokenizer (byte fallback, via `tokenizers`) and show how fertility on held-out "
+               "text changes against the base tokenizer. A small domain vocabulary usually splits jargon into "
+               "fewer pieces while handling general text worse; this measures by how much.")
+
+
+@tokens_app.command("analyze", help=_ANALYZE_HELP)
+def analyze_cmd(
+    files: list[Path] = typer.Argument(..., help="UTF-8 text files; each is reported as its own domain."),
+    tokenizer: str = typer.Option("gemma4", "--tokenizer", "-t", help=_TOKENIZER_HELP),
+    compare: str | None = typer.Option(None, "--compare", "-c",
+                                       help="A second tokenizer (same forms as --tokenizer) shown side by side."),
+    top: int = typer.Option(10, help="How many of the most-split words to list."),
+    json_out: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables."),
+    plot: Path | None = typer.Option(None, "--plot", help="Write a PNG of the pieces-per-word distribution."),
+) -> None:
+    try:
+        texts = _read_all(files)
+        report = analyze(resolve_tokenizer(tokenizer), texts, top=top)
+        other = analyze(resolve_tokenizer(compare), texts, top=top) if compare else None
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        _fail(str(e))
+    if plot is not None:
+        series = ({f"A: {tokenizer}": report.total, f"B: {compare}": other.total} if other
+                  else dict(report.files))
+        plot_pieces(series, plot)
+    if json_out:
+        payload = report.to_dict(top) if other is None else {
+            "a": report.to_dict(top), "b": other.to_dict(top), "comparison": compare_reports(report, other)}
+        print(json.dumps(payload, ensure_ascii=False, indent=2))
+        return
+    _print_report(report, top)
+    if other is not None:
+        _print_report(other, top)
+        _print_comparison(compare_reports(report, other), "A vs B (change = B relative to A)")
+    if plot is not None:
+        typer.echo(f"plot written to {plot}")
+
+
+@tokens_app.command("train", help=_TRAIN_HELP)
+def train_cmd(
+    files: list[Path] = typer.Argument(..., help="UTF-8 training text files from your domain."),
+    vocab_size: int = typer.Option(8000, "--vocab-size", "-v", help="Size of the new vocabulary (incl. 260 "
+                                                                   "special and byte tokens)."),
+    heldout: Path = typer.Option(..., "--heldout", help="Held-out UTF-8 text (not used for training) to "
+                                                        "measure fertility on."),
+    tokenizer: str = typer.Option("gemma4", "--tokenizer", "-t", help="Base tokenizer to compare against. "
+                                  + _TOKENIZER_HELP),
+    min_frequency: int = typer.Option(2, help="Merges must occur at least this often in the training text."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Save the trained tokenizer.json here."),
+    json_out: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables."),
+    plot: Path | None = typer.Option(None, "--plot", help="Write a PNG comparing the pieces-per-word distributions."),
+) -> None:
+    try:
+        train_texts = [read_text_file(f) for f in files]
+        held = {Path(heldout).name: read_text_file(heldout)}
+        trained = train_bpe(train_texts, vocab_size, min_frequency)
+        base_report = analyze(resolve_tokenizer(tokenizer), held)
+        new_report = analyze(trained, held)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        _fail(str(e))
+    if output is not None:
+        trained.save(output)
+    cmp = compare_reports(base_report, new_report)
+    if plot is not None:
+        plot_pieces({f"base: {tokenizer}": base_report.total, "trained": new_report.total}, plot)
+    if json_out:
+        print(json.dumps({"vocab_size": trained.vocab_size, "base": base_report.to_dict(),
+                          "trained": new_report.to_dict(), "comparison": cmp}, ensure_ascii=False, indent=2))
+        return
+    _print_comparison(cmp, f"Held-out fertility: base (A) vs trained BPE with {trained.vocab_size} tokens (B)")
+    if output is not None:
+        typer.echo(f"trained tokenizer saved to {output}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `tokens` command group to the main CLI."""
+    app.add_typer(tokens_app, name="tokens")
