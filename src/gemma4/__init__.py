@@ -8,3 +8,5 @@ from gemma4.cache import ModelCache, FullCache, SlidingCache
 from gemma4.checkpoint import load_pretrained, save_pretrained, CheckpointError
 from gemma4.generate import generate, stream
 from gemma4.sampling import SamplingParams
+from gemma4.tokenizer import load_tokenizer, Tokenizer
+from gemma4.chat import render_chat, parse_response
