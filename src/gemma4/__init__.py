@@ -10,3 +10,6 @@ from gemma4.generate import generate, stream
 from gemma4.sampling import SamplingParams
 from gemma4.tokenizer import load_tokenizer, Tokenizer
 from gemma4.chat import render_chat, parse_response
+from gemma4.attention import BlockSparse, LinearAttention  # also registers "block_sparse" / "linear"
+from gemma4.drafter import DrafterConfig, Gemma4Drafter, load_drafter, save_drafter
+from gemma4.speculative import speculative_generate, greedy_decode, SpeculativeResult, SpeculativeStats
