@@ -22,3 +22,4 @@ from gemma4.info import register as _reg_info; _reg_info(app)  # noqa: E402
 from gemma4.generate import register as _reg_generate; _reg_generate(app)  # noqa: E402
 from gemma4.gguf_io import register as _reg_gguf; _reg_gguf(app)  # noqa: E402
 from gemma4.token_analysis import register as _reg_tokens; _reg_tokens(app)  # noqa: E402
+from gemma4.cli_quant import register as _reg_quant; _reg_quant(app)  # noqa: E402

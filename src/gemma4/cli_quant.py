@@ -1,0 +1,210 @@
+"""`gemma4 params`, `gemma4 memory` and `gemma4 quantize`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from gemma4.config import FULL, PRESETS, SLIDING
+
+
+def _b(n: float) -> str:
+    return f"{n / 1e9:.3f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _config(preset_or_path: str):
+    from gemma4.info import load_config
+
+    return load_config(preset_or_path)
+
+
+def params_table(preset_or_path: str):
+    from rich.table import Table
+
+    from gemma4.params import TOWER_PARAMS, count_parameters, published_comparison
+
+    cfg = _config(preset_or_path)
+    c = count_parameters(cfg)
+    t = Table(title=f"parameters of {preset_or_path} (text decoder)")
+    t.add_column("part")
+    t.add_column("parameters", justify="right")
+    t.add_column("share", justify="right")
+    rows = [("total", c.total), ("token embedding (tied head)", c.embedding)]
+    if c.lm_head:
+        rows.append(("output head (untied)", c.lm_head))
+    if c.ple_table:
+        rows += [("PLE table (lookup)", c.ple_table), ("PLE projection", c.ple_projection), ("PLE in layers", c.ple_layers)]
+    for typ, name in ((SLIDING, "sliding"), (FULL, "full")):
+        n = c.layers_by_type[typ]
+        if n:
+            rows.append((f"attention, {n} {name} layers", c.attention[typ]))
+            rows.append((f"MLP, {name} layers", c.mlp[typ]))
+            if c.moe[typ]:
+                rows.append((f"MoE, {name} layers", c.moe[typ]))
+    rows += [("norms", c.norms), ("effective (total - PLE table)", c.effective),
+             ("non-embedding", c.non_embedding)]
+    if c.num_experts:
+        rows += [("experts", c.experts), (f"active per token (top {c.top_k}/{c.num_experts})", c.active_per_token)]
+    key = preset_or_path.lower()
+    if key in TOWER_PARAMS:
+        tw = TOWER_PARAMS[key]
+        rows.append(("+ vision/audio towers (spec count, not built here)", round(sum(tw.values()))))
+        rows.append(("total with towers", c.total + round(sum(tw.values()))))
+    for name, n in rows:
+        t.add_row(name, _b(n), f"{100 * n / c.total:.1f}%")
+    cmp = published_comparison(key, c) if key in PRESETS else []
+    return t, c, cmp
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("params")
+    def params_cmd(
+        preset_or_path: str = typer.Argument(..., help=f"preset ({', '.join(PRESETS)}), checkpoint dir or .gguf"),
+        json_out: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+    ) -> None:
+        """Parameter counts: total, embedding, PLE table, per layer type, MoE active per token."""
+        from rich.console import Console
+
+        t, c, cmp = params_table(preset_or_path)
+        if json_out:
+            typer.echo(json.dumps({"counts": c.as_dict(), "published": cmp}, indent=2))
+            return
+        con = Console()
+        con.print(t)
+        for r in cmp:
+            mark = "reproduced" if r["reproduced"] else "NOT reproduced"
+            con.print(f"published {r['figure']}: {r['published'] / 1e9:.1f}B, ours ({r['ours_is']}) "
+                      f"{r['ours'] / 1e9:.3f}B: {mark}" + (f" — {r['note']}" if r["note"] else ""))
+
+    @app.command("memory")
+    def memory_cmd(
+        preset_or_path: str = typer.Argument(..., help="preset, checkpoint dir or .gguf"),
+        context: str = typer.Option("32k", help="tokens in the cache (4096, 32k, 128k)"),
+        batch: int = typer.Option(1, help="sequences"),
+        quant: str = typer.Option("bf16", help="weights: fp32, bf16, fp16, int8, int4"),
+        group_size: int = typer.Option(32, help="int4 group size"),
+        kv_dtype: str = typer.Option(None, help="KV cache dtype (default: the activation dtype)"),
+        prefill_chunk: int = typer.Option(512, help="tokens per prefill forward"),
+        plot: Path = typer.Option(None, help="PNG: memory against context for every preset and precision"),
+        json_out: bool = typer.Option(False, "--json"),
+    ) -> None:
+        """Memory of running a model at a context length: weights, KV cache by layer type, activations."""
+        from rich.console import Console
+        from rich.table import Table
+
+        from gemma4.params import estimate_memory, parse_tokens
+
+        cfg = _config(preset_or_path)
+        try:
+            ctx = parse_tokens(context)
+            e = estimate_memory(cfg, ctx, batch, quant, kv_dtype, group_size=group_size, prefill_chunk=prefill_chunk)
+        except ValueError as err:
+            raise typer.BadParameter(str(err)) from None
+        e.config_name = preset_or_path
+        if json_out:
+            typer.echo(json.dumps(e.as_dict(), indent=2))
+        else:
+            t = Table(title=f"{preset_or_path}: {e.weight_dtype} weights, {e.kv_dtype} KV, context {ctx}, batch {batch}")
+            t.add_column("item")
+            t.add_column("bytes", justify="right")
+            for part, nb in e.weights.items():
+                t.add_row(f"weights: {part}", _gib(nb))
+            t.add_row("[b]weights total", _gib(e.weights_total))
+            for typ, name in ((SLIDING, "sliding"), (FULL, "full")):
+                if e.kv_layers[typ]:
+                    t.add_row(f"KV {name} ({e.kv_layers[typ]} layers with a cache)", _gib(e.kv_by_type[typ]))
+            t.add_row("KV allocated (full layers grow in chunks)", _gib(e.kv_reserved))
+            if e.k_eq_v_saving:
+                t.add_row("K=V: a shared-K/V cache would save (ours stores both)", _gib(e.k_eq_v_saving))
+            t.add_row(f"activations (prefill chunk {e.prefill_chunk})", _gib(e.activations))
+            t.add_row("[b]total", _gib(e.total))
+            if e.offloadable:
+                t.add_row("of which may stay off the accelerator (PLE table)", _gib(e.offloadable))
+                t.add_row("[b]accelerator total", _gib(e.accelerator_total))
+            Console().print(t)
+            for n in e.notes:
+                typer.echo(f"note: {n}")
+        if plot is not None:
+            out = plot_memory(plot, batch=batch, group_size=group_size)
+            typer.echo(f"wrote {out}")
+
+    @app.command("quantize")
+    def quantize_cmd(
+        src: str = typer.Argument(..., help="checkpoint dir, .gguf or short name"),
+        dst: Path = typer.Argument(..., help="output directory (config.json + model.safetensors)"),
+        scheme: str = typer.Option("int4", help="int8 or int4"),
+        group_size: int = typer.Option(32, help="int4 group size (32, 64, 128, 256)"),
+        dtype: str = typer.Option("bf16", help="dtype of the unquantized tensors (bf16, fp32)"),
+        no_embeddings: bool = typer.Option(False, "--no-embeddings", help="keep embedding/head and PLE table in float"),
+    ) -> None:
+        """Quantize a checkpoint's weights (int8 per channel / int4 group-wise) and save it."""
+        import torch
+
+        from gemma4.checkpoint import load_pretrained, save_pretrained
+        from gemma4.quant import QuantizationError, model_nbytes, quantize
+
+        dt = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}.get(dtype)
+        if dt is None:
+            raise typer.BadParameter(f"unsupported dtype {dtype!r}; choose bf16, fp32 or fp16")
+        model = load_pretrained(src, dtype=torch.float32)
+        before = model_nbytes(model)
+        try:
+            quantize(model, scheme, group_size if scheme == "int4" else None, embeddings=not no_embeddings)
+        except QuantizationError as err:
+            raise typer.BadParameter(str(err)) from None
+        model.to(dt)
+        save_pretrained(model, dst)
+        typer.echo(f"{scheme}{'-g' + str(group_size) if scheme == 'int4' else ''}: {_gib(before)} (fp32) -> "
+                   f"{_gib(model_nbytes(model))}; saved to {dst}")
+
+
+def plot_memory(path: Path, batch: int = 1, group_size: int = 32, presets=None, contexts=None) -> Path:
+    """Total memory (weights + KV + prefill activations) against context, one panel per preset, one
+    line per weight precision (KV in the activation dtype)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gemma4.config import Gemma4Config
+    from gemma4.params import estimate_memory
+
+    presets = presets or [p for p in PRESETS]
+    contexts = contexts or [2**k for k in range(10, 19)]
+    precisions = ["fp32", "bf16", "int8", "int4"]
+    cols = 3
+    rows = -(-len(presets) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, presets):
+        cfg = Gemma4Config.from_preset(name)
+        for prec in precisions:
+            ys = [estimate_memory(cfg, c, batch, prec, group_size=group_size).total / 2**30 for c in contexts]
+            ax.plot(contexts, ys, marker=".", label=prec if prec != "int4" else f"int4-g{group_size}")
+        kv = [estimate_memory(cfg, c, batch, "bf16").kv_reserved / 2**30 for c in contexts]
+        ax.plot(contexts, kv, "k--", lw=1, label="KV alone (bf16)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(name)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("GiB")
+        ax.grid(alpha=0.3, which="both")
+        max_ctx = cfg.max_position_embeddings
+        ax.axvline(max_ctx, color="gray", lw=0.8, ls=":")
+    for ax in list(axes.flat)[len(presets):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(f"gemma4 memory estimate (batch {batch}; total = weights + KV + prefill activations)")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

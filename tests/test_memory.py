@@ -1,0 +1,88 @@
+"""Memory estimates against what our modules and caches actually allocate (tiny configs)."""
+
+import pytest
+import torch
+
+from gemma4 import Gemma4Config, estimate_memory
+from gemma4.config import FULL, SLIDING
+from gemma4.params import kv_cache_bytes, parse_tokens, weight_bytes
+from gemma4.quant import model_nbytes, quantize
+
+import quant_tiny
+
+CASES = [("fp32", None, torch.float32), ("bf16", None, torch.bfloat16), ("int8", None, torch.float32),
+         ("int8", None, torch.bfloat16), ("int4", 32, torch.bfloat16), ("int4", 64, torch.float32)]
+
+
+@pytest.mark.parametrize("kind", list(quant_tiny.KINDS))
+def test_weight_bytes_equal_module_bytes(kind):
+    cfg = quant_tiny.config(kind)
+    for wd, g, dt in CASES:
+        m = quant_tiny.model(kind, dtype=dt)
+        if wd.startswith("int"):
+            if g and any(k % g for k in (cfg.intermediate_size, cfg.hidden_size)):
+                continue
+            quantize(m, wd, g)
+        compute = "bf16" if dt == torch.bfloat16 else "fp32"
+        est = sum(weight_bytes(cfg, wd, g or 32, compute_dtype=compute).values())
+        assert est == model_nbytes(m), (kind, wd, g, dt)
+
+
+@pytest.mark.parametrize("kind", list(quant_tiny.KINDS))
+def test_kv_bytes_equal_cache_bytes(kind):
+    cfg = quant_tiny.config(kind)
+    m = quant_tiny.model(kind)
+    for n_prefill, n_decode, slack in [(3, 0, 0), (5, 4, 0), (20, 3, 2), (260, 2, 0)]:
+        cache = m.new_cache(slack=slack)
+        with torch.no_grad():
+            m(torch.randint(0, cfg.vocab_size, (2, n_prefill)), cache=cache, keep_last=1)
+            for _ in range(n_decode):
+                m(torch.randint(0, cfg.vocab_size, (2, 1)), cache=cache, keep_last=1)
+        n = n_prefill + n_decode
+        live, reserved, _ = kv_cache_bytes(cfg, n, 2, "fp32", slack=slack)
+        assert cache.nbytes_by_type() == live, (n, slack)
+        assert sum(c.reserved_nbytes() for c in cache.layers if c is not None) == reserved
+        est = estimate_memory(cfg, n, batch=2, weight_dtype="fp32", slack=slack)
+        assert est.kv_total == cache.nbytes() and est.kv_reserved == reserved
+        assert sum(est.kv_layers.values()) == sum(c is not None for c in cache.layers)
+
+
+def test_layer_kinds_in_the_kv_estimate():
+    e2b = Gemma4Config.from_preset("e2b")
+    a, b = estimate_memory(e2b, 32_768), estimate_memory(e2b, 131_072)
+    # Sliding layers are window-bounded: the same bytes at 32k and 128k; full layers grow 4x.
+    assert a.kv_by_type[SLIDING] == b.kv_by_type[SLIDING] == 12 * 2 * 256 * 512 * 2
+    assert b.kv_by_type[FULL] == 4 * a.kv_by_type[FULL] == 4 * 3 * 2 * 512 * 32_768 * 2
+    assert a.kv_layers == {SLIDING: 12, FULL: 3}  # 20 KV-shared layers hold none
+    assert a.offloadable == a.weights["ple_table"] > 0
+    assert a.accelerator_total == a.total - a.offloadable
+    # K=V: our cache stores both; the estimate reports what storing the raw key once would save.
+    dense = Gemma4Config.from_preset("31b")
+    e = estimate_memory(dense, 65_536)
+    shared = estimate_memory(dense, 65_536, share_k_eq_v=True)
+    assert e.k_eq_v_saving == e.kv_by_type[FULL] // 2
+    assert shared.kv_by_type[FULL] == e.kv_by_type[FULL] // 2 and shared.k_eq_v_saving == 0
+    assert estimate_memory(dense, 65_536, weight_dtype="int4").weights_total < e.weights_total / 3
+
+
+def test_bad_input_and_token_parsing():
+    assert parse_tokens("32k") == 32_768 and parse_tokens("1m") == 1 << 20 and parse_tokens(4096) == 4096
+    with pytest.raises(ValueError, match="token count"):
+        parse_tokens("lots")
+    with pytest.raises(ValueError, match="weight dtype"):
+        estimate_memory("e2b", 1024, weight_dtype="int3")
+    with pytest.raises(ValueError, match="KV dtype"):
+        estimate_memory("e2b", 1024, kv_dtype="int8")
+
+
+def test_cli_memory_and_plot(tmp_path):
+    from typer.testing import CliRunner
+
+    from gemma4.cli import app
+
+    png = tmp_path / "mem.png"
+    r = CliRunner().invoke(app, ["memory", "e2b", "--context", "32k", "--quant", "int4", "--plot", str(png)])
+    assert r.exit_code == 0, r.output
+    assert "PLE table" in r.output and png.stat().st_size > 10_000
+    r = CliRunner().invoke(app, ["memory", "31b", "--context", "8k", "--json"])
+    assert r.exit_code == 0 and '"k_eq_v_saving"' in r.output
