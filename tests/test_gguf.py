@@ -342,3 +342,48 @@ def test_convert_cli_round_trip(ckpts, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     r = runner.invoke(app, ["convert", str(ckpts["ple"]), str(tmp_path / "x.gguf"), "--type", "q4_k"])
     assert r.exit_code != 0 and "q4_k" in r.output
+
+
+def _tiny_tokenizer_json(path):
+    """A Gemma-style BPE vocabulary (specials, byte fallback, a few merges) that fits the tiny models' 256 ids."""
+    from tokenizers import Tokenizer, decoders, normalizers
+    from tokenizers.models import BPE
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<bos>", "<unk>"])}
+    for b in range(256 - 4 - 40):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for t in ["▁", "a", "c", "h", "t", "s", "▁c", "▁h", "at", "▁cat", "▁hat", "▁hats"]:
+        vocab[t] = len(vocab)
+    merges = [("▁", "c"), ("▁", "h"), ("a", "t"), ("▁c", "at"), ("▁h", "at"), ("▁hat", "s")]
+    tok = Tokenizer(BPE(vocab, merges, byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.save(str(path))
+
+
+def test_convert_carries_the_vocabulary(ckpts, tmp_path):
+    """dir (tokenizer.json) -> GGUF (llama.cpp tokenizer keys) -> dir (tokenizer.json): same token ids."""
+    from gemma4.cli import app
+    from gemma4.gguf_io import tokenizer_for
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in ckpts["gemma3"].iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    _tiny_tokenizer_json(src / "tokenizer.json")
+    runner = CliRunner()
+    r = runner.invoke(app, ["convert", str(src), str(tmp_path / "v.gguf")])
+    assert r.exit_code == 0 and "vocabulary from tokenizer.json" in r.output, r.output
+    g = GGUFFile(tmp_path / "v.gguf")
+    assert g.get("tokenizer.ggml.model") == "gemma4" and g.get("tokenizer.ggml.bos_token_id") == 2
+    r = runner.invoke(app, ["convert", str(tmp_path / "v.gguf"), str(tmp_path / "w.gguf"), "-t", "f16"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["convert", str(tmp_path / "w.gguf"), str(tmp_path / "back")])
+    assert r.exit_code == 0 and "tokenizer.json" in r.output, r.output
+    text = " hats cat hat ch\u00e9"
+    ref = tokenizer_for(src)
+    want = ref.encode(text)
+    # <bos> ▁hats ▁cat ▁hat ▁c h, then "é" as two byte-fallback tokens
+    assert [ref.id_to_token(i) for i in want] == ["<bos>", "▁hats", "▁cat", "▁hat", "▁c", "h", "<0xC3>", "<0xA9>"]
+    for p in (tmp_path / "v.gguf", tmp_path / "w.gguf", tmp_path / "back"):
+        assert tokenizer_for(p).encode(text) == want, p

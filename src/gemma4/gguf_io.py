@@ -20,6 +20,7 @@ Conventions that differ from Hugging Face checkpoints, all handled in ``gguf_to_
 
 from __future__ import annotations
 
+import json
 import logging
 import mmap
 import os
@@ -729,6 +730,7 @@ def _rope_freqs(cfg: Gemma4Config) -> torch.Tensor | None:
 
 
 def _copy_tokenizer(w, src: GGUFFile) -> None:
+    """Copy a GGUF's ``tokenizer.*`` keys unchanged (types included)."""
     for k, v in src.fields.items():
         if not k.startswith("tokenizer."):
             continue
@@ -737,13 +739,56 @@ def _copy_tokenizer(w, src: GGUFFile) -> None:
         w.add_key_value(k, v, gguf.GGUFValueType(vtype), sub_type=gguf.GGUFValueType(etype) if etype is not None else None)
 
 
+def _vocab_from_tokenizer_json(w, path: Path) -> None:
+    """A Hugging Face BPE ``tokenizer.json`` (Gemma 3/4: byte fallback, merges) as llama.cpp's
+    ``gemma4`` tokenizer keys: tokens, types, merges and the special token ids."""
+    try:
+        j = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise GGUFError(f"cannot read the vocabulary in {path}: {e}") from None
+    model = j.get("model") or {}
+    if model.get("type") != "BPE" or not model.get("merges"):
+        raise GGUFError(f"{path}: only BPE vocabularies with merges can be written to GGUF (found {model.get('type')!r})")
+    vocab = dict(model["vocab"])
+    added = {t["content"]: t for t in j.get("added_tokens", [])}
+    for t in added.values():
+        vocab.setdefault(t["content"], t["id"])
+    n = max(vocab.values()) + 1
+    tokens = [f"[PAD{i}]" for i in range(n)]
+    types = [5] * n  # UNUSED for holes in the id space
+    for tok, i in vocab.items():
+        tokens[i] = tok
+        a = added.get(tok)
+        if a is not None:
+            types[i] = 3 if a.get("special") else 4  # CONTROL / USER_DEFINED
+        elif len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
+            types[i] = 6  # BYTE (byte fallback)
+        else:
+            types[i] = 1  # NORMAL
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    w.add_tokenizer_model("gemma4")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * n)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    ids = {name: vocab.get(tok) for name, tok in
+           (("bos", "<bos>"), ("eos", "<eos>"), ("pad", "<pad>"), ("unk", "<unk>"))}
+    for name, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("pad", w.add_pad_token_id),
+                      ("unk", w.add_unk_token_id)):
+        if ids[name] is not None:
+            add(ids[name])
+    w.add_add_bos_token(True)
+    w.add_add_space_prefix(False)
+
+
 def save_gguf(model: Gemma4ForCausalLM, path: str | os.PathLike, ftype: str = "f32",
               vocab_from: str | os.PathLike | GGUFFile | None = None, name: str | None = None) -> Path:
     """Write ``model`` as a llama.cpp-style GGUF (architecture ``gemma4``, or ``gemma3`` for Gemma 3
     configs), tensor by tensor, atomically (temp file + rename).
 
     ftype: f32 (exact), f16, bf16, or q8_0 (matrices whose rows are a multiple of 32). 1-D tensors
-    (norms, scales) are always F32. ``vocab_from``: a GGUF whose ``tokenizer.*`` keys are copied."""
+    (norms, scales) are always F32. ``vocab_from``: a GGUF whose ``tokenizer.*`` keys are copied, or a
+    BPE ``tokenizer.json`` written as llama.cpp's ``gemma4`` tokenizer keys."""
     gguf = _gguf()
     ftype = ftype.lower()
     if ftype not in FILE_TYPES:
@@ -774,9 +819,10 @@ def save_gguf(model: Gemma4ForCausalLM, path: str | os.PathLike, ftype: str = "f
         w = gguf.GGUFWriter(tmp, arch)
         w.add_name(name or ("Gemma 3" if cfg.is_gemma3 else "Gemma 4"))
         _write_metadata(w, cfg, ftype)
-        src = vocab_from if isinstance(vocab_from, GGUFFile) or vocab_from is None else GGUFFile(vocab_from)
-        if src is not None:
-            _copy_tokenizer(w, src)
+        if vocab_from is not None and Path(str(getattr(vocab_from, "path", vocab_from))).suffix == ".json":
+            _vocab_from_tokenizer_json(w, Path(vocab_from))
+        elif vocab_from is not None:
+            _copy_tokenizer(w, vocab_from if isinstance(vocab_from, GGUFFile) else GGUFFile(vocab_from))
         else:
             eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
             if cfg.bos_token_id is not None:
@@ -807,6 +853,9 @@ def save_gguf(model: Gemma4ForCausalLM, path: str | os.PathLike, ftype: str = "f
                     t = t.float() + shift  # llama.cpp's gemma3 convention: store 1 + w
             w.write_tensor_data(_encode(t, qtype))
         w.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a model file is as readable as any other
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -844,15 +893,46 @@ def register(app) -> None:
         t1 = time.perf_counter()
         if dst.endswith(".gguf"):
             ft = type_ or {torch.bfloat16: "bf16", torch.float16: "f16"}.get(model.dtype, "f32")
-            vocab = src_path if src_path.suffix == ".gguf" else None
+            vocab = src_path if src_path.suffix == ".gguf" else (src_path / "tokenizer.json")
+            if not vocab.is_file():
+                vocab = None
             save_gguf(model, dst, ftype=ft, vocab_from=vocab)
-            what = f"GGUF ({ft.lower()})"
+            what = f"GGUF ({ft.lower()})" + (f" + vocabulary from {vocab.name}" if vocab else "")
+            if vocab is None:
+                typer.echo(f"note: {src_path} has no tokenizer.json; the GGUF carries no vocabulary", err=True)
         else:
             if type_ is not None:
                 raise typer.BadParameter("--type applies to .gguf outputs; use --dtype for safetensors")
             save_pretrained(model, dst)
             what = f"safetensors ({str(model.dtype).removeprefix('torch.')})"
+            what += _carry_tokenizer(src_path, Path(dst))
         t2 = time.perf_counter()
         n = sum(p.numel() for p in model.state_dict().values())
         typer.echo(f"{src} -> {dst}: {what}, {n / 1e6:.1f}M parameters, "
                    f"{model.config.num_hidden_layers} layers; load {t1 - t0:.1f}s, write {t2 - t1:.1f}s")
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                    "chat_template.jinja", "generation_config.json")
+
+
+def _carry_tokenizer(src: Path, dst: Path) -> str:
+    """Give a converted safetensors directory its tokenizer: the GGUF vocabulary as tokenizer.json,
+    or the source directory's tokenizer files. Returns a note for the summary line."""
+    import shutil
+
+    if src.is_dir():
+        copied = [f for f in _TOKENIZER_FILES if (src / f).is_file()]
+        for f in copied:
+            shutil.copyfile(src / f, dst / f)
+        return f" + {', '.join(copied)}" if copied else ""
+    if "tokenizer.ggml.tokens" not in GGUFFile(src).fields:
+        return ""
+    try:
+        from gemma4.tokenizer import load_tokenizer
+
+        load_tokenizer(src).save(dst / "tokenizer.json")
+    except Exception as e:  # the weights are written; a vocabulary we cannot convert is only a warning
+        log.warning("could not write tokenizer.json from %s: %s", src, e)
+        return " (tokenizer not converted)"
+    return " + tokenizer.json"
