@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 import gemma4
 from gemma4.config import FULL
 from gemma4.gguf_io import GGUFError, GGUFFile, config_from_gguf, dequantize, gguf_to_hf, hf_to_gguf, load_gguf, save_gguf
-from tiny import write_hf_checkpoint
+from tiny import hf_model, write_hf_checkpoint
 
 KINDS = ["dense", "ple", "moe", "gemma3"]
 IDS = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(1))
@@ -387,3 +387,38 @@ def test_convert_carries_the_vocabulary(ckpts, tmp_path):
     assert [ref.id_to_token(i) for i in want] == ["<bos>", "▁hats", "▁cat", "▁hat", "▁c", "h", "<0xC3>", "<0xA9>"]
     for p in (tmp_path / "v.gguf", tmp_path / "w.gguf", tmp_path / "back"):
         assert tokenizer_for(p).encode(text) == want, p
+
+
+def test_name_table_agrees_with_gguf_package():
+    """Our one mapping table against gguf's own Hugging Face -> llama.cpp name map."""
+    for arch, kind in ((gguf.MODEL_ARCH.GEMMA4, "moe"), (gguf.MODEL_ARCH.GEMMA4, "ple"), (gguf.MODEL_ARCH.GEMMA3, "gemma3")):
+        tm = gguf.get_tensor_name_map(arch, 16)
+        m = gemma4.build_model(_tiny_config(kind), device="meta")
+        for name in m.state_dict():
+            if name.endswith(("router.scale", "router.per_expert_scale")):
+                continue  # llama.cpp's converter renames these two by hand (ffn_gate_inp.scale, ffn_down_exps.scale)
+            stem, suffix = (name[:-len(".weight")], ".weight") if name.endswith(".weight") else (name, ".weight")
+            assert tm.get_name(stem) + suffix == hf_to_gguf(name), name
+
+
+def _tiny_config(kind):
+    return gemma4.Gemma4Config.from_dict(hf_model(kind).config.to_dict())
+
+
+def test_architecture_keys_of_a_real_llama_cpp_gemma4_file():
+    """llama.cpp's Gemma 4 vocab file carries the 26B-A4B hyperparameters: they must read as that preset."""
+    from gemma4.assets import gemma4_vocab_gguf
+
+    g = GGUFFile(gemma4_vocab_gguf())
+    cfg, ref = config_from_gguf(g), gemma4.Gemma4Config.from_preset("26b-a4b")
+    for i in range(ref.num_hidden_layers):
+        assert (cfg.layer_types[i], cfg.layer_head_dim(i), cfg.layer_kv_heads(i), cfg.layer_intermediate_size(i)) == \
+               (ref.layer_types[i], ref.layer_head_dim(i), ref.layer_kv_heads(i), ref.layer_intermediate_size(i))
+    for f in ("vocab_size", "hidden_size", "num_attention_heads", "sliding_window", "rms_norm_eps",
+              "final_logit_softcapping", "num_experts", "top_k_experts", "moe_intermediate_size",
+              "hidden_size_per_layer_input", "num_kv_shared_layers", "max_position_embeddings"):
+        assert getattr(cfg, f) == getattr(ref, f), f
+    for t in ("sliding_attention", "full_attention"):
+        assert float(cfg.rope(t)["rope_theta"]) == float(ref.rope(t)["rope_theta"])
+    with pytest.raises(GGUFError, match="vocab-only"):
+        load_gguf(gemma4_vocab_gguf())

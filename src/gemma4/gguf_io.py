@@ -418,11 +418,12 @@ def config_from_gguf(g: GGUFFile) -> Gemma4Config:
             raise GGUFError(f"{g.path}: required key {k!r} is missing")
         return default
 
-    if "token_embd.weight" not in g.tensors:
-        raise GGUFError(f"{g.path}: no token_embd.weight tensor (not a language model, or vocab-only file)")
     n = int(key("block_count"))
     hidden = int(key("embedding_length"))
-    vocab = g.tensors["token_embd.weight"].shape[0]
+    if "token_embd.weight" in g.tensors:
+        vocab = g.tensors["token_embd.weight"].shape[0]
+    else:  # a vocab-only file still describes the architecture
+        vocab = int(key("vocab_size", 0)) or len(g.get("tokenizer.ggml.tokens") or []) or 262_144
     heads = _per_layer(key("attention.head_count"), n, f"{arch}.attention.head_count")
     if len(set(heads)) != 1:
         raise GGUFError(f"{g.path}: per-layer query head counts {sorted(set(heads))} are not supported")
@@ -588,6 +589,9 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None,
     Quantized tensors are dequantized one at a time into ``dtype`` (default: float32 for quantized
     files, the stored dtype for F16/BF16 files)."""
     g = GGUFFile(path)
+    if "token_embd.weight" not in g.tensors:
+        what = "a vocab-only file" if "tokenizer.ggml.tokens" in g.fields and not g.tensors else "not a language model"
+        raise GGUFError(f"{g.path}: no token_embd.weight tensor ({what}): there are no weights to load")
     cfg = config_from_gguf(g)
     _check_types(g, [n for n in g.tensors if n not in _DERIVED])
     dtype = dtype or _default_dtype(g)
