@@ -235,3 +235,31 @@ def test_nan_logits_name_the_layer():
         m.model.layers[3].mlp.down_proj.weight[0, 0] = float("nan")
     with pytest.raises(NonFiniteLogitsError, match=r"model\.layers\.3\.mlp\.down_proj \(layer 3"):
         generate(m, _prompts([6]), 4)
+
+
+# ----------------------------------------------------------------------------- CPU fast path
+@pytest.mark.parametrize("kind", ["ple", "moe"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_weights_compute_the_same_and_unpack(kind, dtype):
+    from gemma4.packed import PackedLinear, available, pack_for_cpu, unpack
+
+    if not available(dtype):
+        pytest.skip(f"oneDNN cannot run {dtype} here")
+    m = tiny_model(kind, scale=1.0, dtype=dtype)
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    prompts = _prompts([5, 12], seed=6)
+    ids = torch.tensor([prompts[1]])
+    with torch.no_grad():
+        ref = m(ids).float()
+    plain = generate(m, prompts, 10, stop_token_ids=())
+    pack_for_cpu(m)
+    assert isinstance(m.model.layers[0].mlp.down_proj, PackedLinear) and isinstance(m.lm_head, PackedLinear)
+    with torch.no_grad():
+        got = m(ids).float()
+    # same function: bf16 observed bit-identical, float32 differs by summation order only
+    assert (got - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+    assert generate(m, prompts, 10, stop_token_ids=()) == plain
+    unpack(m)
+    assert m.lm_head is None
+    after = m.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)

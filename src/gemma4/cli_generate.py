@@ -77,6 +77,7 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("cpu", help="cpu, cuda, ..."),
         prefill_chunk: int = typer.Option(512, help="Prompt tokens per prefill forward."),
         threads: Optional[int] = typer.Option(None, help="torch.set_num_threads."),
+        no_pack: bool = typer.Option(False, "--no-pack", help="Keep plain weights (skip the oneDNN CPU fast path)."),
         stats: bool = typer.Option(False, "--stats", help="Print latency and the per-component breakdown."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object (ids, text, stats) instead of streaming."),
     ):
@@ -115,6 +116,10 @@ def register(app: typer.Typer) -> None:
 
         torch_dtype = getattr(torch, _DTYPES[dtype.lower()]) if dtype else None
         m = load_pretrained(model, dtype=torch_dtype, device=device)
+        if not no_pack:
+            from gemma4.packed import pack_for_cpu
+
+            pack_for_cpu(m)  # no-op off CPU or where oneDNN cannot run the dtype
         mon = LatencyMonitor(m, breakdown=stats)
         with mon:
             try:
