@@ -500,7 +500,7 @@ def config_from_gguf(g: GGUFFile) -> Gemma4Config:
     if "rope_freqs.weight" in g.tensors:
         factors = g.load("rope_freqs.weight", torch.float32)
         n_rot = int((factors < 1e10).sum())
-        full_rope = {"rope_type": "proportional", "partial_rotary_factor": 2 * n_rot / full_dim, **{"rope_theta": full_rope["rope_theta"]}}
+        full_rope = {**full_rope, "rope_type": "proportional", "partial_rotary_factor": 2 * n_rot / full_dim}
     rope = {SLIDING: {"rope_type": "default", "rope_theta": float(key("rope.freq_base_swa", 10_000.0))}, FULL: full_rope}
     cfg = Gemma4Config(
         model_type="gemma4_text", intermediate_size=base_ff, num_key_value_heads=swa_kv[0], head_dim=swa_dim,
@@ -613,9 +613,9 @@ def tokenizer_for(path: str | os.PathLike):
 FILE_TYPES = {"f32": (_F32, 0), "f16": (_F16, 1), "bf16": (_BF16, 32), "q8_0": (_Q8_0, 7)}
 
 
-def _tensor_type(hf_name: str, t: torch.Tensor, ftype: str) -> int:
-    """llama.cpp's convention: 1-D tensors (norms, scales) stay F32; matrices take the file type
-    (Q8_0 needs rows that are a multiple of its 32-element blocks, else F16... F32 here, exact)."""
+def _tensor_type(t: torch.Tensor, ftype: str) -> int:
+    """llama.cpp's convention: 1-D tensors (norms, scales) stay F32; matrices take the file type.
+    Q8_0 needs rows that split into 32-element blocks; other rows stay F32 (exact)."""
     want = FILE_TYPES[ftype][0]
     if t.dim() < 2 or want == _F32:
         return _F32
@@ -786,7 +786,8 @@ def _vocab_from_tokenizer_json(w, path: Path) -> None:
 
 
 def save_gguf(model: Gemma4ForCausalLM, path: str | os.PathLike, ftype: str = "f32",
-              vocab_from: str | os.PathLike | GGUFFile | None = None, name: str | None = None) -> Path:
+              vocab_from: str | os.PathLike | GGUFFile | None = None, name: str | None = None,
+              progress: bool = False) -> Path:
     """Write ``model`` as a llama.cpp-style GGUF (architecture ``gemma4``, or ``gemma3`` for Gemma 3
     configs), tensor by tensor, atomically (temp file + rename).
 
@@ -811,7 +812,7 @@ def save_gguf(model: Gemma4ForCausalLM, path: str | os.PathLike, ftype: str = "f
             gname = hf_to_gguf(hf)
         except KeyError:
             raise GGUFError(f"tensor {hf!r} has no GGUF name (quantized or extra module?)") from None
-        plan.append((gname, hf, _tensor_type(hf, t, ftype), tuple(t.shape)))
+        plan.append((gname, hf, _tensor_type(t, ftype), tuple(t.shape)))
     rope = _rope_freqs(cfg)
     if rope is not None:
         plan.insert(0, ("rope_freqs.weight", "", _F32, tuple(rope.shape)))
@@ -847,7 +848,12 @@ def save_gguf(model: Gemma4ForCausalLM, path: str | os.PathLike, ftype: str = "f
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for gname, hf, qtype, _ in plan:
+        steps = plan
+        if progress:
+            from rich.progress import track
+
+            steps = track(plan, description=f"writing {path.name}", transient=True)
+        for gname, hf, qtype, _ in steps:
             if not hf:
                 t = rope
             else:
@@ -900,7 +906,7 @@ def register(app) -> None:
             vocab = src_path if src_path.suffix == ".gguf" else (src_path / "tokenizer.json")
             if not vocab.is_file():
                 vocab = None
-            save_gguf(model, dst, ftype=ft, vocab_from=vocab)
+            save_gguf(model, dst, ftype=ft, vocab_from=vocab, progress=True)
             what = f"GGUF ({ft.lower()})" + (f" + vocabulary from {vocab.name}" if vocab else "")
             if vocab is None:
                 typer.echo(f"note: {src_path} has no tokenizer.json; the GGUF carries no vocabulary", err=True)
