@@ -46,6 +46,12 @@ def test_int4_cpu_layout_unpack_and_row_gather():
         assert torch.equal(_unpack_cpu_int4(packed, layout, 96), codes.to(torch.uint8))
         ids = torch.tensor([0, n - 1, n // 2, 1, n - 16])
         assert torch.equal(_gather_cpu_int4_rows(packed, layout, 96, ids), codes[ids].to(torch.uint8))
+    # Packing a tall table chunk by chunk gives the layout of packing it whole.
+    w = torch.randn(8192 + 80, 64, generator=g)
+    lin = Int4Linear(8192 + 80, 64, 32)
+    lin.set_from_float(w)
+    whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(lin.codes().to(torch.int32), 2)
+    assert torch.equal(lin.qweight, whole)
 
 
 @pytest.mark.parametrize("cls,kw", [(Int8Linear, {}), (Int4Linear, {"group_size": 32}), (Int4Linear, {"group_size": 64})])

@@ -334,7 +334,7 @@ def kv_cache_bytes(config: Gemma4Config, context: int, batch: int = 1, kv_dtype:
 
 
 def activation_bytes(config: Gemma4Config, tokens: int, batch: int = 1, dtype: str = "bf16", *,
-                     keep_last: int = 1, attention: str = "sdpa", context: int | None = None) -> int:
+                     keep_last: int = 1, attention: str = "eager", context: int | None = None) -> int:
     """Peak transient bytes of one forward over ``tokens`` new tokens (a prefill chunk).
 
     A layer's working set is counted at its largest point: the residual stream and its normed copy,
@@ -353,7 +353,8 @@ def activation_bytes(config: Gemma4Config, tokens: int, batch: int = 1, dtype: s
         attn = bt * (n * d * 3 + kv * d * 4) * eb  # q (+ normed, roped), k/v (+ normed, roped)
         if attention == "eager":
             keys = min(s, cfg.sliding_window + tokens) if t == SLIDING else s
-            attn += batch * n * tokens * keys * 4 * 2  # scores + softmax, float32
+            # scores, their masked copy and the probabilities in the activation dtype + float32 softmax
+            attn += batch * n * tokens * keys * (3 * eb + 4)
         inter = cfg.layer_intermediate_size(i)
         mlp = bt * 3 * inter * eb
         if cfg.enable_moe_block:
@@ -368,7 +369,7 @@ def activation_bytes(config: Gemma4Config, tokens: int, batch: int = 1, dtype: s
 
 def estimate_memory(config: Gemma4Config | str, context: int, batch: int = 1, weight_dtype: str = "bf16",
                     kv_dtype: str | None = None, *, group_size: int | None = 32, prefill_chunk: int = 512,
-                    slack: int = 0, chunk: int = 256, share_k_eq_v: bool = False, attention: str = "sdpa",
+                    slack: int = 0, chunk: int = 256, share_k_eq_v: bool = False, attention: str = "eager",
                     quantize_embeddings: bool = True) -> MemoryEstimate:
     """Memory of running ``config`` at ``context`` tokens (batch ``batch``).
 

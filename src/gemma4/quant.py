@@ -303,11 +303,15 @@ class _Int4(_QuantWeight):
             self._buffers["scales_zeros"] = self.scales_zeros.to(torch.bfloat16)
         if self._packed is None and self._kernel_usable():
             layout = _int4_cpu_layout()
-            codes = unpack_nibbles(self.qweight).to(torch.int32)
-            flat = codes.reshape(-1, self.out_features, self.in_features)
-            packed = torch.empty_like(self.qweight).reshape(-1, self.out_features, self.in_features // 2)
-            for e in range(flat.shape[0]):
-                packed[e] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(flat[e].contiguous(), 2)
+            src = self.qweight.reshape(-1, self.out_features, self.in_features // 2)
+            packed = torch.empty_like(src)
+            # Row chunks that are whole kernel blocks (8192 = 128 x 64) pack independently, so the int32
+            # codes the packing op wants exist one chunk at a time (a 262144-row table would need 670 MB).
+            step = _ROWS_PER_CHUNK
+            for e in range(src.shape[0]):
+                for r in range(0, self.out_features, step):
+                    codes = unpack_nibbles(src[e, r : r + step]).to(torch.int32)
+                    packed[e, r : r + step] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
             self._buffers["qweight"] = packed.reshape(self.qweight.shape)
             self._packed = layout
 
@@ -597,6 +601,16 @@ def prepare_quantized(model: Gemma4ForCausalLM, qcfg: dict[str, Any]) -> Gemma4F
     if model.lm_head is None and isinstance(model.model.embed_tokens, _EmbeddingMixin):
         model.lm_head = TiedHead(model.model.embed_tokens)
     _record(model, scheme, group_size, embeddings, skip)
+    return model
+
+
+def pack_for_kernels(model: nn.Module) -> nn.Module:
+    """Repack every loaded int4 weight into the CPU kernel's layout now rather than on first use
+    (``load_pretrained`` loads the portable file layout; the first forward would otherwise pay for
+    the repack and hold each table twice for a moment)."""
+    for m in model.modules():
+        if isinstance(m, (_Int4, _Int8)):
+            m._ensure_ready()
     return model
 
 
