@@ -122,7 +122,7 @@ def build_mask(q_slots, k_slots, window, pad_mask):
     qs, ks = q_slots[:, None], k_slots[None, :]
     allowed = (ks <= qs) & (ks >= 0)
     if window is not None:
-        allowed &= (qs - ks) < window
+        allowed &= ks > (qs - window)  # q - k < window, without an int64 [T,S] temporary
     allowed = allowed[None, None]
     if pad_mask is not None:
         allowed = allowed & pad_mask[:, k_slots.clamp(min=0)].bool()[:, None, None, :]
