@@ -263,3 +263,21 @@ def test_packed_weights_compute_the_same_and_unpack(kind, dtype):
     assert m.lm_head is None
     after = m.state_dict()
     assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+
+
+def test_run_inside_the_window_equals_the_ring_cache():
+    # generate() swaps the sliding rings for plain caches when prompt + new tokens fit in the window;
+    # the tokens must be those of the ring-cache decode loop.
+    from gemma4.generate import decode_step, prefill
+
+    m = tiny_model("ple", scale=1.0, sliding_window=64)
+    prompt = _prompts([20], seed=9)[0]
+    out = generate(m, [prompt], 30, stop_token_ids=())[0]
+    cache = m.new_cache()
+    with torch.no_grad():
+        tok = prefill(m, torch.tensor([prompt]), cache).argmax(-1)
+        ref = [tok.item()]
+        for _ in range(29):
+            tok = decode_step(m, tok, cache).argmax(-1)
+            ref.append(tok.item())
+    assert out == ref

@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from gemma4.cache import ModelCache
+from gemma4.cache import FullCache, ModelCache, SlidingCache
 from gemma4.sampling import SamplingParams, sample_next
 
 log = logging.getLogger("gemma4")
@@ -236,6 +236,13 @@ class Generation:
         self.positions = torch.tensor(lengths, dtype=torch.long, device=dev)[:, None]  # next position per row
         # Full caches are allocated once for the whole run (chunk = max_length = total).
         self.cache = model.new_cache(chunk=total, max_length=total)
+        if total <= cfg.sliding_window:
+            # The whole run fits in the sliding window, so no token is ever evicted: a plain cache
+            # holds exactly what the ring would, minus the ring's not-yet-written slots, which would
+            # cost every decode step a mask and attention over empty slots (~10% of a 270M bf16 step).
+            for i, c in enumerate(self.cache.layers):
+                if isinstance(c, SlidingCache):
+                    self.cache.layers[i] = FullCache(chunk=total, max_length=total)
         self.generator = params.make_generator(dev)
         self.seen = None
         if params.repetition_penalty != 1.0:
