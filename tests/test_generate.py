@@ -241,7 +241,7 @@ def test_nan_logits_name_the_layer():
 @pytest.mark.parametrize("kind", ["ple", "moe"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_weights_compute_the_same_and_unpack(kind, dtype):
-    from gemma4.packed import PackedLinear, available, pack_for_cpu, unpack
+    from gemma4.packed import FastRMSNorm, PackedLinear, PackedMLP, available, pack_for_cpu, unpack
 
     if not available(dtype):
         pytest.skip(f"oneDNN cannot run {dtype} here")
@@ -253,7 +253,9 @@ def test_packed_weights_compute_the_same_and_unpack(kind, dtype):
         ref = m(ids).float()
     plain = generate(m, prompts, 10, stop_token_ids=())
     pack_for_cpu(m)
-    assert isinstance(m.model.layers[0].mlp.down_proj, PackedLinear) and isinstance(m.lm_head, PackedLinear)
+    layer = m.model.layers[0]
+    assert isinstance(layer.mlp, PackedMLP) and isinstance(layer.self_attn.q_proj, PackedLinear)
+    assert isinstance(layer.input_layernorm, FastRMSNorm) and isinstance(m.lm_head, PackedLinear)
     with torch.no_grad():
         got = m(ids).float()
     # same function: bf16 observed bit-identical, float32 differs by summation order only

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gemma4.model import MLP, RMSNorm, gelu_tanh
+
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -33,6 +35,10 @@ def available(dtype: torch.dtype = torch.float32) -> bool:
         except (AttributeError, RuntimeError):
             return False
     return True
+
+
+def _dense(w: torch.Tensor) -> torch.Tensor:
+    return w.to_dense() if w.is_mkldnn else w
 
 
 def _onednn_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -64,6 +70,50 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.dtype}"
 
 
+class PackedMLP(nn.Module):
+    """The gated MLP with gate and up projections fused into one packed matrix (one pass over x)."""
+
+    def __init__(self, mlp: nn.Module):
+        super().__init__()
+        self.inter = mlp.gate_proj.out_features
+        self.gate_up = PackedLinear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach())
+        self.down = PackedLinear(mlp.down_proj.weight)
+        for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            lin.weight = None  # free the plain weights: the packed copies replace them
+        self._original = [mlp]
+
+    def restore(self) -> nn.Module:
+        mlp = self._original[0]
+        gate, up = _dense(self.gate_up.w).split(self.inter)
+        for lin, w in ((mlp.gate_proj, gate), (mlp.up_proj, up), (mlp.down_proj, _dense(self.down.w))):
+            lin.weight = nn.Parameter(w.contiguous(), requires_grad=False)
+        return mlp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, u = self.gate_up(x).split(self.inter, dim=-1)
+        return self.down(gelu_tanh(g) * u)
+
+
+class FastRMSNorm(nn.Module):
+    """RMSNorm with its float32 scale (``w`` or ``1 + w``) computed once instead of at every call;
+    otherwise the same operations in the same order as :class:`gemma4.model.RMSNorm`."""
+
+    def __init__(self, norm: RMSNorm):
+        super().__init__()
+        self.eps = norm.eps
+        self.weight = norm.weight  # shared, for code that reads it
+        w = None if norm.weight is None else norm.weight.detach().float()
+        self.scale = None if w is None else (w + norm.offset if norm.offset else w)
+        self._original = [norm]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        if self.scale is not None:
+            xf = xf * self.scale
+        return xf.type_as(x)
+
+
 def pack_for_cpu(model, head: str = "auto"):
     """Repack ``model`` (in place) for fast CPU decoding; returns it. No-op off CPU or where oneDNN
     cannot run the model's dtype. ``head``: "auto" (bf16: packed copy, fp32: oneDNN on the plain
@@ -73,9 +123,13 @@ def pack_for_cpu(model, head: str = "auto"):
         return model
     if head not in ("auto", "pack", "plain", "none"):
         raise ValueError(f"head must be 'auto', 'pack', 'plain' or 'none', got {head!r}")
-    for name, mod in list(model.model.layers.named_modules()):
+    for mod in list(model.model.modules()):
         for child_name, child in list(mod.named_children()):
-            if type(child) is nn.Linear and child.weight.dtype == dtype and child.weight.device.type == "cpu":
+            if type(child) is MLP and all(type(c) is nn.Linear for c in child.children()):
+                setattr(mod, child_name, PackedMLP(child))
+            elif type(child) is RMSNorm:
+                setattr(mod, child_name, FastRMSNorm(child))
+            elif type(child) is nn.Linear and child.weight is not None and child.weight.dtype == dtype:
                 packed = PackedLinear(child.weight, child.bias, original=child)
                 child.weight = None  # free the plain weight: the packed copy replaces it
                 setattr(mod, child_name, packed)
@@ -92,13 +146,16 @@ def unpack(model):
     """Undo :func:`pack_for_cpu` (in place); returns the model."""
     if not getattr(model, "_gemma4_packed", False):
         return model
-    for mod in list(model.model.layers.modules()):
+    for mod in list(model.model.modules()):
         for child_name, child in list(mod.named_children()):
             if isinstance(child, PackedLinear) and child._original:
                 orig = child._original[0]
-                w = child.w.to_dense() if child.w.is_mkldnn else child.w
-                orig.weight = nn.Parameter(w.contiguous(), requires_grad=False)
+                orig.weight = nn.Parameter(_dense(child.w).contiguous(), requires_grad=False)
                 setattr(mod, child_name, orig)
+            elif isinstance(child, PackedMLP):
+                setattr(mod, child_name, child.restore())
+            elif isinstance(child, FastRMSNorm):
+                setattr(mod, child_name, child._original[0])
     model.lm_head = model._gemma4_head_before_pack
     del model._gemma4_head_before_pack
     model._gemma4_packed = False
