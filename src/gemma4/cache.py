@@ -106,7 +106,10 @@ class SlidingCache(LayerCache):
 
     def key_slots(self, t: int, device: torch.device) -> torch.Tensor:
         if t == 1 and self.capacity > 0:
-            # Decode: the new token is written into the ring first, then the ring is attended over.
+            # Decode: the new token is written into the ring first, then the ring is attended over
+            # (only its filled prefix while the ring has not wrapped yet).
+            if self.length < self.capacity:
+                return torch.arange(self.length + 1, device=device)
             return self._ring_slots(self.length + 1, device)
         kept = min(self.length, self.capacity)
         return torch.arange(self.length - kept, self.length + t, device=device)
@@ -121,6 +124,8 @@ class SlidingCache(LayerCache):
             self.k[:, :, j] = k[:, :, 0]
             self.v[:, :, j] = v[:, :, 0]
             self.length += 1
+            if self.length <= self.capacity:
+                return self.k[:, :, : self.length], self.v[:, :, : self.length]
             return self.k, self.v
         kept = min(self.length, self.capacity)
         order = torch.remainder(torch.arange(self.length - kept, self.length, device=k.device), max(self.capacity, 1))

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from gemma4.config import Gemma4Config
@@ -110,36 +109,64 @@ def safetensors_files(directory: Path) -> list[Path]:
     raise CheckpointError(f"no model.safetensors, model.safetensors.index.json or model-*.safetensors in {directory}")
 
 
-def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, "callable"]]:
-    """Yields (key, loader) pairs; a loader reads one tensor when called."""
-    for f in files:
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def read_safetensors_header(f: Path) -> tuple[int, dict]:
+    """(offset of the data section, {key: {dtype, shape, data_offsets}}), with the file size checked
+    against the header so a truncated file is reported before any tensor is read."""
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        raw = fh.read(8)
+        n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+        if n < 2 or n > size - 8:
+            raise CheckpointError(f"cannot read {f}: header of {n} bytes in a {size}-byte file (truncated or not safetensors?)")
         try:
-            handle = safe_open(str(f), framework="pt")
-        except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
-            raise CheckpointError(f"cannot read {f}: {e} (truncated or not a safetensors file?)") from None
-        for key in handle.keys():
-            def load(handle=handle, key=key, f=f):
-                try:
-                    return handle.get_tensor(key)
-                except Exception as e:
-                    raise CheckpointError(f"cannot read tensor {key!r} from {f}: {e} (file truncated?)") from None
-            yield key, load
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"cannot read {f}: corrupt header ({e})") from None
+    header.pop("__metadata__", None)
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{f} is truncated: its header describes {8 + n + end} bytes, the file has {size}")
+    for k, v in header.items():
+        if v.get("dtype") not in _ST_DTYPES:
+            raise CheckpointError(f"tensor {k!r} in {f} has unsupported dtype {v.get('dtype')!r}")
+    return 8 + n, header
+
+
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, "callable"]]:
+    """Yields (key, loader) pairs; a loader reads one tensor when called.
+
+    Tensors are read with plain file reads into fresh (aligned) memory rather than mmapped: a mapped
+    file's pages count towards the process's memory while it is open, which would hold a second copy
+    of the weights until the end of the load."""
+    for f in files:
+        base, header = read_safetensors_header(f)
+        with open(f, "rb") as fh:
+            for key, info in header.items():
+                def load(fh=fh, info=info, key=key, f=f):
+                    start, end = info["data_offsets"]
+                    buf = torch.empty(end - start, dtype=torch.uint8)
+                    fh.seek(base + start)
+                    if fh.readinto(buf.numpy()) != end - start:
+                        raise CheckpointError(f"cannot read tensor {key!r} from {f}: file truncated")
+                    return buf.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+                yield key, load
 
 
 def _file_dtype(files: list[Path]) -> torch.dtype | None:
     """The stored dtype of the token embedding: what ``dtype=None`` loads as."""
     for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as h:
-                for k in h.keys():
-                    if k.endswith("embed_tokens.weight"):
-                        return _ST_DTYPES.get(h.get_slice(k).get_dtype())
-        except Exception as e:
-            raise CheckpointError(f"cannot read {f}: {e} (truncated or not a safetensors file?)") from None
+        _, header = read_safetensors_header(f)
+        for k, v in header.items():
+            if k.endswith("embed_tokens.weight"):
+                return _ST_DTYPES[v["dtype"]]
     return None
-
-
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 # ----------------------------------------------------------------------------- loading
