@@ -6,6 +6,7 @@ from gemma4.config import Gemma4Config, ConfigError, PRESETS
 from gemma4.model import Gemma4ForCausalLM, build_model, init_random_
 from gemma4.cache import ModelCache, FullCache, SlidingCache
 from gemma4.checkpoint import load_pretrained, save_pretrained, CheckpointError
+from gemma4 import assets
 from gemma4.params import count_parameters, estimate_memory
 from gemma4.quant import quantize
 from gemma4.generate import generate, stream
