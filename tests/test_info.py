@@ -1,6 +1,5 @@
 from typer.testing import CliRunner
 
-import gemma4
 from gemma4.cli import app
 from tiny import write_hf_checkpoint
 

@@ -57,7 +57,7 @@ class BlockSparse:
             raise ValueError(f"invalid block-sparse pattern {self}")
 
     def __call__(self, q, k, v, mask, scale, softcap, ctx):
-        t, s = q.shape[2], k.shape[2]
+        t = q.shape[2]
         if t >= self.min_fast and t >= self.block and _contiguous(ctx.q_slots) and _contiguous(ctx.k_slots):
             return self._fast(q, k, v, mask, scale, softcap, ctx)
         if ctx.window is None:  # sliding layers: the window mask is the (exact) sparsity pattern

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,19 @@ _GEMMA4_ROPE = {
 
 class ConfigError(ValueError):
     """A configuration that cannot describe a working model; the message names the field."""
+
+
+def read_config_json(path: str | Path) -> dict[str, Any]:
+    """The dict in a config.json (``path`` may be its directory), with errors that name the file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no config.json at {path}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
 
 
 @dataclass
@@ -136,16 +149,7 @@ class Gemma4Config:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "Gemma4Config":
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no config.json at {path}") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_dict(d)
+        return cls.from_dict(read_config_json(path))
 
     @classmethod
     def from_preset(cls, name: str) -> "Gemma4Config":

@@ -29,7 +29,6 @@ minimum over the whole batch, which differs only for batch > 1 and never changes
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -42,8 +41,8 @@ from safetensors import safe_open
 from torch import nn
 
 from gemma4.checkpoint import CheckpointError, iter_safetensors, load_state_streaming, safetensors_files, save_pretrained
-from gemma4.config import FULL, SLIDING, ConfigError, Gemma4Config
-from gemma4.model import AttnContext, Gemma4TextModel, build_mask
+from gemma4.config import FULL, SLIDING, ConfigError, Gemma4Config, read_config_json
+from gemma4.model import AttnContext, Gemma4TextModel, build_mask, set_attention_backend
 
 log = logging.getLogger("gemma4")
 
@@ -153,16 +152,7 @@ class DrafterConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "DrafterConfig":
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no config.json at {path}") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_dict(d)
+        return cls.from_dict(read_config_json(path))
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -223,12 +213,7 @@ class Gemma4Drafter(nn.Module):
         return self.pre_projection.weight.device
 
     def set_attention_backend(self, name: str) -> "Gemma4Drafter":
-        from gemma4.model import ATTENTION_BACKENDS
-
-        if name not in ATTENTION_BACKENDS:
-            raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(ATTENTION_BACKENDS)}")
-        for layer in self.model.layers:
-            layer.self_attn.backend = name
+        set_attention_backend(self.model.layers, name)
         return self
 
     def head_weight(self) -> torch.Tensor:

@@ -9,7 +9,6 @@ K key/value heads, D head dim, P per-layer-embedding dim, L layers, E experts.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gemma4.cache import ModelCache
-from gemma4.config import FULL, SLIDING, Gemma4Config
+from gemma4.config import SLIDING, Gemma4Config
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -112,6 +111,13 @@ _SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
 # Other modules (e.g. gemma4.attention) register experimental backends here.
 ATTENTION_BACKENDS: dict[str, Callable] = {"eager": eager_attention, "sdpa": sdpa_attention}
+
+
+def set_attention_backend(layers, name: str) -> None:
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(ATTENTION_BACKENDS)}")
+    for layer in layers:
+        layer.self_attn.backend = name
 
 
 def build_mask(q_slots, k_slots, window, pad_mask):
@@ -421,10 +427,7 @@ class Gemma4ForCausalLM(nn.Module):
             )
 
     def set_attention_backend(self, name: str) -> "Gemma4ForCausalLM":
-        if name not in ATTENTION_BACKENDS:
-            raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(ATTENTION_BACKENDS)}")
-        for layer in self.model.layers:
-            layer.self_attn.backend = name
+        set_attention_backend(self.model.layers, name)
         return self
 
     def new_cache(self, **kw) -> ModelCache:

@@ -9,7 +9,7 @@ is greedy (argmax over the penalised logits; the filters cannot change an argmax
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 

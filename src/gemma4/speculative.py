@@ -22,7 +22,7 @@ whose output follows the target's distribution exactly. Batch size 1.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
