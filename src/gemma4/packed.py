@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from gemma4.model import MLP, RMSNorm, gelu_tanh
+from gemma4.quant import (Int4Linear, Int8Linear, TiedHead, _Int4, _Int8, _int8_kernel_ok, _int8_shape_ok, _QuantWeight,
+                          pack_nibbles)
 
 _DTYPES = (torch.float32, torch.bfloat16)
 
@@ -114,6 +116,122 @@ class FastRMSNorm(nn.Module):
         return xf.type_as(x)
 
 
+class QuantPackedLinear(nn.Module):
+    """A quantized linear layer reduced to its CPU kernel call (int4: ``_weight_int4pack_mm_for_cpu``,
+    int8: ``_weight_int8pack_mm``). The modules in :mod:`gemma4.quant` re-check layout, device and
+    dtype and reshape around every call; at one token per step that bookkeeping costs as much as a
+    small matmul, so it is settled once here. Shares the source module's tensors (no copy)."""
+
+    def __init__(self, src: _QuantWeight, original: nn.Module | None = None, upcast: bool = False):
+        super().__init__()
+        self.out_features, self.in_features = src.out_features, src.in_features
+        self.group_size = src.group_size if isinstance(src, _Int4) else 0
+        self.register_buffer("qweight", src.qweight, persistent=False)
+        self.register_buffer("scales", src.scales_zeros if self.group_size else src.scales, persistent=False)
+        self.upcast = upcast  # return float32 (the output head: see QuantPackedHead)
+        self._original = [original] if original is not None else []
+
+    @staticmethod
+    def supported(src: nn.Module) -> bool:
+        """Whether ``src`` (a 2-D quantized weight) can run the CPU kernel here."""
+        if not isinstance(src, _QuantWeight) or src.lead or src.qweight is None or src.qweight.device.type != "cpu" \
+                or src.qweight.is_meta:
+            return False
+        src._ensure_ready()  # int4: repack into the kernel layout if it is not yet
+        if isinstance(src, _Int4):
+            return src._packed is not None
+        return _int8_shape_ok(src.in_features) and _int8_kernel_ok()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.dtype != torch.bfloat16:  # the kernels take bf16 activations only
+            x2 = x2.to(torch.bfloat16)
+        x2 = x2.contiguous()
+        if self.group_size:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, self.scales)
+        else:
+            y = torch._weight_int8pack_mm(x2, self.qweight, self.scales)
+        y = y.view(*shape[:-1], self.out_features)
+        if self.upcast:
+            return y.float()
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        kind = f"int4, group_size={self.group_size}" if self.group_size else "int8"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}"
+
+
+def _fuse_rows(mods: list[_QuantWeight]) -> _QuantWeight:
+    """One quantized weight holding the rows of ``mods`` in order (codes and scales unchanged)."""
+    n, k = sum(m.out_features for m in mods), mods[0].in_features
+    if isinstance(mods[0], _Int4):
+        f = _Int4(n, k, mods[0].group_size)
+        # Through the portable nibble order, so the fused weight is packed exactly as the kernel packs it.
+        f.qweight = pack_nibbles(torch.cat([m.codes() for m in mods]))
+        f.scales_zeros = torch.cat([m.scales_zeros for m in mods], dim=-2)  # [K/g, N, 2]
+        f._packed = None
+        f._ensure_ready()
+    else:
+        f = _Int8(n, k)
+        f.qweight = torch.cat([m.qweight for m in mods])
+        f.scales = torch.cat([m.scales for m in mods])
+    return f
+
+
+class QuantPackedMLP(nn.Module):
+    """The gated MLP of a quantized model with gate and up fused into one kernel call."""
+
+    def __init__(self, mlp: nn.Module):
+        super().__init__()
+        self.inter = mlp.gate_proj.out_features
+        self._fused = [_fuse_rows([mlp.gate_proj, mlp.up_proj])]
+        self.gate_up = QuantPackedLinear(self._fused[0])
+        self.down = QuantPackedLinear(mlp.down_proj, original=mlp.down_proj)
+        for lin in (mlp.gate_proj, mlp.up_proj):  # free the separate tables: the fused one replaces them
+            for name in ("qweight", "scales", "scales_zeros"):
+                if name in lin._buffers:
+                    lin._buffers[name] = None
+        self._original = [mlp]
+
+    def restore(self) -> nn.Module:
+        mlp, f, i = self._original[0], self._fused[0], self.inter
+        if isinstance(f, _Int4):
+            codes = f.codes()
+            for lin, sl in ((mlp.gate_proj, slice(0, i)), (mlp.up_proj, slice(i, None))):
+                lin._buffers["qweight"] = pack_nibbles(codes[sl])
+                lin._buffers["scales_zeros"] = f.scales_zeros[:, sl].contiguous()
+                lin._packed = None
+                lin._ensure_ready()
+        else:
+            for lin, sl in ((mlp.gate_proj, slice(0, i)), (mlp.up_proj, slice(i, None))):
+                lin._buffers["qweight"] = f.qweight[sl].clone()
+                lin._buffers["scales"] = f.scales[sl].clone()
+        return mlp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, u = self.gate_up(x).split(self.inter, dim=-1)
+        return self.down(gelu_tanh(g) * u)
+
+
+class QuantPackedHead(nn.Module):
+    """The quantized output head (tied: the embedding table itself) as one kernel call, returning
+    float32 logits: the kernel writes bf16, and the upcast (~0.04 ms for 262144 logits) pays for
+    itself at once, since argmax/softmax over bf16 run ~1 ms slower per step on this CPU."""
+
+    def __init__(self, table: _QuantWeight):
+        super().__init__()
+        self.lin = QuantPackedLinear(table, upcast=True)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lin(h)
+
+
+def _quant_mlp(child: nn.Module) -> bool:
+    return type(child) is MLP and all(isinstance(c, (Int4Linear, Int8Linear)) for c in child.children()) \
+        and type(child.gate_proj) is type(child.up_proj) and all(QuantPackedLinear.supported(c) for c in child.children())
+
+
 def pack_for_cpu(model, head: str = "auto"):
     """Repack ``model`` (in place) for fast CPU decoding; returns it. No-op off CPU or where oneDNN
     cannot run the model's dtype. ``head``: "auto" (bf16: packed copy, fp32: oneDNN on the plain
@@ -123,10 +241,20 @@ def pack_for_cpu(model, head: str = "auto"):
         return model
     if head not in ("auto", "pack", "plain", "none"):
         raise ValueError(f"head must be 'auto', 'pack', 'plain' or 'none', got {head!r}")
+    replaced: set[int] = set()  # modules swapped out: their children are not visited
     for mod in list(model.model.modules()):
+        if id(mod) in replaced:
+            replaced.update(id(c) for c in mod.children())
+            continue
         for child_name, child in list(mod.named_children()):
+            if type(child) in (MLP, Int4Linear, Int8Linear):
+                replaced.add(id(child))
             if type(child) is MLP and all(type(c) is nn.Linear for c in child.children()):
                 setattr(mod, child_name, PackedMLP(child))
+            elif _quant_mlp(child):
+                setattr(mod, child_name, QuantPackedMLP(child))
+            elif isinstance(child, (Int4Linear, Int8Linear)) and QuantPackedLinear.supported(child):
+                setattr(mod, child_name, QuantPackedLinear(child, original=child))
             elif type(child) is RMSNorm:
                 setattr(mod, child_name, FastRMSNorm(child))
             elif type(child) is nn.Linear and child.weight is not None and child.weight.dtype == dtype:
@@ -134,7 +262,11 @@ def pack_for_cpu(model, head: str = "auto"):
                 child.weight = None  # free the plain weight: the packed copy replaces it
                 setattr(mod, child_name, packed)
     model._gemma4_head_before_pack = model.lm_head
-    if head != "none":
+    quant_head = model.lm_head._embedding if isinstance(model.lm_head, TiedHead) else model.lm_head
+    if isinstance(quant_head, _QuantWeight):
+        if head != "none" and QuantPackedLinear.supported(quant_head):
+            model.lm_head = QuantPackedHead(quant_head)
+    elif head != "none":
         w = model.lm_head.weight if model.lm_head is not None else model.model.embed_tokens.weight
         mode = ("pack" if dtype == torch.bfloat16 else "plain") if head == "auto" else head
         model.lm_head = PackedLinear(w, getattr(model.lm_head, "bias", None), pack=(mode == "pack"))
@@ -152,7 +284,9 @@ def unpack(model):
                 orig = child._original[0]
                 orig.weight = nn.Parameter(_dense(child.w).contiguous(), requires_grad=False)
                 setattr(mod, child_name, orig)
-            elif isinstance(child, PackedMLP):
+            elif isinstance(child, QuantPackedLinear) and child._original:
+                setattr(mod, child_name, child._original[0])
+            elif isinstance(child, (PackedMLP, QuantPackedMLP)):
                 setattr(mod, child_name, child.restore())
             elif isinstance(child, FastRMSNorm):
                 setattr(mod, child_name, child._original[0])
