@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gemma4.model import MLP, RMSNorm, gelu_tanh
+from gemma4.model import ATTENTION_BACKENDS, MLP, Attention, RMSNorm, apply_rope, gelu_tanh
 from gemma4.quant import (Int4Linear, Int8Linear, TiedHead, _Int4, _Int8, _int8_kernel_ok, _int8_shape_ok, _QuantWeight,
                           pack_nibbles)
 
@@ -227,6 +227,108 @@ class QuantPackedHead(nn.Module):
         return self.lin(h)
 
 
+def _free(lin: nn.Module) -> None:
+    for name in ("qweight", "scales", "scales_zeros"):
+        if name in lin._buffers:
+            lin._buffers[name] = None
+
+
+class FusedQKVAttention(nn.Module):
+    """Self-attention (int4/int8 weights) with q, k and v projected by one kernel call, and q and k (same head dim, same eps)
+    RMS-normed and rotated together as N + K heads: per head the same operations on the same values,
+    a third of the calls. For layers that compute their own K/V with separate q/k/v projections and
+    no bias; the wrapped :class:`gemma4.model.Attention` keeps everything else (o_proj, backend)."""
+
+    def __init__(self, attn: Attention, qkv: nn.Module, originals: list[nn.Module]):
+        super().__init__()
+        self.n, self.kh, self.d = attn.n_heads, attn.n_kv, attn.head_dim
+        self.qkv, self.o_proj, self.v_norm = qkv, attn.o_proj, attn.v_norm
+        qs, ks = _norm_scale(attn.q_norm), _norm_scale(attn.k_norm)
+        self.eps = attn.q_norm.eps
+        self.qk_scale = torch.cat([qs.expand(self.n, self.d), ks.expand(self.kh, self.d)])  # [N+K, D]
+        self._original = [attn, originals]
+
+    @staticmethod
+    def applies(attn: nn.Module) -> bool:
+        return (type(attn) is Attention and not attn.is_consumer and attn.v_proj is not None
+                and _norm_scale(attn.q_norm) is not None and _norm_scale(attn.k_norm) is not None
+                and attn.q_norm.eps == attn.k_norm.eps)
+
+    @property
+    def backend(self) -> str:
+        return self._original[0].backend
+
+    def forward(self, x, cos, sin, mask, ctx, cache=None, shared_kv=None):
+        a = self._original[0]
+        b, t, _ = x.shape
+        n, kh, d = self.n, self.kh, self.d
+        qkv = self.qkv(x)  # [B,T,(N+2K)*D]
+        qk = qkv[..., : (n + kh) * d].view(b, t, n + kh, d)
+        v = qkv[..., (n + kh) * d :].view(b, t, kh, d)
+        # RMSNorm (float32, as gemma4.model.RMSNorm) of every q and k head at once.
+        qf = qk.float()
+        qf = qf * torch.pow(qf.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        qk = apply_rope((qf * self.qk_scale).type_as(qk), cos, sin)  # [B,T,N+K,D]
+        q, k = qk[:, :, :n].transpose(1, 2), qk[:, :, n:].transpose(1, 2)  # [B,N,T,D], [B,K,T,D]
+        v = (self.v_norm(v) if self.v_norm is not None else v).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        o = ATTENTION_BACKENDS[a.backend](q, k, v, mask, a.scale, a.softcap, ctx)
+        o = o.transpose(1, 2).reshape(b, t, n * d)  # [B,T,N*D]
+        return self.o_proj(o), (k, v)
+
+    def restore(self) -> Attention:
+        """The original attention with its separate (re-filled) q/k/v modules."""
+        attn, (q, k, v) = self._original
+        sizes = [m.out_features for m in (q, k, v)]
+        f = self._fused
+        if isinstance(f, _Int4):
+            codes, start = f.codes(), 0
+            for m, sz in zip((q, k, v), sizes):
+                m._buffers["qweight"] = pack_nibbles(codes[start : start + sz])
+                m._buffers["scales_zeros"] = f.scales_zeros[:, start : start + sz].contiguous()
+                m._packed = None
+                m._ensure_ready()
+                start += sz
+        else:
+            for m, qw, sc in zip((q, k, v), f.qweight.split(sizes), f.scales.split(sizes)):
+                m._buffers["qweight"], m._buffers["scales"] = qw.clone(), sc.clone()
+        attn.q_proj, attn.k_proj, attn.v_proj = q, k, v
+        attn.o_proj = self.o_proj
+        return attn
+
+
+def _fuse_attention(attn: Attention) -> nn.Module:
+    """``attn`` with fused q/k/v when its (already packed) projections allow it, else ``attn``."""
+    if not FusedQKVAttention.applies(attn):
+        return attn
+    mods = [attn.q_proj, attn.k_proj, attn.v_proj]
+    if all(isinstance(m, QuantPackedLinear) and m._original for m in mods):
+        origs = [m._original[0] for m in mods]
+        if len({(type(o), getattr(o, "group_size", 0)) for o in origs}) != 1:
+            return attn
+        f = _fuse_rows(origs)
+        if not QuantPackedLinear.supported(f):
+            return attn
+        for o in origs:
+            _free(o)
+        fused = FusedQKVAttention(attn, QuantPackedLinear(f), origs)
+        fused._fused = f
+        return fused
+    # Float layers keep separate packed q/k/v (oneDNN's matmuls of these sizes gained nothing measurable).
+    return attn
+
+
+def _norm_scale(norm: nn.Module) -> torch.Tensor | None:
+    """The float32 multiplier of an RMSNorm (``w`` or ``1 + w``), None for a scale-less norm."""
+    if isinstance(norm, FastRMSNorm):
+        return norm.scale
+    if norm.weight is None:
+        return None
+    w = norm.weight.detach().float()
+    return w + norm.offset if norm.offset else w
+
+
 def _quant_mlp(child: nn.Module) -> bool:
     return type(child) is MLP and all(isinstance(c, (Int4Linear, Int8Linear)) for c in child.children()) \
         and type(child.gate_proj) is type(child.up_proj) and all(QuantPackedLinear.supported(c) for c in child.children())
@@ -261,6 +363,8 @@ def pack_for_cpu(model, head: str = "auto"):
                 packed = PackedLinear(child.weight, child.bias, original=child)
                 child.weight = None  # free the plain weight: the packed copy replaces it
                 setattr(mod, child_name, packed)
+    for layer in model.model.layers:  # after the projections are packed: fuse q/k/v
+        layer.self_attn = _fuse_attention(layer.self_attn)
     model._gemma4_head_before_pack = model.lm_head
     quant_head = model.lm_head._embedding if isinstance(model.lm_head, TiedHead) else model.lm_head
     if isinstance(quant_head, _QuantWeight):
@@ -278,6 +382,9 @@ def unpack(model):
     """Undo :func:`pack_for_cpu` (in place); returns the model."""
     if not getattr(model, "_gemma4_packed", False):
         return model
+    for layer in model.model.layers:
+        if isinstance(layer.self_attn, FusedQKVAttention):
+            layer.self_attn = layer.self_attn.restore()
     for mod in list(model.model.modules()):
         for child_name, child in list(mod.named_children()):
             if isinstance(child, PackedLinear) and child._original:
