@@ -10,7 +10,8 @@ with bf16 activations, the dtype the kernels take).
 
 Speed (1 thread, same process, interleaved rounds, best round reported): greedy decode tok/s after a
 32-token prompt, ours (bf16 / int8 / int4) beside transformers' ``Gemma3ForCausalLM`` in bf16 on the same
-weights (our float model saved with ``save_pretrained``). Peak memory: a fresh subprocess per variant
+weights (our float model saved with ``save_pretrained``); each variant also runs after
+``gemma4.packed.pack_for_cpu`` ("packed" rows, the CLI's default path). Peak memory: a fresh subprocess per variant
 (load, 512-token prefill, 16 decode steps), peak RSS minus a python+torch baseline (benchmarks/memory.py).
 
     python benchmarks/quant.py            # writes benchmarks/results/quant.json
@@ -163,10 +164,14 @@ def main() -> None:
 
     hf = transformers.Gemma3ForCausalLM.from_pretrained(str(ckpts["bf16"]), dtype=torch.bfloat16).eval()
     models = {name: make_variant(base, name) for name in SPEED}
+    from gemma4.packed import pack_for_cpu
+
+    # The same variants through pack_for_cpu (what `gemma4 generate` runs): fused kernel calls, f32 logits.
+    models.update({f"{name} packed": pack_for_cpu(make_variant(base, name)) for name in SPEED})
     del base
     gc.collect()
     prompt = torch.randint(10, 20_000, (1, 32), generator=torch.Generator().manual_seed(0))
-    runs: dict[str, list[float]] = {k: [] for k in ["transformers-bf16", *SPEED]}
+    runs: dict[str, list[float]] = {k: [] for k in ["transformers-bf16", *models]}
     for _ in range(args.rounds):
         runs["transformers-bf16"].append(hf_decode(hf, prompt, args.new_tokens))
         for name, m in models.items():
@@ -198,6 +203,10 @@ def main() -> None:
     results["speed"] = {"baseline_kb": basekb, "rows": srows, "llama_cpp": "not installed (llama-cpp-python absent)"}
     out = HERE / "results" / "quant.json"
     out.parent.mkdir(exist_ok=True)
+    if args.skip_quality and out.exists():  # keep the quality rows of the last full run
+        prev = json.loads(out.read_text())
+        if "quality" in prev:
+            results["quality"], results["quality_time"] = prev["quality"], prev.get("quality_time", prev.get("time"))
     out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")
 
