@@ -548,12 +548,15 @@ def _is_quantized(model: nn.Module) -> bool:
 
 
 def quantize(model: Gemma4ForCausalLM, scheme: str = "int4", group_size: int | None = None, *,
-             embeddings: bool = True, skip: Iterable[str] = DEFAULT_SKIP) -> Gemma4ForCausalLM:
+             embeddings: bool = True, skip: Iterable[str] = DEFAULT_SKIP,
+             precomputed: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> Gemma4ForCausalLM:
     """Quantize ``model`` in place (weights only) and record the recipe in ``model.config.quantization``.
 
     ``scheme``: "int8" (per output channel, symmetric) or "int4" (``group_size`` 32/64/128/256,
     default 32). ``embeddings``: also quantize the token embedding/tied head and the PLE table.
-    ``skip``: module-name components left in float (default: the MoE router)."""
+    ``skip``: module-name components left in float (default: the MoE router).
+    ``precomputed``: {module name: the (codes, scales) quantize_int8/int4_tensor would return}, used
+    instead of rounding that module's weight (GPTQ, gemma4.gptq)."""
     group_size = _validate_request(scheme, group_size)
     if model.config.quantization or _is_quantized(model):
         q = model.config.quantization or {}
@@ -580,13 +583,26 @@ def quantize(model: Gemma4ForCausalLM, scheme: str = "int4", group_size: int | N
                 new.gate_up_proj.set_from_float(mod.gate_up_proj)
                 new.down_proj.set_from_float(mod.down_proj)
             else:
-                new.set_from_float(mod.weight)
+                new.set_from_float(mod.weight) if name not in (precomputed or {}) else _set_precomputed(new, *precomputed[name])
             _set_module(model, name, new)
             del mod, new
     if tied and isinstance(model.model.embed_tokens, _EmbeddingMixin):
         model.lm_head = TiedHead(model.model.embed_tokens)
     _record(model, scheme, group_size, embeddings, skip)
     return model
+
+
+def _set_precomputed(new: nn.Module, q: torch.Tensor, s: torch.Tensor) -> None:
+    """Give a fresh quantized module codes/scales made elsewhere (same format as set_from_float's)."""
+    want = (new.qweight.shape[:-1] + (new.in_features,), new.scales_zeros.shape) if isinstance(new, _Int4) \
+        else (new.qweight.shape, new.scales.shape)
+    if (tuple(q.shape), tuple(s.shape)) != tuple(map(tuple, want)):
+        raise QuantizationError(f"precomputed shapes {list(q.shape)}, {list(s.shape)} do not match {want}")
+    if isinstance(new, _Int4):
+        new.qweight, new.scales_zeros, new._packed = pack_nibbles(q.to(torch.uint8)), s.to(torch.bfloat16), None
+    else:
+        new.qweight, new.scales = q.to(torch.int8), s.to(torch.bfloat16)
+    new._ensure_ready()
 
 
 def _record(model, scheme, group_size, embeddings, skip) -> None:

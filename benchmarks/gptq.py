@@ -1,0 +1,96 @@
+"""GPTQ vs round-to-nearest on the real Gemma 3 270M: perplexity and top-1 agreement with the same
+``evaluate()`` and text as benchmarks/quant.py (US Constitution, full text, 2 threads).
+
+Calibration (never the evaluation text): ``gemma4.gptq.default_calibration_text()`` — this repository's
+README.md and src/gemma4/*.py (prose, comments and code), 8 x 512 tokens by default.
+
+    python benchmarks/gptq.py            # writes benchmarks/results/gptq.json (rows appended as they finish)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import torch  # noqa: E402
+
+from quant import evaluate  # noqa: E402
+
+# name -> (method, scheme, group, extra)
+VARIANTS = {
+    "bf16": (None, None, None, {}),
+    "int4-g32 rtn": ("rtn", "int4", 32, {}),
+    "int4-g32 gptq": ("gptq", "int4", 32, {}),
+    "int4-g32 gptq, int8 emb/head": ("gptq", "int4", 32, {"embedding_scheme": "int8"}),
+    "int4-g32 rtn, int8 emb/head": ("rtn-mixed", "int4", 32, {}),
+    "int8 gptq": ("gptq", "int8", None, {}),
+    "int4-g128 gptq, int8 emb/head": ("gptq", "int4", 128, {"embedding_scheme": "int8"}),
+    "int4-g128 gptq": ("gptq", "int4", 128, {}),
+}
+
+
+def build(base, name, calib):
+    from gemma4.gptq import gptq_quantize
+    from gemma4.quant import Int8Embedding, TiedHead, quantize
+
+    method, scheme, gs, extra = VARIANTS[name]
+    m = copy.deepcopy(base)
+    t0 = time.perf_counter()
+    if method == "rtn":
+        quantize(m, scheme, gs)
+    elif method == "rtn-mixed":
+        quantize(m, scheme, gs, embeddings=False)
+        e = m.model.embed_tokens
+        new = Int8Embedding(e.num_embeddings, e.embedding_dim)
+        new.set_from_float(e.weight)
+        m.model.embed_tokens, m.lm_head = new, TiedHead(new)
+    elif method == "gptq":
+        gptq_quantize(m, scheme, gs, calib_ids=calib, **extra)
+    return m.to(torch.bfloat16), time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--calib-tokens", type=int, default=4096)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    import gemma4
+    from gemma4 import assets
+    from gemma4.gptq import calibration_ids
+    from gemma4.quant import model_nbytes
+
+    tok = gemma4.load_tokenizer(assets.gemma3_270m_gguf())
+    ids = torch.tensor([tok.encode((HERE / "data" / "us_constitution.txt").read_text(encoding="utf-8"))])
+    calib = calibration_ids(tok, n_tokens=args.calib_tokens)
+    base = gemma4.load_pretrained("gemma3-270m", dtype=torch.float32)
+    _, ref = evaluate(base, ids)  # fp32 argmax: the top-1 reference, as in quant.py
+    out = HERE / "results" / "gptq.json"
+    out.parent.mkdir(exist_ok=True)
+    res = {"tokens": ids.shape[1], "calib_tokens": int(calib.numel()), "rows": {}}
+    for name in args.variants:
+        m, qs = build(base, name, calib)
+        nll, pred = evaluate(m, ids)
+        r = {"ppl": math.exp(nll), "top1_agree_fp32": (pred == ref).float().mean().item(),
+             "weights_mib": model_nbytes(m) / 2**20, "quantize_s": qs}
+        if "bf16" in res["rows"]:
+            r["vs_bf16"] = r["ppl"] / res["rows"]["bf16"]["ppl"] - 1
+        res["rows"][name] = r
+        print(f"| {name} | {r['weights_mib']:.0f} | {r['ppl']:.4f} | {100 * r.get('vs_bf16', 0):+.2f}% | "
+              f"{100 * r['top1_agree_fp32']:.2f}% | {qs:.0f} |", flush=True)
+        out.write_text(json.dumps(res, indent=2))
+        del m
+        gc.collect()
+
+
+if __name__ == "__main__":
+    main()
