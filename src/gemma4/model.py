@@ -39,6 +39,15 @@ class RMSNorm(nn.Module):
         return xf.type_as(x)
 
 
+def embedding(num: int, dim: int) -> nn.Embedding:
+    """nn.Embedding without its default init on the meta device: that init path imports torch._dynamo
+    (~70 MB of resident memory) just to build a shape-only model before loading a checkpoint."""
+    w = torch.empty(num, dim)
+    if not w.is_meta:
+        nn.init.normal_(w)
+    return nn.Embedding(num, dim, _weight=w)
+
+
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
@@ -289,13 +298,13 @@ class Gemma4TextModel(nn.Module):
     def __init__(self, cfg: Gemma4Config):
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=cfg.norm_offset)
         p = cfg.hidden_size_per_layer_input
         if p:
             n = cfg.num_hidden_layers
-            self.embed_tokens_per_layer = nn.Embedding(cfg.vocab_size_per_layer_input, n * p)
+            self.embed_tokens_per_layer = embedding(cfg.vocab_size_per_layer_input, n * p)
             self.per_layer_model_projection = nn.Linear(cfg.hidden_size, n * p, bias=False)
             self.per_layer_projection_norm = RMSNorm(p, cfg.rms_norm_eps)
         # RoPE tables are derived, never loaded: keep them off the module (and off the meta device).
