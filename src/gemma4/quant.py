@@ -506,18 +506,39 @@ def _shape(kind: str, mod: nn.Module) -> list[tuple[str, int, int]]:
     return [("weight", mod.weight.shape[0], mod.weight.shape[1])]
 
 
-def _check_divisible(targets, group_size: int | None) -> None:
+def _check_divisible(targets, group_size: int | None, plan: dict[str, tuple[str, int | None]] | None = None) -> None:
     for name, kind, mod in targets:
+        gs = plan[name][1] if plan and name in plan else group_size
         if kind == "linear" and getattr(mod, "bias", None) is not None:
             raise QuantizationError(f"{name} has a bias; only bias-free linear layers are supported")
         for sub, n, k in _shape(kind, mod):
-            if k % 2 and group_size:
+            if k % 2 and gs:
                 raise QuantizationError(f"{name}.{sub}: input dim {k} is odd; int4 packs two inputs per byte")
-            if group_size and k % group_size:
+            if gs and k % gs:
                 raise QuantizationError(
-                    f"group size {group_size} does not divide the input dim {k} of {name}.{sub} "
+                    f"group size {gs} does not divide the input dim {k} of {name}.{sub} "
                     f"(shape [{n}, {k}]); choose a group size dividing every input dim"
                 )
+
+
+def _plan_overrides(targets, overrides: dict[str, Any] | None) -> dict[str, tuple[str, int | None]]:
+    """Validate per-module overrides ({module name: {"scheme": .., "group_size": ..}}, or just the scheme
+    string) against the modules being quantized -> {name: (scheme, group_size)}."""
+    if not overrides:
+        return {}
+    if not isinstance(overrides, dict):
+        raise QuantizationError(f"quantization overrides must be a dict, got {type(overrides).__name__}")
+    names = {name for name, _, _ in targets}
+    plan = {}
+    for name, spec in overrides.items():
+        if name not in names:
+            raise QuantizationError(f"quantization override names {name!r}, which is not a module being quantized")
+        if isinstance(spec, str):
+            spec = {"scheme": spec}
+        if not isinstance(spec, dict) or "scheme" not in spec or set(spec) - {"scheme", "group_size"}:
+            raise QuantizationError(f"quantization override for {name!r} must be {{'scheme': .., 'group_size': ..}}, got {spec!r}")
+        plan[name] = (spec["scheme"], _validate_request(spec["scheme"], spec.get("group_size")))
+    return plan
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -549,14 +570,18 @@ def _is_quantized(model: nn.Module) -> bool:
 
 def quantize(model: Gemma4ForCausalLM, scheme: str = "int4", group_size: int | None = None, *,
              embeddings: bool = True, skip: Iterable[str] = DEFAULT_SKIP,
-             precomputed: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> Gemma4ForCausalLM:
+             precomputed: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+             overrides: dict[str, Any] | None = None) -> Gemma4ForCausalLM:
     """Quantize ``model`` in place (weights only) and record the recipe in ``model.config.quantization``.
 
     ``scheme``: "int8" (per output channel, symmetric) or "int4" (``group_size`` 32/64/128/256,
     default 32). ``embeddings``: also quantize the token embedding/tied head and the PLE table.
     ``skip``: module-name components left in float (default: the MoE router).
     ``precomputed``: {module name: the (codes, scales) quantize_int8/int4_tensor would return}, used
-    instead of rounding that module's weight (GPTQ, gemma4.gptq)."""
+    instead of rounding that module's weight (GPTQ, gemma4.gptq).
+    ``overrides``: {module name: {"scheme": .., "group_size": ..}} for modules stored in another scheme
+    than ``scheme`` (mixed models, e.g. int4 layers beside an int8 table); recorded in the config, so
+    the mixed model saves and loads like any other."""
     group_size = _validate_request(scheme, group_size)
     if model.config.quantization or _is_quantized(model):
         q = model.config.quantization or {}
@@ -572,13 +597,14 @@ def quantize(model: Gemma4ForCausalLM, scheme: str = "int4", group_size: int | N
                 raise QuantizationError(f"{name} has no data (meta device): load weights first, or use prepare_quantized")
             if p.dtype not in _FLOAT_OK:
                 raise QuantizationError(f"{name} has dtype {p.dtype}; quantize float32/bfloat16/float16 weights")
-    _check_divisible(targets, group_size)
+    plan = _plan_overrides(targets, overrides)
+    _check_divisible(targets, group_size, plan)
     tied = model.lm_head is None
     with torch.no_grad():
         while targets:  # pop as we go: each float weight is freed once its quantized copy exists
             name, kind, mod = targets.pop(0)
             dev = next(mod.parameters()).device
-            new = _build(kind, mod, scheme, group_size, dtype, dev)
+            new = _build(kind, mod, *plan.get(name, (scheme, group_size)), dtype, dev)
             if kind == "experts":
                 new.gate_up_proj.set_from_float(mod.gate_up_proj)
                 new.down_proj.set_from_float(mod.down_proj)
@@ -588,7 +614,7 @@ def quantize(model: Gemma4ForCausalLM, scheme: str = "int4", group_size: int | N
             del mod, new
     if tied and isinstance(model.model.embed_tokens, _EmbeddingMixin):
         model.lm_head = TiedHead(model.model.embed_tokens)
-    _record(model, scheme, group_size, embeddings, skip)
+    _record(model, scheme, group_size, embeddings, skip, plan)
     return model
 
 
@@ -605,9 +631,11 @@ def _set_precomputed(new: nn.Module, q: torch.Tensor, s: torch.Tensor) -> None:
     new._ensure_ready()
 
 
-def _record(model, scheme, group_size, embeddings, skip) -> None:
+def _record(model, scheme, group_size, embeddings, skip, plan=None) -> None:
     q = {"format": FORMAT_VERSION, "scheme": scheme, "group_size": group_size, "embeddings": bool(embeddings),
          "skip": list(skip)}
+    if plan:  # only mixed models carry the key: single-scheme configs are unchanged
+        q["overrides"] = {n: {"scheme": sc, "group_size": gs} for n, (sc, gs) in sorted(plan.items())}
     cfg = model.config.replace(quantization=q)
     model.config = cfg
     model.model.config = cfg
@@ -618,7 +646,7 @@ def prepare_quantized(model: Gemma4ForCausalLM, qcfg: dict[str, Any]) -> Gemma4F
     ``qcfg`` (a config's ``quantization`` section), so packed weights + scales can be loaded into it."""
     if not isinstance(qcfg, dict):
         raise QuantizationError(f"quantization config must be a dict, got {type(qcfg).__name__}")
-    unknown = sorted(set(qcfg) - {"format", "scheme", "group_size", "embeddings", "skip"})
+    unknown = sorted(set(qcfg) - {"format", "scheme", "group_size", "embeddings", "skip", "overrides"})
     if unknown:
         raise QuantizationError(f"unknown key(s) in the quantization config: {', '.join(unknown)}")
     if qcfg.get("format", FORMAT_VERSION) != FORMAT_VERSION:
@@ -633,13 +661,14 @@ def prepare_quantized(model: Gemma4ForCausalLM, qcfg: dict[str, Any]) -> Gemma4F
         raise QuantizationError("model already has quantized modules")
     dtype = model.dtype
     targets = _targets(model, embeddings, skip)
-    _check_divisible(targets, group_size)
+    plan = _plan_overrides(targets, qcfg.get("overrides"))
+    _check_divisible(targets, group_size, plan)
     for name, kind, mod in targets:
         dev = next(mod.parameters()).device
-        _set_module(model, name, _build(kind, mod, scheme, group_size, dtype, dev))
+        _set_module(model, name, _build(kind, mod, *plan.get(name, (scheme, group_size)), dtype, dev))
     if model.lm_head is None and isinstance(model.model.embed_tokens, _EmbeddingMixin):
         model.lm_head = TiedHead(model.model.embed_tokens)
-    _record(model, scheme, group_size, embeddings, skip)
+    _record(model, scheme, group_size, embeddings, skip, plan)
     return model
 
 
