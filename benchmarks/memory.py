@@ -85,7 +85,6 @@ def child(spec: dict) -> dict:
     from gemma4.quant import model_nbytes, pack_for_kernels
 
     model = gemma4.load_pretrained(spec["path"])
-    _own_tensors(model)
     pack_for_kernels(model)
     gc.collect()
     load_hwm = _status_kb("VmHWM")
@@ -109,21 +108,6 @@ def child(spec: dict) -> dict:
         "rss_anon_kb": _status_kb("RssAnon"), "rss_file_kb": _status_kb("RssFile"),
         "est_kv": est.kv_total, "est_kv_reserved": est.kv_reserved, "est_act": est.activations, "est_total": est.total,
     }
-
-
-def _own_tensors(model) -> None:
-    """Give every tensor its own memory. load_pretrained leaves aligned tensors as views into the
-    mmapped safetensors file, which keeps the whole file's pages resident (file-backed RSS on top of
-    the weights); copying them lets the mapping close, so RSS measures what the model holds."""
-    import torch
-
-    for mod in model.modules():
-        for k, p in mod._parameters.items():
-            if p is not None:
-                mod._parameters[k] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
-        for k, b in mod._buffers.items():
-            if b is not None:
-                mod._buffers[k] = b.clone()
 
 
 def run_child(spec: dict) -> dict:
