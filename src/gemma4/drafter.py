@@ -42,7 +42,7 @@ from torch import nn
 
 from gemma4.checkpoint import CheckpointError, iter_safetensors, load_state_streaming, safetensors_files, save_pretrained
 from gemma4.config import FULL, SLIDING, ConfigError, Gemma4Config, read_config_json
-from gemma4.model import AttnContext, Gemma4TextModel, build_mask, set_attention_backend
+from gemma4.model import AttnContext, Gemma4TextModel, build_mask, build_model, set_attention_backend
 
 log = logging.getLogger("gemma4")
 
@@ -306,11 +306,7 @@ class Gemma4Drafter(nn.Module):
 
 # ----------------------------------------------------------------------------- building / checkpoints
 def build_drafter(config: DrafterConfig, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Gemma4Drafter:
-    with torch.device(device):
-        m = Gemma4Drafter(config)
-    if dtype is not None:
-        m = m.to(dtype)
-    return m.eval()
+    return build_model(config, dtype, device, cls=Gemma4Drafter)
 
 
 def _stored_dtype(files: list[Path]) -> torch.dtype | None:

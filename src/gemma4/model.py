@@ -451,10 +451,11 @@ class Gemma4ForCausalLM(nn.Module):
         return self.model.embed_tokens.weight.dtype
 
 
-def build_model(config: Gemma4Config, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Gemma4ForCausalLM:
-    """Build with the given dtype/device. ``device="meta"`` builds every preset instantly (no memory)."""
+def build_model(config, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", cls=None):
+    """Build ``cls`` (default Gemma4ForCausalLM) with the given dtype/device, in eval mode.
+    ``device="meta"`` builds every preset instantly (no memory)."""
     with torch.device(device):
-        m = Gemma4ForCausalLM(config)
+        m = (cls or Gemma4ForCausalLM)(config)
     if dtype is not None:
         m = m.to(dtype)
     return m.eval()
