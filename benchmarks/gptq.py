@@ -1,10 +1,12 @@
 """GPTQ vs round-to-nearest on the real Gemma 3 270M: perplexity and top-1 agreement with the same
 ``evaluate()`` and text as benchmarks/quant.py (US Constitution, full text, 2 threads).
 
-Calibration (never the evaluation text): ``gemma4.gptq.default_calibration_text()`` — this repository's
-README.md and src/gemma4/*.py (prose, comments and code), 8 x 512 tokens by default.
+Calibration (never the evaluation text): ``gemma4.gptq.default_calibration_text()`` — the prose of Python's
+reference documentation (``pydoc_data.topics``) first, 32 x 512 = 16,384 tokens by default. (The first
+GPTQ rows used this repository's README + sources, 8 x 512 tokens: results/gptq_code_calib_4k.json.)
 
     python benchmarks/gptq.py            # writes benchmarks/results/gptq.json (rows appended as they finish)
+    python benchmarks/gptq.py --variants bf16 "int4-g32 awq+gptq, int8 emb/head"
 """
 
 from __future__ import annotations
@@ -33,13 +35,17 @@ VARIANTS = {
     "int4-g32 gptq, int8 emb/head": ("gptq", "int4", 32, {"embedding_scheme": "int8"}),
     "int4-g32 rtn, int8 emb/head": ("rtn-mixed", "int4", 32, {}),
     "int8 gptq": ("gptq", "int8", None, {}),
+    "int4-g32 awq+rtn, int8 emb/head": ("awq-rtn-mixed", "int4", 32, {}),
+    "int4-g32 awq+gptq": ("gptq", "int4", 32, {"awq": True}),
+    "int4-g32 awq+gptq, int8 emb/head": ("gptq", "int4", 32, {"awq": True, "embedding_scheme": "int8"}),
+    "int4-g128 awq+gptq, int8 emb/head": ("gptq", "int4", 128, {"awq": True, "embedding_scheme": "int8"}),
     "int4-g128 gptq, int8 emb/head": ("gptq", "int4", 128, {"embedding_scheme": "int8"}),
     "int4-g128 gptq": ("gptq", "int4", 128, {}),
 }
 
 
 def build(base, name, calib):
-    from gemma4.gptq import gptq_quantize
+    from gemma4.gptq import awq_scale, gptq_quantize
     from gemma4.quant import Int8Embedding, TiedHead, quantize
 
     method, scheme, gs, extra = VARIANTS[name]
@@ -47,7 +53,9 @@ def build(base, name, calib):
     t0 = time.perf_counter()
     if method == "rtn":
         quantize(m, scheme, gs)
-    elif method == "rtn-mixed":
+    elif method in ("rtn-mixed", "awq-rtn-mixed"):
+        if method == "awq-rtn-mixed":
+            awq_scale(m, calib, gs)
         quantize(m, scheme, gs, embeddings=False)
         e = m.model.embed_tokens
         new = Int8Embedding(e.num_embeddings, e.embedding_dim)
@@ -61,7 +69,7 @@ def build(base, name, calib):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
-    ap.add_argument("--calib-tokens", type=int, default=4096)
+    ap.add_argument("--calib-tokens", type=int, default=16384)
     args = ap.parse_args()
     torch.set_num_threads(2)
     import gemma4

@@ -3,7 +3,7 @@ import torch
 
 import quant_tiny
 from gemma4 import load_pretrained, save_pretrained
-from gemma4.gptq import gptq_matrix, gptq_quantize, layer_output_error
+from gemma4.gptq import awq_scale, gptq_matrix, gptq_quantize, layer_output_error
 from gemma4.quant import (Int4Linear, Int8Embedding, QuantizationError, _int4_dequant, int8_dequant,
                           quantize, quantize_int4_tensor, quantize_int8_tensor)
 
@@ -84,3 +84,83 @@ def test_mixed_int8_embedding():
     m = gptq_quantize(quant_tiny.model("gemma3"), "int4", 32, calib_ids=ids, embedding_scheme="int8")
     assert isinstance(m.model.embed_tokens, Int8Embedding) and m.lm_head is not None
     assert torch.isfinite(m(ids[:1, :8])).all()
+
+
+def _outliers(m, seed=3):
+    """Give a few input channels of every norm feeding linears large activations, as Gemma's norms do
+    (random tiny weights have none, and AWQ would rightly leave them alone)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in m.model.layers:
+            for norm in (layer.input_layernorm, layer.pre_feedforward_layernorm):
+                idx = torch.randperm(norm.weight.shape[0], generator=g)[:4]
+                norm.weight[idx] = (norm.weight[idx] + norm.offset) * 25 - norm.offset
+    return m
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "dense", "ple", "moe"])
+def test_awq_folds_keep_the_float_model(kind):
+    ids = _calib()
+    m = _outliers(quant_tiny.model(kind))
+    ref = m(ids)
+    chosen = awq_scale(m, ids, 32)
+    assert len(chosen) == 3 * m.config.num_hidden_layers
+    assert any(a > 0 for a in chosen.values())
+    out = m(ids)
+    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_awq_lowers_int4_error_and_stacks_with_gptq(tmp_path):
+    ids = _calib()
+    flt = _outliers(quant_tiny.model("gemma3"))
+    ref = flt(ids)
+    rtn = quantize(_outliers(quant_tiny.model("gemma3")), "int4", 32, embeddings=False)
+    a = _outliers(quant_tiny.model("gemma3"))
+    awq_scale(a, ids, 32)
+    quantize(a, "int4", 32, embeddings=False)
+    assert (a(ids) - ref).norm() < 0.8 * (rtn(ids) - ref).norm()
+    g = gptq_quantize(_outliers(quant_tiny.model("gemma3")), "int4", 32, calib_ids=ids, awq=True,
+                      embedding_scheme="int8")
+    assert (g(ids) - ref).norm() < (rtn(ids) - ref).norm()
+    # the mixed int4 body + int8 table is a recorded override: it saves and loads like any other model
+    assert g.config.quantization["overrides"] == {"model.embed_tokens": {"scheme": "int8", "group_size": None}}
+    out = g(ids[:1, :16])
+    save_pretrained(g, tmp_path / "q")
+    back = load_pretrained(tmp_path / "q")
+    assert isinstance(back.model.embed_tokens, Int8Embedding)
+    assert torch.equal(back(ids[:1, :16]), out)
+
+
+def test_awq_bad_input():
+    with pytest.raises(QuantizationError, match="calib_ids"):
+        awq_scale(quant_tiny.model("gemma3"), [[1, 2]])
+    with pytest.raises(QuantizationError, match="already quantized"):
+        awq_scale(quantize(quant_tiny.model("gemma3"), "int8"), torch.zeros(1, 8, dtype=torch.long))
+    with pytest.raises(QuantizationError, match="group_size must be one of"):
+        awq_scale(quant_tiny.model("gemma3"), torch.zeros(1, 8, dtype=torch.long), 48)
+
+
+def test_cli_quantize_awq_gptq(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import gemma4.cli_generate as cg
+    from gemma4.cli import app
+
+    class Tok:  # the tiny checkpoint has no tokenizer: bytes of the text as ids < 320
+        def encode(self, text):
+            return [3 + b for b in text.encode("utf-8")]
+
+    src = tmp_path / "src"
+    save_pretrained(_outliers(quant_tiny.model("gemma3")), src)
+    (tmp_path / "calib.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    r = CliRunner().invoke(app, ["quantize", str(src), str(tmp_path / "bad"), "--method", "gptq"])
+    assert r.exit_code != 0 and "no tokenizer" in " ".join(r.output.replace("│", " ").split())
+    monkeypatch.setattr(cg, "_find_tokenizer", lambda path: Tok())
+    r = CliRunner().invoke(app, ["quantize", str(src), str(tmp_path / "q"), "--method", "awq-gptq", "--embedding-scheme",
+                                 "int8", "--calib-text", str(tmp_path / "calib.txt"), "--calib-tokens", "1024"])
+    assert r.exit_code == 0, r.output
+    q = load_pretrained(tmp_path / "q")
+    assert q.config.quantization["overrides"]["model.embed_tokens"]["scheme"] == "int8"
+    assert isinstance(q.model.layers[0].mlp.up_proj, Int4Linear)
+    r = CliRunner().invoke(app, ["quantize", str(src), str(tmp_path / "bad"), "--method", "magic"])
+    assert r.exit_code != 0 and "unknown method" in r.output

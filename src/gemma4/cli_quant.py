@@ -143,8 +143,19 @@ def register(app: typer.Typer) -> None:
         group_size: int = typer.Option(32, help="int4 group size (32, 64, 128, 256)"),
         dtype: str = typer.Option("bf16", help="dtype of the unquantized tensors (bf16, fp32)"),
         no_embeddings: bool = typer.Option(False, "--no-embeddings", help="keep embedding/head and PLE table in float"),
+        method: str = typer.Option("rtn", help="rtn (round to nearest, no data), gptq (error-aware, calibrated), or "
+                                   "awq-gptq (activation-aware scales, then GPTQ; int4's best quality)"),
+        embedding_scheme: str = typer.Option("same", help="'same', or 'int8' to keep the tied embedding/head table "
+                                             "at int8 under an int4 body (gptq/awq-gptq)"),
+        calib_text: Path = typer.Option(None, help="calibration text file for gptq/awq-gptq (default: Python's "
+                                        "reference documentation prose, pydoc_data)"),
+        calib_tokens: int = typer.Option(16384, help="calibration tokens for gptq/awq-gptq (rows of 512)"),
     ) -> None:
-        """Quantize a checkpoint's weights (int8 per channel / int4 group-wise) and save it."""
+        """Quantize a checkpoint's weights (int8 per channel / int4 group-wise) and save it.
+
+        rtn needs no data and takes seconds; gptq and awq-gptq read calibration text through the checkpoint's
+        tokenizer and take minutes (on Gemma 3 270M int4-g32: perplexity +80% rtn, +47% gptq with an int8
+        table, +40% awq-gptq with an int8 table; int8 gptq +0.95%)."""
         import torch
 
         from gemma4.checkpoint import load_pretrained, save_pretrained
@@ -165,15 +176,42 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"gguf-native: {len(model.gguf_native['q4k_int4'])} Q4_K matrices kept as int4-g32, the rest int8: "
                        f"{_gib(model_nbytes(model))}; saved to {dst}")
             return
+        if method not in ("rtn", "gptq", "awq-gptq"):
+            raise typer.BadParameter(f"unknown method {method!r}; choose rtn, gptq or awq-gptq")
+        if embedding_scheme not in ("same", "int8"):
+            raise typer.BadParameter(f"--embedding-scheme must be 'same' or 'int8', got {embedding_scheme!r}")
+        if method == "rtn" and embedding_scheme != "same":
+            raise typer.BadParameter("--embedding-scheme int8 goes with --method gptq or awq-gptq")
+        calib = None
+        if method != "rtn":
+            from gemma4.cli_generate import _find_tokenizer
+            from gemma4.gptq import calibration_ids
+
+            tok = _find_tokenizer(src)
+            if tok is None:
+                raise typer.BadParameter(f"--method {method} tokenizes calibration text, and {src} has no tokenizer")
+            text = calib_text.read_text(encoding="utf-8") if calib_text else None
+            try:
+                calib = calibration_ids(tok, text, n_tokens=calib_tokens)
+            except QuantizationError as err:
+                raise typer.BadParameter(str(err)) from None
         model = load_pretrained(src, dtype=torch.float32)
         before = model_nbytes(model)
+        gs = group_size if scheme == "int4" else None
         try:
-            quantize(model, scheme, group_size if scheme == "int4" else None, embeddings=not no_embeddings)
+            if calib is None:
+                quantize(model, scheme, gs, embeddings=not no_embeddings)
+            else:
+                from gemma4.gptq import gptq_quantize
+
+                gptq_quantize(model, scheme, gs, calib_ids=calib, embeddings=not no_embeddings,
+                              embedding_scheme=None if embedding_scheme == "same" else embedding_scheme,
+                              awq=method == "awq-gptq", progress=True)
         except QuantizationError as err:
             raise typer.BadParameter(str(err)) from None
         model.to(dt)
         save_pretrained(model, dst)
-        typer.echo(f"{scheme}{'-g' + str(group_size) if scheme == 'int4' else ''}: {_gib(before)} (fp32) -> "
+        typer.echo(f"{scheme}{'-g' + str(group_size) if scheme == 'int4' else ''} ({method}): {_gib(before)} (fp32) -> "
                    f"{_gib(model_nbytes(model))}; saved to {dst}")
 
 
