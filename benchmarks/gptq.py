@@ -38,6 +38,8 @@ VARIANTS = {
     "int4-g32 awq+rtn, int8 emb/head": ("awq-rtn-mixed", "int4", 32, {}),
     "int4-g32 awq+gptq": ("gptq", "int4", 32, {"awq": True}),
     "int4-g32 awq+gptq, int8 emb/head": ("gptq", "int4", 32, {"awq": True, "embedding_scheme": "int8"}),
+    "int4-g32 awq+gptq, int8 emb/head + k/v": ("gptq", "int4", 32, {"awq": True, "embedding_scheme": "int8",
+                                                                    "int8_modules": ("k_proj", "v_proj")}),
     "int4-g128 awq+gptq, int8 emb/head": ("gptq", "int4", 128, {"awq": True, "embedding_scheme": "int8"}),
     "int4-g128 gptq, int8 emb/head": ("gptq", "int4", 128, {"embedding_scheme": "int8"}),
     "int4-g128 gptq": ("gptq", "int4", 128, {}),

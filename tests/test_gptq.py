@@ -4,7 +4,7 @@ import torch
 import quant_tiny
 from gemma4 import load_pretrained, save_pretrained
 from gemma4.gptq import awq_scale, gptq_matrix, gptq_quantize, layer_output_error
-from gemma4.quant import (Int4Linear, Int8Embedding, QuantizationError, _int4_dequant, int8_dequant,
+from gemma4.quant import (Int4Linear, Int8Embedding, Int8Linear, QuantizationError, _int4_dequant, int8_dequant,
                           quantize, quantize_int4_tensor, quantize_int8_tensor)
 
 
@@ -120,10 +120,13 @@ def test_awq_lowers_int4_error_and_stacks_with_gptq(tmp_path):
     quantize(a, "int4", 32, embeddings=False)
     assert (a(ids) - ref).norm() < 0.8 * (rtn(ids) - ref).norm()
     g = gptq_quantize(_outliers(quant_tiny.model("gemma3")), "int4", 32, calib_ids=ids, awq=True,
-                      embedding_scheme="int8")
+                      embedding_scheme="int8", int8_modules="v_proj")
     assert (g(ids) - ref).norm() < (rtn(ids) - ref).norm()
-    # the mixed int4 body + int8 table is a recorded override: it saves and loads like any other model
-    assert g.config.quantization["overrides"] == {"model.embed_tokens": {"scheme": "int8", "group_size": None}}
+    # the int8 table and v_proj under an int4 body are recorded overrides: the model saves and loads
+    ov = dict(g.config.quantization["overrides"])
+    assert ov.pop("model.embed_tokens") == {"scheme": "int8", "group_size": None}
+    assert sorted(ov) == [f"model.layers.{i}.self_attn.v_proj" for i in range(4)]
+    assert isinstance(g.model.layers[0].self_attn.v_proj, Int8Linear)
     out = g(ids[:1, :16])
     save_pretrained(g, tmp_path / "q")
     back = load_pretrained(tmp_path / "q")
@@ -157,10 +160,12 @@ def test_cli_quantize_awq_gptq(tmp_path, monkeypatch):
     assert r.exit_code != 0 and "no tokenizer" in " ".join(r.output.replace("│", " ").split())
     monkeypatch.setattr(cg, "_find_tokenizer", lambda path: Tok())
     r = CliRunner().invoke(app, ["quantize", str(src), str(tmp_path / "q"), "--method", "awq-gptq", "--embedding-scheme",
-                                 "int8", "--calib-text", str(tmp_path / "calib.txt"), "--calib-tokens", "1024"])
+                                 "int8", "--calib-text", str(tmp_path / "calib.txt"), "--calib-tokens", "1024",
+                                 "--int8-modules", "v_proj"])
     assert r.exit_code == 0, r.output
     q = load_pretrained(tmp_path / "q")
     assert q.config.quantization["overrides"]["model.embed_tokens"]["scheme"] == "int8"
     assert isinstance(q.model.layers[0].mlp.up_proj, Int4Linear)
+    assert isinstance(q.model.layers[0].self_attn.v_proj, Int8Linear)
     r = CliRunner().invoke(app, ["quantize", str(src), str(tmp_path / "bad"), "--method", "magic"])
     assert r.exit_code != 0 and "unknown method" in r.output

@@ -147,6 +147,8 @@ def register(app: typer.Typer) -> None:
                                    "awq-gptq (activation-aware scales, then GPTQ; int4's best quality)"),
         embedding_scheme: str = typer.Option("same", help="'same', or 'int8' to keep the tied embedding/head table "
                                              "at int8 under an int4 body (gptq/awq-gptq)"),
+        int8_modules: str = typer.Option("", help="comma-separated layer linears kept at int8 under an int4 body "
+                                          "(gptq/awq-gptq), e.g. k_proj,v_proj: like Q4_K_M's higher-precision attn_v"),
         calib_text: Path = typer.Option(None, help="calibration text file for gptq/awq-gptq (default: Python's "
                                         "reference documentation prose, pydoc_data)"),
         calib_tokens: int = typer.Option(16384, help="calibration tokens for gptq/awq-gptq (rows of 512)"),
@@ -180,8 +182,9 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(f"unknown method {method!r}; choose rtn, gptq or awq-gptq")
         if embedding_scheme not in ("same", "int8"):
             raise typer.BadParameter(f"--embedding-scheme must be 'same' or 'int8', got {embedding_scheme!r}")
-        if method == "rtn" and embedding_scheme != "same":
-            raise typer.BadParameter("--embedding-scheme int8 goes with --method gptq or awq-gptq")
+        mods = tuple(m.strip() for m in int8_modules.split(",") if m.strip())
+        if method == "rtn" and (embedding_scheme != "same" or mods):
+            raise typer.BadParameter("--embedding-scheme int8 and --int8-modules go with --method gptq or awq-gptq")
         calib = None
         if method != "rtn":
             from gemma4.cli_generate import _find_tokenizer
@@ -206,7 +209,7 @@ def register(app: typer.Typer) -> None:
 
                 gptq_quantize(model, scheme, gs, calib_ids=calib, embeddings=not no_embeddings,
                               embedding_scheme=None if embedding_scheme == "same" else embedding_scheme,
-                              awq=method == "awq-gptq", progress=True)
+                              awq=method == "awq-gptq", int8_modules=mods, progress=True)
         except QuantizationError as err:
             raise typer.BadParameter(str(err)) from None
         model.to(dt)

@@ -358,7 +358,8 @@ def _linears(layer: nn.Module, skip: tuple[str, ...]) -> dict[str, nn.Linear]:
 def gptq_quantize(model: Gemma4ForCausalLM, scheme: str = "int4", group_size: int | None = 32, *,
                   calib_ids: torch.Tensor, embeddings: bool = True, embedding_scheme: str | None = None,
                   head: str = "gptq", skip: Iterable[str] = DEFAULT_SKIP, damp: float = 0.3, block: int = 32,
-                  act_order: bool = True, awq: bool = False, progress: bool = False) -> Gemma4ForCausalLM:
+                  act_order: bool = True, awq: bool = False, int8_modules: Iterable[str] = (),
+                  progress: bool = False) -> Gemma4ForCausalLM:
     """Quantize ``model`` in place with GPTQ (see the module docstring) and return it.
 
     ``calib_ids``: calibration token ids [B, T] (e.g. :func:`calibration_ids`). ``embeddings``: also
@@ -366,7 +367,9 @@ def gptq_quantize(model: Gemma4ForCausalLM, scheme: str = "int4", group_size: in
     embedding/head at int8 while the body uses ``scheme`` (a per-module override in the config's
     quantization section: the mixed model saves and loads like any other). ``head``: "gptq" or "rtn" for
     the tied table. ``awq``: first fold activation-aware scales into the float model (:func:`awq_scale`;
-    int4 only: int8's per-row steps are already fine enough).
+    int4 only: int8's per-row steps are already fine enough). ``int8_modules``: module-name components
+    (e.g. ``("v_proj",)``) whose layer linears are GPTQ'd to int8 under an int4 body, like llama.cpp's
+    Q4_K_M keeps attn_v at higher precision; recorded as overrides, so the model saves and loads.
     """
     group_size = _validate_request(scheme, group_size)
     if head not in ("gptq", "rtn"):
@@ -375,6 +378,7 @@ def gptq_quantize(model: Gemma4ForCausalLM, scheme: str = "int4", group_size: in
         raise QuantizationError(f"embedding_scheme must be None or 'int8', got {embedding_scheme!r}")
     _check_calib(model, calib_ids)
     skip = tuple(skip)
+    int8_modules = (int8_modules,) if isinstance(int8_modules, str) else tuple(int8_modules)
     t0 = time.perf_counter()
     body = model.model
     layers = list(body.layers)
@@ -389,6 +393,7 @@ def gptq_quantize(model: Gemma4ForCausalLM, scheme: str = "int4", group_size: in
     captured = _capture_layer_calls(model, calib_ids)
     h = captured[0][0][0]
     pre: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    overrides: dict[str, dict] = {}
     modes = cfg.kv_sharing_modes
     shared: dict[str, tuple] = {}
     it = range(len(layers))
@@ -417,10 +422,14 @@ def gptq_quantize(model: Gemma4ForCausalLM, scheme: str = "int4", group_size: in
         for hk in hooks:
             hk.remove()
         for n, m in lins.items():
-            res = gptq_matrix(m.weight, hess[n] / max(counts[n], 1), scheme, group_size or 32, damp=damp,
+            full = f"model.layers.{i}.{n}"
+            sch = "int8" if any(f".{c}." in f".{full}." for c in int8_modules) else scheme
+            res = gptq_matrix(m.weight, hess[n] / max(counts[n], 1), sch, group_size or 32, damp=damp,
                               block=block, act_order=act_order)
-            pre[f"model.layers.{i}.{n}"] = res
-            m.weight.copy_(_dequant(scheme, res, group_size))
+            pre[full] = res
+            if sch != scheme:
+                overrides[full] = {"scheme": sch}
+            m.weight.copy_(_dequant(sch, res, group_size))
         h, kv = layer(h, *args[1:], **kwargs)
         if modes[i] == "store":
             shared[cfg.layer_types[i]] = kv
@@ -446,12 +455,11 @@ def gptq_quantize(model: Gemma4ForCausalLM, scheme: str = "int4", group_size: in
 
     # 4. build the modules with quant.py's machinery (a mixed table is a recorded per-module override)
     mixed = embeddings and emb_scheme != scheme
-    overrides = None
     if mixed:
-        overrides = {"model.embed_tokens": {"scheme": emb_scheme}}
+        overrides["model.embed_tokens"] = {"scheme": emb_scheme}
         if emb_res is not None:  # GPTQ'd above (head="gptq"); otherwise quantize() rounds it (RTN)
             pre["model.embed_tokens"] = emb_res
-    quantize(model, scheme, group_size, embeddings=embeddings, skip=skip, precomputed=pre, overrides=overrides)
+    quantize(model, scheme, group_size, embeddings=embeddings, skip=skip, precomputed=pre, overrides=overrides or None)
     if orig_dtype != torch.float32:
         model.to(orig_dtype)
     log.info("GPTQ %s g%s: %.1f s", scheme, group_size, time.perf_counter() - t0)
