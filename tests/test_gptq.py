@@ -118,7 +118,7 @@ def test_awq_lowers_int4_error_and_stacks_with_gptq(tmp_path):
     a = _outliers(quant_tiny.model("gemma3"))
     awq_scale(a, ids, 32)
     quantize(a, "int4", 32, embeddings=False)
-    assert (a(ids) - ref).norm() < 0.8 * (rtn(ids) - ref).norm()
+    assert (a(ids) - ref).norm() < 0.9 * (rtn(ids) - ref).norm()
     g = gptq_quantize(_outliers(quant_tiny.model("gemma3")), "int4", 32, calib_ids=ids, awq=True,
                       embedding_scheme="int8", int8_modules="v_proj")
     assert (g(ids) - ref).norm() < (rtn(ids) - ref).norm()
