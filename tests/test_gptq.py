@@ -103,7 +103,11 @@ def test_awq_folds_keep_the_float_model(kind):
     ids = _calib()
     m = _outliers(quant_tiny.model(kind))
     ref = m(ids)
+    before = [(l.input_layernorm.weight + l.input_layernorm.offset).abs() for l in m.model.layers]
     chosen = awq_scale(m, ids, 32)
+    # norm multipliers only grow (s <= 1): Gemma 3's stored w of 1 + w must not cancel when cast to bf16
+    for l, b in zip(m.model.layers, before):
+        assert ((l.input_layernorm.weight + l.input_layernorm.offset).abs() >= b * (1 - 1e-6)).all()
     assert len(chosen) == 3 * m.config.num_hidden_layers
     assert any(a > 0 for a in chosen.values())
     out = m(ids)
