@@ -295,9 +295,9 @@ def awq_scale(model: Gemma4ForCausalLM, calib_ids: torch.Tensor, group_size: int
     gen = torch.Generator().manual_seed(0)
     it = range(len(layers))
     if progress:
-        from tqdm import tqdm
+        from rich.progress import track  # rich is a core dependency (tqdm is not)
 
-        it = tqdm(it, desc="AWQ scales", unit="layer")
+        it = track(it, description="AWQ scales", transient=True)
     for i in it:
         layer, (args, kwargs) = layers[i], captured[i]
         kwargs = {**kwargs, "cache": None, "shared_kv": shared.get(cfg.layer_types[i])}
@@ -404,9 +404,9 @@ def gptq_quantize(model: Gemma4ForCausalLM, scheme: str = "int4", group_size: in
     shared: dict[str, tuple] = {}
     it = range(len(layers))
     if progress:
-        from tqdm import tqdm
+        from rich.progress import track
 
-        it = tqdm(it, desc=f"GPTQ {scheme}", unit="layer")
+        it = track(it, description=f"GPTQ {scheme}", transient=True)
 
     # 2. layer by layer on the quantized stack's activations
     for i in it:
