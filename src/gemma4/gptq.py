@@ -248,6 +248,34 @@ def _capture_layer_calls(model: Gemma4ForCausalLM, calib_ids: torch.Tensor) -> l
     return captured
 
 
+def _layer_by_layer(model: Gemma4ForCausalLM, calib_ids: torch.Tensor, desc: str | None = None):
+    """Walk the decoder layers on calibration activations. Yields ``(i, layer, run)``: ``run()`` calls layer
+    i on its input as the stack *so far* computes it (e.g. under hooks), ``run(advance=True)`` also makes
+    the output the next layer's input (and the K/V a storing layer shares with its consumers). Changes made
+    to layer i before it advances (quantized or rescaled weights) reach every later layer's input."""
+    cfg, layers = model.config, list(model.model.layers)
+    captured = _capture_layer_calls(model, calib_ids)
+    state, shared = {"h": captured[0][0][0]}, {}
+    it = range(len(layers))
+    if desc:
+        from rich.progress import track  # rich is a core dependency (tqdm is not)
+
+        it = track(it, description=desc, transient=True)
+    for i in it:
+        args, kwargs = captured[i]
+        kwargs = {**kwargs, "cache": None, "shared_kv": shared.get(cfg.layer_types[i])}
+
+        def run(advance: bool = False):
+            h, kv = layers[i](state["h"], *args[1:], **kwargs)
+            if advance:
+                state["h"] = h
+                if cfg.kv_sharing_modes[i] == "store":
+                    shared[cfg.layer_types[i]] = kv
+            return h
+
+        yield i, layers[i], run
+
+
 def _check_calib(model: Gemma4ForCausalLM, calib_ids) -> None:
     if model.config.quantization:
         raise QuantizationError("model is already quantized; calibrated quantization needs the float weights")
@@ -289,18 +317,9 @@ def awq_scale(model: Gemma4ForCausalLM, calib_ids: torch.Tensor, group_size: int
     Then quantize (RTN or GPTQ) as usual: :func:`gptq_quantize` does both with ``awq=True``."""
     group_size = _validate_request("int4", group_size)
     _check_calib(model, calib_ids)
-    cfg, layers = model.config, list(model.model.layers)
-    captured = _capture_layer_calls(model, calib_ids)
-    h, shared, chosen = captured[0][0][0], {}, {}
+    chosen: dict[str, float] = {}
     gen = torch.Generator().manual_seed(0)
-    it = range(len(layers))
-    if progress:
-        from rich.progress import track  # rich is a core dependency (tqdm is not)
-
-        it = track(it, description="AWQ scales", transient=True)
-    for i in it:
-        layer, (args, kwargs) = layers[i], captured[i]
-        kwargs = {**kwargs, "cache": None, "shared_kv": shared.get(cfg.layer_types[i])}
+    for i, layer, run in _layer_by_layer(model, calib_ids, "AWQ scales" if progress else None):
         groups = _awq_groups(layer)
         xs: dict[str, torch.Tensor] = {}
 
@@ -310,7 +329,7 @@ def awq_scale(model: Gemma4ForCausalLM, calib_ids: torch.Tensor, group_size: int
             return fwd
 
         hooks = [probe.register_forward_hook(rec(name)) for name, _, _, probe in groups]
-        layer(h, *args[1:], **kwargs)
+        run()
         for hk in hooks:
             hk.remove()
         for name, prev, lins, _ in groups:
@@ -346,9 +365,7 @@ def awq_scale(model: Gemma4ForCausalLM, calib_ids: torch.Tensor, group_size: int
             else:  # RMSNorm: multiplies by (weight + offset); Gemma 3 stores 1 + w
                 off = prev.offset
                 prev.weight.copy_(((prev.weight.float() + off) / best_s - off).to(prev.weight.dtype))
-        h, kv = layer(h, *args[1:], **kwargs)  # float outputs: unchanged by the folds, up to rounding
-        if cfg.kv_sharing_modes[i] == "store":
-            shared[cfg.layer_types[i]] = kv
+        run(advance=True)  # float outputs: unchanged by the folds, up to rounding
     return chosen
 
 
@@ -387,31 +404,17 @@ def gptq_quantize(model: Gemma4ForCausalLM, scheme: str = "int4", group_size: in
     int8_modules = (int8_modules,) if isinstance(int8_modules, str) else tuple(int8_modules)
     t0 = time.perf_counter()
     body = model.model
-    layers = list(body.layers)
-    cfg = model.config
     orig_dtype = model.dtype
     if orig_dtype != torch.float32:
         model.float()
 
     if awq and scheme == "int4":
         awq_scale(model, calib_ids, group_size, progress=progress)
-    # 1. every layer's call arguments from one float pass (only layer 0's hidden state is used as such)
-    captured = _capture_layer_calls(model, calib_ids)
-    h = captured[0][0][0]
     pre: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     overrides: dict[str, dict] = {}
-    modes = cfg.kv_sharing_modes
-    shared: dict[str, tuple] = {}
-    it = range(len(layers))
-    if progress:
-        from rich.progress import track
-
-        it = track(it, description=f"GPTQ {scheme}", transient=True)
-
-    # 2. layer by layer on the quantized stack's activations
-    for i in it:
-        layer, (args, kwargs) = layers[i], captured[i]
-        kwargs = {**kwargs, "cache": None, "shared_kv": shared.get(cfg.layer_types[i])}
+    # 1-2. one float pass records every layer's call arguments; then layer by layer on the quantized
+    # stack's activations
+    for i, layer, run in _layer_by_layer(model, calib_ids, f"GPTQ {scheme}" if progress else None):
         lins = _linears(layer, skip)
         hess = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in lins.items()}
         counts = dict.fromkeys(lins, 0)
@@ -424,7 +427,7 @@ def gptq_quantize(model: Gemma4ForCausalLM, scheme: str = "int4", group_size: in
             return fwd
 
         hooks = [m.register_forward_hook(acc(n)) for n, m in lins.items()]
-        layer(h, *args[1:], **kwargs)
+        run()
         for hk in hooks:
             hk.remove()
         for n, m in lins.items():
@@ -436,9 +439,7 @@ def gptq_quantize(model: Gemma4ForCausalLM, scheme: str = "int4", group_size: in
             if sch != scheme:
                 overrides[full] = {"scheme": sch}
             m.weight.copy_(_dequant(sch, res, group_size))
-        h, kv = layer(h, *args[1:], **kwargs)
-        if modes[i] == "store":
-            shared[cfg.layer_types[i]] = kv
+        h = run(advance=True)
 
     # 3. the tied table, with the Hessian of the head's inputs
     emb_scheme = embedding_scheme or scheme
