@@ -2,14 +2,17 @@
 
 import copy
 import json
+import platform
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from gemma4 import CheckpointError, load_pretrained, quantize, save_pretrained
+from gemma4.checkpoint import _malloc_trim, release_free_heap
 from gemma4.quant import (
-    Int4Linear, Int8Linear, QuantizationError, TiedHead, _gather_cpu_int4_rows, _int4_cpu_layout,
+    Int4Linear, Int8Linear, QuantizationError, TiedHead, _gather_cpu_int4_rows, _Int4, _int4_cpu_layout,
     _int4_dequant, _unpack_cpu_int4, dequantize_model, int8_dequant, kernels_available, model_nbytes,
     pack_nibbles, prepare_quantized, quantize_int4_tensor, quantize_int8_tensor, unpack_nibbles,
 )
@@ -52,6 +55,36 @@ def test_int4_cpu_layout_unpack_and_row_gather():
     lin.set_from_float(w)
     whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(lin.codes().to(torch.int32), 2)
     assert torch.equal(lin.qweight, whole)
+
+
+@pytest.mark.skipif(_int4_cpu_layout() is None, reason="no int4 CPU kernel in this torch build")
+def test_int4_repack_in_place_and_at_load(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    lin = Int4Linear(2048 + 80, 64, 32)  # several repack chunks, the last with a partial kernel block
+    lin.set_from_float(torch.randn(2048 + 80, 64, generator=g))
+    packed = lin.qweight.clone()
+    portable = pack_nibbles(lin.codes())
+    lin.qweight, lin._packed = portable, None
+    lin._ensure_ready(in_place=True)
+    assert lin.qweight.data_ptr() == portable.data_ptr() and torch.equal(lin.qweight, packed)
+    # Without in_place the tensor handed in is left as it was.
+    portable = pack_nibbles(lin.codes())
+    kept = portable.clone()
+    lin.qweight, lin._packed = portable, None
+    lin._ensure_ready()
+    assert torch.equal(portable, kept) and torch.equal(lin.qweight, packed)
+    # load_pretrained returns int4 weights already in the kernel layout, computing what the saved model did.
+    m = quantize(quant_tiny.model("gemma3"), "int4", 32)
+    save_pretrained(m, tmp_path)
+    m2 = load_pretrained(tmp_path)
+    mods = [x for x in m2.modules() if isinstance(x, _Int4) and x.kernel_layout]
+    assert mods and all(x._packed is not None for x in mods)
+    ids = torch.randint(0, 320, (1, 6), generator=g)
+    with torch.no_grad():
+        assert torch.equal(m2(ids), m(ids))
+    release_free_heap()  # a no-op where there is no glibc
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert _malloc_trim() is not None
 
 
 @pytest.mark.parametrize("cls,kw", [(Int8Linear, {}), (Int4Linear, {"group_size": 32}), (Int4Linear, {"group_size": 64})])

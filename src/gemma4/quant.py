@@ -46,6 +46,9 @@ FORMAT_VERSION = 1
 DEFAULT_SKIP = ("router",)
 _FLOAT_OK = (torch.float32, torch.bfloat16, torch.float16)
 _ROWS_PER_CHUNK = 8192  # quantize big tables in row chunks: bounded float temporaries
+# The int4 repack's temporaries (int32 codes, the packing op's own buffers) are tens of times the rows:
+# 8192-row chunks of the 262144 x 640 table peaked 84 MiB above the table, 1024-row chunks 14 MiB.
+_REPACK_ROWS = 1024
 
 
 class QuantizationError(ValueError):
@@ -268,8 +271,9 @@ class _Int8(_QuantWeight):
         q, s = _chunked(w, quantize_int8_tensor)
         self.qweight, self.scales = q, s
 
-    def _ensure_ready(self) -> None:
-        """After loading in another float dtype: scales back to bf16 (exact: they are bf16 values)."""
+    def _ensure_ready(self, in_place: bool = False) -> None:
+        """After loading in another float dtype: scales back to bf16 (exact: they are bf16 values).
+        int8 codes need no repacking, so ``in_place`` changes nothing here."""
         if self.scales.dtype != torch.bfloat16 and not self.scales.is_meta:
             self._buffers["scales"] = self.scales.to(torch.bfloat16)
 
@@ -320,17 +324,24 @@ class _Int4(_QuantWeight):
                 and self.out_features % 16 == 0 and self.group_size in GROUP_SIZES
                 and _int4_cpu_layout() is not None)
 
-    def _ensure_ready(self) -> None:
-        """After loading (portable codes, maybe float32 scales): repack for the kernel, scales to bf16."""
+    def _ensure_ready(self, in_place: bool = False) -> None:
+        """After loading (portable codes, maybe float32 scales): repack for the kernel, scales to bf16.
+
+        ``in_place=True`` writes the kernel layout over the portable codes instead of into a second
+        table. Only for codes no one else holds (the loader's fresh buffers): a caller's tensor would
+        be rewritten under it."""
         if self.scales_zeros.dtype != torch.bfloat16 and not self.scales_zeros.is_meta:
             self._buffers["scales_zeros"] = self.scales_zeros.to(torch.bfloat16)
         if self._packed is None and self._kernel_usable():
             layout = _int4_cpu_layout()
             src = self.qweight.reshape(-1, self.out_features, self.in_features // 2)
-            packed = torch.empty_like(src)
-            # Row chunks that are whole kernel blocks (8192 = 128 x 64) pack independently, so the int32
+            # Same size in both layouts. A second table would double the load's peak for a moment, and
+            # the freed portable one stays in the C heap (glibc does not hand it back to the OS).
+            packed = src if in_place else torch.empty_like(src)
+            # Row chunks that are whole kernel blocks (1024 = 16 x 64) pack independently, so the int32
             # codes the packing op wants exist one chunk at a time (a 262144-row table would need 670 MB).
-            step = _ROWS_PER_CHUNK
+            # In place is safe for the same reason: a chunk's codes are copied out before it is written.
+            step = _REPACK_ROWS
             for e in range(src.shape[0]):
                 for r in range(0, self.out_features, step):
                     codes = unpack_nibbles(src[e, r : r + step]).to(torch.int32)
@@ -672,13 +683,17 @@ def prepare_quantized(model: Gemma4ForCausalLM, qcfg: dict[str, Any]) -> Gemma4F
     return model
 
 
-def pack_for_kernels(model: nn.Module) -> nn.Module:
-    """Repack every loaded int4 weight into the CPU kernel's layout now rather than on first use
-    (``load_pretrained`` loads the portable file layout; the first forward would otherwise pay for
-    the repack and hold each table twice for a moment)."""
+def pack_for_kernels(model: nn.Module, in_place: bool = False) -> nn.Module:
+    """Repack every int4 weight still in the portable file layout into the CPU kernel's layout now
+    rather than on first use (the first forward would otherwise pay for the repack and hold each table
+    twice for a moment). ``load_pretrained`` already does this, in place. ``in_place``: see
+    ``_Int4._ensure_ready`` — only for weights whose tensors no one else holds."""
+    from gemma4.checkpoint import release_free_heap
+
     for m in model.modules():
         if isinstance(m, (_Int4, _Int8)):
-            m._ensure_ready()
+            m._ensure_ready(in_place=in_place)
+    release_free_heap()
     return model
 
 
