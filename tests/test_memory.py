@@ -1,12 +1,14 @@
 """Memory estimates against what our modules and caches actually allocate (tiny configs)."""
 
+import os
+
 import pytest
 import torch
 
 from gemma4 import Gemma4Config, estimate_memory
 from gemma4.config import FULL, SLIDING
 from gemma4.params import kv_cache_bytes, parse_tokens, weight_bytes
-from gemma4.quant import model_nbytes, quantize
+from gemma4.quant import Int4Linear, Int8Linear, kernels_available, model_nbytes, quantize
 
 import quant_tiny
 
@@ -63,6 +65,50 @@ def test_layer_kinds_in_the_kv_estimate():
     assert e.k_eq_v_saving == e.kv_by_type[FULL] // 2
     assert shared.kv_by_type[FULL] == e.kv_by_type[FULL] // 2 and shared.k_eq_v_saving == 0
     assert estimate_memory(dense, 65_536, weight_dtype="int4").weights_total < e.weights_total / 3
+
+
+@pytest.mark.parametrize("cls,kw", [(Int8Linear, {}), (Int4Linear, {"group_size": 32})])
+def test_quantized_matmuls_allocate_only_their_output(cls, kw):
+    # Why the activation estimate does not depend on weight_dtype: quantized models run bf16 activations,
+    # and with those the int8/int4 layers hand the input to their kernel as is (no converted copy, no
+    # dequantized weight) — the only new tensor is the output the estimate already counts.
+    if not all(kernels_available().values()):
+        pytest.skip("no int8/int4 CPU kernels in this torch build")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class NewStorage(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.nbytes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            held = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in held:  # not a view
+                    self.nbytes.append(t.untyped_storage().nbytes())
+            return out
+
+    lin = cls(96, 64, **kw)
+    lin.set_from_float(torch.randn(96, 64))
+    x = torch.randn(1, 40, 64, dtype=torch.bfloat16)
+    lin(x)  # first call: one-time kernel checks
+    with NewStorage() as seen:
+        y = lin(x)
+    assert y.dtype == torch.bfloat16 and seen.nbytes == [y.numel() * 2]
+
+
+def test_onednn_cache_caps_set_on_import_unless_exported():
+    import subprocess
+    import sys
+
+    code = "import os; import gemma4; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'], os.environ['LRU_CACHE_CAPACITY'])"
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["16", "16"]
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "LRU_CACHE_CAPACITY": "64"}, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.split() == ["16", "64"]
 
 
 def test_bad_input_and_token_parsing():

@@ -353,7 +353,9 @@ def activation_bytes(config: Gemma4Config, tokens: int, batch: int = 1, dtype: s
         attn = bt * (n * d * 3 + kv * d * 4) * eb  # q (+ normed, roped), k/v (+ normed, roped)
         if attention == "eager":
             keys = min(s, cfg.sliding_window + tokens) if t == SLIDING else s
-            # scores, their masked copy and the probabilities in the activation dtype + float32 softmax
+            # The peak is at the softmax: the masked scores, the float32 copy softmax(dtype=float32) makes
+            # of them and its float32 output — 2 + 4 + 4 bytes per score in bf16 (measured on the 270M at
+            # 4096 tokens). float32 activations need no copy (8 bytes), which this overcounts.
             attn += batch * n * tokens * keys * (3 * eb + 4)
         inter = cfg.layer_intermediate_size(i)
         mlp = bt * 3 * inter * eb
@@ -392,6 +394,8 @@ def estimate_memory(config: Gemma4Config | str, context: int, batch: int = 1, we
     for i, t in enumerate(cfg.layer_types):
         kv_layers[t] += modes[i] != "reuse"
     tokens = min(prefill_chunk, context) if context else 1
+    # The same for every weight format: quantized models run bf16 activations, which the int8/int4 kernels
+    # take as they are, allocating nothing but their output (tests/test_memory.py checks it).
     act = activation_bytes(cfg, tokens, batch, act_dtype, attention=attention, context=context)
     notes = []
     if cfg.num_kv_shared_layers:
