@@ -4,10 +4,17 @@ For each precision the model is saved once with ``gemma4.save_pretrained`` and e
 in a fresh subprocess (one thread): load the checkpoint, reset the peak-RSS counter
 (``/proc/self/clear_refs``), prefill a prompt of N tokens (chunks of 512, ``keep_last=1``) and decode 16
 tokens. Reported: that run phase's peak RSS minus the baseline RSS of a fresh process that only
-imported torch + gemma4 and ran one tiny matmul (measured the same way), against
+imported torch + gemma4 and ran tiny float32 and bf16 matmuls (measured the same way), against
 ``estimate_memory`` (weights + allocated KV + prefill activations). In the same child the exact
 quantities are checked: bytes of every module tensor == the weight estimate, ``ModelCache.nbytes``
 == the KV estimate.
+
+Each row runs ``--repeats`` times with different ``PYTHONHASHSEED``s: with glibc's default malloc the
+peak varies by tens of MiB between such runs (the order of allocations decides how the freed
+attention temporaries fragment the heap), so the median and the range are reported. One more run per
+row sets ``MALLOC_MMAP_THRESHOLD_=131072``: glibc then maps every block of 128 KiB or more on its own
+and unmaps it when freed, so RSS follows the bytes actually allocated ("live peak"; that setting
+makes prefill ~1.6x slower, so it is a measurement, not a recommendation).
 
     python benchmarks/memory.py            # writes benchmarks/results/memory.json
 """
@@ -18,6 +25,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,6 +34,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = {"bf16": ("bf16", None), "int8": ("int8", None), "int4-g32": ("int4", 32), "int4-g128": ("int4", 128)}
+# glibc maps blocks of this size or more on their own (and unmaps them when freed): RSS = live bytes.
+LIVE_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def _status_kb(field: str) -> int:
@@ -79,6 +89,11 @@ def child(spec: dict) -> dict:
 
     if spec["mode"] == "baseline":
         torch.ones(64, 64) @ torch.ones(64, 64)
+        # Every variant computes in bf16: the first bf16 matmul / batched matmul loads oneDNN's bf16
+        # kernels (~7 MiB here), a cost of torch on this CPU rather than of the model's tensors.
+        a = torch.ones(64, 64, dtype=torch.bfloat16)
+        a @ a
+        torch.matmul(a[None, None], a[None, None])
         return {"rss_kb": _status_kb("VmRSS"), "hwm_kb": _status_kb("VmHWM")}
     from gemma4.generate import decode_step, prefill
     from gemma4.params import estimate_memory
@@ -110,16 +125,16 @@ def child(spec: dict) -> dict:
     }
 
 
-def run_child(spec: dict) -> dict:
+def run_child(spec: dict, env: dict | None = None) -> dict:
     r = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     if r.returncode:
         raise RuntimeError(f"child {spec} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def baseline_kb(repeats: int = 3) -> int:
-    return min(run_child({"mode": "baseline"})["hwm_kb"] for _ in range(repeats))
+def baseline_kb(repeats: int = 3, env: dict | None = None) -> int:
+    return min(run_child({"mode": "baseline"}, env)["hwm_kb"] for _ in range(repeats))
 
 
 def main() -> None:
@@ -127,6 +142,8 @@ def main() -> None:
     ap.add_argument("--child")
     ap.add_argument("--contexts", default="512,4096")
     ap.add_argument("--variants", default="bf16,int8,int4-g32")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per row (PYTHONHASHSEED 1..N)")
+    ap.add_argument("--no-live", action="store_true", help="skip the MALLOC_MMAP_THRESHOLD_ run per row")
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "gemma4-bench-270m"))
     args = ap.parse_args()
     if args.child:
@@ -138,28 +155,46 @@ def main() -> None:
     variants = args.variants.split(",")
     ckpts = prepare_checkpoints(Path(args.workdir), variants)
     base = baseline_kb()
-    t = Table(title=f"Gemma 3 270M: estimate vs measured (1 thread; RSS minus a {base / 1024:.0f} MiB python+torch baseline)")
+    live_base = None if args.no_live else baseline_kb(env=LIVE_ENV)
+    t = Table(title=f"Gemma 3 270M: estimate vs measured (1 thread; RSS minus a {base / 1024:.0f} MiB python+torch "
+                    f"baseline; median of {args.repeats} runs \\[range])")
     for c in ("variant", "ctx", "weights est=held", "KV est=held", "act est", "est MiB",
-              "after load", "run peak", "peak/est", "growth", "KV+act est"):
+              "after load", "run peak", "peak/est", "growth", "KV+act est", "live peak", "live/est"):
         t.add_column(c, justify="right")
     rows = []
+    mb = lambda x: f"{x / 2**20:.0f}"  # noqa: E731
     for v in variants:
         for ctx in [int(x) for x in args.contexts.split(",")]:
-            r = run_child({"mode": "run", "path": str(ckpts[v]), "context": ctx, "decode": 16})
-            measured = (r["run_hwm_kb"] - base) * 1024
-            r.update(variant=v, context=ctx, baseline_kb=base, measured_bytes=measured,
-                     ratio=measured / r["est_total"])
+            spec = {"mode": "run", "path": str(ckpts[v]), "context": ctx, "decode": 16}
+            runs = [run_child(spec, {"PYTHONHASHSEED": str(i + 1)}) for i in range(args.repeats)]
+            peaks = sorted((x["run_hwm_kb"] - base) * 1024 for x in runs)
+            r = dict(runs[0])  # the exact checks and the estimate are the same in every run
+            measured = statistics.median(peaks)
+            r.update(variant=v, context=ctx, baseline_kb=base, measured_bytes=measured, measured_runs=peaks,
+                     ratio=measured / r["est_total"], ratio_range=[peaks[0] / r["est_total"], peaks[-1] / r["est_total"]],
+                     after_load_runs_kb=[x["after_load_kb"] for x in runs])
+            if live_base is not None:
+                lv = run_child(spec, {**LIVE_ENV, "PYTHONHASHSEED": "1"})
+                r.update(live_baseline_kb=live_base, live_bytes=(lv["run_hwm_kb"] - live_base) * 1024,
+                         live_after_load_kb=lv["after_load_kb"])
+                r["live_ratio"] = r["live_bytes"] / r["est_total"]
             rows.append(r)
-            mb = lambda x: f"{x / 2**20:.0f}"  # noqa: E731
             t.add_row(v, str(ctx), f"{mb(r['est_weights'])}{'=' if r['est_weights'] == r['model_bytes'] else '!='}{mb(r['model_bytes'])}",
                       f"{r['est_kv'] / 2**20:.1f}{'=' if r['est_kv'] == r['kv_bytes'] else '!='}{r['kv_bytes'] / 2**20:.1f}",
-                      mb(r["est_act"]), mb(r["est_total"]), f"{(r['after_load_kb'] - base) / 1024:.0f}",
-                      mb(measured), f"{r['ratio']:.2f}", f"{(r['run_hwm_kb'] - r['after_load_kb']) / 1024:.0f}",
-                      mb(r["est_kv_reserved"] + r["est_act"]))
-    Console(width=170).print(t)
+                      mb(r["est_act"]), mb(r["est_total"]), f"{(statistics.median(r['after_load_runs_kb']) - base) / 1024:.0f}",
+                      f"{mb(measured)} [{mb(peaks[0])}-{mb(peaks[-1])}]",
+                      f"{r['ratio']:.2f} [{r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f}]",
+                      f"{statistics.median(x['run_hwm_kb'] - x['after_load_kb'] for x in runs) / 1024:.0f}",
+                      mb(r["est_kv_reserved"] + r["est_act"]),
+                      mb(r["live_bytes"]) if live_base is not None else "-",
+                      f"{r['live_ratio']:.2f}" if live_base is not None else "-")
+    Console(width=200).print(t)
     out = HERE / "results" / "memory.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"baseline_kb": base, "rows": rows, "time": time.strftime("%Y-%m-%d %H:%M")}, indent=2))
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"baseline_kb": base, "live_baseline_kb": live_base, "repeats": args.repeats,
+                               "rows": rows, "time": time.strftime("%Y-%m-%d %H:%M")}, indent=2))
+    os.replace(tmp, out)
     print(f"wrote {out}")
 
 
