@@ -105,10 +105,10 @@ def test_onednn_cache_caps_set_on_import_unless_exported():
     code = "import os; import gemma4; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'], os.environ['LRU_CACHE_CAPACITY'])"
     env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["16", "16"]
-    out = subprocess.run([sys.executable, "-c", code], env={**env, "LRU_CACHE_CAPACITY": "64"}, capture_output=True,
+    assert out.split() == ["64", "64"]
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "LRU_CACHE_CAPACITY": "8"}, capture_output=True,
                          text=True, check=True).stdout
-    assert out.split() == ["16", "64"]
+    assert out.split() == ["64", "8"]
 
 
 def test_bad_input_and_token_parsing():
