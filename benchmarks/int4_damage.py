@@ -22,17 +22,7 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 
-
-@torch.no_grad()
-def token_nll(model, ids: torch.Tensor, chunk: int = 512, head_rows: int = 128) -> torch.Tensor:
-    """NLL of every next token [T-1] over ids [1, T], context carried across chunks by the cache."""
-    cache, out, t = model.new_cache(), [], ids.shape[1]
-    for s in range(0, t - 1, chunk):
-        h = model.model(ids[:, s : min(t - 1, s + chunk)], cache=cache)  # [1, n, H]
-        for r in range(0, h.shape[1], head_rows):
-            lg = model.logits(h[:, r : r + head_rows]).float()[0]  # [rows, V]
-            out.append(torch.nn.functional.cross_entropy(lg, ids[0, s + r + 1 : s + r + 1 + lg.shape[0]], reduction="none"))
-    return torch.cat(out)
+from quant import token_nll  # noqa: E402
 
 
 def buckets(ref: torch.Tensor, new: torch.Tensor) -> list[dict]:
@@ -65,7 +55,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for name, fn in (("constitution", "us_constitution.txt"), ("alice", "alice_ch8_9.txt")):
         ids = torch.tensor([tok.encode((HERE / "data" / fn).read_text(encoding="utf-8"))])
-        ref, new = token_nll(bf, ids), token_nll(q, ids)
+        (ref, _), (new, _) = token_nll(bf, ids), token_nll(q, ids)
         rows = buckets(ref, new)
         res["texts"][name] = {"tokens": ids.shape[1], "bf16_ppl": ref.mean().exp().item(),
                               "quant_ppl": new.mean().exp().item(), "buckets": rows}

@@ -54,8 +54,9 @@ def make_variant(base, name):
 
 
 @torch.no_grad()
-def evaluate(model, ids: torch.Tensor, chunk: int = 512, head_rows: int = 128):
-    """(mean NLL, argmax per position [T-1]) over ids [1, T], the cache carrying context across chunks."""
+def token_nll(model, ids: torch.Tensor, chunk: int = 512, head_rows: int = 128):
+    """(NLL of every next token [T-1], argmax per position [T-1]) over ids [1, T], the cache carrying
+    context across chunks."""
     cache = model.new_cache()
     nll, preds = [], []
     t = ids.shape[1]
@@ -67,7 +68,14 @@ def evaluate(model, ids: torch.Tensor, chunk: int = 512, head_rows: int = 128):
             tgt = ids[0, s + r + 1 : s + r + 1 + lg.shape[0]]
             nll.append(torch.nn.functional.cross_entropy(lg, tgt, reduction="none"))
             preds.append(lg.argmax(-1))
-    return torch.cat(nll).mean().item(), torch.cat(preds)
+    return torch.cat(nll), torch.cat(preds)
+
+
+@torch.no_grad()
+def evaluate(model, ids: torch.Tensor, chunk: int = 512, head_rows: int = 128):
+    """(mean NLL, argmax per position [T-1]) over ids [1, T]."""
+    nll, preds = token_nll(model, ids, chunk, head_rows)
+    return nll.mean().item(), preds
 
 
 @torch.no_grad()
