@@ -33,6 +33,7 @@ from quant import evaluate  # noqa: E402
 
 # name -> (method, scheme, group, extra)
 VARIANTS = {
+    "fp32": (None, None, None, {"dtype": "float32"}),
     "bf16": (None, None, None, {}),
     "int4-g32 rtn": ("rtn", "int4", 32, {}),
     "int4-g32 gptq": ("gptq", "int4", 32, {}),
@@ -69,6 +70,8 @@ def build(base, name, calib):
         m.model.embed_tokens, m.lm_head = new, TiedHead(new)
     elif method == "gptq":
         gptq_quantize(m, scheme, gs, calib_ids=calib, **extra)
+    if extra.get("dtype") == "float32":  # the unquantized reference itself
+        return m, 0.0
     return m.to(torch.bfloat16), time.perf_counter() - t0
 
 
