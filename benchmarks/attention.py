@@ -90,7 +90,7 @@ def real_ids(n: int) -> torch.Tensor:
 def worker(suite: str, backend: str, ctx: int, positions: int, out: str) -> None:
     from safetensors.torch import save_file
 
-    import gemma4.attention  # noqa: F401  (registers block_sparse / linear)
+    import gemma4.model.attention  # noqa: F401  (registers block_sparse / linear)
     from gemma4 import Gemma4Config, build_model, init_random_, load_pretrained
 
     if suite == "tiny":
@@ -107,7 +107,7 @@ def worker(suite: str, backend: str, ctx: int, positions: int, out: str) -> None
         base = _status_mb("VmRSS")
         t0 = time.perf_counter()
         if backend == "masks":  # what the model builds for any backend: one dense [T,S] mask per layer type
-            from gemma4.model import build_mask
+            from gemma4.model.decoder import build_mask
 
             slots = torch.arange(ctx)
             masks = [build_mask(slots, slots, model.config.sliding_window if lt == S else None, None)

@@ -10,7 +10,7 @@ between consecutive new tokens (the mean over all 127 steps is shown too); each 
 is timed through a streamer that timestamps each new token, ours by iterating ``gemma4.stream``.
 
 Rows: transformers (its defaults: SDPA attention); ours-unpacked (plain weights, ``F.linear``);
-ours (``gemma4.packed.pack_for_cpu``: oneDNN blocked weights, the CLI's default on CPU; default
+ours (``gemma4.infer.fast_path.use_fast_path``: oneDNN blocked weights, the CLI's default on CPU; default
 eager attention); ours (sdpa) (packed, SDPA attention: the same attention arithmetic as
 transformers' default, so its bf16 greedy tokens follow transformers' own).
 
@@ -42,7 +42,7 @@ def make_checkpoint(path: Path) -> Path:
     import torch
 
     import gemma4
-    from gemma4.config import Gemma4Config
+    from gemma4.model.config import Gemma4Config
 
     if (path / "config.json").exists():
         return path
@@ -67,13 +67,13 @@ def worker(engine: str, dtype_name: str, ckpt: Path, compile_: bool, attn: str |
     t0 = time.perf_counter()
     if engine in ("ours", "ours-unpacked"):
         import gemma4
-        from gemma4.packed import pack_for_cpu
+        from gemma4.infer.fast_path import use_fast_path
 
         model = gemma4.load_pretrained(ckpt, dtype=dtype)
         if attn:
             model.set_attention_backend(attn)
         if engine == "ours":
-            pack_for_cpu(model)  # oneDNN blocked weights: the CPU decode fast path
+            use_fast_path(model)  # oneDNN blocked weights: the CPU decode fast path
         if compile_:
             model.model = torch.compile(model.model, dynamic=True)
         load_s = time.perf_counter() - t0

@@ -1,4 +1,4 @@
-"""The GGUF's own 4-bit blocks kept as int4 (``gemma4.gguf_quant.gguf_native_model``) on the real Gemma 3
+"""The GGUF's own 4-bit blocks kept as int4 (``gemma4.io.gguf_native.gguf_native_model``) on the real Gemma 3
 270M: conversion error, perplexity / top-1 agreement (the same ``evaluate()``, text, fp32 reference and 2
 threads as benchmarks/quant.py), a save/load round trip, and packed decode speed (1 thread) beside our
 bf16 / int8 / int4-g32 models measured in the same run.
@@ -38,8 +38,8 @@ VARIANTS = {
 
 
 def build(base, path, name):
-    from gemma4.gguf_quant import gguf_native_model
-    from gemma4.quant import quantize
+    from gemma4.io.gguf_native import gguf_native_model
+    from gemma4.quant.rtn import quantize
 
     v = VARIANTS[name]
     if isinstance(v, dict):
@@ -52,9 +52,9 @@ def build(base, path, name):
 
 def conversion_error(path) -> dict:
     """Q4_K -> int4-g32 vs the GGUF's own float32 dequantization, every Q4_K tensor."""
-    from gemma4.gguf_io import GGUFFile
-    from gemma4.gguf_quant import Q4_K, q4k_blocks, q4k_to_int4
-    from gemma4.quant import _int4_dequant, quantize_int4_tensor
+    from gemma4.io.gguf import GGUFFile
+    from gemma4.io.gguf_native import Q4_K, q4k_blocks, q4k_to_int4
+    from gemma4.quant.rtn import int4_dequant, quantize_int4_tensor
 
     g = GGUFFile(path)
     worst = ratio = 0.0
@@ -66,14 +66,14 @@ def conversion_error(path) -> dict:
         n += 1
         ref = g.load(name, torch.float32)
         codes, sz = q4k_to_int4(g.raw(name), t.shape)
-        err = (_int4_dequant(codes, sz, 32, torch.float32) - ref).abs()
+        err = (int4_dequant(codes, sz, 32, torch.float32) - ref).abs()
         _, s, mn = q4k_blocks(g.raw(name))
         bound = ((8 * s.abs() + (8 * s - mn).abs()) * 2.0**-8)[:, :, None].expand(-1, -1, 32).reshape(ref.shape)
         worst, ratio = max(worst, err.max().item()), max(ratio, (err / bound.float()).max().item())
         sq += err.double().pow(2).sum().item()
         ref_sq += ref.double().pow(2).sum().item()
         q2, sz2 = quantize_int4_tensor(ref, 32)  # our quantizer on the same (already 4-bit) weights
-        sq_rtn += (_int4_dequant(q2, sz2, 32, torch.float32) - ref).double().pow(2).sum().item()
+        sq_rtn += (int4_dequant(q2, sz2, 32, torch.float32) - ref).double().pow(2).sum().item()
     return {"q4k_tensors": n, "max_abs_err": worst, "max_err_over_bound": ratio,
             "rel_rms_err": math.sqrt(sq / ref_sq), "rel_rms_err_our_rtn": math.sqrt(sq_rtn / ref_sq)}
 
@@ -86,10 +86,10 @@ def main() -> None:
     args = ap.parse_args()
     import gemma4
     from gemma4 import assets
-    from gemma4.checkpoint import load_pretrained, save_pretrained
-    from gemma4.gguf_quant import gguf_native_types
-    from gemma4.packed import pack_for_cpu
-    from gemma4.quant import model_nbytes
+    from gemma4.io import load_pretrained, save_pretrained
+    from gemma4.io.gguf_native import gguf_native_types
+    from gemma4.infer.fast_path import use_fast_path
+    from gemma4.quant.rtn import model_nbytes
 
     path = assets.gemma3_270m_gguf()
     res: dict = {"time": time.strftime("%Y-%m-%d %H:%M"),
@@ -133,7 +133,7 @@ def main() -> None:
     torch.set_num_threads(1)
     speed = ["bf16", "int8 (our RTN, all)", "int4-g32 (our RTN, all)", "gguf-native: Q4_K kept, rest int8",
              "gguf-native: Q4_K kept, rest int4-g32 RTN, emb int8"]
-    models = {name: pack_for_cpu(build(base, path, name)) for name in speed}
+    models = {name: use_fast_path(build(base, path, name)) for name in speed}
     del base
     gc.collect()
     prompt = torch.randint(10, 20_000, (1, 32), generator=torch.Generator().manual_seed(0))

@@ -5,7 +5,7 @@ A second text, two chapters of *Alice's Adventures in Wonderland* (benchmarks/da
 evaluated the same way: the model has largely memorized the Constitution (bf16 perplexity 4.66), and
 quantization damages memorized recall more than ordinary prediction (Alice: bf16 perplexity 15.5).
 
-Calibration (never an evaluation text): ``gemma4.gptq.default_calibration_text()`` — the prose of Python's
+Calibration (never an evaluation text): ``gemma4.quant.gptq.default_calibration_text()`` — the prose of Python's
 reference documentation (``pydoc_data.topics``) first, 32 x 512 = 16,384 tokens by default. (The first
 GPTQ rows used this repository's README + sources, 8 x 512 tokens: results/gptq_code_calib_4k.json.)
 
@@ -52,8 +52,8 @@ VARIANTS = {
 
 
 def build(base, name, calib):
-    from gemma4.gptq import awq_scale, gptq_quantize
-    from gemma4.quant import Int8Embedding, TiedHead, quantize
+    from gemma4.quant.gptq import awq_scale, gptq_quantize
+    from gemma4.quant.rtn import Int8Embedding, TiedHead, quantize
 
     method, scheme, gs, extra = VARIANTS[name]
     m = copy.deepcopy(base)
@@ -83,8 +83,8 @@ def main() -> None:
     torch.set_num_threads(2)
     import gemma4
     from gemma4 import assets
-    from gemma4.gptq import calibration_ids
-    from gemma4.quant import model_nbytes
+    from gemma4.quant.gptq import calibration_ids
+    from gemma4.quant.rtn import model_nbytes
 
     tok = gemma4.load_tokenizer(assets.gemma3_270m_gguf())
     ids = torch.tensor([tok.encode((HERE / "data" / "us_constitution.txt").read_text(encoding="utf-8"))])

@@ -42,7 +42,7 @@ def main() -> None:
     torch.set_num_threads(2)
     import gemma4
     from gemma4 import assets
-    from gemma4.quant import quantize
+    from gemma4.quant.rtn import quantize
 
     tok = gemma4.load_tokenizer(assets.gemma3_270m_gguf())
     base = gemma4.load_pretrained("gemma3-270m", dtype=torch.float32)

@@ -55,7 +55,7 @@ def prepare_checkpoints(root: Path, variants=None) -> dict[str, Path]:
     import torch
 
     import gemma4
-    from gemma4.quant import quantize
+    from gemma4.quant.rtn import quantize
 
     out, todo = {}, []
     for name in variants or VARIANTS:
@@ -95,12 +95,12 @@ def child(spec: dict) -> dict:
         a @ a
         torch.matmul(a[None, None], a[None, None])
         return {"rss_kb": _status_kb("VmRSS"), "hwm_kb": _status_kb("VmHWM")}
-    from gemma4.generate import decode_step, prefill
-    from gemma4.params import estimate_memory
-    from gemma4.quant import model_nbytes, pack_for_kernels
+    from gemma4.infer.generate import decode_step, prefill
+    from gemma4.model.size import estimate_memory
+    from gemma4.quant.rtn import model_nbytes, to_kernel_layout
 
     model = gemma4.load_pretrained(spec["path"])
-    pack_for_kernels(model)
+    to_kernel_layout(model)
     gc.collect()
     load_hwm = _status_kb("VmHWM")
     _reset_peak()

@@ -11,7 +11,7 @@ with bf16 activations, the dtype the kernels take).
 Speed (1 thread, same process, interleaved rounds, best round reported): greedy decode tok/s after a
 32-token prompt, ours (bf16 / int8 / int4) beside transformers' ``Gemma3ForCausalLM`` in bf16 on the same
 weights (our float model saved with ``save_pretrained``); each variant also runs after
-``gemma4.packed.pack_for_cpu`` ("packed" rows, the CLI's default path). Peak memory: a fresh subprocess per variant
+``gemma4.infer.fast_path.use_fast_path`` ("packed" rows, the CLI's default path). Peak memory: a fresh subprocess per variant
 (load, 512-token prefill, 16 decode steps), peak RSS minus a python+torch baseline (benchmarks/memory.py).
 
     python benchmarks/quant.py            # writes benchmarks/results/quant.json
@@ -42,7 +42,7 @@ SPEED = ["bf16", "int8", "int4-g32", "int4-g128"]
 
 
 def make_variant(base, name):
-    from gemma4.quant import quantize
+    from gemma4.quant.rtn import quantize
 
     m = copy.deepcopy(base)
     if name == "fp32":
@@ -80,7 +80,7 @@ def evaluate(model, ids: torch.Tensor, chunk: int = 512, head_rows: int = 128):
 
 @torch.no_grad()
 def ours_decode(model, prompt, n_new):
-    from gemma4.generate import decode_step, prefill
+    from gemma4.infer.generate import decode_step, prefill
 
     cache = model.new_cache()
     tok = prefill(model, prompt, cache).argmax(-1)
@@ -131,7 +131,7 @@ def main() -> None:
 
     import gemma4
     from gemma4 import assets
-    from gemma4.quant import kernels_available, model_nbytes
+    from gemma4.quant.rtn import kernels_available, model_nbytes
 
     con = Console(width=150)
     results: dict = {"kernels": kernels_available(), "time": time.strftime("%Y-%m-%d %H:%M")}
@@ -172,10 +172,10 @@ def main() -> None:
 
     hf = transformers.Gemma3ForCausalLM.from_pretrained(str(ckpts["bf16"]), dtype=torch.bfloat16).eval()
     models = {name: make_variant(base, name) for name in SPEED}
-    from gemma4.packed import pack_for_cpu
+    from gemma4.infer.fast_path import use_fast_path
 
-    # The same variants through pack_for_cpu (what `gemma4 generate` runs): fused kernel calls, f32 logits.
-    models.update({f"{name} packed": pack_for_cpu(make_variant(base, name)) for name in SPEED})
+    # The same variants through use_fast_path (what `gemma4 generate` runs): fused kernel calls, f32 logits.
+    models.update({f"{name} packed": use_fast_path(make_variant(base, name)) for name in SPEED})
     del base
     gc.collect()
     prompt = torch.randint(10, 20_000, (1, 32), generator=torch.Generator().manual_seed(0))

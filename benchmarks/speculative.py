@@ -22,8 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from gemma4 import Gemma4Config, build_model, init_random_  # noqa: E402
-from gemma4.drafter import DrafterConfig, build_drafter  # noqa: E402
-from gemma4.speculative import greedy_decode, speculative_generate  # noqa: E402
+from gemma4.model.drafter import DrafterConfig, build_drafter  # noqa: E402
+from gemma4.infer.speculative import greedy_decode, speculative_generate  # noqa: E402
 from tiny import DENSE, PLE  # noqa: E402
 
 S, F = "sliding_attention", "full_attention"

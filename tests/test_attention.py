@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import gemma4.attention as att
+import gemma4.model.attention as att
 from gemma4 import Gemma4Config, build_model, init_random_
-from gemma4.model import ATTENTION_BACKENDS, AttnContext, build_mask, eager_attention
+from gemma4.model.attention import ATTENTION_BACKENDS, AttnContext, eager_attention
+from gemma4.model.decoder import build_mask
 from tiny import DENSE, PLE, randomize_
 
 # (B, N heads, K kv heads, T new, past, D, window, left-padding of row 0, softcap)
@@ -102,7 +103,9 @@ def test_model_sdpa_matches_eager_with_padding(kind):
     with torch.no_grad():
         ref = m.set_attention_backend("eager")(ids, attention_mask=am)
         out = m.set_attention_backend("sdpa")(ids, attention_mask=am)
-    assert (out - ref)[am.bool()].abs().max().item() <= 1e-5
+    # Relative to the logit scale: SDPA and eager sum in different orders, and which order depends on the
+    # CPU's vector width (AVX-512 machines measured <= 1e-5 absolute, AVX2 ones 1.05e-5 at |logit| ~ 4).
+    assert (out - ref)[am.bool()].abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
 
 
 @pytest.mark.parametrize("backend", ["block_sparse", "linear"])
@@ -123,7 +126,8 @@ def test_experimental_backends_cached_decode_matches_full_forward(backend):
             steps.append(m(ids[:, i : i + 1], cache=cache)[0, -1])
     got = torch.stack(steps[:-1])
     assert torch.isfinite(got).all()
-    assert (got - full[149:161]).abs().max().item() <= 1e-4
+    # Relative to the logit scale, as above (cached and uncached paths reduce in different orders).
+    assert (got - full[149:161]).abs().max().item() <= 1e-4 * max(1.0, full.abs().max().item())
     ATTENTION_BACKENDS.pop("block_sparse_test", None)
 
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gemma4.cache import FullCache, SlidingCache
-from gemma4.config import Gemma4Config
-from gemma4.generate import decode_step, prefill
-from gemma4.model import build_model
+from gemma4.model.cache import FullCache, SlidingCache
+from gemma4.model.config import Gemma4Config
+from gemma4.infer.generate import decode_step, prefill
+from gemma4.model.decoder import build_model
 from tiny import TINY, randomize_
 
 KINDS = ["dense", "ple", "moe", "gemma3"]

@@ -3,7 +3,7 @@
 import pytest
 
 from gemma4 import assets
-from gemma4.chat import ParsedResponse, ToolCall, parse_response, render_chat
+from gemma4.text.chat import ParsedResponse, ToolCall, parse_response, render_chat
 
 WEATHER = {
     "type": "function",

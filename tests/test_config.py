@@ -6,8 +6,8 @@ import torch
 
 import gemma4
 from gemma4 import ConfigError, Gemma4Config
-from gemma4.config import FULL, SLIDING
-from gemma4.model import count_params
+from gemma4.model.config import FULL, SLIDING
+from gemma4.model.decoder import count_params
 
 # Text-decoder parameter counts (spec 4.2, transformers on the meta device; published: 31B 30.7B,
 # 26B-A4B 25.2B total, E2B 5.1B with towers / 4.63B text, E4B 8B with towers, 12B ~12B).

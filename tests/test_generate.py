@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import gemma4
-from gemma4.generate import GenerationError, NonFiniteLogitsError, generate, stream
-from gemma4.sampling import SamplingError, SamplingParams, sample_next, seen_mask
+from gemma4.infer.generate import GenerationError, NonFiniteLogitsError, generate, stream
+from gemma4.infer.sampling import SamplingError, SamplingParams, sample_next, seen_mask
 from test_cache import KINDS, tiny_model
 
 
@@ -241,7 +241,7 @@ def test_nan_logits_name_the_layer():
 @pytest.mark.parametrize("kind", ["ple", "moe"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_weights_compute_the_same_and_unpack(kind, dtype):
-    from gemma4.packed import FastRMSNorm, PackedLinear, PackedMLP, available, pack_for_cpu, unpack
+    from gemma4.infer.fast_path import FastRMSNorm, PackedLinear, PackedMLP, available, use_fast_path, use_plain_path
 
     # CPU decoding packs by default and the speed results rest on it: it must run here (CPU torch 2.13).
     assert available(dtype), f"oneDNN cannot run {dtype} here"
@@ -252,16 +252,19 @@ def test_packed_weights_compute_the_same_and_unpack(kind, dtype):
     with torch.no_grad():
         ref = m(ids).float()
     plain = generate(m, prompts, 10, stop_token_ids=())
-    pack_for_cpu(m)
+    use_fast_path(m)
     layer = m.model.layers[0]
     assert isinstance(layer.mlp, PackedMLP) and isinstance(layer.self_attn.q_proj, PackedLinear)
     assert isinstance(layer.input_layernorm, FastRMSNorm) and isinstance(m.lm_head, PackedLinear)
     with torch.no_grad():
         got = m(ids).float()
-    # same function: bf16 observed bit-identical, float32 differs by summation order only
-    assert (got - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+    # Same function. float32 differs by summation order only. bf16 is bit-identical where the CPU has
+    # native bf16 dot products (AVX512-BF16); on AVX2 oneDNN emulates them and rounds intermediate sums
+    # differently, up to one bf16 step (2^-8 relative) of the largest logit.
+    tol = 1e-5 if dtype == torch.float32 else 2.0**-7
+    assert (got - ref).abs().max().item() <= tol * ref.abs().max().item()
     assert generate(m, prompts, 10, stop_token_ids=()) == plain
-    unpack(m)
+    use_plain_path(m)
     assert m.lm_head is None
     after = m.state_dict()
     assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
@@ -270,7 +273,7 @@ def test_packed_weights_compute_the_same_and_unpack(kind, dtype):
 def test_run_inside_the_window_equals_the_ring_cache():
     # generate() swaps the sliding rings for plain caches when prompt + new tokens fit in the window;
     # the tokens must be those of the ring-cache decode loop.
-    from gemma4.generate import decode_step, prefill
+    from gemma4.infer.generate import decode_step, prefill
 
     m = tiny_model("ple", scale=1.0, sliding_window=64)
     prompt = _prompts([20], seed=9)[0]

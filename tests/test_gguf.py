@@ -9,8 +9,8 @@ import torch
 from typer.testing import CliRunner
 
 import gemma4
-from gemma4.config import FULL
-from gemma4.gguf_io import GGUFError, GGUFFile, config_from_gguf, dequantize, gguf_to_hf, hf_to_gguf, load_gguf, save_gguf
+from gemma4.model.config import FULL
+from gemma4.io.gguf import GGUFError, GGUFFile, config_from_gguf, dequantize, gguf_to_hf, hf_to_gguf, load_gguf, save_gguf
 from tiny import hf_model, write_hf_checkpoint
 
 KINDS = ["dense", "ple", "moe", "gemma3"]
@@ -227,7 +227,7 @@ def test_block_dequantization_matches_independent_decoder(qtype, ref):
 
 def test_chunked_dequantization_matches_gguf_package(monkeypatch):
     """Chunk boundaries (and the Q8_0 torch fast path) give exactly gguf.quants' values."""
-    import gemma4.gguf_io as gio
+    import gemma4.io.gguf as gio
 
     monkeypatch.setattr(gio, "_CHUNK_ELEMS", 1000)  # not a multiple of any block: exercises the rounding
     rng = np.random.default_rng(0)
@@ -364,7 +364,7 @@ def _tiny_tokenizer_json(path):
 def test_convert_carries_the_vocabulary(ckpts, tmp_path):
     """dir (tokenizer.json) -> GGUF (llama.cpp tokenizer keys) -> dir (tokenizer.json): same token ids."""
     from gemma4.cli import app
-    from gemma4.gguf_io import tokenizer_for
+    from gemma4 import load_tokenizer as tokenizer_for
 
     src = tmp_path / "src"
     src.mkdir()
@@ -407,7 +407,7 @@ def _tiny_config(kind):
 
 def test_architecture_keys_of_a_real_llama_cpp_gemma4_file():
     """llama.cpp's Gemma 4 vocab file carries the 26B-A4B hyperparameters: they must read as that preset."""
-    from gemma4.assets import gemma4_vocab_gguf
+    from gemma4.io.assets import gemma4_vocab_gguf
 
     g = GGUFFile(gemma4_vocab_gguf())
     cfg, ref = config_from_gguf(g), gemma4.Gemma4Config.from_preset("26b-a4b")

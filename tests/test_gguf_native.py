@@ -1,4 +1,4 @@
-"""GGUF Q4_K blocks kept as int4-g32 (gemma4.gguf_quant), and mixed-scheme quantized models (overrides)."""
+"""GGUF Q4_K blocks kept as int4-g32 (gemma4.io.gguf_native), and mixed-scheme quantized models (overrides)."""
 
 import importlib.util
 import json
@@ -9,10 +9,10 @@ import pytest
 import quant_tiny
 import torch
 
-from gemma4.checkpoint import load_pretrained, save_pretrained
-from gemma4.gguf_io import dequantize
-from gemma4.gguf_quant import Q4_K, q4k_blocks, q4k_to_int4
-from gemma4.quant import Int4Linear, Int8Linear, QuantizationError, _int4_dequant, quantize
+from gemma4.io import load_pretrained, save_pretrained
+from gemma4.io.gguf import dequantize
+from gemma4.io.gguf_native import Q4_K, q4k_blocks, q4k_to_int4
+from gemma4.quant.rtn import Int4Linear, Int8Linear, QuantizationError, int4_dequant, quantize
 
 TOP5 = [506, 496, 9079, 886, 3224]  # fp32 reference after "The capital of France is" (test_real_model.py)
 
@@ -41,7 +41,7 @@ def test_synthetic_q4k_converts_exactly_up_to_bf16_scales():
     assert q.dtype == torch.uint8 and q.shape == shape and int(q.max()) <= 15
     assert sz.dtype == torch.bfloat16 and sz.shape == (shape[1] // 32, shape[0], 2)
     assert torch.equal(q, codes.reshape(shape))  # same codes: only (scale, zero) are rounded
-    err = (_int4_dequant(q, sz, 32, torch.float32) - ref).abs()
+    err = (int4_dequant(q, sz, 32, torch.float32) - ref).abs()
     assert (err <= _bound(raw, shape)).all()
     with pytest.raises(Exception, match="256"):
         q4k_to_int4(raw, (24, 128))
@@ -81,9 +81,9 @@ def test_mixed_scheme_overrides_save_load(tmp_path):
 def test_real_model_gguf_native(tmp_path):
     from typer.testing import CliRunner
 
-    from gemma4.assets import gemma3_270m_gguf
+    from gemma4.io.assets import gemma3_270m_gguf
     from gemma4.cli import app
-    from gemma4.gguf_io import GGUFFile
+    from gemma4.io.gguf import GGUFFile
 
     path = gemma3_270m_gguf()
     g = GGUFFile(path)
@@ -91,7 +91,7 @@ def test_real_model_gguf_native(tmp_path):
     t = g.tensors[name]
     assert t.qtype == Q4_K
     q, sz = q4k_to_int4(g.raw(name), t.shape)
-    err = (_int4_dequant(q, sz, 32, torch.float32) - g.load(name)).abs()
+    err = (int4_dequant(q, sz, 32, torch.float32) - g.load(name)).abs()
     assert (err <= _bound(g.raw(name), t.shape)).all() and err.max() < 3e-3
 
     # gemma4 quantize gemma3-270m OUT --scheme gguf-native, then the saved mixed model loads back

@@ -3,8 +3,8 @@ import torch
 
 import quant_tiny
 from gemma4 import load_pretrained, save_pretrained
-from gemma4.gptq import awq_scale, gptq_matrix, gptq_quantize, layer_output_error
-from gemma4.quant import (Int4Linear, Int8Embedding, Int8Linear, QuantizationError, _int4_dequant, int8_dequant,
+from gemma4.quant.gptq import awq_scale, gptq_matrix, gptq_quantize, layer_output_error
+from gemma4.quant.rtn import (Int4Linear, Int8Embedding, Int8Linear, QuantizationError, int4_dequant, int8_dequant,
                           quantize, quantize_int4_tensor, quantize_int8_tensor)
 
 
@@ -23,8 +23,8 @@ def test_matrix_int4_format_and_lower_output_error(act_order, gs):
     rc, rsz = quantize_int4_tensor(w, gs)
     assert codes.dtype == torch.uint8 and codes.shape == rc.shape and int(codes.max()) <= 15
     assert sz.dtype == torch.bfloat16 and sz.shape == rsz.shape
-    e_gptq = layer_output_error(w, _int4_dequant(codes, sz, gs, torch.float32), x)
-    e_rtn = layer_output_error(w, _int4_dequant(rc, rsz, gs, torch.float32), x)
+    e_gptq = layer_output_error(w, int4_dequant(codes, sz, gs, torch.float32), x)
+    e_rtn = layer_output_error(w, int4_dequant(rc, rsz, gs, torch.float32), x)
     assert e_gptq < 0.9 * e_rtn
 
 
@@ -150,7 +150,7 @@ def test_awq_bad_input():
 def test_cli_quantize_awq_gptq(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    import gemma4.cli_generate as cg
+    import gemma4.cli.quant as cg
     from gemma4.cli import app
 
     class Tok:  # the tiny checkpoint has no tokenizer: bytes of the text as ids < 320
@@ -162,7 +162,7 @@ def test_cli_quantize_awq_gptq(tmp_path, monkeypatch):
     (tmp_path / "calib.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
     r = CliRunner().invoke(app, ["quantize", str(src), str(tmp_path / "bad"), "--method", "gptq"])
     assert r.exit_code != 0 and "no tokenizer" in " ".join(r.output.replace("│", " ").split())
-    monkeypatch.setattr(cg, "_find_tokenizer", lambda path: Tok())
+    monkeypatch.setattr(cg, "find_tokenizer", lambda path: Tok())
     r = CliRunner().invoke(app, ["quantize", str(src), str(tmp_path / "q"), "--method", "awq-gptq", "--embedding-scheme",
                                  "int8", "--calib-text", str(tmp_path / "calib.txt"), "--calib-tokens", "1024",
                                  "--int8-modules", "v_proj"])

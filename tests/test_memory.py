@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from gemma4 import Gemma4Config, estimate_memory
-from gemma4.config import FULL, SLIDING
-from gemma4.params import kv_cache_bytes, parse_tokens, weight_bytes
-from gemma4.quant import Int4Linear, Int8Linear, kernels_available, model_nbytes, quantize
+from gemma4.model.config import FULL, SLIDING
+from gemma4.model.size import kv_cache_bytes, parse_tokens, weight_bytes
+from gemma4.quant.rtn import Int4Linear, Int8Linear, kernels_available, model_nbytes, quantize
 
 import quant_tiny
 
@@ -98,17 +98,19 @@ def test_quantized_matmuls_allocate_only_their_output(cls, kw):
     assert y.dtype == torch.bfloat16 and seen.nbytes == [y.numel() * 2]
 
 
-def test_onednn_cache_caps_set_on_import_unless_exported():
+def test_onednn_cache_caps_set_by_the_fast_path_not_on_import_and_user_values_win():
     import subprocess
     import sys
 
-    code = "import os; import gemma4; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'], os.environ['LRU_CACHE_CAPACITY'])"
+    code = ("import os, gemma4; print(os.environ.get('ONEDNN_PRIMITIVE_CACHE_CAPACITY'));"
+            "from gemma4.infer.fast_path import configure_onednn; configure_onednn();"
+            "print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'], os.environ['LRU_CACHE_CAPACITY'])")
     env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["64", "64"]
+    assert out.split() == ["None", "64", "64"]  # nothing on import; set where the fast path is set up
     out = subprocess.run([sys.executable, "-c", code], env={**env, "LRU_CACHE_CAPACITY": "8"}, capture_output=True,
                          text=True, check=True).stdout
-    assert out.split() == ["64", "8"]
+    assert out.split() == ["None", "64", "8"]
 
 
 def test_bad_input_and_token_parsing():

@@ -11,9 +11,10 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 import gemma4
+from gemma4.cli.generate import latency_table
 from gemma4.cli import app
-from gemma4.generate import generate
-from gemma4.monitor import CATEGORIES, LatencyMonitor, classify
+from gemma4.infer.generate import generate
+from gemma4.infer.monitor import CATEGORIES, LatencyMonitor, classify
 from test_cache import tiny_model
 
 
@@ -50,7 +51,7 @@ def test_monitor_numbers_are_sane(kind, present, absent):
     assert "logits" not in m.__dict__
     assert all(not mod._forward_hooks and not mod._forward_pre_hooks for mod in m.modules())
     text = io.StringIO()
-    Console(file=text, width=120).print(mon.table(per_layer=True))
+    Console(file=text, width=120).print(latency_table(mon, per_layer=True))
     assert "decode tok/s" in text.getvalue() and "attention" in text.getvalue()
 
 
@@ -105,7 +106,7 @@ def test_cli_generate_bad_input(checkpoint):
 
 
 def test_cli_generate_text_with_tokenizer(tmp_path):
-    from gemma4.tokenizer import Tokenizer, build_from_vocab
+    from gemma4.text.tokenizer import Tokenizer, build_from_vocab
 
     gemma4.save_pretrained(tiny_model("gemma3", scale=1.0), tmp_path)
     # A 256-token character vocabulary matching the tiny model's vocab size.

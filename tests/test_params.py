@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from gemma4 import Gemma4Config, PRESETS, build_model, count_parameters
-from gemma4.config import FULL, SLIDING
-from gemma4.params import published_comparison
+from gemma4.model.config import FULL, SLIDING
+from gemma4.model.size import published_comparison
 
 import quant_tiny
 

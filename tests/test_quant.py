@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gemma4 import CheckpointError, load_pretrained, quantize, save_pretrained
-from gemma4.checkpoint import _malloc_trim, release_free_heap
-from gemma4.quant import (
-    Int4Linear, Int8Linear, QuantizationError, TiedHead, _gather_cpu_int4_rows, _Int4, _int4_cpu_layout,
-    _int4_dequant, _unpack_cpu_int4, dequantize_model, int8_dequant, kernels_available, model_nbytes,
+from gemma4._util import _malloc_trim, release_free_heap
+from gemma4.quant.rtn import (
+    Int4Linear, Int8Linear, QuantizationError, TiedHead, _gather_cpu_int4_rows, Int4Weight, int4_cpu_layout,
+    int4_dequant, _unpack_cpu_int4, dequantize_model, int8_dequant, kernels_available, model_nbytes,
     pack_nibbles, prepare_quantized, quantize_int4_tensor, quantize_int8_tensor, unpack_nibbles,
 )
 
@@ -32,16 +32,16 @@ def test_tensor_formats_and_errors():
     for gs, bound in ((32, 0.09), (128, 0.11)):
         codes, sz = quantize_int4_tensor(w, gs)
         assert codes.max() <= 15 and sz.shape == (256 // gs, 96, 2) and sz.dtype == torch.bfloat16
-        assert rel(_int4_dequant(codes, sz, gs, torch.float32), w) < bound
+        assert rel(int4_dequant(codes, sz, gs, torch.float32), w) < bound
         assert torch.equal(unpack_nibbles(pack_nibbles(codes)), codes)
     # A group that is constant quantizes exactly (zero scale is clamped, not a division by zero).
     c, sz = quantize_int4_tensor(torch.full((16, 32), 0.25), 32)
-    assert torch.allclose(_int4_dequant(c, sz, 32, torch.float32), torch.full((16, 32), 0.25))
+    assert torch.allclose(int4_dequant(c, sz, 32, torch.float32), torch.full((16, 32), 0.25))
 
 
-@pytest.mark.skipif(_int4_cpu_layout() is None, reason="no int4 CPU kernel in this torch build")
+@pytest.mark.skipif(int4_cpu_layout() is None, reason="no int4 CPU kernel in this torch build")
 def test_int4_cpu_layout_unpack_and_row_gather():
-    layout = _int4_cpu_layout()
+    layout = int4_cpu_layout()
     g = torch.Generator().manual_seed(1)
     for n in (208, 64, 16):  # full blocks + a partial one, a single block, a lone partial block
         codes = torch.randint(0, 16, (n, 96), dtype=torch.int32, generator=g)
@@ -57,7 +57,7 @@ def test_int4_cpu_layout_unpack_and_row_gather():
     assert torch.equal(lin.qweight, whole)
 
 
-@pytest.mark.skipif(_int4_cpu_layout() is None, reason="no int4 CPU kernel in this torch build")
+@pytest.mark.skipif(int4_cpu_layout() is None, reason="no int4 CPU kernel in this torch build")
 def test_int4_repack_in_place_and_at_load(tmp_path):
     g = torch.Generator().manual_seed(3)
     lin = Int4Linear(2048 + 80, 64, 32)  # several repack chunks, the last with a partial kernel block
@@ -77,7 +77,7 @@ def test_int4_repack_in_place_and_at_load(tmp_path):
     m = quantize(quant_tiny.model("gemma3"), "int4", 32)
     save_pretrained(m, tmp_path)
     m2 = load_pretrained(tmp_path)
-    mods = [x for x in m2.modules() if isinstance(x, _Int4) and x.kernel_layout]
+    mods = [x for x in m2.modules() if isinstance(x, Int4Weight) and x.kernel_layout]
     assert mods and all(x._packed is not None for x in mods)
     ids = torch.randint(0, 320, (1, 6), generator=g)
     with torch.no_grad():

@@ -13,7 +13,8 @@ pytest.importorskip(
 )
 
 import gemma4  # noqa: E402
-from gemma4.gguf_io import GGUFFile, tokenizer_for  # noqa: E402
+from gemma4.io.gguf import GGUFFile  # noqa: E402
+from gemma4.text import load_tokenizer as tokenizer_for  # noqa: E402
 
 PROMPT = "The capital of France is"
 PROMPT_IDS = [2, 818, 5279, 529, 7001, 563]  # <bos> The capital of France is
@@ -59,7 +60,7 @@ def test_top5_next_tokens(model, tokenizer):
 
 
 def test_greedy_continuation(model, tokenizer):
-    from gemma4.generate import generate
+    from gemma4.infer.generate import generate
 
     out = generate(model, [tokenizer.encode(PROMPT)], max_new_tokens=16)[0]
     assert tokenizer.decode(out).startswith(CONTINUATION), tokenizer.decode(out)
@@ -71,8 +72,8 @@ def test_real_blocks_match_independent_decoders(model):
 
     import gguf
 
-    from gemma4.assets import gemma3_270m_gguf
-    from gemma4.gguf_io import dequantize
+    from gemma4.io.assets import gemma3_270m_gguf
+    from gemma4.io.gguf import dequantize
 
     g = GGUFFile(gemma3_270m_gguf())
     refs = {"Q8_0": _ref_q8_0, "Q5_0": _ref_q5_0, "Q4_K": _ref_q4_k, "Q6_K": _ref_q6_k}

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from gemma4 import Gemma4Config, build_model, init_random_
-from gemma4.drafter import DrafterConfig, build_drafter
-from gemma4.speculative import _Picker, greedy_decode, speculative_generate
+from gemma4.model.drafter import DrafterConfig, build_drafter
+from gemma4.infer.speculative import _Picker, greedy_decode, speculative_generate
 from tiny import DENSE, GEMMA3, PLE
 
 S, F = "sliding_attention", "full_attention"

@@ -7,7 +7,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from gemma4.token_analysis import (analyze, compare_reports, read_text_file, register, resolve_tokenizer,
+from gemma4.cli.tokens import register
+from gemma4.text.analysis import (analyze, compare_reports, read_text_file, resolve_tokenizer,
                                    train_bpe, word_script)
 
 DATA = Path(__file__).parent / "data"

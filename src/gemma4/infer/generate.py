@@ -1,6 +1,6 @@
 """Text generation: prefill, decode, batched generation and its streaming form.
 
-* :func:`prefill` runs a prompt through the model in chunks, filling a :class:`~gemma4.cache.ModelCache`,
+* :func:`prefill` runs a prompt through the model in chunks, filling a :class:`~gemma4.model.cache.ModelCache`,
   and returns only the last position's logits (never [T, vocab] unless you call the model yourself).
 * :func:`decode_step` feeds one token per row and returns the next logits.
 * :func:`stream` yields the new token of every row at each step; :func:`generate` collects them.
@@ -20,8 +20,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from gemma4.cache import FullCache, ModelCache, SlidingCache
-from gemma4.sampling import SamplingParams, sample_next
+from gemma4.model.cache import FullCache, ModelCache, SlidingCache
+from gemma4.infer.sampling import SamplingParams, sample_next
 
 log = logging.getLogger("gemma4")
 
@@ -374,7 +374,7 @@ def stream(
     stop_strings: stop a row once its decoded output contains one; needs ``tokenizer`` (an object with
         ``.decode(ids)``, or a decode function).
     prefill_chunk: prompt tokens per prefill forward (None = all at once).
-    monitor: a :class:`gemma4.monitor.LatencyMonitor` to time the run.
+    monitor: a :class:`gemma4.infer.monitor.LatencyMonitor` to time the run.
     """
     p = _params(params, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                 repetition_penalty=repetition_penalty, seed=seed)
@@ -392,9 +392,3 @@ def generate(model, prompts, max_new_tokens: int = 64, **kw) -> list[list[int]]:
     for _ in g:
         pass
     return g.tokens
-
-
-def register(app) -> None:
-    from gemma4.cli_generate import register as _register
-
-    _register(app)

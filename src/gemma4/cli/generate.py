@@ -6,34 +6,54 @@ import json
 import sys
 from typing import Optional
 
+import torch
 import typer
+from rich.console import Console, Group
+from rich.table import Table
 
-_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-           "float16": "float16", "fp16": "float16"}
+from gemma4.cli._common import DTYPE_HELP, dtype_option, find_tokenizer
+from gemma4.infer import GenerationError, LatencyMonitor, SamplingError, SamplingParams, stream, use_fast_path
+from gemma4.infer.monitor import CATEGORIES
+from gemma4.io import load_pretrained
 
-
-def _find_tokenizer(model_path: str):
-    """The checkpoint's tokenizer (tokenizer.json / tokenizer.model in the directory, or the GGUF
-    vocabulary), or None when there is none (then the CLI works on token ids)."""
-    try:
-        from gemma4.tokenizer import load_tokenizer
-        from gemma4.checkpoint import resolve_path
-    except ImportError:
-        return None
-    try:
-        p = resolve_path(model_path)
-    except FileNotFoundError:
-        return None
-    try:
-        if p.is_dir():
-            if (p / "tokenizer.json").is_file() or (p / "tokenizer.model").is_file():
-                return load_tokenizer(p)
-            return None
-        if p.suffix == ".gguf":
-            return load_tokenizer(p)
-    except Exception as e:  # a broken tokenizer file should not hide the model: say so and use ids
-        typer.echo(f"warning: could not load the tokenizer from {p}: {e}; working on token ids", err=True)
-    return None
+def latency_table(mon: LatencyMonitor, per_layer: bool = False):
+    """A rich renderable: summary line plus the component breakdown (and optionally per layer)."""
+    r = mon.report()
+    summary = Table(title="generation latency", show_header=True)
+    for col in ("TTFT", "prefill tok/s", "decode tok/s", "prompt tokens", "decode steps", "batch"):
+        summary.add_column(col, justify="right")
+    summary.add_row(f"{r['ttft_s'] * 1e3:.1f} ms", f"{r['prefill_tok_s']:.1f}", f"{r['decode_tok_s']:.2f}",
+                    str(r["prompt_tokens"]), str(r["decode_steps"]), str(r["batch"]))
+    parts = [summary]
+    if "breakdown" in r:
+        steps = max(r["decode_steps"], 1)
+        t = Table(title="where the time goes (forward hooks)")
+        t.add_column("component")
+        t.add_column("prefill ms", justify="right")
+        t.add_column("prefill %", justify="right")
+        t.add_column("decode ms/step", justify="right")
+        t.add_column("decode %", justify="right")
+        pre, dec = r["breakdown"]["prefill"], r["breakdown"]["decode"]
+        pw = max(r["prefill_s"], 1e-12)
+        dw = max(r["decode_s"], 1e-12)
+        rows = [(c, pre["seconds"][c], dec["seconds"][c]) for c in CATEGORIES]
+        rows.append(("outside forward (sampling, loop)", pre["outside_forward_s"], dec["outside_forward_s"]))
+        for name, a, b in rows:
+            if a == 0 and b == 0:
+                continue
+            t.add_row(name, f"{a * 1e3:.2f}", f"{100 * a / pw:.1f}", f"{b * 1e3 / steps:.3f}", f"{100 * b / dw:.1f}")
+        parts.append(t)
+        if per_layer:
+            lt = Table(title="decode ms/step by layer")
+            lt.add_column("layer", justify="right")
+            cats = [c for c in ("attention", "mlp", "moe", "ple", "norms") if any(
+                c in d for d in r["per_layer"]["decode"].values())]
+            for c in cats:
+                lt.add_column(c, justify="right")
+            for i, d in r["per_layer"]["decode"].items():
+                lt.add_row(str(i), *[f"{d.get(c, 0.0) * 1e3 / steps:.3f}" for c in cats])
+            parts.append(lt)
+    return Group(*parts)
 
 
 class _TextStreamer:
@@ -72,7 +92,7 @@ def register(app: typer.Typer) -> None:
         seed: Optional[int] = typer.Option(None, help="Random seed for reproducible sampling."),
         stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable; needs a tokenizer)."),
         no_bos: bool = typer.Option(False, "--no-bos", help="Do not prepend <bos> to a text prompt."),
-        dtype: Optional[str] = typer.Option(None, help="float32 / bfloat16 / float16 (default: the checkpoint's)."),
+        dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP + " (default: the checkpoint's)."),
         device: str = typer.Option("cpu", help="cpu, cuda, ..."),
         prefill_chunk: int = typer.Option(512, help="Prompt tokens per prefill forward."),
         threads: Optional[int] = typer.Option(None, help="torch.set_num_threads."),
@@ -81,17 +101,11 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object (ids, text, stats) instead of streaming."),
     ):
         """Generate a continuation of a prompt, streamed as it is produced."""
-        import torch
 
-        from gemma4.checkpoint import load_pretrained
-        from gemma4.generate import GenerationError, stream
-        from gemma4.monitor import LatencyMonitor
-        from gemma4.sampling import SamplingError, SamplingParams
 
         if threads:
             torch.set_num_threads(threads)
-        if dtype is not None and dtype.lower() not in _DTYPES:
-            raise typer.BadParameter(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(set(_DTYPES.values())))}")
+        torch_dtype = dtype_option(dtype)
         if (prompt is None) == (ids is None):
             raise typer.BadParameter("give either a text prompt or --ids (not both)")
         try:
@@ -100,7 +114,7 @@ def register(app: typer.Typer) -> None:
         except SamplingError as e:
             raise typer.BadParameter(str(e)) from None
 
-        tok = _find_tokenizer(model)
+        tok = find_tokenizer(model)
         if ids is not None:
             try:
                 prompt_ids = [int(x) for x in ids.replace(",", " ").split()]
@@ -113,12 +127,10 @@ def register(app: typer.Typer) -> None:
         if stop and tok is None:
             raise typer.BadParameter("--stop needs a tokenizer next to the checkpoint")
 
-        torch_dtype = getattr(torch, _DTYPES[dtype.lower()]) if dtype else None
         m = load_pretrained(model, dtype=torch_dtype, device=device)
         if not no_pack:
-            from gemma4.packed import pack_for_cpu
 
-            pack_for_cpu(m)  # no-op off CPU or where oneDNN cannot run the dtype
+            use_fast_path(m)  # no-op off CPU or where oneDNN cannot run the dtype
         mon = LatencyMonitor(m, breakdown=stats)
         with mon:
             try:
@@ -152,8 +164,6 @@ def register(app: typer.Typer) -> None:
             typer.echo(json.dumps(obj))
             return
         if stats:
-            from rich.console import Console
-
-            Console(file=sys.stdout, width=110).print(mon.table())
+            Console(file=sys.stdout, width=110).print(latency_table(mon))
         else:
             typer.echo(f"[{len(out_ids)} tokens, {g.finish_reasons[0]}]", err=True)

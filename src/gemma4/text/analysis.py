@@ -25,9 +25,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import typer
-
-from gemma4.tokenizer import Tokenizer, load_tokenizer
+from gemma4.io import assets
+from gemma4.text.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["Stats", "Report", "analyze", "compare_reports", "read_text_file", "train_bpe", "plot_pieces",
            "register"]
@@ -288,174 +287,10 @@ def plot_pieces(series: Mapping[str, Stats], out: str | Path, max_pieces: int = 
     return out
 
 
-# ------------------------------------------------------------------------------------------------ CLI
-
-tokens_app = typer.Typer(
-    help="Measure how a tokenizer splits your text (fertility, compression, byte fallback) and train a "
-         "domain tokenizer to compare against.",
-    no_args_is_help=True,
-)
-
-_TOKENIZER_HELP = ("Tokenizer: 'gemma4' (default: the Gemma 4 vocabulary, fetched and cached on first use), "
-                   "'gemma3' (the Gemma 3 vocabulary from the Gemma 3 270M GGUF), or a path to a "
-                   "tokenizer.json, tokenizer.model, .gguf file or a directory holding one.")
-
-
 @lru_cache(maxsize=4)
 def resolve_tokenizer(spec: str | None) -> Tokenizer:
-    from gemma4 import assets
-
     if spec in (None, "", "gemma4"):
         return load_tokenizer(assets.gemma4_vocab_gguf())
     if spec == "gemma3":
         return load_tokenizer(assets.gemma3_270m_gguf())
     return load_tokenizer(spec)
-
-
-def _fail(msg: str) -> None:
-    from rich.console import Console
-
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {msg}", highlight=False, markup=True)
-    raise typer.Exit(2)
-
-
-def _read_all(files: Sequence[Path]) -> dict[str, str]:
-    texts = {}
-    for f in files:
-        name = Path(f).name if Path(f).name not in texts else str(f)
-        texts[name] = read_text_file(f)
-    return texts
-
-
-def _fmt(v: float | None, pct: bool = False) -> str:
-    if v is None:
-        return "-"
-    return f"{v * 100:.2f}%" if pct else f"{v:.3f}"
-
-
-def _print_report(report: Report, top: int) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    con = Console()
-    con.print(f"[bold]Tokenizer:[/] {report.tokenizer}")
-    for title, groups in (("Per file / domain", report.files), ("Per script", report.scripts)):
-        t = Table(title=title)
-        t.add_column("name", overflow="fold")
-        # Short headers keep the table readable in an 80-column terminal (see the module docstring).
-        for col in ("words", "tokens", "fertility", "bytes/tok", "chars/tok", "byte fb", "1-piece"):
-            t.add_column(col, justify="right")
-        rows = list(groups.values()) + ([report.total] if groups is report.files else [])
-        for st in rows:
-            t.add_row(st.name, str(st.words), str(st.tokens), _fmt(st.fertility), _fmt(st.bytes_per_token),
-                      _fmt(st.chars_per_token), _fmt(st.byte_fallback_share, True), _fmt(st.single_token_share, True))
-        con.print(t)
-    t = Table(title=f"Words split into the most pieces (top {top})")
-    t.add_column("word")
-    t.add_column("pieces", justify="right")
-    t.add_column("split")
-    for word, pieces in report.total.most_split(top):
-        t.add_row(word, str(len(pieces)), " | ".join(pieces))
-    con.print(t)
-
-
-def _print_comparison(cmp: dict, title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    con = Console()
-    con.print(f"[bold]A:[/] {cmp['a']}\n[bold]B:[/] {cmp['b']}\n(fert = fertility, tokens per word; B/tok = "
-              "bytes per token; fb = byte-fallback share)", highlight=False)
-    t = Table(title=title)
-    t.add_column("group", overflow="fold")
-    for col in ("fert A", "fert B", "Δ fert", "B/tok A", "B/tok B", "fb A", "fb B"):
-        t.add_column(col, justify="right")
-    groups = [("all", cmp["total"])] + list(cmp["files"].items()) + [(f"[{k}]", v) for k, v in cmp["scripts"].items()]
-    for name, row in groups:
-        fert, bpt, fb = row["fertility"], row["bytes_per_token"], row["byte_fallback_share"]
-        change = "-" if fert["change_pct"] is None else f"{fert['change_pct']:+.1f}%"
-        t.add_row(name, _fmt(fert["a"]), _fmt(fert["b"]), change, _fmt(bpt["a"]), _fmt(bpt["b"]),
-                  _fmt(fb["a"], True), _fmt(fb["b"], True))
-    con.print(t)
-
-
-_ANALYZE_HELP = ("Tokens per word (fertility), bytes and characters per token, byte-fallback share and the "
-                 "most-split words, for each file and each script. Lower fertility and more bytes per token mean "
-                 "the vocabulary fits the text better; byte fallback marks characters the vocabulary lacks.")
-_TRAIN_HELP = ("Train a domain BPE tokenizer (byte fallback, via `tokenizers`) and show how fertility on held-out "
-               "text changes against the base tokenizer. A small domain vocabulary usually splits jargon into "
-               "fewer pieces while handling general text worse; this measures by how much.")
-
-
-@tokens_app.command("analyze", help=_ANALYZE_HELP)
-def analyze_cmd(
-    files: list[Path] = typer.Argument(..., help="UTF-8 text files; each is reported as its own domain."),
-    tokenizer: str = typer.Option("gemma4", "--tokenizer", "-t", help=_TOKENIZER_HELP),
-    compare: str | None = typer.Option(None, "--compare", "-c",
-                                       help="A second tokenizer (same forms as --tokenizer) shown side by side."),
-    top: int = typer.Option(10, help="How many of the most-split words to list."),
-    json_out: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables."),
-    plot: Path | None = typer.Option(None, "--plot", help="Write a PNG of the pieces-per-word distribution."),
-) -> None:
-    try:
-        texts = _read_all(files)
-        report = analyze(resolve_tokenizer(tokenizer), texts, top=top)
-        other = analyze(resolve_tokenizer(compare), texts, top=top) if compare else None
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        _fail(str(e))
-    if plot is not None:
-        series = ({f"A: {tokenizer}": report.total, f"B: {compare}": other.total} if other
-                  else dict(report.files))
-        plot_pieces(series, plot)
-    if json_out:
-        payload = report.to_dict(top) if other is None else {
-            "a": report.to_dict(top), "b": other.to_dict(top), "comparison": compare_reports(report, other)}
-        print(json.dumps(payload, ensure_ascii=False, indent=2))
-        return
-    _print_report(report, top)
-    if other is not None:
-        _print_report(other, top)
-        _print_comparison(compare_reports(report, other), "A vs B (change = B relative to A)")
-    if plot is not None:
-        typer.echo(f"plot written to {plot}")
-
-
-@tokens_app.command("train", help=_TRAIN_HELP)
-def train_cmd(
-    files: list[Path] = typer.Argument(..., help="UTF-8 training text files from your domain."),
-    vocab_size: int = typer.Option(8000, "--vocab-size", "-v", help="Size of the new vocabulary (incl. 260 "
-                                                                   "special and byte tokens)."),
-    heldout: Path = typer.Option(..., "--heldout", help="Held-out UTF-8 text (not used for training) to "
-                                                        "measure fertility on."),
-    tokenizer: str = typer.Option("gemma4", "--tokenizer", "-t", help="Base tokenizer to compare against. "
-                                  + _TOKENIZER_HELP),
-    min_frequency: int = typer.Option(2, help="Merges must occur at least this often in the training text."),
-    output: Path | None = typer.Option(None, "--output", "-o", help="Save the trained tokenizer.json here."),
-    json_out: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables."),
-    plot: Path | None = typer.Option(None, "--plot", help="Write a PNG comparing the pieces-per-word distributions."),
-) -> None:
-    try:
-        train_texts = [read_text_file(f) for f in files]
-        held = {Path(heldout).name: read_text_file(heldout)}
-        trained = train_bpe(train_texts, vocab_size, min_frequency)
-        base_report = analyze(resolve_tokenizer(tokenizer), held)
-        new_report = analyze(trained, held)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        _fail(str(e))
-    if output is not None:
-        trained.save(output)
-    cmp = compare_reports(base_report, new_report)
-    if plot is not None:
-        plot_pieces({f"base: {tokenizer}": base_report.total, "trained": new_report.total}, plot)
-    if json_out:
-        print(json.dumps({"vocab_size": trained.vocab_size, "base": base_report.to_dict(),
-                          "trained": new_report.to_dict(), "comparison": cmp}, ensure_ascii=False, indent=2))
-        return
-    _print_comparison(cmp, f"Held-out fertility: base (A) vs trained BPE with {trained.vocab_size} tokens (B)")
-    if output is not None:
-        typer.echo(f"trained tokenizer saved to {output}")
-
-
-def register(app: typer.Typer) -> None:
-    """Add the `tokens` command group to the main CLI."""
-    app.add_typer(tokens_app, name="tokens")

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gemma4._util import Gemma4Error, release_free_heap
 from gemma4.model import Experts, Gemma4ForCausalLM
 
 log = logging.getLogger("gemma4")
@@ -51,7 +52,7 @@ _ROWS_PER_CHUNK = 8192  # quantize big tables in row chunks: bounded float tempo
 _REPACK_ROWS = 1024
 
 
-class QuantizationError(ValueError):
+class QuantizationError(Gemma4Error, ValueError):
     """Bad quantization request or quantized checkpoint; the message names the problem."""
 
 
@@ -61,9 +62,9 @@ def _has_op(name: str) -> bool:
 
 
 @functools.cache
-def _int8_kernel_ok() -> bool:
+def int8_kernel_ok() -> bool:
     """Self-check of torch._weight_int8pack_mm on this machine (it has silently wrong results for
-    unsupported shapes, so shapes are also gated in :func:`_int8_shape_ok`)."""
+    unsupported shapes, so shapes are also gated in :func:`int8_shape_ok`)."""
     if not hasattr(torch, "_weight_int8pack_mm"):
         return False
     try:
@@ -78,7 +79,7 @@ def _int8_kernel_ok() -> bool:
         return False
 
 
-def _int8_shape_ok(k: int) -> bool:
+def int8_shape_ok(k: int) -> bool:
     # The vectorised kernel walks K in 16-wide steps and returns garbage for other K (measured on
     # AVX-512, torch 2.13); 32 leaves a margin for wider vector units.
     return k % 32 == 0
@@ -125,7 +126,7 @@ def _gather_cpu_int4_rows(p: torch.Tensor, layout: tuple[str, int], k: int, ids:
 
 
 @functools.cache
-def _int4_cpu_layout() -> tuple[str, int] | None:
+def int4_cpu_layout() -> tuple[str, int] | None:
     """Which CPU int4 layout this torch build packs into (probed and checked numerically), or None
     when the kernel is missing or unrecognised — then int4 stays portable and dequantizes."""
     if not (_has_op("_convert_weight_to_int4pack_for_cpu") and _has_op("_weight_int4pack_mm_for_cpu")):
@@ -143,7 +144,7 @@ def _int4_cpu_layout() -> tuple[str, int] | None:
             layout = found[0]
             sz = torch.rand(k // 32, n, 2, generator=g).to(torch.bfloat16)
             x = torch.randn(2, k, generator=g).to(torch.bfloat16)
-            w = _int4_dequant(q.to(torch.uint8), sz, 32, torch.float32)
+            w = int4_dequant(q.to(torch.uint8), sz, 32, torch.float32)
             ref = x.float() @ w.t()
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 32, sz).float()
             if not torch.allclose(y, ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max())):
@@ -154,7 +155,7 @@ def _int4_cpu_layout() -> tuple[str, int] | None:
 
 
 def kernels_available() -> dict[str, bool]:
-    return {"int8": _int8_kernel_ok(), "int4": _int4_cpu_layout() is not None}
+    return {"int8": int8_kernel_ok(), "int4": int4_cpu_layout() is not None}
 
 
 # ----------------------------------------------------------------------------- quantize / dequantize
@@ -184,7 +185,7 @@ def int8_dequant(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> t
 _INT4_TRIMS = (0.0, 0.04, 0.08, 0.12, 0.16)
 
 
-def _int4_grid(t: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
+def int4_grid(t: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
     scale = _bf16_round_up(((hi - lo) / 15.0).clamp(min=1e-12))
     zero = (lo + 8.0 * scale.float()).to(torch.bfloat16)
     q = torch.round((t - zero.float()[..., None]) / scale.float()[..., None] + 8.0).clamp_(0, 15)
@@ -198,14 +199,14 @@ def quantize_int4_tensor(w: torch.Tensor, group_size: int, search: bool = True) 
     *lead, n, k = w.shape
     t = w.detach().float().reshape(*lead, n, k // group_size, group_size)
     lo0, hi0 = t.amin(-1), t.amax(-1)
-    q, scale, zero, err = _int4_grid(t, lo0, hi0)
+    q, scale, zero, err = int4_grid(t, lo0, hi0)
     if search:
         r = hi0 - lo0
         for a in _INT4_TRIMS:
             for b in _INT4_TRIMS:
                 if a == b == 0.0:
                     continue
-                q2, s2, z2, e2 = _int4_grid(t, lo0 + a * r, hi0 - b * r)
+                q2, s2, z2, e2 = int4_grid(t, lo0 + a * r, hi0 - b * r)
                 better = e2 < err
                 q = torch.where(better[..., None], q2, q)
                 scale, zero, err = torch.where(better, s2, scale), torch.where(better, z2, zero), torch.where(better, e2, err)
@@ -213,7 +214,7 @@ def quantize_int4_tensor(w: torch.Tensor, group_size: int, search: bool = True) 
     return q.to(torch.uint8).reshape(*lead, n, k), sz
 
 
-def _int4_dequant(codes: torch.Tensor, sz: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+def int4_dequant(codes: torch.Tensor, sz: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:
     """codes [.., N, K] + scales_zeros [.., K/g, N, 2] -> weight [.., N, K]."""
     *lead, n, k = codes.shape
     s = sz.float().transpose(-3, -2)  # [.., N, K/g, 2]
@@ -231,7 +232,7 @@ def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- quantized weights
-class _QuantWeight(nn.Module):
+class QuantWeight(nn.Module):
     """A quantized weight [*lead, N, K] (lead = (E,) for expert stacks). Subclasses pick the scheme.
 
     Buffers keep their dtype when the model is cast (``model.to(torch.bfloat16)`` must not round
@@ -257,8 +258,45 @@ class _QuantWeight(nn.Module):
         lead = f"lead={self.lead}, " if self.lead else ""
         return f"{lead}in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}"
 
+    # -- the public interface other module swaps (the CPU fast path) use: rows in, rows out, release.
+    def kernel_ready(self) -> bool:
+        """Prepare the weight for its CPU kernel (int4: repack into the kernel layout) and say whether
+        the kernel can run it here (2-D, on CPU, a layout/shape the kernel accepts)."""
+        raise NotImplementedError
 
-class _Int8(_QuantWeight):
+    def row_tensors(self, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(portable codes or int8 values [rows, K], scales in the module's own layout) of a row range."""
+        raise NotImplementedError
+
+    def set_rows(self, q: torch.Tensor, s: torch.Tensor) -> None:
+        """Replace the whole weight with ``row_tensors``-style tensors (shapes checked by the caller)."""
+        raise NotImplementedError
+
+    @classmethod
+    def concat_rows(cls, mods: list["QuantWeight"]) -> "QuantWeight":
+        """One 2-D weight holding the rows of ``mods`` in order (codes and scales unchanged, so the
+        fused matmul gives the same bits as the separate ones)."""
+        parts = [m.row_tensors() for m in mods]
+        first = mods[0]
+        f = first.empty_like(sum(m.out_features for m in mods))
+        f.set_rows(torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts], dim=first.scale_row_dim))
+        return f
+
+    def split_rows_into(self, targets: list["QuantWeight"]) -> None:
+        """Inverse of :meth:`concat_rows`: refill ``targets`` (emptied by :meth:`release`) with their rows."""
+        start = 0
+        for t in targets:
+            t.set_rows(*self.row_tensors(start, start + t.out_features))
+            start += t.out_features
+
+    def release(self) -> None:
+        """Drop the tensors (after a fused copy took them over); :meth:`set_rows` refills."""
+        for name in list(self._buffers):
+            if name != "weight":
+                self._buffers[name] = None
+
+
+class Int8Weight(QuantWeight):
     scheme = "int8"
     _fixed_dtype = ("scales",)
 
@@ -270,6 +308,21 @@ class _Int8(_QuantWeight):
     def set_from_float(self, w: torch.Tensor) -> None:
         q, s = _chunked(w, quantize_int8_tensor)
         self.qweight, self.scales = q, s
+
+    scale_row_dim = 0
+
+    def empty_like(self, n: int) -> "Int8Weight":
+        return Int8Weight(n, self.in_features)
+
+    def kernel_ready(self) -> bool:
+        return (not self.lead and self.qweight is not None and self.qweight.device.type == "cpu"
+                and not self.qweight.is_meta and int8_shape_ok(self.in_features) and int8_kernel_ok())
+
+    def row_tensors(self, start=0, stop=None):
+        return self.qweight[start:stop].clone(), self.scales[start:stop].clone()
+
+    def set_rows(self, q, s) -> None:
+        self._buffers["qweight"], self._buffers["scales"] = q, s
 
     def _ensure_ready(self, in_place: bool = False) -> None:
         """After loading in another float dtype: scales back to bf16 (exact: they are bf16 values).
@@ -286,7 +339,7 @@ class _Int8(_QuantWeight):
         self._ensure_ready()
         q = self.qweight if index is None else self.qweight[index]
         s = self.scales if index is None else self.scales[index]
-        if x.device.type == "cpu" and _int8_shape_ok(self.in_features) and _int8_kernel_ok():
+        if x.device.type == "cpu" and int8_shape_ok(self.in_features) and int8_kernel_ok():
             x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
             y = torch._weight_int8pack_mm(x2, q, s.to(torch.bfloat16))
             return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -297,7 +350,7 @@ class _Int8(_QuantWeight):
         return int8_dequant(self.qweight[ids], self.scales[ids], dtype)
 
 
-class _Int4(_QuantWeight):
+class Int4Weight(QuantWeight):
     scheme = "int4"
     _fixed_dtype = ("scales_zeros",)
 
@@ -318,11 +371,31 @@ class _Int4(_QuantWeight):
         self._packed = None
         self._ensure_ready()
 
+    scale_row_dim = -2  # scales_zeros is [K/g, N, 2]
+
+    def empty_like(self, n: int) -> "Int4Weight":
+        return Int4Weight(n, self.in_features, self.group_size)
+
+    def kernel_ready(self) -> bool:
+        if self.lead or self.qweight is None or self.qweight.device.type != "cpu" or self.qweight.is_meta:
+            return False
+        self._ensure_ready()
+        return self._packed is not None
+
+    def row_tensors(self, start=0, stop=None):
+        # Through the portable nibble order, so a fused weight is packed exactly as the kernel packs it.
+        return self.codes()[start:stop], self.scales_zeros[:, start:stop].contiguous()
+
+    def set_rows(self, codes, sz) -> None:
+        self._buffers["qweight"], self._buffers["scales_zeros"] = pack_nibbles(codes), sz
+        self._packed = None
+        self._ensure_ready()
+
     # -- layouts
     def _kernel_usable(self) -> bool:
         return (self.kernel_layout and self.qweight.device.type == "cpu" and not self.qweight.is_meta
                 and self.out_features % 16 == 0 and self.group_size in GROUP_SIZES
-                and _int4_cpu_layout() is not None)
+                and int4_cpu_layout() is not None)
 
     def _ensure_ready(self, in_place: bool = False) -> None:
         """After loading (portable codes, maybe float32 scales): repack for the kernel, scales to bf16.
@@ -333,7 +406,7 @@ class _Int4(_QuantWeight):
         if self.scales_zeros.dtype != torch.bfloat16 and not self.scales_zeros.is_meta:
             self._buffers["scales_zeros"] = self.scales_zeros.to(torch.bfloat16)
         if self._packed is None and self._kernel_usable():
-            layout = _int4_cpu_layout()
+            layout = int4_cpu_layout()
             src = self.qweight.reshape(-1, self.out_features, self.in_features // 2)
             # Same size in both layouts. A second table would double the load's peak for a moment, and
             # the freed portable one stays in the C heap (glibc does not hand it back to the OS).
@@ -359,7 +432,7 @@ class _Int4(_QuantWeight):
 
     def dequantize(self, dtype=torch.float32, index: int | None = None) -> torch.Tensor:
         sz = self.scales_zeros if index is None else self.scales_zeros[index]
-        return _int4_dequant(self.codes(index), sz, self.group_size, dtype)
+        return int4_dequant(self.codes(index), sz, self.group_size, dtype)
 
     def matmul(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
         self._ensure_ready()
@@ -379,7 +452,7 @@ class _Int4(_QuantWeight):
         else:
             codes = _gather_cpu_int4_rows(self.qweight, self._packed, self.in_features, flat)
         sz = self.scales_zeros[:, flat]  # [K/g, n, 2]
-        return _int4_dequant(codes, sz, self.group_size, dtype).reshape(*ids.shape, self.in_features)
+        return int4_dequant(codes, sz, self.group_size, dtype).reshape(*ids.shape, self.in_features)
 
     # -- state dict: always the portable nibble order
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -403,14 +476,14 @@ def _chunked(w: torch.Tensor, fn, sz_dim: int | None = None):
 
 
 # ----------------------------------------------------------------------------- modules
-class Int8Linear(_Int8):
+class Int8Linear(Int8Weight):
     """nn.Linear (no bias) with int8 per-output-channel weights."""
 
     def forward(self, x):
         return self.matmul(x)
 
 
-class Int4Linear(_Int4):
+class Int4Linear(Int4Weight):
     """nn.Linear (no bias) with int4 group-wise weights."""
 
     def forward(self, x):
@@ -441,15 +514,15 @@ class _EmbeddingMixin:
         return self.matmul(h)
 
 
-class Int8Embedding(_EmbeddingMixin, _Int8):
+class Int8Embedding(_EmbeddingMixin, Int8Weight):
     def __init__(self, v, h, dtype=torch.float32, device=None):
-        _Int8.__init__(self, v, h, device=device)
+        Int8Weight.__init__(self, v, h, device=device)
         self._init_witness(dtype, device)
 
 
-class Int4Embedding(_EmbeddingMixin, _Int4):
+class Int4Embedding(_EmbeddingMixin, Int4Weight):
     def __init__(self, v, h, group_size, dtype=torch.float32, device=None, kernel_layout=True):
-        _Int4.__init__(self, v, h, group_size, device=device, kernel_layout=kernel_layout)
+        Int4Weight.__init__(self, v, h, group_size, device=device, kernel_layout=kernel_layout)
         self._init_witness(dtype, device)
 
 
@@ -463,6 +536,11 @@ class TiedHead(nn.Module):
 
     def forward(self, h):
         return self._embedding.head(h)
+
+    @property
+    def table(self) -> "QuantWeight":
+        """The quantized embedding table this head reads."""
+        return self._embedding
 
 
 class QuantExperts(Experts):
@@ -480,7 +558,7 @@ class QuantExperts(Experts):
 
 
 # ----------------------------------------------------------------------------- planning
-def _validate_request(scheme: str, group_size: int | None) -> int | None:
+def validate_request(scheme: str, group_size: int | None) -> int | None:
     if scheme not in SCHEMES:
         raise QuantizationError(f"unknown quantization scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
     if scheme == "int8":
@@ -548,7 +626,7 @@ def _plan_overrides(targets, overrides: dict[str, Any] | None) -> dict[str, tupl
             spec = {"scheme": spec}
         if not isinstance(spec, dict) or "scheme" not in spec or set(spec) - {"scheme", "group_size"}:
             raise QuantizationError(f"quantization override for {name!r} must be {{'scheme': .., 'group_size': ..}}, got {spec!r}")
-        plan[name] = (spec["scheme"], _validate_request(spec["scheme"], spec.get("group_size")))
+        plan[name] = (spec["scheme"], validate_request(spec["scheme"], spec.get("group_size")))
     return plan
 
 
@@ -560,8 +638,8 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def _build(kind: str, mod: nn.Module, scheme: str, group_size: int | None, dtype, device) -> nn.Module:
     def make(n, k, lead=(), kernel_layout=True):
         if scheme == "int8":
-            return _Int8(n, k, lead, device=device)
-        return _Int4(n, k, group_size, lead, device=device, kernel_layout=kernel_layout)
+            return Int8Weight(n, k, lead, device=device)
+        return Int4Weight(n, k, group_size, lead, device=device, kernel_layout=kernel_layout)
 
     if kind == "experts":
         e, two_i, h = mod.gate_up_proj.shape
@@ -576,7 +654,7 @@ def _build(kind: str, mod: nn.Module, scheme: str, group_size: int | None, dtype
 
 
 def _is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, (_QuantWeight, QuantExperts, TiedHead)) for m in model.modules())
+    return any(isinstance(m, (QuantWeight, QuantExperts, TiedHead)) for m in model.modules())
 
 
 def quantize(model: Gemma4ForCausalLM, scheme: str = "int4", group_size: int | None = None, *,
@@ -589,11 +667,11 @@ def quantize(model: Gemma4ForCausalLM, scheme: str = "int4", group_size: int | N
     default 32). ``embeddings``: also quantize the token embedding/tied head and the PLE table.
     ``skip``: module-name components left in float (default: the MoE router).
     ``precomputed``: {module name: the (codes, scales) quantize_int8/int4_tensor would return}, used
-    instead of rounding that module's weight (GPTQ, gemma4.gptq).
+    instead of rounding that module's weight (GPTQ, gemma4.quant.gptq).
     ``overrides``: {module name: {"scheme": .., "group_size": ..}} for modules stored in another scheme
     than ``scheme`` (mixed models, e.g. int4 layers beside an int8 table); recorded in the config, so
     the mixed model saves and loads like any other."""
-    group_size = _validate_request(scheme, group_size)
+    group_size = validate_request(scheme, group_size)
     if model.config.quantization or _is_quantized(model):
         q = model.config.quantization or {}
         raise QuantizationError(
@@ -631,11 +709,11 @@ def quantize(model: Gemma4ForCausalLM, scheme: str = "int4", group_size: int | N
 
 def _set_precomputed(new: nn.Module, q: torch.Tensor, s: torch.Tensor) -> None:
     """Give a fresh quantized module codes/scales made elsewhere (same format as set_from_float's)."""
-    want = (new.qweight.shape[:-1] + (new.in_features,), new.scales_zeros.shape) if isinstance(new, _Int4) \
+    want = (new.qweight.shape[:-1] + (new.in_features,), new.scales_zeros.shape) if isinstance(new, Int4Weight) \
         else (new.qweight.shape, new.scales.shape)
     if (tuple(q.shape), tuple(s.shape)) != tuple(map(tuple, want)):
         raise QuantizationError(f"precomputed shapes {list(q.shape)}, {list(s.shape)} do not match {want}")
-    if isinstance(new, _Int4):
+    if isinstance(new, Int4Weight):
         new.qweight, new.scales_zeros, new._packed = pack_nibbles(q.to(torch.uint8)), s.to(torch.bfloat16), None
     else:
         new.qweight, new.scales = q.to(torch.int8), s.to(torch.bfloat16)
@@ -665,7 +743,7 @@ def prepare_quantized(model: Gemma4ForCausalLM, qcfg: dict[str, Any]) -> Gemma4F
     if "scheme" not in qcfg:
         raise QuantizationError("quantization config has no 'scheme'")
     scheme = qcfg["scheme"]
-    group_size = _validate_request(scheme, qcfg.get("group_size"))
+    group_size = validate_request(scheme, qcfg.get("group_size"))
     embeddings = bool(qcfg.get("embeddings", True))
     skip = qcfg.get("skip", list(DEFAULT_SKIP))
     if _is_quantized(model):
@@ -683,15 +761,14 @@ def prepare_quantized(model: Gemma4ForCausalLM, qcfg: dict[str, Any]) -> Gemma4F
     return model
 
 
-def pack_for_kernels(model: nn.Module, in_place: bool = False) -> nn.Module:
+def to_kernel_layout(model: nn.Module, in_place: bool = False) -> nn.Module:
     """Repack every int4 weight still in the portable file layout into the CPU kernel's layout now
     rather than on first use (the first forward would otherwise pay for the repack and hold each table
     twice for a moment). ``load_pretrained`` already does this, in place. ``in_place``: see
-    ``_Int4._ensure_ready`` — only for weights whose tensors no one else holds."""
-    from gemma4.checkpoint import release_free_heap
+    ``Int4Weight._ensure_ready`` — only for weights whose tensors no one else holds."""
 
     for m in model.modules():
-        if isinstance(m, (_Int4, _Int8)):
+        if isinstance(m, (Int4Weight, Int8Weight)):
             m._ensure_ready(in_place=in_place)
     release_free_heap()
     return model

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gemma4._util import Gemma4Error, atomic_write_text
+
 log = logging.getLogger("gemma4")
 
 SLIDING = "sliding_attention"
@@ -46,7 +48,7 @@ _GEMMA4_ROPE = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(Gemma4Error, ValueError):
     """A configuration that cannot describe a working model; the message names the field."""
 
 
@@ -171,7 +173,6 @@ class Gemma4Config:
         return {"architectures": [arch], **d}
 
     def to_json(self, path: str | Path) -> None:
-        from gemma4.checkpoint import atomic_write_text  # local import keeps config dependency-free
 
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 

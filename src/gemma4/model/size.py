@@ -3,7 +3,7 @@
 ``count_parameters(config)`` says how many parameters a variant has and where they sit: the token
 embedding (tied with the output head), the per-layer-embedding (PLE) table of the E models, attention,
 MLP and MoE weights of each layer type. ``estimate_memory(config, context, ...)`` turns that into bytes
-for a given precision and context: weights, the KV cache exactly as :mod:`gemma4.cache` allocates it,
+for a given precision and context: weights, the KV cache exactly as :mod:`gemma4.model.cache` allocates it,
 prefill activations, and what may live off the accelerator (the PLE table is only ever gathered from).
 
 Both are tested equal to what the real modules and caches hold (tests/test_params.py, test_memory.py).
@@ -15,7 +15,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from gemma4.config import FULL, SLIDING, Gemma4Config
+from gemma4.model.config import FULL, SLIDING, Gemma4Config
 
 # ----------------------------------------------------------------------------- published figures
 # Vision/audio tower sizes (incl. their projections into the text width) as counted by the spec
@@ -299,7 +299,7 @@ class MemoryEstimate:
 
 def kv_cache_bytes(config: Gemma4Config, context: int, batch: int = 1, kv_dtype: str = "bf16", *,
                    slack: int = 0, chunk: int = 256, share_k_eq_v: bool = False) -> tuple[dict[str, int], int, int]:
-    """(live bytes by layer type, reserved bytes, K=V saving) of a :class:`gemma4.cache.ModelCache`
+    """(live bytes by layer type, reserved bytes, K=V saving) of a :class:`gemma4.model.cache.ModelCache`
     after ``context`` tokens.
 
     Exactly what our caches hold: a sliding layer allocates its whole ring of ``window + slack`` slots

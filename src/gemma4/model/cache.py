@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from gemma4.config import FULL, SLIDING, Gemma4Config
+from gemma4.model.config import FULL, SLIDING, Gemma4Config
 
 
 class LayerCache:

@@ -5,9 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 import typer
+from rich.console import Console
+from rich.table import Table
 
-from gemma4.config import FULL, PRESETS, SLIDING
+from gemma4.cli._common import find_tokenizer, progress
+from gemma4.io import gguf_native_model, load_config, load_pretrained, resolve_path, save_pretrained
+from gemma4.model import FULL, PRESETS, SLIDING, Gemma4Config, estimate_memory
+from gemma4.model.size import TOWER_PARAMS, count_parameters, parse_tokens, published_comparison
+from gemma4.quant import QuantizationError, calibration_ids, gptq_quantize, model_nbytes, quantize
 
 
 def _b(n: float) -> str:
@@ -19,15 +26,11 @@ def _gib(n: float) -> str:
 
 
 def _config(preset_or_path: str):
-    from gemma4.info import load_config
 
     return load_config(preset_or_path)
 
 
 def params_table(preset_or_path: str):
-    from rich.table import Table
-
-    from gemma4.params import TOWER_PARAMS, count_parameters, published_comparison
 
     cfg = _config(preset_or_path)
     c = count_parameters(cfg)
@@ -69,7 +72,6 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
     ) -> None:
         """Parameter counts: total, embedding, PLE table, per layer type, MoE active per token."""
-        from rich.console import Console
 
         t, c, cmp = params_table(preset_or_path)
         if json_out:
@@ -95,10 +97,6 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json"),
     ) -> None:
         """Memory of running a model at a context length: weights, KV cache by layer type, activations."""
-        from rich.console import Console
-        from rich.table import Table
-
-        from gemma4.params import estimate_memory, parse_tokens
 
         cfg = _config(preset_or_path)
         try:
@@ -158,17 +156,11 @@ def register(app: typer.Typer) -> None:
         rtn needs no data and takes seconds. gptq and awq-gptq read calibration text through the checkpoint's tokenizer and take minutes.
 
         Gemma 3 270M, perplexity over bf16 on text it has not memorized (Alice in Wonderland) / on one it has (the US Constitution): int4-g32 rtn +35% / +80%; with --embedding-scheme int8: gptq +14% / +47%, awq-gptq +7.7% / +42%, +6.6% / +34% adding --int8-modules k_proj,v_proj; int8 gptq -0.1% / +0.8%."""
-        import torch
-
-        from gemma4.checkpoint import load_pretrained, save_pretrained
-        from gemma4.quant import QuantizationError, model_nbytes, quantize
 
         dt = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}.get(dtype)
         if dt is None:
             raise typer.BadParameter(f"unsupported dtype {dtype!r}; choose bf16, fp32 or fp16")
         if scheme == "gguf-native":
-            from gemma4.checkpoint import resolve_path
-            from gemma4.gguf_quant import gguf_native_model
 
             path = resolve_path(src)
             if path.suffix != ".gguf":
@@ -187,10 +179,8 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter("--embedding-scheme int8 and --int8-modules go with --method gptq or awq-gptq")
         calib = None
         if method != "rtn":
-            from gemma4.cli_generate import _find_tokenizer
-            from gemma4.gptq import calibration_ids
 
-            tok = _find_tokenizer(src)
+            tok = find_tokenizer(src)
             if tok is None:
                 raise typer.BadParameter(f"--method {method} tokenizes calibration text, and {src} has no tokenizer")
             text = calib_text.read_text(encoding="utf-8") if calib_text else None
@@ -205,11 +195,10 @@ def register(app: typer.Typer) -> None:
             if calib is None:
                 quantize(model, scheme, gs, embeddings=not no_embeddings)
             else:
-                from gemma4.gptq import gptq_quantize
 
                 gptq_quantize(model, scheme, gs, calib_ids=calib, embeddings=not no_embeddings,
                               embedding_scheme=None if embedding_scheme == "same" else embedding_scheme,
-                              awq=method == "awq-gptq", int8_modules=mods, progress=True)
+                              awq=method == "awq-gptq", int8_modules=mods, progress=progress)
         except QuantizationError as err:
             raise typer.BadParameter(str(err)) from None
         model.to(dt)
@@ -225,9 +214,6 @@ def plot_memory(path: Path, batch: int = 1, group_size: int = 32, presets=None, 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from gemma4.config import Gemma4Config
-    from gemma4.params import estimate_memory
 
     presets = presets or [p for p in PRESETS]
     contexts = contexts or [2**k for k in range(10, 19)]

@@ -25,7 +25,6 @@ import logging
 import mmap
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -33,15 +32,15 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from gemma4.checkpoint import CheckpointError, load_state_streaming, resolve_path
-from gemma4.config import FULL, SLIDING, Gemma4Config
-from gemma4.model import Gemma4ForCausalLM, build_model
+from gemma4._util import Progress, atomic_path, no_progress
+from gemma4.io.checkpoint import CheckpointError, load_state_streaming
+from gemma4.model import FULL, SLIDING, Gemma4Config, Gemma4ForCausalLM, build_model
 
 log = logging.getLogger("gemma4")
 
 __all__ = [
     "GGUFError", "GGUFFile", "TensorInfo", "load_gguf", "save_gguf", "config_from_gguf", "gguf_to_hf",
-    "hf_to_gguf", "dequantize", "tokenizer_for", "register",
+    "hf_to_gguf", "dequantize",
 ]
 
 
@@ -600,14 +599,6 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None,
     return model.eval()
 
 
-def tokenizer_for(path: str | os.PathLike):
-    """The tokenizer that belongs to a checkpoint: a GGUF's own vocabulary, or a directory's
-    tokenizer files (short names such as ``gemma3-270m`` are resolved first)."""
-    from gemma4.tokenizer import load_tokenizer
-
-    return load_tokenizer(resolve_path(path))
-
-
 # ----------------------------------------------------------------------------- writing
 # Output tensor types: name -> (GGMLQuantizationType value, llama.cpp general.file_type).
 FILE_TYPES = {"f32": (_F32, 0), "f16": (_F16, 1), "bf16": (_BF16, 32), "q8_0": (_Q8_0, 7)}
@@ -787,7 +778,7 @@ def _vocab_from_tokenizer_json(w, path: Path) -> None:
 
 def save_gguf(model: Gemma4ForCausalLM, path: str | os.PathLike, ftype: str = "f32",
               vocab_from: str | os.PathLike | GGUFFile | None = None, name: str | None = None,
-              progress: bool = False) -> Path:
+              progress: Progress | None = None) -> Path:
     """Write ``model`` as a llama.cpp-style GGUF (architecture ``gemma4``, or ``gemma3`` for Gemma 3
     configs), tensor by tensor, atomically (temp file + rename).
 
@@ -817,11 +808,8 @@ def save_gguf(model: Gemma4ForCausalLM, path: str | os.PathLike, ftype: str = "f
     if rope is not None:
         plan.insert(0, ("rope_freqs.weight", "", _F32, tuple(rope.shape)))
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        w = gguf.GGUFWriter(tmp, arch)
+    with atomic_path(path) as tmp:
+        w = gguf.GGUFWriter(str(tmp), arch)
         w.add_name(name or ("Gemma 3" if cfg.is_gemma3 else "Gemma 4"))
         _write_metadata(w, cfg, ftype)
         if vocab_from is not None and Path(str(getattr(vocab_from, "path", vocab_from))).suffix == ".json":
@@ -848,12 +836,7 @@ def save_gguf(model: Gemma4ForCausalLM, path: str | os.PathLike, ftype: str = "f
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        steps = plan
-        if progress:
-            from rich.progress import track
-
-            steps = track(plan, description=f"writing {path.name}", transient=True)
-        for gname, hf, qtype, _ in steps:
+        for gname, hf, qtype, _ in (progress or no_progress)(plan, f"writing {path.name}"):
             if not hf:
                 t = rope
             else:
@@ -863,86 +846,4 @@ def save_gguf(model: Gemma4ForCausalLM, path: str | os.PathLike, ftype: str = "f
                     t = t.float() + shift  # llama.cpp's gemma3 convention: store 1 + w
             w.write_tensor_data(_encode(t, qtype))
         w.close()
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a model file is as readable as any other
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
-
-
-# ----------------------------------------------------------------------------- CLI
-def register(app) -> None:
-    import typer
-
-    @app.command("convert")
-    def convert(
-        src: str = typer.Argument(..., help="checkpoint directory (safetensors), .gguf file, or short name"),
-        dst: str = typer.Argument(..., help="output: a path ending in .gguf, else a safetensors directory"),
-        type_: str = typer.Option(None, "--type", "-t", help="GGUF tensor type: f32, f16, bf16 or q8_0 "
-                                  "(default: the model's float dtype)"),
-        dtype: str = typer.Option(None, "--dtype", help="load dtype: float32, bfloat16 or float16 (default: as stored, "
-                                  "float32 for quantized GGUF)"),
-    ) -> None:
-        """Convert between Hugging Face safetensors checkpoints and GGUF (Gemma 4 / Gemma 3 architecture)."""
-        import time
-
-        from gemma4.checkpoint import save_pretrained
-        from gemma4.checkpoint import load_pretrained
-
-        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-        if dtype is not None and dtype not in dtypes:
-            raise typer.BadParameter(f"unknown dtype {dtype!r}; choose one of {', '.join(dtypes)}")
-        if type_ is not None and type_.lower() not in FILE_TYPES:
-            raise typer.BadParameter(f"unknown GGUF type {type_!r}; choose one of {', '.join(FILE_TYPES)}")
-        t0 = time.perf_counter()
-        src_path = resolve_path(src)
-        model = load_pretrained(src_path, dtype=dtypes.get(dtype))
-        t1 = time.perf_counter()
-        if dst.endswith(".gguf"):
-            ft = type_ or {torch.bfloat16: "bf16", torch.float16: "f16"}.get(model.dtype, "f32")
-            vocab = src_path if src_path.suffix == ".gguf" else (src_path / "tokenizer.json")
-            if not vocab.is_file():
-                vocab = None
-            save_gguf(model, dst, ftype=ft, vocab_from=vocab, progress=True)
-            what = f"GGUF ({ft.lower()})" + (f" + vocabulary from {vocab.name}" if vocab else "")
-            if vocab is None:
-                typer.echo(f"note: {src_path} has no tokenizer.json; the GGUF carries no vocabulary", err=True)
-        else:
-            if type_ is not None:
-                raise typer.BadParameter("--type applies to .gguf outputs; use --dtype for safetensors")
-            save_pretrained(model, dst)
-            what = f"safetensors ({str(model.dtype).removeprefix('torch.')})"
-            what += _carry_tokenizer(src_path, Path(dst))
-        t2 = time.perf_counter()
-        n = sum(p.numel() for p in model.state_dict().values())
-        typer.echo(f"{src} -> {dst}: {what}, {n / 1e6:.1f}M parameters, "
-                   f"{model.config.num_hidden_layers} layers; load {t1 - t0:.1f}s, write {t2 - t1:.1f}s")
-
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                    "chat_template.jinja", "generation_config.json")
-
-
-def _carry_tokenizer(src: Path, dst: Path) -> str:
-    """Give a converted safetensors directory its tokenizer: the GGUF vocabulary as tokenizer.json,
-    or the source directory's tokenizer files. Returns a note for the summary line."""
-    import shutil
-
-    if src.is_dir():
-        copied = [f for f in _TOKENIZER_FILES if (src / f).is_file()]
-        for f in copied:
-            shutil.copyfile(src / f, dst / f)
-        return f" + {', '.join(copied)}" if copied else ""
-    if "tokenizer.ggml.tokens" not in GGUFFile(src).fields:
-        return ""
-    try:
-        from gemma4.tokenizer import load_tokenizer
-
-        load_tokenizer(src).save(dst / "tokenizer.json")
-    except Exception as e:  # the weights are written; a vocabulary we cannot convert is only a warning
-        log.warning("could not write tokenizer.json from %s: %s", src, e)
-        return " (tokenizer not converted)"
-    return " + tokenizer.json"

@@ -27,7 +27,7 @@ from collections import Counter
 import numpy as np
 import torch
 
-from gemma4.gguf_io import GGUFError, GGUFFile, gguf_to_hf, load_gguf
+from gemma4.io.gguf import GGUFError, GGUFFile, gguf_to_hf, load_gguf
 from gemma4.model import Gemma4ForCausalLM
 from gemma4.quant import quantize
 
@@ -94,7 +94,7 @@ def gguf_native_model(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat
     ``embedding``: scheme of the token embedding / tied head (default: ``rest``). ``dtype``: the float
     tensors (norms) and activations. The result is an ordinary quantized model (mixed schemes are
     recorded in ``config.quantization["overrides"]``): ``save_pretrained`` / ``load_pretrained`` /
-    ``pack_for_cpu`` work on it."""
+    ``use_fast_path`` work on it."""
     for what, sc in (("rest", rest), ("embedding", embedding)):
         if sc not in ("int8", "int4") and not (what == "embedding" and sc is None):
             raise ValueError(f"{what} must be 'int8' or 'int4', got {sc!r}")

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gemma4.cache import ModelCache
-from gemma4.config import SLIDING, Gemma4Config
+from gemma4.model.attention import ATTENTION_BACKENDS, AttnContext, set_attention_backend
+from gemma4.model.cache import ModelCache
+from gemma4.model.config import SLIDING, Gemma4Config
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -72,61 +73,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """x: [B, T, N, D]; cos/sin: [B, T, 1, D]. Half-split (rotate_half) layout."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
-# ----------------------------------------------------------------------------- attention backends
-@dataclass
-class AttnContext:
-    """What a backend may need beyond q/k/v: the layer type and the slots behind the mask."""
-
-    layer_type: str
-    window: int | None
-    q_slots: torch.Tensor  # [T]
-    k_slots: torch.Tensor  # [S]
-
-
-def eager_attention(q, k, v, mask, scale, softcap, ctx):
-    """Reference path. q [B,N,T,D], k/v [B,K,S,D], mask bool [B|1,1,T,S] or None -> [B,N,T,D]."""
-    b, n, t, d = q.shape
-    kh = k.shape[1]
-    g = n // kh
-    # GQA without copying K/V: query head j belongs to KV head j // g (contiguous groups).
-    s = torch.matmul(q.reshape(b, kh, g * t, d), k.transpose(-1, -2)) * scale  # [B,K,G*T,S]
-    if softcap:
-        s = torch.tanh(s / softcap) * softcap
-    s = s.view(b, kh, g, t, -1)
-    if mask is not None:
-        s = s.masked_fill(~mask[:, :, None], torch.finfo(s.dtype).min)
-    # Softmax in float32 then back to the activation dtype, as the reference does.
-    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
-    o = torch.matmul(p.view(b, kh, g * t, -1), v)  # [B,K,G*T,D]
-    return o.view(b, n, t, v.shape[-1])
-
-
-def sdpa_attention(q, k, v, mask, scale, softcap, ctx):
-    if softcap:  # SDPA cannot soft-cap scores
-        return eager_attention(q, k, v, mask, scale, softcap, ctx)
-    if k.shape[1] != q.shape[1]:
-        if _SDPA_GQA:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-        g = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(g, dim=1)
-        v = v.repeat_interleave(g, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-
-
-_SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
-
-
-# Other modules (e.g. gemma4.attention) register experimental backends here.
-ATTENTION_BACKENDS: dict[str, Callable] = {"eager": eager_attention, "sdpa": sdpa_attention}
-
-
-def set_attention_backend(layers, name: str) -> None:
-    if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(ATTENTION_BACKENDS)}")
-    for layer in layers:
-        layer.self_attn.backend = name
 
 
 def build_mask(q_slots, k_slots, window, pad_mask):

@@ -12,7 +12,7 @@ Usage::
 
     with LatencyMonitor(model, breakdown=True) as mon:
         gemma4.generate(model, prompts, 64, monitor=mon)
-    print(mon.report()); console.print(mon.table())
+    print(mon.report())  # `gemma4 generate --stats` draws it as tables
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def classify(name: str) -> tuple[str, int | None] | None:
 
 
 class LatencyMonitor:
-    """Collects timings from a generation run (pass it as ``monitor=`` to :func:`gemma4.generate`)."""
+    """Collects timings from a generation run (pass it as ``monitor=`` to :func:`gemma4.infer.generate`)."""
 
     def __init__(self, model=None, breakdown: bool = False):
         self.model = model
@@ -192,45 +192,3 @@ class LatencyMonitor:
             out["breakdown"] = bd
             out["per_layer"] = {ph: {i: dict(d) for i, d in sorted(self.per_layer[ph].items())} for ph in ("prefill", "decode")}
         return out
-
-    def table(self, per_layer: bool = False):
-        """A rich renderable: summary line plus the component breakdown (and optionally per layer)."""
-        from rich.console import Group
-        from rich.table import Table
-
-        r = self.report()
-        summary = Table(title="generation latency", show_header=True)
-        for col in ("TTFT", "prefill tok/s", "decode tok/s", "prompt tokens", "decode steps", "batch"):
-            summary.add_column(col, justify="right")
-        summary.add_row(f"{r['ttft_s'] * 1e3:.1f} ms", f"{r['prefill_tok_s']:.1f}", f"{r['decode_tok_s']:.2f}",
-                        str(r["prompt_tokens"]), str(r["decode_steps"]), str(r["batch"]))
-        parts = [summary]
-        if "breakdown" in r:
-            steps = max(r["decode_steps"], 1)
-            t = Table(title="where the time goes (forward hooks)")
-            t.add_column("component")
-            t.add_column("prefill ms", justify="right")
-            t.add_column("prefill %", justify="right")
-            t.add_column("decode ms/step", justify="right")
-            t.add_column("decode %", justify="right")
-            pre, dec = r["breakdown"]["prefill"], r["breakdown"]["decode"]
-            pw = max(r["prefill_s"], 1e-12)
-            dw = max(r["decode_s"], 1e-12)
-            rows = [(c, pre["seconds"][c], dec["seconds"][c]) for c in CATEGORIES]
-            rows.append(("outside forward (sampling, loop)", pre["outside_forward_s"], dec["outside_forward_s"]))
-            for name, a, b in rows:
-                if a == 0 and b == 0:
-                    continue
-                t.add_row(name, f"{a * 1e3:.2f}", f"{100 * a / pw:.1f}", f"{b * 1e3 / steps:.3f}", f"{100 * b / dw:.1f}")
-            parts.append(t)
-            if per_layer:
-                lt = Table(title="decode ms/step by layer")
-                lt.add_column("layer", justify="right")
-                cats = [c for c in ("attention", "mlp", "moe", "ple", "norms") if any(
-                    c in d for d in r["per_layer"]["decode"].values())]
-                for c in cats:
-                    lt.add_column(c, justify="right")
-                for i, d in r["per_layer"]["decode"].items():
-                    lt.add_row(str(i), *[f"{d.get(c, 0.0) * 1e3 / steps:.3f}" for c in cats])
-                parts.append(lt)
-        return Group(*parts)

@@ -16,7 +16,6 @@ missing from the vocabulary fall back to `<0xXX>` byte tokens, and control/user-
 from __future__ import annotations
 
 import json
-import mmap
 import struct
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -24,7 +23,9 @@ from typing import Iterable, Sequence
 from tokenizers import AddedToken, Regex, decoders, models, normalizers
 from tokenizers import Tokenizer as _Backend
 
-__all__ = ["Tokenizer", "load_tokenizer", "read_gguf_metadata"]
+from gemma4.io import GGUFFile, resolve_path
+
+__all__ = ["Tokenizer", "load_tokenizer"]
 
 # Token types shared by GGUF (`tokenizer.ggml.token_type`) and SentencePiece (`SentencePiece.Type`).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -235,99 +236,8 @@ def build_from_vocab(tokens: Sequence[str], types: Sequence[int], *, merges=None
 
 # ================================================================================================ GGUF
 
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
-                 11: "<q", 12: "<d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
-def read_gguf_metadata(path: str | Path, prefix: str = "") -> dict:
-    """Key/value metadata of a GGUF file (keys starting with `prefix`), without touching tensor data.
-
-    A small dedicated reader: the `gguf` package's reader builds a numpy view per array element and
-    needs ~16 s for a 262k-token vocabulary; this one takes a fraction of a second.
-    """
-    path = Path(path)
-    with open(path, "rb") as f:
-        try:
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except ValueError:  # empty file
-            raise ValueError(f"{path}: not a GGUF file (empty)") from None
-    try:
-        return _parse_gguf_kv(buf, path, prefix)
-    finally:
-        buf.close()
-
-
-def _parse_gguf_kv(buf, path: Path, prefix: str) -> dict:
-    if buf[:4] != b"GGUF":
-        raise ValueError(f"{path}: not a GGUF file (magic {bytes(buf[:4])!r}, expected b'GGUF')")
-    size = len(buf)
-
-    def need(off, n, what):
-        if off + n > size:
-            raise ValueError(f"{path}: truncated GGUF file (ends inside {what} at byte {off} of {size})")
-
-    need(0, 24, "the header")
-    version, = struct.unpack_from("<I", buf, 4)
-    if version < 2:
-        raise ValueError(f"{path}: GGUF version {version} is not supported (need 2 or 3)")
-    _, n_kv = struct.unpack_from("<QQ", buf, 8)
-    off = 24
-
-    def read_str(off, what):
-        need(off, 8, what)
-        n, = struct.unpack_from("<Q", buf, off)
-        need(off + 8, n, what)
-        return bytes(buf[off + 8:off + 8 + n]).decode("utf-8", errors="surrogateescape"), off + 8 + n
-
-    def read_value(t, off, key, keep):
-        if t == _GGUF_STRING:
-            return read_str(off, key)
-        if t == _GGUF_ARRAY:
-            need(off, 12, key)
-            et, n = struct.unpack_from("<IQ", buf, off)
-            off += 12
-            if et == _GGUF_STRING:
-                # Hot loop (777k strings for a Gemma vocabulary): bounds are checked once at the end
-                # and by struct itself, instead of per element.
-                out = [] if keep else None
-                unpack = struct.unpack_from
-                try:
-                    for _ in range(n):
-                        ln, = unpack("<Q", buf, off)
-                        if keep:
-                            out.append(buf[off + 8:off + 8 + ln].decode("utf-8", errors="surrogateescape"))
-                        off += 8 + ln
-                except struct.error:
-                    off = size + 1
-                need(off, 0, key)
-                return out, off
-            if et not in _GGUF_SCALARS:
-                raise ValueError(f"{path}: unsupported element type {et} in GGUF array {key!r}")
-            width = struct.calcsize(_GGUF_SCALARS[et])
-            need(off, n * width, key)
-            vals = list(struct.unpack_from(f"<{n}{_GGUF_SCALARS[et][1]}", buf, off)) if keep else None
-            return vals, off + n * width
-        if t not in _GGUF_SCALARS:
-            raise ValueError(f"{path}: unsupported GGUF value type {t} for key {key!r}")
-        width = struct.calcsize(_GGUF_SCALARS[t])
-        need(off, width, key)
-        return struct.unpack_from(_GGUF_SCALARS[t], buf, off)[0], off + width
-
-    meta = {}
-    for _ in range(n_kv):
-        key, off = read_str(off, "a metadata key")
-        need(off, 4, key)
-        t, = struct.unpack_from("<I", buf, off)
-        keep = key.startswith(prefix)
-        value, off = read_value(t, off + 4, key, keep)
-        if keep:
-            meta[key] = value
-    return meta
-
-
 def _from_gguf(path: Path) -> Tokenizer:
-    meta = read_gguf_metadata(path, prefix="tokenizer.")
+    meta = GGUFFile(path).fields  # the one GGUF reader (gemma4.io.gguf)
     kind = meta.get("tokenizer.ggml.model")
     if kind is None or "tokenizer.ggml.tokens" not in meta:
         raise ValueError(f"{path}: GGUF file has no tokenizer vocabulary (no tokenizer.ggml.* keys)")
@@ -484,8 +394,9 @@ def _from_json(path: Path) -> Tokenizer:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a tokenizer from a `tokenizer.json`, a SentencePiece `.model`, a `.gguf`, or a directory."""
-    path = Path(path)
+    """Load a tokenizer from a `tokenizer.json`, a SentencePiece `.model`, a `.gguf`, a checkpoint
+    directory, or anything ``load_pretrained`` accepts by name (``"gemma3-270m"``, a hub id)."""
+    path = resolve_path(path)
     if path.is_dir():
         for name in ("tokenizer.json", "tokenizer.model"):
             if (path / name).is_file():

@@ -45,13 +45,15 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from gemma4._util import Progress, no_progress
 from gemma4.model import Gemma4ForCausalLM
-from gemma4.quant import (
+from gemma4.quant.rtn import (
     DEFAULT_SKIP,
     QuantizationError,
-    _int4_dequant,
-    _int4_grid,
-    _validate_request,
+    int4_dequant,
+    int8_dequant,
+    int4_grid,
+    validate_request,
     quantize,
     quantize_int4_tensor,
     quantize_int8_tensor,
@@ -123,12 +125,12 @@ _GPTQ_TRIMS = ((0.0, 0.0), (0.05, 0.05), (0.1, 0.1), (0.0, 0.08), (0.08, 0.0))
 
 def _group_params(t: torch.Tensor) -> torch.Tensor:
     """Asymmetric int4 (scale, zero) bf16 [N, 2] for the group t [N, g], least squared error over _GPTQ_TRIMS."""
-    t = t[:, None]  # [N, 1, g]: quant._int4_grid works on [.., groups, g]
+    t = t[:, None]  # [N, 1, g]: quant.int4_grid works on [.., groups, g]
     lo0, hi0 = t.amin(-1), t.amax(-1)
     r = hi0 - lo0
     best = None
     for a, b in _GPTQ_TRIMS:
-        _, sc, ze, err = _int4_grid(t, lo0 + a * r, hi0 - b * r)
+        _, sc, ze, err = int4_grid(t, lo0 + a * r, hi0 - b * r)
         if best is None:
             best = [sc, ze, err]
         else:
@@ -249,7 +251,7 @@ def _capture_layer_calls(model: Gemma4ForCausalLM, calib_ids: torch.Tensor) -> l
     return captured
 
 
-def _layer_by_layer(model: Gemma4ForCausalLM, calib_ids: torch.Tensor, desc: str | None = None):
+def _layer_by_layer(model: Gemma4ForCausalLM, calib_ids: torch.Tensor, desc: str = "", progress: Progress | None = None):
     """Walk the decoder layers on calibration activations. Yields ``(i, layer, run)``: ``run()`` calls layer
     i on its input as the stack *so far* computes it (e.g. under hooks), ``run(advance=True)`` also makes
     the output the next layer's input (and the K/V a storing layer shares with its consumers). Changes made
@@ -257,12 +259,7 @@ def _layer_by_layer(model: Gemma4ForCausalLM, calib_ids: torch.Tensor, desc: str
     cfg, layers = model.config, list(model.model.layers)
     captured = _capture_layer_calls(model, calib_ids)
     state, shared = {"h": captured[0][0][0]}, {}
-    it = range(len(layers))
-    if desc:
-        from rich.progress import track  # rich is a core dependency (tqdm is not)
-
-        it = track(it, description=desc, transient=True)
-    for i in it:
+    for i in (progress or no_progress)(range(len(layers)), desc):
         args, kwargs = captured[i]
         kwargs = {**kwargs, "cache": None, "shared_kv": shared.get(cfg.layer_types[i])}
 
@@ -288,7 +285,7 @@ def _check_calib(model: Gemma4ForCausalLM, calib_ids) -> None:
 # ----------------------------------------------------------------------------- AWQ: activation-aware scales
 def _fake_int4(w: torch.Tensor, group_size: int) -> torch.Tensor:
     codes, sz = quantize_int4_tensor(w, group_size, search=False)
-    return _int4_dequant(codes, sz, group_size, torch.float32)
+    return int4_dequant(codes, sz, group_size, torch.float32)
 
 
 def _awq_groups(layer: nn.Module) -> list[tuple[str, nn.Module, list[nn.Linear], nn.Linear]]:
@@ -306,7 +303,7 @@ def _awq_groups(layer: nn.Module) -> list[tuple[str, nn.Module, list[nn.Linear],
 
 @torch.no_grad()
 def awq_scale(model: Gemma4ForCausalLM, calib_ids: torch.Tensor, group_size: int = 32, *, grid: int = 20,
-              rows: int = 8192, progress: bool = False) -> dict[str, float]:
+              rows: int = 8192, progress: Progress | None = None) -> dict[str, float]:
     """Activation-aware weight scaling (AWQ, Lin et al. 2023) for int4, applied in place to a float model.
 
     Why: Gemma's norms give a few input channels activations far larger than the rest, and a weight's
@@ -316,11 +313,11 @@ def awq_scale(model: Gemma4ForCausalLM, calib_ids: torch.Tensor, group_size: int
     [0, 1] is searched per layer and group of linears sharing an input, minimising the int4 output error
     ``||X (Q(W s) / s)^T - X W^T||`` on (up to ``rows``) calibration inputs. Returns {"layer.group": a}.
     Then quantize (RTN or GPTQ) as usual: :func:`gptq_quantize` does both with ``awq=True``."""
-    group_size = _validate_request("int4", group_size)
+    group_size = validate_request("int4", group_size)
     _check_calib(model, calib_ids)
     chosen: dict[str, float] = {}
     gen = torch.Generator().manual_seed(0)
-    for i, layer, run in _layer_by_layer(model, calib_ids, "AWQ scales" if progress else None):
+    for i, layer, run in _layer_by_layer(model, calib_ids, "AWQ scales", progress):
         groups = _awq_groups(layer)
         xs: dict[str, torch.Tensor] = {}
 
@@ -383,7 +380,7 @@ def gptq_quantize(model: Gemma4ForCausalLM, scheme: str = "int4", group_size: in
                   calib_ids: torch.Tensor, embeddings: bool = True, embedding_scheme: str | None = None,
                   head: str = "gptq", skip: Iterable[str] = DEFAULT_SKIP, damp: float = 0.3, block: int = 32,
                   act_order: bool = True, awq: bool = False, int8_modules: Iterable[str] = (),
-                  progress: bool = False) -> Gemma4ForCausalLM:
+                  progress: Progress | None = None) -> Gemma4ForCausalLM:
     """Quantize ``model`` in place with GPTQ (see the module docstring) and return it.
 
     ``calib_ids``: calibration token ids [B, T] (e.g. :func:`calibration_ids`). ``embeddings``: also
@@ -395,7 +392,7 @@ def gptq_quantize(model: Gemma4ForCausalLM, scheme: str = "int4", group_size: in
     (e.g. ``("v_proj",)``) whose layer linears are GPTQ'd to int8 under an int4 body, like llama.cpp's
     Q4_K_M keeps attn_v at higher precision; recorded as overrides, so the model saves and loads.
     """
-    group_size = _validate_request(scheme, group_size)
+    group_size = validate_request(scheme, group_size)
     if head not in ("gptq", "rtn"):
         raise QuantizationError(f"head must be 'gptq' or 'rtn', got {head!r}")
     if embedding_scheme not in (None, scheme, "int8"):
@@ -415,7 +412,7 @@ def gptq_quantize(model: Gemma4ForCausalLM, scheme: str = "int4", group_size: in
     overrides: dict[str, dict] = {}
     # 1-2. one float pass records every layer's call arguments; then layer by layer on the quantized
     # stack's activations
-    for i, layer, run in _layer_by_layer(model, calib_ids, f"GPTQ {scheme}" if progress else None):
+    for i, layer, run in _layer_by_layer(model, calib_ids, f"GPTQ {scheme}", progress):
         lins = _linears(layer, skip)
         hess = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in lins.items()}
         counts = dict.fromkeys(lins, 0)
@@ -475,10 +472,8 @@ def gptq_quantize(model: Gemma4ForCausalLM, scheme: str = "int4", group_size: in
 
 
 def _dequant(scheme: str, res, group_size) -> torch.Tensor:
-    from gemma4.quant import _int4_dequant, int8_dequant
-
     if scheme == "int4":
-        return _int4_dequant(res[0], res[1], group_size, torch.float32)
+        return int4_dequant(res[0], res[1], group_size, torch.float32)
     return int8_dequant(res[0], res[1], torch.float32)
 
 

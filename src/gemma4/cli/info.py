@@ -6,20 +6,11 @@ from collections import Counter
 
 import typer
 
-from gemma4.config import FULL, PRESETS, SLIDING, Gemma4Config
+from rich.console import Console
+from rich.table import Table
 
-
-def load_config(preset_or_path: str) -> Gemma4Config:
-    if preset_or_path.lower() in PRESETS:
-        return Gemma4Config.from_preset(preset_or_path)
-    from gemma4.checkpoint import resolve_path
-
-    p = resolve_path(preset_or_path)
-    if p.suffix == ".gguf":
-        from gemma4.gguf_io import read_gguf_config
-
-        return read_gguf_config(p)
-    return Gemma4Config.from_json(p / "config.json" if p.is_dir() else p)
+from gemma4.io import load_config
+from gemma4.model import FULL, SLIDING, Gemma4Config, build_model, count_params
 
 
 def _rope_text(cfg: Gemma4Config, t: str) -> str:
@@ -33,8 +24,6 @@ def _rope_text(cfg: Gemma4Config, t: str) -> str:
 
 
 def describe(cfg: Gemma4Config) -> list[tuple[str, str]]:
-    from gemma4.model import build_model, count_params
-
     rows: list[tuple[str, str]] = []
     family = "Gemma 3" if cfg.is_gemma3 else "Gemma 4"
     rows.append(("family", f"{family} ({cfg.model_type})"))
@@ -77,9 +66,6 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def info(model: str = typer.Argument(..., help="A preset (e2b, e4b, 31b, 26b-a4b, 12b, gemma3-270m), a checkpoint directory or a .gguf file.")):
         """Show the architecture: layer pattern, heads and head dims per layer type, window, RoPE, PLE, KV sharing, MoE, parameters."""
-        from rich.console import Console
-        from rich.table import Table
-
         cfg = load_config(model)
         table = Table(title=f"gemma4 info: {model}", show_header=False)
         table.add_column(style="bold cyan")

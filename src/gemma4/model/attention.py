@@ -1,4 +1,5 @@
-"""Experimental attention backends, registered into ``gemma4.model.ATTENTION_BACKENDS`` on import.
+"""Attention backends: ``eager`` (the reference, default), ``sdpa`` (PyTorch's fused kernel) and two
+experimental approximations, ``block_sparse`` and ``linear``; all listed in ``ATTENTION_BACKENDS``.
 
 Both follow the backend signature ``fn(q [B,N,T,D], k [B,K,S,D], v, mask [B|1,1,T,S] bool or None,
 scale, softcap, ctx)`` and are selected with ``model.set_attention_backend(name)``.
@@ -26,13 +27,64 @@ scale, softcap, ctx)`` and are selected with ``model.set_attention_backend(name)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from gemma4.model import ATTENTION_BACKENDS, eager_attention
+__all__ = ["ATTENTION_BACKENDS", "AttnContext", "BlockSparse", "LinearAttention", "eager_attention", "sdpa_attention",
+           "block_sparse_attention", "linear_attention", "register", "set_attention_backend"]
 
-__all__ = ["BlockSparse", "LinearAttention", "block_sparse_attention", "linear_attention", "register"]
+
+# ----------------------------------------------------------------------------- attention backends
+@dataclass
+class AttnContext:
+    """What a backend may need beyond q/k/v: the layer type and the slots behind the mask."""
+
+    layer_type: str
+    window: int | None
+    q_slots: torch.Tensor  # [T]
+    k_slots: torch.Tensor  # [S]
+
+
+def eager_attention(q, k, v, mask, scale, softcap, ctx):
+    """Reference path. q [B,N,T,D], k/v [B,K,S,D], mask bool [B|1,1,T,S] or None -> [B,N,T,D]."""
+    b, n, t, d = q.shape
+    kh = k.shape[1]
+    g = n // kh
+    # GQA without copying K/V: query head j belongs to KV head j // g (contiguous groups).
+    s = torch.matmul(q.reshape(b, kh, g * t, d), k.transpose(-1, -2)) * scale  # [B,K,G*T,S]
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
+    s = s.view(b, kh, g, t, -1)
+    if mask is not None:
+        s = s.masked_fill(~mask[:, :, None], torch.finfo(s.dtype).min)
+    # Softmax in float32 then back to the activation dtype, as the reference does.
+    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+    o = torch.matmul(p.view(b, kh, g * t, -1), v)  # [B,K,G*T,D]
+    return o.view(b, n, t, v.shape[-1])
+
+
+def sdpa_attention(q, k, v, mask, scale, softcap, ctx):
+    if softcap:  # SDPA cannot soft-cap scores
+        return eager_attention(q, k, v, mask, scale, softcap, ctx)
+    if k.shape[1] != q.shape[1]:
+        if _SDPA_GQA:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        g = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(g, dim=1)
+        v = v.repeat_interleave(g, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+_SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+def set_attention_backend(layers, name: str) -> None:
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(ATTENTION_BACKENDS)}")
+    for layer in layers:
+        layer.self_attn.backend = name
 
 
 def _contiguous(slots: torch.Tensor) -> bool:
@@ -243,10 +295,13 @@ block_sparse_attention = BlockSparse()
 linear_attention = LinearAttention()
 
 
+ATTENTION_BACKENDS: dict[str, Callable] = {
+    "eager": eager_attention, "sdpa": sdpa_attention,
+    "block_sparse": block_sparse_attention, "linear": linear_attention,
+}
+
+
 def register(name: str, backend) -> None:
-    """Make ``backend`` selectable with ``model.set_attention_backend(name)``."""
+    """Make a backend of your own selectable with ``model.set_attention_backend(name)`` (an explicit
+    call: importing this package changes no registry)."""
     ATTENTION_BACKENDS[name] = backend
-
-
-register("block_sparse", block_sparse_attention)
-register("linear", linear_attention)

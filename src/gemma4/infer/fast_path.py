@@ -6,25 +6,42 @@ shapes (measured on the benchmark machine, one thread: bf16 ~16 GB/s, fp32 ~17 G
 262144 x 640 output head), while oneDNN's linear on a weight reordered once into its blocked layout
 reaches ~30-35 GB/s: about twice the decode speed (benchmarks/generate.py).
 
-:func:`pack_for_cpu` swaps every plain ``nn.Linear`` in the decoder layers for a :class:`PackedLinear`
+:func:`use_fast_path` swaps every plain ``nn.Linear`` in the decoder layers for a :class:`PackedLinear`
 holding only the reordered weight (same memory), and gives the tied output head a fast path:
 bf16 keeps a packed copy of the embedding matrix (+V x H x 2 bytes; the embedding lookup still needs
 the plain one), fp32 calls oneDNN on the plain embedding (most of the gain, no copy).
-:func:`unpack` restores the original modules. A packed model computes the same function (bf16
+:func:`use_plain_path` restores the original modules. A packed model computes the same function (bf16
 results were bit-identical in our checks; fp32 differs by summation order, ~1e-6 relative) but
 cannot be saved or trained while packed.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
-from gemma4.model import ATTENTION_BACKENDS, MLP, Attention, RMSNorm, apply_rope, gelu_tanh
-from gemma4.quant import (Int4Linear, Int8Linear, TiedHead, _Int4, _Int8, _int8_kernel_ok, _int8_shape_ok, _QuantWeight,
-                          pack_nibbles)
+from gemma4.model.attention import ATTENTION_BACKENDS
+from gemma4.model.decoder import MLP, Attention, RMSNorm, apply_rope, gelu_tanh
+from gemma4.quant import Int4Linear, Int8Linear, QuantWeight, TiedHead
 
 _DTYPES = (torch.float32, torch.bfloat16)
+ONEDNN_CACHE_CAPACITY = 64
+
+
+def configure_onednn(capacity: int = ONEDNN_CACHE_CAPACITY) -> None:
+    """Cap oneDNN's two primitive caches (PyTorch's ideep LRU and oneDNN's own) at ``capacity`` shapes,
+    unless the user exported ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` / ``LRU_CACHE_CAPACITY`` already.
+
+    Why: both default to 1024 entries of ~0.3-0.5 MiB here. Eager attention over a growing KV cache has
+    a new key length at every decoded token, so RSS grew ~1.2 MiB per token (+226 MiB over 200 tokens of
+    the 270M model) for primitives never used again. 64 bound that without evicting what decoding reuses
+    (at 16, int4-g32 decode measured 4-9% slower; benchmarks/RESULTS.md). oneDNN reads the variables
+    when it is first used, so this only takes effect if called before the process's first oneDNN call;
+    :func:`use_fast_path` (and so ``load_pretrained``) calls it. Importing gemma4 sets nothing."""
+    for var in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+        os.environ.setdefault(var, str(int(capacity)))
 
 
 def available(dtype: torch.dtype = torch.float32) -> bool:
@@ -122,10 +139,10 @@ class QuantPackedLinear(nn.Module):
     dtype and reshape around every call; at one token per step that bookkeeping costs as much as a
     small matmul, so it is settled once here. Shares the source module's tensors (no copy)."""
 
-    def __init__(self, src: _QuantWeight, original: nn.Module | None = None, upcast: bool = False):
+    def __init__(self, src: QuantWeight, original: nn.Module | None = None, upcast: bool = False):
         super().__init__()
         self.out_features, self.in_features = src.out_features, src.in_features
-        self.group_size = src.group_size if isinstance(src, _Int4) else 0
+        self.group_size = getattr(src, "group_size", 0)
         self.register_buffer("qweight", src.qweight, persistent=False)
         self.register_buffer("scales", src.scales_zeros if self.group_size else src.scales, persistent=False)
         self.upcast = upcast  # return float32 (the output head: see QuantPackedHead)
@@ -134,13 +151,7 @@ class QuantPackedLinear(nn.Module):
     @staticmethod
     def supported(src: nn.Module) -> bool:
         """Whether ``src`` (a 2-D quantized weight) can run the CPU kernel here."""
-        if not isinstance(src, _QuantWeight) or src.lead or src.qweight is None or src.qweight.device.type != "cpu" \
-                or src.qweight.is_meta:
-            return False
-        src._ensure_ready()  # int4: repack into the kernel layout if it is not yet
-        if isinstance(src, _Int4):
-            return src._packed is not None
-        return _int8_shape_ok(src.in_features) and _int8_kernel_ok()
+        return isinstance(src, QuantWeight) and src.kernel_ready()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -162,51 +173,22 @@ class QuantPackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {kind}"
 
 
-def _fuse_rows(mods: list[_QuantWeight]) -> _QuantWeight:
-    """One quantized weight holding the rows of ``mods`` in order (codes and scales unchanged)."""
-    n, k = sum(m.out_features for m in mods), mods[0].in_features
-    if isinstance(mods[0], _Int4):
-        f = _Int4(n, k, mods[0].group_size)
-        # Through the portable nibble order, so the fused weight is packed exactly as the kernel packs it.
-        f.qweight = pack_nibbles(torch.cat([m.codes() for m in mods]))
-        f.scales_zeros = torch.cat([m.scales_zeros for m in mods], dim=-2)  # [K/g, N, 2]
-        f._packed = None
-        f._ensure_ready()
-    else:
-        f = _Int8(n, k)
-        f.qweight = torch.cat([m.qweight for m in mods])
-        f.scales = torch.cat([m.scales for m in mods])
-    return f
-
-
 class QuantPackedMLP(nn.Module):
     """The gated MLP of a quantized model with gate and up fused into one kernel call."""
 
     def __init__(self, mlp: nn.Module):
         super().__init__()
         self.inter = mlp.gate_proj.out_features
-        self._fused = [_fuse_rows([mlp.gate_proj, mlp.up_proj])]
+        self._fused = [QuantWeight.concat_rows([mlp.gate_proj, mlp.up_proj])]
         self.gate_up = QuantPackedLinear(self._fused[0])
         self.down = QuantPackedLinear(mlp.down_proj, original=mlp.down_proj)
         for lin in (mlp.gate_proj, mlp.up_proj):  # free the separate tables: the fused one replaces them
-            for name in ("qweight", "scales", "scales_zeros"):
-                if name in lin._buffers:
-                    lin._buffers[name] = None
+            lin.release()
         self._original = [mlp]
 
     def restore(self) -> nn.Module:
-        mlp, f, i = self._original[0], self._fused[0], self.inter
-        if isinstance(f, _Int4):
-            codes = f.codes()
-            for lin, sl in ((mlp.gate_proj, slice(0, i)), (mlp.up_proj, slice(i, None))):
-                lin._buffers["qweight"] = pack_nibbles(codes[sl])
-                lin._buffers["scales_zeros"] = f.scales_zeros[:, sl].contiguous()
-                lin._packed = None
-                lin._ensure_ready()
-        else:
-            for lin, sl in ((mlp.gate_proj, slice(0, i)), (mlp.up_proj, slice(i, None))):
-                lin._buffers["qweight"] = f.qweight[sl].clone()
-                lin._buffers["scales"] = f.scales[sl].clone()
+        mlp = self._original[0]
+        self._fused[0].split_rows_into([mlp.gate_proj, mlp.up_proj])
         return mlp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -219,18 +201,12 @@ class QuantPackedHead(nn.Module):
     float32 logits: the kernel writes bf16, and the upcast (~0.04 ms for 262144 logits) pays for
     itself at once, since argmax/softmax over bf16 run ~1 ms slower per step on this CPU."""
 
-    def __init__(self, table: _QuantWeight):
+    def __init__(self, table: QuantWeight):
         super().__init__()
         self.lin = QuantPackedLinear(table, upcast=True)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.lin(h)
-
-
-def _free(lin: nn.Module) -> None:
-    for name in ("qweight", "scales", "scales_zeros"):
-        if name in lin._buffers:
-            lin._buffers[name] = None
 
 
 class FusedQKVAttention(nn.Module):
@@ -280,19 +256,7 @@ class FusedQKVAttention(nn.Module):
     def restore(self) -> Attention:
         """The original attention with its separate (re-filled) q/k/v modules."""
         attn, (q, k, v) = self._original
-        sizes = [m.out_features for m in (q, k, v)]
-        f = self._fused
-        if isinstance(f, _Int4):
-            codes, start = f.codes(), 0
-            for m, sz in zip((q, k, v), sizes):
-                m._buffers["qweight"] = pack_nibbles(codes[start : start + sz])
-                m._buffers["scales_zeros"] = f.scales_zeros[:, start : start + sz].contiguous()
-                m._packed = None
-                m._ensure_ready()
-                start += sz
-        else:
-            for m, qw, sc in zip((q, k, v), f.qweight.split(sizes), f.scales.split(sizes)):
-                m._buffers["qweight"], m._buffers["scales"] = qw.clone(), sc.clone()
+        self._fused.split_rows_into([q, k, v])
         attn.q_proj, attn.k_proj, attn.v_proj = q, k, v
         attn.o_proj = self.o_proj
         return attn
@@ -307,11 +271,11 @@ def _fuse_attention(attn: Attention) -> nn.Module:
         origs = [m._original[0] for m in mods]
         if len({(type(o), getattr(o, "group_size", 0)) for o in origs}) != 1:
             return attn
-        f = _fuse_rows(origs)
+        f = QuantWeight.concat_rows(origs)
         if not QuantPackedLinear.supported(f):
             return attn
         for o in origs:
-            _free(o)
+            o.release()
         fused = FusedQKVAttention(attn, QuantPackedLinear(f), origs)
         fused._fused = f
         return fused
@@ -334,13 +298,14 @@ def _quant_mlp(child: nn.Module) -> bool:
         and type(child.gate_proj) is type(child.up_proj) and all(QuantPackedLinear.supported(c) for c in child.children())
 
 
-def pack_for_cpu(model, head: str = "auto"):
+def use_fast_path(model, head: str = "auto"):
     """Repack ``model`` (in place) for fast CPU decoding; returns it. No-op off CPU or where oneDNN
     cannot run the model's dtype. ``head``: "auto" (bf16: packed copy, fp32: oneDNN on the plain
     weight), "pack", "plain" or "none" (leave the output head alone)."""
     dtype = model.dtype
     if model.device.type != "cpu" or not available(dtype) or getattr(model, "_gemma4_packed", False):
         return model
+    configure_onednn()
     if head not in ("auto", "pack", "plain", "none"):
         raise ValueError(f"head must be 'auto', 'pack', 'plain' or 'none', got {head!r}")
     replaced: set[int] = set()  # modules swapped out: their children are not visited
@@ -366,8 +331,8 @@ def pack_for_cpu(model, head: str = "auto"):
     for layer in model.model.layers:  # after the projections are packed: fuse q/k/v
         layer.self_attn = _fuse_attention(layer.self_attn)
     model._gemma4_head_before_pack = model.lm_head
-    quant_head = model.lm_head._embedding if isinstance(model.lm_head, TiedHead) else model.lm_head
-    if isinstance(quant_head, _QuantWeight):
+    quant_head = model.lm_head.table if isinstance(model.lm_head, TiedHead) else model.lm_head
+    if isinstance(quant_head, QuantWeight):
         if head != "none" and QuantPackedLinear.supported(quant_head):
             model.lm_head = QuantPackedHead(quant_head)
     elif head != "none":
@@ -378,8 +343,8 @@ def pack_for_cpu(model, head: str = "auto"):
     return model
 
 
-def unpack(model):
-    """Undo :func:`pack_for_cpu` (in place); returns the model."""
+def use_plain_path(model):
+    """Undo :func:`use_fast_path` (in place); returns the model."""
     if not getattr(model, "_gemma4_packed", False):
         return model
     for layer in model.model.layers:

@@ -37,12 +37,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
-from gemma4.checkpoint import CheckpointError, iter_safetensors, load_state_streaming, safetensors_files, save_pretrained
-from gemma4.config import FULL, SLIDING, ConfigError, Gemma4Config, read_config_json
-from gemma4.model import AttnContext, Gemma4TextModel, build_mask, build_model, set_attention_backend
+from gemma4.model.attention import AttnContext, set_attention_backend
+from gemma4.model.config import FULL, SLIDING, ConfigError, Gemma4Config, read_config_json
+from gemma4.model.decoder import Gemma4TextModel, build_mask, build_model
 
 log = logging.getLogger("gemma4")
 
@@ -307,38 +306,3 @@ class Gemma4Drafter(nn.Module):
 # ----------------------------------------------------------------------------- building / checkpoints
 def build_drafter(config: DrafterConfig, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Gemma4Drafter:
     return build_model(config, dtype, device, cls=Gemma4Drafter)
-
-
-def _stored_dtype(files: list[Path]) -> torch.dtype | None:
-    names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as h:
-                for k in h.keys():
-                    if k.endswith("pre_projection.weight"):
-                        return names.get(h.get_slice(k).get_dtype())
-        except Exception as e:
-            raise CheckpointError(f"cannot read {f}: {e} (truncated or not a safetensors file?)") from None
-    return None
-
-
-def load_drafter(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Gemma4Drafter:
-    """Load a ``gemma4_assistant`` checkpoint directory (config.json + safetensors)."""
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise FileNotFoundError(f"no drafter checkpoint directory at {p}")
-    config = DrafterConfig.from_json(p / "config.json")
-    files = safetensors_files(p)
-    dtype = dtype or _stored_dtype(files) or torch.float32
-    model = build_drafter(config, device="meta")
-    load_state_streaming(model, iter_safetensors(files), dtype=dtype, device=device, source=str(p))
-    if model.masked_embedding is not None:
-        order = model.masked_embedding.token_ordering
-        if not torch.equal(torch.sort(order).values, torch.arange(order.numel(), device=order.device)):
-            raise CheckpointError(f"masked_embedding.token_ordering in {p} is not a permutation of the vocabulary")
-    return model.eval()
-
-
-def save_drafter(model: Gemma4Drafter, directory: str | os.PathLike) -> Path:
-    """Write config.json + model.safetensors in the transformers layout (atomically)."""
-    return save_pretrained(model, directory)

@@ -2,7 +2,7 @@
 
 Two kinds of drafter:
 
-* the Gemma 4 MTP drafter (:class:`gemma4.drafter.Gemma4Drafter`): reads the target's K/V and last
+* the Gemma 4 MTP drafter (:class:`gemma4.model.drafter.Gemma4Drafter`): reads the target's K/V and last
   hidden state, so it has no cache and no prefill of its own;
 * any smaller Gemma model with the same vocabulary (a plain draft model with its own cache).
 
@@ -26,7 +26,7 @@ from typing import Sequence
 
 import torch
 
-from gemma4.config import FULL, SLIDING
+from gemma4.model.config import FULL, SLIDING
 
 __all__ = ["SpeculativeStats", "SpeculativeResult", "speculative_generate", "greedy_decode"]
 
@@ -202,7 +202,7 @@ def speculative_generate(
     seed: int | None = None,
 ) -> SpeculativeResult:
     """Generate up to ``max_new_tokens`` after ``prompt`` with ``target``, drafting with either an
-    MTP ``drafter`` (:class:`gemma4.drafter.Gemma4Drafter`) or a smaller ``draft_model``.
+    MTP ``drafter`` (:class:`gemma4.model.drafter.Gemma4Drafter`) or a smaller ``draft_model``.
 
     Returns the new token ids and :class:`SpeculativeStats` (acceptance rate, tokens per round)."""
     if (drafter is None) == (draft_model is None):

@@ -1,0 +1,79 @@
+"""`gemma4 convert`: safetensors directory <-> GGUF file."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import typer
+
+from gemma4.cli._common import progress
+from gemma4.io import FILE_TYPES, GGUFFile, load_pretrained, resolve_path, save_gguf, save_pretrained
+from gemma4.text import load_tokenizer
+
+log = logging.getLogger("gemma4")
+
+def register(app: typer.Typer) -> None:
+    @app.command("convert")
+    def convert(
+        src: str = typer.Argument(..., help="checkpoint directory (safetensors), .gguf file, or short name"),
+        dst: str = typer.Argument(..., help="output: a path ending in .gguf, else a safetensors directory"),
+        type_: str = typer.Option(None, "--type", "-t", help="GGUF tensor type: f32, f16, bf16 or q8_0 "
+                                  "(default: the model's float dtype)"),
+        dtype: str = typer.Option(None, "--dtype", help="load dtype: float32, bfloat16 or float16 (default: as stored, "
+                                  "float32 for quantized GGUF)"),
+    ) -> None:
+        """Convert between Hugging Face safetensors checkpoints and GGUF (Gemma 4 / Gemma 3 architecture)."""
+        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        if dtype is not None and dtype not in dtypes:
+            raise typer.BadParameter(f"unknown dtype {dtype!r}; choose one of {', '.join(dtypes)}")
+        if type_ is not None and type_.lower() not in FILE_TYPES:
+            raise typer.BadParameter(f"unknown GGUF type {type_!r}; choose one of {', '.join(FILE_TYPES)}")
+        t0 = time.perf_counter()
+        src_path = resolve_path(src)
+        model = load_pretrained(src_path, dtype=dtypes.get(dtype))
+        t1 = time.perf_counter()
+        if dst.endswith(".gguf"):
+            ft = type_ or {torch.bfloat16: "bf16", torch.float16: "f16"}.get(model.dtype, "f32")
+            vocab = src_path if src_path.suffix == ".gguf" else (src_path / "tokenizer.json")
+            if not vocab.is_file():
+                vocab = None
+            save_gguf(model, dst, ftype=ft, vocab_from=vocab, progress=progress)
+            what = f"GGUF ({ft.lower()})" + (f" + vocabulary from {vocab.name}" if vocab else "")
+            if vocab is None:
+                typer.echo(f"note: {src_path} has no tokenizer.json; the GGUF carries no vocabulary", err=True)
+        else:
+            if type_ is not None:
+                raise typer.BadParameter("--type applies to .gguf outputs; use --dtype for safetensors")
+            save_pretrained(model, dst)
+            what = f"safetensors ({str(model.dtype).removeprefix('torch.')})"
+            what += _carry_tokenizer(src_path, Path(dst))
+        t2 = time.perf_counter()
+        n = sum(p.numel() for p in model.state_dict().values())
+        typer.echo(f"{src} -> {dst}: {what}, {n / 1e6:.1f}M parameters, "
+                   f"{model.config.num_hidden_layers} layers; load {t1 - t0:.1f}s, write {t2 - t1:.1f}s")
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                    "chat_template.jinja", "generation_config.json")
+
+
+def _carry_tokenizer(src: Path, dst: Path) -> str:
+    """Give a converted safetensors directory its tokenizer: the GGUF vocabulary as tokenizer.json,
+    or the source directory's tokenizer files. Returns a note for the summary line."""
+    if src.is_dir():
+        copied = [f for f in _TOKENIZER_FILES if (src / f).is_file()]
+        for f in copied:
+            shutil.copyfile(src / f, dst / f)
+        return f" + {', '.join(copied)}" if copied else ""
+    if "tokenizer.ggml.tokens" not in GGUFFile(src).fields:
+        return ""
+    try:
+        load_tokenizer(src).save(dst / "tokenizer.json")
+    except Exception as e:  # the weights are written; a vocabulary we cannot convert is only a warning
+        log.warning("could not write tokenizer.json from %s: %s", src, e)
+        return " (tokenizer not converted)"
+    return " + tokenizer.json"
