@@ -455,7 +455,7 @@ class BatchEngine:
                 worked = True
             if worked:
                 self.steps += 1
-            elif self.cache.full_columns or any(l is not None and l.k is not None for l in self.cache.layers):
+            if self.idle and self.cache.nbytes():
                 self.cache.release()  # idle: give the KV memory back
             return worked
 
@@ -593,12 +593,13 @@ class BatchEngine:
         view = _RowCache(self.cache, req._slot, start)
         want = req.prompt_logprobs is not None
         h = self.model.model(ids, None, None, view, keep_last=0 if want else 1)
+        last = None
         if want:
             logits = self.model.logits(h)[0]  # [t,V]
             self._record_prompt_logprobs(req, logits, start, end)
             last = logits[-1:]
-        else:
-            last = self.model.logits(h)[:, -1]  # [1,V]
+        elif end == n:
+            last = self.model.logits(h)[:, -1]  # [1,V]: the head runs on the final chunk only
         req._filled = req._cached = end
         self.prompt_tokens += end - start
         if end < n:
