@@ -1,0 +1,50 @@
+"""Tiny models and a tiny Gemma 4-family tokenizer for the training tests."""
+
+from __future__ import annotations
+
+import string
+
+import torch
+
+import gemma4
+from gemma4.text.tokenizer import Tokenizer, build_from_vocab
+
+CONTROL, NORMAL, BYTE, UNKNOWN, USER = 3, 1, 6, 2, 4
+SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|think|>",
+           "<|tool>", "<tool|>"]
+USER_DEFINED = ["<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>", '<|"|>']
+
+
+def tiny_tokenizer() -> Tokenizer:
+    """~330 tokens: Gemma 4's control tokens, byte fallback, single characters, a few words."""
+    chars = list(string.ascii_letters + string.digits + string.punctuation) + ["▁", "\n"]
+    words = ["▁the", "▁and", "▁to", "▁of", "he", "th", "in", "er", "an", "re"]
+    tokens = SPECIAL + USER_DEFINED + [f"<0x{b:02X}>" for b in range(256)] + chars + words
+    types = ([UNKNOWN if t == "<unk>" else CONTROL for t in SPECIAL] + [USER] * len(USER_DEFINED)
+             + [BYTE] * 256 + [NORMAL] * (len(chars) + len(words)))
+    merges = ["▁ t", "t h", "▁t he", "h e", "a n", "▁ a", "▁a n", "an d", "▁an d", "▁ to", "o f", "▁ of",
+              "i n", "e r", "r e", "▁t o", "▁o f"]
+    vocab = set(tokens)
+    merges = [m for m in merges if "".join(m.split(" ")) in vocab and all(x in vocab for x in m.split(" "))]
+    backend = build_from_vocab(tokens, types, merges=merges)
+    return Tokenizer(backend, source="tiny test tokenizer")
+
+
+def tiny_config(kind: str = "ple", vocab_size: int = 384) -> "gemma4.Gemma4Config":
+    """Our config of a tiny model (not a transformers one): PLE + KV sharing by default.
+    "ple6": the PLE kind with 6 layers (2 KV-sharing consumers), for tests that run many steps."""
+    from tiny import TINY, F, S
+
+    d = dict(TINY["ple" if kind == "ple6" else kind])
+    if kind == "ple6":
+        d.update(num_hidden_layers=6, layer_types=[S, S, F, S, S, F], num_kv_shared_layers=2)
+    d["vocab_size"] = vocab_size
+    if d.get("vocab_size_per_layer_input"):
+        d["vocab_size_per_layer_input"] = vocab_size
+    d["model_type"] = "gemma4_text"
+    return gemma4.Gemma4Config.from_dict(d)
+
+
+def tiny_model(kind: str = "ple", seed: int = 0, vocab_size: int = 384, std: float = 0.05):
+    m = gemma4.build_model(tiny_config(kind, vocab_size))
+    return gemma4.init_random_(m, seed=seed, std=std)
