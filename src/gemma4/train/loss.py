@@ -139,6 +139,13 @@ def _generic_chunk(model, h, t):
     return F.cross_entropy(model.logits(h).float(), t, reduction="sum")
 
 
+def _check_ids(ids: torch.Tensor, vocab: int) -> None:
+    if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32) or ids.shape[1] < 2:
+        raise ValueError(f"input_ids must be an integer tensor [B, T] with T >= 2, got {ids.dtype} {list(ids.shape)}")
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise ValueError(f"token id out of range: ids span [{int(ids.min())}, {int(ids.max())}] but vocab_size is {vocab}")
+
+
 def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
                    attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                    segment_ids: torch.Tensor | None = None, num_targets: int | None = None,
@@ -154,7 +161,7 @@ def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor | None =
         labels = input_ids
     if labels.shape != input_ids.shape:
         raise ValueError(f"labels must have the shape of input_ids {list(input_ids.shape)}, got {list(labels.shape)}")
-    model._check_ids(input_ids)
+    _check_ids(input_ids, model.config.vocab_size)
     kw = {}
     if segment_ids is not None:
         kw["segment_ids"] = segment_ids
