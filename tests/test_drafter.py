@@ -78,7 +78,7 @@ def test_shared_kv_matches_transformers(targets, kind):
     ids = torch.randint(3, 256, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         o = hf(ids, return_shared_kv_states=True, output_hidden_states=True)
-        h, shared = ours.model(ids, return_shared_kv=True)
+        h, shared = ours.model.forward_export_kv(ids)
     assert set(o.shared_kv_states) == set(shared) == {S, F}
     for lt in (S, F):
         for a, b in zip(o.shared_kv_states[lt], shared[lt]):
@@ -146,7 +146,7 @@ def test_key_slots_and_last_slot(targets, monkeypatch, tmp_path):
     _, our_d = _drafter_pair(monkeypatch, tmp_path, ordered=True)
     ids = torch.randint(3, 256, (1, 24), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        h, kv = our_t.model(ids, return_shared_kv=True)
+        h, kv = our_t.model.forward_export_kv(ids)
         p = 17
         x = our_d.input_embeds(our_t, ids[:, p + 1 : p + 2], h[:, p : p + 1])
         pos = torch.tensor([[p + 1]])

@@ -163,7 +163,7 @@ class _CheckingOracleDrafter(torch.nn.Module):
         self.round_pos = pos.item()
         logits, h = self.inner(emb, kv, pos, key_slots=key_slots, last_slot=p)
         with torch.no_grad():
-            h_ref, kv_ref = self.target.model(torch.tensor([self.seq[: p + 1]]), return_shared_kv=True)
+            h_ref, kv_ref = self.target.model.forward_export_kv(torch.tensor([self.seq[: p + 1]]))
             if self.step == 0:  # the round starts from the target's hidden state at slot p
                 self.max_err = max(self.max_err, (emb[..., -h_ref.shape[-1]:] - h_ref[:, -1:]).abs().max().item())
             ref, _ = self.inner(emb, kv_ref, pos)

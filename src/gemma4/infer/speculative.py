@@ -228,7 +228,7 @@ def _run_mtp(target, drafter, ids, max_new, K, stop, pick):
     stats = SpeculativeStats()
     cache = target.new_cache(slack=K)
     slots = _key_slots(cache, ids.shape[1], dev)
-    h, kv = target.model(ids, cache=cache, keep_last=1, return_shared_kv=True)
+    h, kv = target.model.forward_export_kv(ids, cache=cache, keep_last=1)
     logits = target.logits(h)[0, -1]
     _check_finite(logits, "target")
     x = pick.first(logits)
@@ -252,7 +252,7 @@ def _run_mtp(target, drafter, ids, max_new, K, stop, pick):
             qs.append(q)
         cand = torch.tensor([[x] + drafts], device=dev)
         slots = _key_slots(cache, cand.shape[1], dev)
-        h, kv = target.model(cand, cache=cache, keep_last=cand.shape[1], return_shared_kv=True)
+        h, kv = target.model.forward_export_kv(cand, cache=cache, keep_last=cand.shape[1])
         logits = target.logits(h)[0]  # [k+1, V]
         _check_finite(logits, "target")
         n, x = pick.verify(logits, drafts, qs)

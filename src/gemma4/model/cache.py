@@ -31,6 +31,11 @@ class LayerCache:
         """k, v: [B, Nkv, T, hd]. Returns keys/values [B, Nkv, S, hd] ordered as ``key_slots``."""
         raise NotImplementedError
 
+    def sees_all_slots(self) -> bool:
+        """Whether one new token may attend to every slot ``update`` returns (no empty or out-of-window
+        slot): then it needs no mask. Decided from bookkeeping, never from tensor values."""
+        return False
+
     def rollback(self, n: int) -> None:
         raise NotImplementedError
 
@@ -39,6 +44,9 @@ class LayerCache:
 
 
 class FullCache(LayerCache):
+    def sees_all_slots(self) -> bool:
+        return True
+
     def __init__(self, chunk: int = 256, max_length: int | None = None):
         self.chunk, self.max_length = chunk, max_length
         self.k: torch.Tensor | None = None
@@ -91,6 +99,10 @@ class FullCache(LayerCache):
 
 
 class SlidingCache(LayerCache):
+    def sees_all_slots(self) -> bool:
+        # Before the ring wraps, the slots are 0..length, all filled and all inside the window.
+        return self.length + 1 <= self.window
+
     def __init__(self, window: int, slack: int = 0):
         self.window, self.slack = window, slack
         self.capacity = window + slack

@@ -256,6 +256,7 @@ class Gemma4TextModel(nn.Module):
         # RoPE tables are derived, never loaded: keep them off the module (and off the meta device).
         self._inv_freq = {t: rope_inv_freq(cfg.rope(t), self._type_head_dim(t)) for t in set(cfg.layer_types)}
         self._inv_freq_dev: dict = {}
+        self.gradient_checkpointing = False
 
     def _type_head_dim(self, t: str) -> int:
         return next(self.config.layer_head_dim(i) for i, lt in enumerate(self.config.layer_types) if lt == t)
@@ -283,72 +284,132 @@ class Gemma4TextModel(nn.Module):
         ctx = self.per_layer_projection_norm(ctx.view(*e.shape[:-1], n, p))  # [B,T,L,P]
         return (ctx + tok.view(*ids.shape, n, p)) * 2.0**-0.5
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        cache: ModelCache | None = None,
-        keep_last: int = 0,
-        return_shared_kv: bool = False,
-    ):
-        """Returns final-normed hidden states [B,T',H] (T' = keep_last or T) and, if asked, the
-        producers' K/V by layer type (what a KV-sharing drafter attends over).
+    # -- the forward, in named steps -------------------------------------------------------------
+    # No step reads a tensor's value on the host (no .item(), bool(t), int(t)): decoding stays free of
+    # device syncs and the whole forward compiles with torch.compile(fullgraph=True). Input checks that
+    # need values (token ids in range, mask shapes) live at the entry points: generate(), the loaders,
+    # the CLI, check_input_ids().
+    def positions(self, b: int, t: int, past: int, attention_mask, segment_ids, device) -> torch.Tensor:
+        """Default position ids [B,T]: the count of real tokens before each position (left-padded rows
+        start at 0); with ``segment_ids`` (packed documents) the offset inside each document."""
+        if attention_mask is not None:
+            return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        pos = torch.arange(past, past + t, device=device)[None].expand(b, t)
+        if segment_ids is not None:
+            # The index where each position's document starts, by a running max over change points.
+            change = torch.ones_like(segment_ids, dtype=torch.bool)
+            change[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+            start = torch.where(change, pos, torch.zeros_like(pos)).cummax(-1).values  # [B,T]
+            pos = pos - start
+        return pos
 
-        attention_mask: [B, past+T] (1 = token, 0 = padding), indexed by slot. position_ids default to
-        the count of real tokens before each position, so left-padded rows start at 0."""
+    def layer_type_inputs(self, t: int, past: int, position_ids, cache, pad, segment_ids, dtype, device):
+        """What every layer of one type shares: RoPE tables, the attention mask and the backend context."""
         cfg = self.config
+        q_slots = torch.arange(past, past + t, device=device)
+        rope, masks, ctxs = {}, {}, {}
+        for lt in set(cfg.layer_types):
+            c = cache.first_of_type(lt) if cache is not None else None
+            k_slots = c.key_slots(t, device) if c is not None else torch.arange(past + t, device=device)
+            window = cfg.sliding_window if lt == SLIDING else None
+            rope[lt] = self._rope(lt, position_ids, dtype)
+            # One new token over a cache whose every slot it may see needs no mask (decided from the
+            # cache's bookkeeping, not from the mask's values).
+            if t == 1 and pad is None and segment_ids is None and (c is None or c.sees_all_slots()):
+                masks[lt] = None
+            else:
+                m = build_mask(q_slots, k_slots, window, pad)
+                if segment_ids is not None:  # packed documents: a query sees keys of its own document only
+                    m = m & (segment_ids[:, None, :, None] == segment_ids[:, None, None, k_slots.clamp(min=0)])
+                masks[lt] = m
+            ctxs[lt] = AttnContext(lt, window, q_slots, k_slots)
+        return rope, masks, ctxs
+
+    @staticmethod
+    def kv_sharing_cut(keep: int, h, ple, rope, masks, ctxs):
+        """Keep only the last ``keep`` positions before the first KV-sharing consumer layer: consumers
+        write no cache, so positions whose logits are not wanted can be dropped there (a large prefill
+        saving on E2B/E4B)."""
+        sl = slice(-keep, None)
+        return (h[:, sl], ple[:, sl] if ple is not None else None,
+                {k: (c_[:, sl], s_[:, sl]) for k, (c_, s_) in rope.items()},
+                {k: (m[:, :, sl] if m is not None else None) for k, m in masks.items()},
+                {k: AttnContext(c.layer_type, c.window, c.q_slots[sl], c.k_slots) for k, c in ctxs.items()})
+
+    def run_layers(self, h, ple, rope, masks, ctxs, cache, keep_last: int, export_kv: bool):
+        """The decoder stack. Returns (h, shared): ``shared`` maps layer type -> (k, v) of the layer that
+        stores it for its KV-sharing consumers (without KV sharing, the last layer of each type stands in
+        when ``export_kv``: what a drafter attends over)."""
+        cfg = self.config
+        t = h.shape[1]
+        shared: dict[str, tuple] = {}
+        modes = cfg.kv_sharing_modes
+        ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
+        for i, layer in enumerate(self.layers):
+            if keep_last and i == cfg.first_kv_shared_layer and 0 < keep_last < t:
+                h, ple, rope, masks, ctxs = self.kv_sharing_cut(keep_last, h, ple, rope, masks, ctxs)
+                t = keep_last
+            lt = cfg.layer_types[i]
+            args = (h, *rope[lt], masks[lt], ctxs[lt])
+            kw = dict(ple=ple[:, :, i] if ple is not None else None,
+                      cache=cache.layers[i] if cache is not None else None, shared_kv=shared.get(lt))
+            if ckpt:
+                # Non-reentrant checkpointing recomputes the layer in backward and routes gradients through
+                # every output, the K/V a producer shares with later consumers included (the reentrant
+                # variant drops those: wrong producer k/v gradients).
+                h, kv = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False, **kw)
+            else:
+                h, kv = layer(*args, **kw)
+            if modes[i] == "store" or (export_kv and modes[i] is None):
+                shared[lt] = kv
+        if keep_last and h.shape[1] > keep_last:
+            h = h[:, -keep_last:]
+        return self.norm(h), shared
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache, keep_last, segment_ids, export_kv):
         b, t = input_ids.shape
         past = cache.length if cache is not None else 0
         dev = input_ids.device
         if attention_mask is not None and attention_mask.shape != (b, past + t):
             raise ValueError(f"attention_mask must have shape [B, past+T] = [{b}, {past + t}], got {list(attention_mask.shape)}")
+        if segment_ids is not None and (cache is not None or segment_ids.shape != (b, t)):
+            raise ValueError("segment_ids (packed documents) must be [B, T] and is for uncached forwards (training)")
         if position_ids is None:
-            if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-            else:
-                position_ids = torch.arange(past, past + t, device=dev)[None].expand(b, t)
+            position_ids = self.positions(b, t, past, attention_mask, segment_ids, dev)
         h = self.embed(input_ids)
-        ple = self.per_layer_inputs(input_ids, h) if cfg.hidden_size_per_layer_input else None
+        ple = self.per_layer_inputs(input_ids, h) if self.config.hidden_size_per_layer_input else None
+        rope, masks, ctxs = self.layer_type_inputs(t, past, position_ids, cache, attention_mask, segment_ids, h.dtype, dev)
+        return self.run_layers(h, ple, rope, masks, ctxs, cache, keep_last, export_kv)
 
-        q_slots = torch.arange(past, past + t, device=dev)
-        pad = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
-        rope, masks, ctxs = {}, {}, {}
-        for lt in set(cfg.layer_types):
-            c = cache.first_of_type(lt) if cache is not None else None
-            k_slots = c.key_slots(t, dev) if c is not None else torch.arange(past + t, device=dev)
-            window = cfg.sliding_window if lt == SLIDING else None
-            rope[lt] = self._rope(lt, position_ids, h.dtype)
-            m = build_mask(q_slots, k_slots, window, pad)
-            masks[lt] = None if (t == 1 and bool(m.all())) else m
-            ctxs[lt] = AttnContext(lt, window, q_slots, k_slots)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: ModelCache | None = None, keep_last: int = 0,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-normed hidden states [B,T',H] (T' = keep_last or T).
 
-        shared: dict[str, tuple] = {}
-        modes = cfg.kv_sharing_modes
-        for i, layer in enumerate(self.layers):
-            if keep_last and i == cfg.first_kv_shared_layer and 0 < keep_last < t:
-                # Consumer layers write no cache, so positions whose logits are not wanted can be
-                # dropped before them (a large prefill saving on E2B/E4B).
-                t, sl = keep_last, slice(-keep_last, None)
-                h, ple = h[:, sl], (ple[:, sl] if ple is not None else None)
-                rope = {k: (c_[:, sl], s_[:, sl]) for k, (c_, s_) in rope.items()}
-                masks = {k: (m[:, :, sl] if m is not None else None) for k, m in masks.items()}
-                ctxs = {k: AttnContext(c.layer_type, c.window, c.q_slots[sl], c.k_slots) for k, c in ctxs.items()}
-            lt = cfg.layer_types[i]
-            h, kv = layer(
-                h, *rope[lt], masks[lt], ctxs[lt],
-                ple=ple[:, :, i] if ple is not None else None,
-                cache=cache.layers[i] if cache is not None else None,
-                shared_kv=shared.get(lt),
-            )
-            if modes[i] == "store":
-                shared[lt] = kv
-            elif return_shared_kv and modes[i] is None:
-                shared[lt] = kv  # without KV sharing, the last layer of each type stands in
-        if keep_last and h.shape[1] > keep_last:
-            h = h[:, -keep_last:]
-        h = self.norm(h)
-        return (h, shared) if return_shared_kv else h
+        attention_mask: [B, past+T] (1 = token, 0 = padding), indexed by slot. position_ids default to
+        the count of real tokens before each position, so left-padded rows start at 0. segment_ids [B,T]
+        (uncached only): packed documents, each attending only to itself, positions restarting at 0."""
+        return self._forward(input_ids, attention_mask, position_ids, cache, keep_last, segment_ids, False)[0]
+
+    def forward_export_kv(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                          position_ids: torch.Tensor | None = None, cache: ModelCache | None = None,
+                          keep_last: int = 0) -> tuple[torch.Tensor, dict[str, tuple]]:
+        """As :meth:`forward`, plus the producers' K/V by layer type: what a KV-sharing drafter attends over."""
+        return self._forward(input_ids, attention_mask, position_ids, cache, keep_last, None, True)
+
+
+def check_input_ids(config: Gemma4Config, ids: torch.Tensor) -> None:
+    """Entry-point check (it reads values, so the forward itself does not): an integer [B, T] tensor with
+    T >= 1 and every id inside the vocabulary."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+        what = f"{ids.dtype} {list(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"input_ids must be an integer tensor [B, T], got {what}")
+    if ids.shape[1] == 0:
+        raise ValueError("input_ids has no tokens (T = 0): give at least one token per row")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= config.vocab_size):
+        raise ValueError(
+            f"token id out of range: ids span [{int(ids.min())}, {int(ids.max())}] but vocab_size is {config.vocab_size}"
+        )
 
 
 class Gemma4ForCausalLM(nn.Module):
@@ -368,18 +429,19 @@ class Gemma4ForCausalLM(nn.Module):
         c = self.config.final_logit_softcapping
         return torch.tanh(x / c) * c if c else x
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, keep_last: int = 0):
-        self._check_ids(input_ids)
-        h = self.model(input_ids, attention_mask, position_ids, cache, keep_last=keep_last)
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, keep_last: int = 0,
+                segment_ids=None):
+        h = self.model(input_ids, attention_mask, position_ids, cache, keep_last=keep_last, segment_ids=segment_ids)
         return self.logits(h)
 
-    def _check_ids(self, ids: torch.Tensor) -> None:
-        if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"input_ids must be an integer tensor [B, T], got {ids.dtype} {list(ids.shape)}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
-            raise ValueError(
-                f"token id out of range: ids span [{int(ids.min())}, {int(ids.max())}] but vocab_size is {self.config.vocab_size}"
-            )
+    def gradient_checkpointing_enable(self) -> "Gemma4ForCausalLM":
+        """Recompute each decoder layer in backward instead of keeping its activations (training)."""
+        self.model.gradient_checkpointing = True
+        return self
+
+    def gradient_checkpointing_disable(self) -> "Gemma4ForCausalLM":
+        self.model.gradient_checkpointing = False
+        return self
 
     def set_attention_backend(self, name: str) -> "Gemma4ForCausalLM":
         set_attention_backend(self.model.layers, name)

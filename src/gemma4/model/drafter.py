@@ -2,7 +2,7 @@
 
 Every drafter layer is a KV-sharing consumer: it owns q_proj/q_norm/o_proj, the MLP and the norms,
 but no key/value projections and no cache. It attends over the K/V that the target's producer layers
-computed (``target.model(..., return_shared_kv=True)``), so drafting needs no prefill of its own.
+computed (``target.model.forward_export_kv(...)``), so drafting needs no prefill of its own.
 
 One drafting step (query length 1):
 
