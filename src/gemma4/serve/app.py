@@ -264,6 +264,73 @@ def _thinking(body: dict) -> bool:
     return False
 
 
+# ============================================================================================ safe encoding
+class _ChatEncoder:
+    """Encodes a conversation so that control tokens typed inside message text stay text.
+
+    ``render_chat`` returns one string, in which a user's literal ``<|turn>`` would be read back as the
+    control token (a forged turn). Before rendering, every control-token spelling inside the text of
+    system, user and tool messages is swapped for a placeholder; the rendered prompt is encoded piece
+    by piece, each placeholder with a copy of the vocabulary that matches no special token (so
+    ``<|turn>`` becomes the ordinary pieces "<", "|", "turn", ...). Assistant messages are the model's
+    own turns and are encoded as rendered."""
+
+    def __init__(self, tokenizer):
+        import re
+
+        from tokenizers import Tokenizer as _Backend
+
+        self.tok = tokenizer
+        self.plain = _Backend.from_str(tokenizer.backend.to_str())
+        self.plain.encode_special_tokens = True
+        specials = sorted((t for t in tokenizer.special_tokens if t), key=len, reverse=True)
+        self.specials = re.compile("|".join(re.escape(t) for t in specials)) if specials else None
+        self._re = re
+
+    def encode(self, messages: list[dict], render) -> list[int]:
+        if self.specials is None:
+            return self.tok.encode(render(messages), add_bos=False)
+        nonce = uuid.uuid4().hex[:12]
+        found: list[str] = []
+
+        def hide(text):
+            if not isinstance(text, str) or not self.specials.search(text):
+                return text
+
+            def sub(m):
+                found.append(m.group(0))
+                return f"\ue000{nonce}:{len(found) - 1}\ue001"
+
+            return self.specials.sub(sub, text)
+
+        safe = []
+        for m in messages:
+            if m["role"] == "assistant":
+                safe.append(m)
+                continue
+            m = dict(m)
+            c = m.get("content")
+            if isinstance(c, str):
+                m["content"] = hide(c)
+            elif isinstance(c, list):
+                m["content"] = [dict(p, text=hide(p.get("text"))) for p in c]
+            safe.append(m)
+        text = render(safe)
+        if not found:
+            return self.tok.encode(text, add_bos=False)
+        ids: list[int] = []
+        pattern = self._re.compile("\ue000" + nonce + r":(\d+)\ue001")
+        pos = 0
+        for m in pattern.finditer(text):
+            if m.start() > pos:
+                ids += self.tok.encode(text[pos:m.start()], add_bos=False)
+            ids += self.plain.encode(found[int(m.group(1))], add_special_tokens=False).ids
+            pos = m.end()
+        if pos < len(text):
+            ids += self.tok.encode(text[pos:], add_bos=False)
+        return ids
+
+
 # ============================================================================================ one choice
 class _Choice:
     """One engine request's output on the event loop: decoding, stop strings, the chat parser."""
@@ -338,6 +405,17 @@ def create_app(engine: BatchEngine, tokenizer, config: ServeConfig | None = None
     context = engine.max_length
     bos = tokenizer.id_to_token(tokenizer.bos_id) if tokenizer.bos_id is not None else None
     style = "gemma3" if tokenizer.family == "gemma3" else "gemma4"
+    chat_encoder = _ChatEncoder(tokenizer)
+
+    def encode_chat(messages, tools, thinking, forced="", add_generation_prompt=True) -> list[int]:
+        def render(msgs):
+            return render_chat(msgs, tools=tools, add_generation_prompt=add_generation_prompt,
+                               enable_thinking=thinking, style=style) + forced
+
+        try:
+            return chat_encoder.encode(messages, render)  # the rendered text carries its own <bos>
+        except (ValueError, KeyError, TypeError) as e:
+            raise _bad(f"cannot render the conversation: {e}", "messages") from None
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -545,9 +623,8 @@ def create_app(engine: BatchEngine, tokenizer, config: ServeConfig | None = None
             raise _bad("'add_special_tokens' must be a boolean", "add_special_tokens")
         if body.get("messages") is not None:
             tools, _ = _tools(body)
-            text = render_chat(_messages(body["messages"]), tools=tools, enable_thinking=_thinking(body),
-                               add_generation_prompt=body.get("add_generation_prompt", True) is not False, style=style)
-            ids = tokenizer.encode(text, add_bos=False)
+            ids = encode_chat(_messages(body["messages"]), tools, _thinking(body),
+                              add_generation_prompt=body.get("add_generation_prompt", True) is not False)
         else:
             text = body.get("prompt", body.get("content", body.get("text")))
             if not isinstance(text, str):
@@ -581,11 +658,7 @@ def create_app(engine: BatchEngine, tokenizer, config: ServeConfig | None = None
         if style == "gemma3" and (tools or forced):
             raise _bad("this model's chat format (Gemma 3) has no tool calling", "tools")
         thinking = _thinking(body)
-        try:
-            text = render_chat(messages, tools=tools, add_generation_prompt=True, enable_thinking=thinking, style=style)
-        except (ValueError, KeyError, TypeError) as e:
-            raise _bad(f"cannot render the conversation: {e}", "messages") from None
-        prompt = tokenizer.encode(text + forced, add_bos=False)  # the rendered text carries its own <bos>
+        prompt = encode_chat(messages, tools, thinking, forced)
         _check_prompt_len(len(prompt), cfg, context, "messages")
         n = _opt(body, "n", int, 1, lo=1, hi=cfg.max_n)
         stream = _opt(body, "stream", bool, False)

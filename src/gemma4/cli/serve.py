@@ -1,0 +1,86 @@
+"""`gemma4 serve`: the OpenAI-compatible HTTP server (needs the `serve` extra: fastapi, uvicorn)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from gemma4.cli._common import DTYPE_HELP, dtype_option, find_tokenizer
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("serve")
+    def serve_cmd(
+        model: str = typer.Argument(..., help="Checkpoint directory, .gguf file or short name."),
+        adapter: Optional[Path] = typer.Option(None, "--adapter", help="LoRA adapter directory to apply."),
+        host: str = typer.Option("127.0.0.1", help="Address to bind (loopback unless you say otherwise)."),
+        port: int = typer.Option(8000, help="TCP port."),
+        api_key: Optional[str] = typer.Option(None, "--api-key", envvar="GEMMA4_API_KEY",
+                                              help="Require 'Authorization: Bearer KEY' (or set GEMMA4_API_KEY)."),
+        max_batch: int = typer.Option(8, "--max-batch", help="Requests decoded together."),
+        name: Optional[str] = typer.Option(None, "--name", help="Model id clients send (default: the file/dir name)."),
+        dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP + " (default: the checkpoint's)."),
+        device: str = typer.Option("cpu", help="cpu, cuda, ..."),
+        prefill_chunk: int = typer.Option(256, help="Prompt tokens per prefill step (bounds the stall of running requests)."),
+        max_queue: int = typer.Option(64, help="Waiting requests before new ones get 429."),
+        max_tokens_cap: int = typer.Option(4096, help="Largest max_tokens a request may ask for."),
+        max_prompt_tokens: Optional[int] = typer.Option(None, help="Longest prompt accepted (default: the context)."),
+        context: Optional[int] = typer.Option(None, help="Cap the context (KV cache) below the model's."),
+        timeout: float = typer.Option(600.0, help="Seconds a request may run before it is cut (504)."),
+        max_body: int = typer.Option(4 << 20, help="Largest request body in bytes (413 beyond)."),
+        threads: Optional[int] = typer.Option(None, help="torch.set_num_threads."),
+        no_pack: bool = typer.Option(False, "--no-pack", help="Keep plain weights (skip the oneDNN CPU fast path)."),
+    ):
+        """Serve MODEL over an OpenAI-compatible HTTP API with continuous batching."""
+        try:
+            import uvicorn
+        except ImportError:
+            raise typer.BadParameter("gemma4 serve needs the serve extra: pip install 'gemma4[serve]'") from None
+        import torch
+
+        from gemma4.infer import use_fast_path
+        from gemma4.infer.batch import BatchEngine
+        from gemma4.io import load_pretrained
+        from gemma4.serve import ServeConfig, create_app
+
+        if threads:
+            torch.set_num_threads(threads)
+        if not _loopback(host) and not api_key:
+            typer.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
+        tok = find_tokenizer(model)
+        if tok is None:
+            raise typer.BadParameter(f"no tokenizer found for {model}: the server needs one (tokenizer.json, "
+                                     "tokenizer.model or a GGUF vocabulary)")
+        m = load_pretrained(model, dtype=dtype_option(dtype), device=device)
+        if adapter is not None:
+            import gemma4.train as train
+
+            load_adapter = getattr(train, "load_adapter", None)
+            if load_adapter is None:
+                raise typer.BadParameter("--adapter needs gemma4.train.load_adapter (the training issue), "
+                                         "which this build does not have yet")
+            m = load_adapter(m, adapter)
+        if not no_pack:
+            use_fast_path(m)
+        engine = BatchEngine(m, max_batch=max_batch, prefill_chunk=prefill_chunk, max_queue=max_queue,
+                             stop_token_ids=tok.stop_token_ids or None, max_length=context)
+        served = name or Path(str(model).rstrip("/")).stem
+        cfg = ServeConfig(model_name=served, api_key=api_key, max_body_bytes=max_body, max_prompt_tokens=max_prompt_tokens,
+                          max_tokens_cap=max_tokens_cap, request_timeout=timeout)
+        typer.echo(f"serving {served!r} on http://{host}:{port}/v1 (batch {max_batch}, context {engine.max_length})",
+                   err=True)
+        uvicorn.run(create_app(engine, tok, cfg), host=host, port=port, log_level="info",
+                    timeout_graceful_shutdown=5)
