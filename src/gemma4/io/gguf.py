@@ -35,6 +35,7 @@ import torch
 from gemma4._util import Progress, atomic_path, no_progress
 from gemma4.io.checkpoint import CheckpointError, load_state_streaming
 from gemma4.model import FULL, SLIDING, Gemma4Config, Gemma4ForCausalLM, build_model
+from gemma4.quant import QuantWeight
 
 log = logging.getLogger("gemma4")
 
@@ -636,18 +637,63 @@ def _encode(t: torch.Tensor, qtype: int) -> np.ndarray:
     raise GGUFError(f"cannot write tensor type {qtype}")
 
 
+# Quantized models export their own codes: int4 (asymmetric, a scale and a zero per group of 32..256
+# inputs) is exactly Q4_1's grid (w = d * q + m per 32 weights) with d = scale, m = zero - 8 * scale,
+# the same 4-bit codes, and d, m rounded to fp16 (bf16 scales are exact in fp16; m is one rounding).
+# int8 (one scale per output row) has no GGUF twin: its dequantized rows are written as Q8_0 (a scale
+# per 32 weights), which reproduces them to within Q8_0's rounding.
+_Q4_1 = 3
+_Q4_1_BYTES = 20  # fp16 d, fp16 m, 16 bytes of nibbles per 32 weights
+_FILE_TYPE_OF = {_Q4_1: 3, _Q8_0: 7}  # llama.cpp general.file_type: MOSTLY_Q4_1, MOSTLY_Q8_0
+
+
+def _encode_q4_1(mod) -> np.ndarray:
+    """An :class:`~gemma4.quant.Int4Weight` [*lead, N, K] as Q4_1 blocks, row by row (its own codes)."""
+    codes = mod.codes()  # [*lead, N, K] uint8 in 0..15
+    k, g = mod.in_features, mod.group_size
+    sz = mod.scales_zeros.float()  # [*lead, K/g, N, 2]
+    sz = sz.movedim(-3, -2)  # [*lead, N, K/g, 2]
+    reps = g // 32
+    d = sz[..., 0].repeat_interleave(reps, dim=-1)  # [*lead, N, K/32]: each group covers g/32 blocks
+    m = sz[..., 1].repeat_interleave(reps, dim=-1) - 8.0 * d
+    blocks = codes.reshape(-1, 32)  # [B, 32]: rows are whole blocks (K % 32 == 0)
+    qs = (blocks[:, :16] | (blocks[:, 16:] << 4)).to(torch.uint8)  # element j low nibble, j + 16 high
+    dm = torch.stack([d.reshape(-1), m.reshape(-1)], -1).to(torch.float16).view(torch.uint8)  # [B, 4]
+    return torch.cat([dm, qs], -1).reshape(-1).numpy()
+
+
+def _quantized_modules(model) -> dict[str, Any]:
+    """{module name: QuantWeight} for a model quantized by gemma4.quant (empty for a float model)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantWeight)}
+
+
+def _quant_type(mod) -> int | None:
+    """The GGUF type a quantized module is written as, or None (written dequantized in the file type)."""
+    if mod.in_features % 32:
+        return None
+    if mod.scheme == "int4":
+        return _Q4_1 if mod.group_size % 32 == 0 else None
+    return _Q8_0
+
+
 def _nbytes(shape: tuple[int, ...], qtype: int) -> int:
     gguf = _gguf()
     block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
     return int(np.prod(shape, dtype=np.int64)) // block * size
 
 
-def _write_metadata(w, cfg: Gemma4Config, ftype: str) -> None:
+def _has_gguf_name(hf: str) -> bool:
+    try:
+        hf_to_gguf(hf)
+    except KeyError:
+        return False
+    return True
+
+
+def _write_metadata(w, cfg: Gemma4Config, ftype: str, file_type: int | None = None) -> None:
     gguf = _gguf()
     arch, n = w.arch, cfg.num_hidden_layers
-    if cfg.quantization:
-        raise GGUFError("cannot write a model quantized by gemma4.quant to GGUF; load it unquantized")
-    w.add_file_type(FILE_TYPES[ftype][1])
+    w.add_file_type(FILE_TYPES[ftype][1] if file_type is None else file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -783,7 +829,9 @@ def save_gguf(model: Gemma4ForCausalLM, path: str | os.PathLike, ftype: str = "f
     configs), tensor by tensor, atomically (temp file + rename).
 
     ftype: f32 (exact), f16, bf16, or q8_0 (matrices whose rows are a multiple of 32). 1-D tensors
-    (norms, scales) are always F32. ``vocab_from``: a GGUF whose ``tokenizer.*`` keys are copied, or a
+    (norms, scales) are always F32. A quantized model (``gemma4.quantize``, GPTQ, GGUF-native) keeps its
+    quantization: int4 matrices are written as Q4_1 (the same codes; scale and zero rounded to fp16),
+    int8 ones as Q8_0; ``ftype`` then applies to the float matrices left. ``vocab_from``: a GGUF whose ``tokenizer.*`` keys are copied, or a
     BPE ``tokenizer.json`` written as llama.cpp's ``gemma4`` tokenizer keys."""
     gguf = _gguf()
     ftype = ftype.lower()
@@ -795,15 +843,37 @@ def save_gguf(model: Gemma4ForCausalLM, path: str | os.PathLike, ftype: str = "f
     state = model.state_dict()
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
+    # A quantized module stands for one float weight: drop its buffers (codes, scales, the empty weight
+    # placeholder) and write the weight it holds under the float weight's name.
+    quant = _quantized_modules(model)
+    qsource: dict[str, Any] = {}  # hf weight name -> quantized module
+    for mname, mod in quant.items():
+        for b in list(state):
+            if b.startswith(mname + ".") and "." not in b[len(mname) + 1:]:
+                del state[b]
+        hf = f"{mname}.weight" if _has_gguf_name(f"{mname}.weight") else mname
+        qsource[hf] = mod
     plan: list[tuple[str, str, int, tuple[int, ...]]] = []  # (gguf name, hf name, qtype, shape)
-    for hf, t in state.items():
-        if t.is_meta:
-            raise GGUFError(f"tensor {hf!r} has no data (meta device): load the weights before saving")
+    for hf in list(state) + list(qsource):
         try:
             gname = hf_to_gguf(hf)
         except KeyError:
-            raise GGUFError(f"tensor {hf!r} has no GGUF name (quantized or extra module?)") from None
-        plan.append((gname, hf, _tensor_type(t, ftype), tuple(t.shape)))
+            raise GGUFError(f"tensor {hf!r} has no GGUF name (an extra module this writer does not know)") from None
+        if hf in qsource:
+            mod = qsource[hf]
+            shape = (*mod.lead, mod.out_features, mod.in_features)
+            qtype = _quant_type(mod) or _tensor_type(torch.empty(shape, device="meta"), ftype)
+        else:
+            t = state[hf]
+            if t.is_meta:
+                raise GGUFError(f"tensor {hf!r} has no data (meta device): load the weights before saving")
+            qtype, shape = _tensor_type(t, ftype), tuple(t.shape)
+        plan.append((gname, hf, qtype, shape))
+    if qsource:  # name the file after what most of its weights are
+        counts = {q: sum(1 for _, hf, qt, _ in plan if hf in qsource and qt == q) for q in _FILE_TYPE_OF}
+        file_type = _FILE_TYPE_OF[max(counts, key=counts.get)] if any(counts.values()) else None
+    else:
+        file_type = None
     rope = _rope_freqs(cfg)
     if rope is not None:
         plan.insert(0, ("rope_freqs.weight", "", _F32, tuple(rope.shape)))
@@ -811,7 +881,7 @@ def save_gguf(model: Gemma4ForCausalLM, path: str | os.PathLike, ftype: str = "f
     with atomic_path(path) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)
         w.add_name(name or ("Gemma 3" if cfg.is_gemma3 else "Gemma 4"))
-        _write_metadata(w, cfg, ftype)
+        _write_metadata(w, cfg, ftype, file_type)
         if vocab_from is not None and Path(str(getattr(vocab_from, "path", vocab_from))).suffix == ".json":
             _vocab_from_tokenizer_json(w, Path(vocab_from))
         elif vocab_from is not None:
@@ -829,8 +899,10 @@ def save_gguf(model: Gemma4ForCausalLM, path: str | os.PathLike, ftype: str = "f
         for gname, _, qtype, shape in plan:
             qt = gguf.GGMLQuantizationType(qtype)
             nbytes = _nbytes(shape, qtype)
-            if qtype == _Q8_0:
-                w.add_tensor_info(gname, shape[:-1] + (shape[-1] // 32 * 34,), np.dtype(np.uint8), nbytes, raw_dtype=qt)
+            if qtype in (_Q8_0, _Q4_1):
+                per_block = 34 if qtype == _Q8_0 else _Q4_1_BYTES
+                w.add_tensor_info(gname, shape[:-1] + (shape[-1] // 32 * per_block,), np.dtype(np.uint8), nbytes,
+                                  raw_dtype=qt)
             else:
                 w.add_tensor_info(gname, shape, np.dtype(np.float32), nbytes, raw_dtype=qt)
         w.write_header_to_file()
@@ -839,6 +911,10 @@ def save_gguf(model: Gemma4ForCausalLM, path: str | os.PathLike, ftype: str = "f
         for gname, hf, qtype, _ in (progress or no_progress)(plan, f"writing {path.name}"):
             if not hf:
                 t = rope
+            elif hf in qsource:
+                mod = qsource[hf]
+                w.write_tensor_data(_encode_q4_1(mod) if qtype == _Q4_1 else _encode(mod.dequantize(torch.float32), qtype))
+                continue
             else:
                 t = state[hf]
                 shift = _norm_shift(hf, cfg)
