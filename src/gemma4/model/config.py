@@ -52,17 +52,73 @@ class ConfigError(Gemma4Error, ValueError):
     """A configuration that cannot describe a working model; the message names the field."""
 
 
+class ConfigNotFoundError(ConfigError, FileNotFoundError):
+    """No config.json where one is needed."""
+
+
+# Upper bounds on sizes, checked before anything is built: a few bytes of a hostile config (or GGUF
+# header) must not make us allocate gigabytes (the RoPE table is built on the CPU even for a meta-device
+# model) or loop for minutes. Each is far above any published Gemma (31B: hidden 5376, vocab 262144).
+LIMITS: dict[str, int] = {
+    "vocab_size": 1 << 23, "hidden_size": 1 << 16, "intermediate_size": 1 << 20, "num_hidden_layers": 1024,
+    "num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 1 << 14, "global_head_dim": 1 << 14,
+    "num_global_key_value_heads": 1024, "sliding_window": 1 << 24, "max_position_embeddings": 1 << 24,
+    "vocab_size_per_layer_input": 1 << 23, "hidden_size_per_layer_input": 1 << 14, "num_kv_shared_layers": 1024,
+    "num_experts": 4096, "top_k_experts": 4096, "moe_intermediate_size": 1 << 20, "sliding_window_pattern": 1024,
+    "_sliding_window_pattern": 1024,
+}
+
+
 def read_config_json(path: str | Path) -> dict[str, Any]:
     """The dict in a config.json (``path`` may be its directory), with errors that name the file."""
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        d = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"no config.json at {path}") from None
-    except json.JSONDecodeError as e:
+        raise ConfigNotFoundError(f"no config.json at {path}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text: {e}") from None
+    except (json.JSONDecodeError, RecursionError) as e:
         raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path} holds a JSON {type(d).__name__}, not an object of config fields")
+    return d
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "sliding_window", "max_position_embeddings")
+_OPTIONAL_POSITIVE_INTS = ("global_head_dim", "num_global_key_value_heads", "num_experts", "top_k_experts",
+                           "moe_intermediate_size", "sliding_window_pattern", "_sliding_window_pattern")
+_BOOLS = ("tie_word_embeddings", "attention_bias", "attention_k_eq_v", "use_double_wide_mlp", "enable_moe_block")
+_OPTIONAL_POSITIVE_FLOATS = ("final_logit_softcapping", "attn_logit_softcapping", "query_pre_attn_scalar",
+                             "rope_theta", "rope_local_base_freq")
+
+
+def _check_rope(where: str, p: Any) -> None:
+    if not isinstance(p, dict):
+        raise ConfigError(f"{where} must be an object, got {p!r}")
+    if "rope_type" in p and not isinstance(p["rope_type"], str):
+        raise ConfigError(f"{where}.rope_type must be a string, got {p['rope_type']!r}")
+    if "type" in p and not isinstance(p["type"], str):
+        raise ConfigError(f"{where}.type must be a string, got {p['type']!r}")
+    for k in ("rope_theta", "factor", "original_max_position_embeddings"):
+        if p.get(k) is not None and not (_is_num(p[k]) and p[k] > 0):
+            raise ConfigError(f"{where}.{k} must be a positive finite number, got {p[k]!r}")
+    f = p.get("partial_rotary_factor")
+    if f is not None and not (_is_num(f) and 0 < f <= 1):
+        raise ConfigError(f"{where}.partial_rotary_factor must be in (0, 1], got {f!r}")
 
 
 @dataclass
@@ -118,6 +174,7 @@ class Gemma4Config:
 
     # ------------------------------------------------------------------ construction
     def __post_init__(self) -> None:
+        self._check_types()
         if self.hidden_size_per_layer_input is None:
             self.hidden_size_per_layer_input = 0 if self.is_gemma3 else 256
         if self.layer_types is None:
@@ -135,23 +192,104 @@ class Gemma4Config:
             self.per_layer_config = {str(int(k)): dict(v) for k, v in self.per_layer_config.items()}
         self.validate()
 
+    def _check_types(self) -> None:
+        """Types and sizes of every field, before any of them is used: a wrong type must be a
+        ConfigError naming the field, never an AttributeError deep inside, nor a string that happens
+        to be truthy (``tie_word_embeddings: "no"``)."""
+        def bad(name: str, want: str) -> ConfigError:
+            return ConfigError(f"{name} must be {want}, got {getattr(self, name)!r}")
+
+        if not isinstance(self.model_type, str):
+            raise bad("model_type", "a string such as 'gemma4_text'")
+        for name in _POSITIVE_INTS + _OPTIONAL_POSITIVE_INTS:
+            v = getattr(self, name)
+            if v is None and name in _OPTIONAL_POSITIVE_INTS:
+                continue
+            if not (_is_int(v) and 0 < v <= LIMITS[name]):
+                raise bad(name, f"a positive integer <= {LIMITS[name]}")
+        for name in ("num_kv_shared_layers", "hidden_size_per_layer_input", "vocab_size_per_layer_input"):
+            v = getattr(self, name)
+            if not (v is None and name == "hidden_size_per_layer_input") and not (_is_int(v) and 0 <= v <= LIMITS[name]):
+                raise bad(name, f"an integer in 0..{LIMITS[name]}")
+        for name in _BOOLS:
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "true or false")
+        if not (_is_num(self.rms_norm_eps) and 0 < self.rms_norm_eps < 1):
+            raise bad("rms_norm_eps", "a number in (0, 1)")
+        for name in _OPTIONAL_POSITIVE_FLOATS:
+            v = getattr(self, name)
+            if v is not None and not (_is_num(v) and v > 0):
+                raise bad(name, "a positive finite number or null")
+        for name in ("pad_token_id", "bos_token_id"):
+            v = getattr(self, name)
+            if v is not None and not (_is_int(v) and v >= 0):
+                raise bad(name, "a token id (integer >= 0) or null")
+        eos = self.eos_token_id
+        if eos is not None and not (_is_int(eos) and eos >= 0) and not (
+                isinstance(eos, list) and 0 < len(eos) <= 64 and all(_is_int(i) and i >= 0 for i in eos)):
+            raise bad("eos_token_id", "a token id, a list of token ids, or null")
+        if not isinstance(self.hidden_activation, str):
+            raise bad("hidden_activation", "a string")
+        if self.layer_types is not None and not (
+                isinstance(self.layer_types, (list, tuple)) and len(self.layer_types) <= LIMITS["num_hidden_layers"]
+                and all(isinstance(t, str) for t in self.layer_types)):
+            raise bad("layer_types", f"a list of at most {LIMITS['num_hidden_layers']} layer type names")
+        if self.use_bidirectional_attention is not None and not isinstance(self.use_bidirectional_attention, (bool, str)):
+            raise bad("use_bidirectional_attention", "a string, a boolean or null")
+        if self.quantization is not None and not isinstance(self.quantization, dict):
+            raise bad("quantization", "an object or null")
+        if self.rope_scaling is not None:
+            _check_rope("rope_scaling", self.rope_scaling)
+        rp = self.rope_parameters
+        if rp is not None:
+            if not isinstance(rp, dict):
+                raise bad("rope_parameters", "an object")
+            nested = SLIDING in rp or FULL in rp
+            for t in ((SLIDING, FULL) if nested else ()):
+                if t in rp:
+                    _check_rope(f"rope_parameters.{t}", rp[t])
+            if not nested:
+                _check_rope("rope_parameters", rp)
+        plc = self.per_layer_config
+        if plc is not None:
+            if not isinstance(plc, dict):
+                raise bad("per_layer_config", "an object mapping layer indices to overrides")
+            for k, o in plc.items():
+                if not ((_is_int(k) or (isinstance(k, str) and k.isdigit() and len(k) <= 6)) and int(k) < LIMITS["num_hidden_layers"]):
+                    raise ConfigError(f"per_layer_config key {k!r} is not a layer index")
+                if not isinstance(o, dict):
+                    raise ConfigError(f"per_layer_config[{k}] must be an object, got {o!r}")
+                for f, v in o.items():
+                    lim = LIMITS.get(f if f != "num_key_value_heads" else "num_key_value_heads", 0)
+                    if not (_is_int(v) and 0 < v <= (lim or (1 << 14))):
+                        raise ConfigError(f"per_layer_config[{k}].{f} must be a positive integer, got {v!r}")
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Gemma4Config":
         """Build from a config.json dict (text config, or a multimodal one with ``text_config``)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config must be a JSON object of fields, got {type(d).__name__}")
         d = dict(d)
         if isinstance(d.get("text_config"), dict):
             outer_type = d.get("model_type", "gemma4")
+            if not isinstance(outer_type, str):
+                raise ConfigError(f"model_type must be a string, got {outer_type!r}")
             d = dict(d["text_config"])
             d.setdefault("model_type", f"{outer_type}_text" if not outer_type.endswith("_text") else outer_type)
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in d if k not in names and k not in _HF_BOOKKEEPING_KEYS)
+        unknown = sorted(str(k) for k in d if k not in names and k not in _HF_BOOKKEEPING_KEYS)
         if unknown:
             raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
         return cls(**{k: v for k, v in d.items() if k in names})
 
     @classmethod
     def from_json(cls, path: str | Path) -> "Gemma4Config":
-        return cls.from_dict(read_config_json(path))
+        d = read_config_json(path)
+        try:
+            return cls.from_dict(d)
+        except ConfigError as e:
+            where = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
+            raise ConfigError(f"{where}: {e}") from None
 
     @classmethod
     def from_preset(cls, name: str) -> "Gemma4Config":
@@ -275,6 +413,8 @@ class Gemma4Config:
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise ConfigError(msg)
+
+        self._check_types()
 
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim", "sliding_window"):
