@@ -377,3 +377,13 @@ def test_control_tokens_in_message_text_stay_text(server):
     assert tok.decode(ids) == render_chat(msgs)  # the same text, only tokenized as text
     out = server["client"].chat.completions.create(model=NAME, messages=msgs, max_tokens=2)
     assert out.usage.prompt_tokens == len(ids)
+
+
+def test_chat_page(server):
+    r = httpx.get(server["base"] + "/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    page = r.text
+    for needle in ('id="stop"', "AbortController", 'createElement("details")', "reasoning_content", "/v1/chat/completions",
+                   "stream: true", "textContent"):
+        assert needle in page
+    assert "innerHTML" not in page  # model text is never parsed as HTML

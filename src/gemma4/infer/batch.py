@@ -16,9 +16,8 @@ rows stay packed in pool rows ``0..n-1``: when a row leaves, the last one moves 
 A prompt is prefilled through the model's own forward (:meth:`Gemma4TextModel.forward`) with a cache
 view of its pool row, in the same chunks :func:`gemma4.infer.generate.prefill` uses, so with
 ``prefill_chunk`` equal to generate's a request gets the same greedy tokens as ``generate`` on that
-request alone (tests/test_batch.py checks it). The decode step is this module's own loop over the
-decoder layers (:func:`_decode_forward`): the layers are the model's, only the per-row masks and
-positions differ from the model's forward.
+request alone (tests/test_batch.py checks it). A decode step (:func:`_decode_forward`) builds per-row
+positions and masks and runs the model's own decoder stack (``Gemma4TextModel.run_layers``).
 
 Tokens are chosen by :func:`gemma4.infer.sampling.sample_next`, one call per sampled row with the
 request's own :class:`SamplingParams` and generator (a request's seed gives the same draws whatever
@@ -312,11 +311,21 @@ def _decode_masks(pool: BatchCache, positions: torch.Tensor) -> dict[str, tuple[
     return out
 
 
+class _DecodeCaches:
+    """What ``Gemma4TextModel.run_layers`` reads from a cache (``.layers``) for one batched decode step."""
+
+    def __init__(self, pool: BatchCache, positions: torch.Tensor, keys: dict[str, int]):
+        types = pool.config.layer_types
+        self.layers = [None if lay is None else _DecodeView(pool, lay, positions, keys[types[i]])
+                       for i, lay in enumerate(pool.layers)]
+
+
 def _decode_forward(model, pool: BatchCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """One decode step for pool rows 0..n-1: ``tokens`` [n] at ``positions`` [n] -> logits [n, V].
 
-    The same computation as ``Gemma4TextModel.forward`` with one new token per row (T = 1), except
-    that each row has its own position and its own key mask."""
+    ``Gemma4TextModel.forward`` with one new token per row (T = 1), except that each row has its own
+    position and its own key mask: the embedding, RoPE tables and masks are built here, the decoder
+    stack is the model's own ``run_layers``."""
     m, cfg = model.model, model.config
     ids = tokens[:, None]  # [n,1]
     h = m.embed(ids)
@@ -326,17 +335,8 @@ def _decode_forward(model, pool: BatchCache, tokens: torch.Tensor, positions: to
     rope = {lt: m._rope(lt, pos, h.dtype) for lt in masks}
     ctxs = {lt: AttnContext(lt, cfg.sliding_window if lt == SLIDING else None, positions, torch.arange(s))
             for lt, (s, _) in masks.items()}
-    shared: dict[str, tuple] = {}
-    modes = cfg.kv_sharing_modes
-    for i, layer in enumerate(m.layers):
-        lt = cfg.layer_types[i]
-        lay = pool.layers[i]
-        view = _DecodeView(pool, lay, positions, masks[lt][0]) if lay is not None else None
-        h, kv = layer(h, *rope[lt], masks[lt][1], ctxs[lt], ple=ple[:, :, i] if ple is not None else None,
-                      cache=view, shared_kv=shared.get(lt))
-        if modes[i] == "store":
-            shared[lt] = kv
-    h = m.norm(h)
+    caches = _DecodeCaches(pool, positions, {lt: s for lt, (s, _) in masks.items()})
+    h, _ = m.run_layers(h, ple, rope, {lt: mk for lt, (_, mk) in masks.items()}, ctxs, caches, 0, False)
     return model.logits(h)[:, -1]
 
 
@@ -445,11 +445,24 @@ class BatchEngine:
         """One engine iteration; returns False when there was nothing to do."""
         with self._step_lock:
             self._reap()
-            self._admit()
             worked = False
-            if self._prefilling is not None:
-                self._guard(self._prefill_chunk, [self._prefilling])
+            # Prefill: whole chunks (the boundaries generate.prefill uses) of as many joining requests
+            # as fit in `prefill_chunk` tokens, at least one chunk: short prompts arriving together
+            # all start in one step, and running rows wait at most about one chunk's forward.
+            budget = self.prefill_chunk
+            while True:
+                self._admit()
+                req = self._prefilling
+                if req is None:
+                    break
+                need = min(self.prefill_chunk, len(req.prompt) - req._filled)
+                if need > budget and budget < self.prefill_chunk:
+                    break
+                self._guard(self._prefill_chunk, [req])
                 worked = True
+                budget -= need
+                if budget <= 0:
+                    break
             if self._rows:
                 self._guard(self._decode, list(self._rows))
                 worked = True

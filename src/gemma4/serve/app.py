@@ -35,7 +35,6 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from gemma4.infer.batch import BatchEngine, BatchError, QueueFullError
@@ -498,7 +497,9 @@ def create_app(engine: BatchEngine, tokenizer, config: ServeConfig | None = None
         try:
             for i, (ch, p) in enumerate(zip(choices, [p for p in prompts for _ in range(n)])):
                 params = _sampling(body, seed_offset=ch.index % n)
-                reqs.append(engine.submit(p, max_new[i // n], params, logprobs=logprobs,
+                # ignore_eos (a vLLM extension, for benchmarks): run to max_tokens whatever the model says.
+                stop_ids = () if body.get("ignore_eos") is True else None
+                reqs.append(engine.submit(p, max_new[i // n], params, stop_token_ids=stop_ids, logprobs=logprobs,
                                           prompt_logprobs=prompt_logprobs,
                                           on_event=_listener(ch.index, queue, loop), timeout=cfg.request_timeout))
                 ch.req = reqs[-1]
@@ -906,13 +907,12 @@ def create_app(engine: BatchEngine, tokenizer, config: ServeConfig | None = None
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # ------------------------------------------------------------------------------------------ chat page
-    page = Path(__file__).with_name("page.html")
-
     @app.get("/")
     async def index():
-        if not page.is_file():
-            raise APIError(404, "the chat page is not installed", "not_found_error")
-        return HTMLResponse(page.read_text(encoding="utf-8"))
+        from gemma4.serve.page import PAGE
+
+        return HTMLResponse(PAGE, headers={"Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
+                                           "style-src 'unsafe-inline'", "X-Content-Type-Options": "nosniff"})
 
     return app
 
