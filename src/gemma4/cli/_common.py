@@ -127,6 +127,14 @@ def read_text_arg(path: str, what: str = "--file") -> str:
         raise CliError(f"{name}: not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})") from None
 
 
+def need_matplotlib(option: str = "--plot") -> None:
+    """Plots are optional (the ``plot`` extra): say how to get them before any work starts."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise CliError(f"{option} draws with matplotlib, which is not installed: pip install 'gemma4[plot]'") from None
+
+
 def progress(items: Iterable[T], description: str = "") -> Iterable[T]:
     """The CLI's ``progress=`` for long library calls: a bar on a terminal; elsewhere (a log file, CI)
     a plain line every 10% so the run is visibly alive."""

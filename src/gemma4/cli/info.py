@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from gemma4.cli._common import check_model
 from gemma4.io import load_config
 from gemma4.model import FULL, SLIDING, Gemma4Config, build_model, count_params
 
@@ -66,7 +67,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def info(model: str = typer.Argument(..., help="A preset (e2b, e4b, 31b, 26b-a4b, 12b, gemma3-270m), a checkpoint directory or a .gguf file.")):
         """Show the architecture: layer pattern, heads and head dims per layer type, window, RoPE, PLE, KV sharing, MoE, parameters."""
-        cfg = load_config(model)
+        cfg = load_config(check_model(model, presets=True))
         table = Table(title=f"gemma4 info: {model}", show_header=False)
         table.add_column(style="bold cyan")
         table.add_column()

@@ -10,7 +10,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gemma4.cli._common import find_tokenizer, progress
+from gemma4.cli._common import (CliError, check_model, check_output, find_tokenizer, gguf_is_quantized, need_matplotlib,
+                                progress, read_text_arg)
+from gemma4.cli.convert import carry_tokenizer
+from gemma4.infer import use_plain_path
 from gemma4.io import gguf_native_model, load_config, load_pretrained, resolve_path, save_pretrained
 from gemma4.model import FULL, PRESETS, SLIDING, Gemma4Config, estimate_memory
 from gemma4.model.size import TOWER_PARAMS, count_parameters, parse_tokens, published_comparison
@@ -26,8 +29,28 @@ def _gib(n: float) -> str:
 
 
 def _config(preset_or_path: str):
+    return load_config(check_model(preset_or_path, presets=True))
 
-    return load_config(preset_or_path)
+
+def _stored_weights(preset_or_path: str) -> tuple[str | None, int | None, str]:
+    """The weight format a checkpoint holds (so `memory` of an int4 checkpoint prices int4), or
+    (None, None, "") for presets and float checkpoints."""
+    if preset_or_path.lower() in PRESETS and not Path(preset_or_path).exists():
+        return None, None, ""  # a preset is an architecture: priced at --quant (bf16 by default)
+    try:
+        p = resolve_path(preset_or_path)
+    except FileNotFoundError:
+        return None, None, ""
+    if p.suffix == ".gguf":
+        if gguf_is_quantized(p):
+            return "int8", None, ("the quantized GGUF runs as int8 with its Q4_K matrices as int4 (what `gemma4 "
+                                  "generate` does by default): slightly less than this int8 figure")
+        return None, None, ""
+    cfg = _config(str(p))
+    q = cfg.quantization or {}
+    if q.get("scheme") in ("int8", "int4"):
+        return q["scheme"], q.get("group_size"), f"the checkpoint stores {q['scheme']} weights"
+    return None, None, ""
 
 
 def params_table(preset_or_path: str):
@@ -72,6 +95,7 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
     ) -> None:
         """Parameter counts: total, embedding, PLE table, per layer type, MoE active per token."""
+        check_model(preset_or_path, presets=True)
 
         t, c, cmp = params_table(preset_or_path)
         if json_out:
@@ -89,8 +113,9 @@ def register(app: typer.Typer) -> None:
         preset_or_path: str = typer.Argument(..., help="preset, checkpoint dir or .gguf"),
         context: str = typer.Option("32k", help="tokens in the cache (4096, 32k, 128k)"),
         batch: int = typer.Option(1, help="sequences"),
-        quant: str = typer.Option("bf16", help="weights: fp32, bf16, fp16, int8, int4"),
-        group_size: int = typer.Option(32, help="int4 group size"),
+        quant: str = typer.Option(None, help="weights: fp32, bf16, fp16, int8, int4 (default: what a quantized "
+                                  "checkpoint stores, else bf16)"),
+        group_size: int = typer.Option(None, help="int4 group size (default: the checkpoint's, else 32)"),
         kv_dtype: str = typer.Option(None, help="KV cache dtype (default: the activation dtype)"),
         prefill_chunk: int = typer.Option(512, help="tokens per prefill forward"),
         plot: Path = typer.Option(None, help="PNG: memory against context for every preset and precision"),
@@ -99,12 +124,20 @@ def register(app: typer.Typer) -> None:
         """Memory of running a model at a context length: weights, KV cache by layer type, activations."""
 
         cfg = _config(preset_or_path)
+        stored, stored_gs, why = (None, None, "") if quant is not None else _stored_weights(preset_or_path)
+        quant = quant or stored or "bf16"
+        group_size = group_size or stored_gs or 32
+        if plot is not None:
+            need_matplotlib("--plot")
         try:
             ctx = parse_tokens(context)
             e = estimate_memory(cfg, ctx, batch, quant, kv_dtype, group_size=group_size, prefill_chunk=prefill_chunk)
         except ValueError as err:
             raise typer.BadParameter(str(err)) from None
         e.config_name = preset_or_path
+        if ctx > cfg.max_position_embeddings:
+            typer.echo(f"warning: --context {ctx} exceeds the model's maximum of {cfg.max_position_embeddings} "
+                       "tokens (it was not trained that long)", err=True)
         if json_out:
             typer.echo(json.dumps(e.as_dict(), indent=2))
         else:
@@ -126,9 +159,12 @@ def register(app: typer.Typer) -> None:
                 t.add_row("of which may stay off the accelerator (PLE table)", _gib(e.offloadable))
                 t.add_row("[b]accelerator total", _gib(e.accelerator_total))
             Console().print(t)
+            if why:
+                typer.echo(f"note: {why}")
             for n in e.notes:
-                typer.echo(f"note: {n}")
-        if plot is not None:
+                # size.py's note names the field; here the reader wants the number
+                typer.echo(f"note: {n.replace('k_eq_v_saving', _gib(e.k_eq_v_saving) + ' (the K=V row)')}")
+        if plot is not None:  # after the table: the plot takes seconds
             out = plot_memory(plot, batch=batch, group_size=group_size)
             typer.echo(f"wrote {out}")
 
@@ -160,15 +196,17 @@ def register(app: typer.Typer) -> None:
         dt = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}.get(dtype)
         if dt is None:
             raise typer.BadParameter(f"unsupported dtype {dtype!r}; choose bf16, fp32 or fp16")
+        check_model(src)
+        src_path = resolve_path(src)
+        check_output(dst, src_path)
         if scheme == "gguf-native":
-
-            path = resolve_path(src)
-            if path.suffix != ".gguf":
+            if src_path.suffix != ".gguf":
                 raise typer.BadParameter(f"--scheme gguf-native reads a .gguf file; {src} is not one")
-            model = gguf_native_model(path, dtype=dt)
+            model = gguf_native_model(src_path, dtype=dt)
             save_pretrained(model, dst)
+            tok_note = carry_tokenizer(src_path, Path(dst))
             typer.echo(f"gguf-native: {len(model.gguf_native['q4k_int4'])} Q4_K matrices kept as int4-g32, the rest int8: "
-                       f"{_gib(model_nbytes(model))}; saved to {dst}")
+                       f"{_gib(model_nbytes(model))}; saved to {dst}{tok_note}")
             return
         if method not in ("rtn", "gptq", "awq-gptq"):
             raise typer.BadParameter(f"unknown method {method!r}; choose rtn, gptq or awq-gptq")
@@ -179,23 +217,25 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter("--embedding-scheme int8 and --int8-modules go with --method gptq or awq-gptq")
         calib = None
         if method != "rtn":
-
             tok = find_tokenizer(src)
             if tok is None:
-                raise typer.BadParameter(f"--method {method} tokenizes calibration text, and {src} has no tokenizer")
-            text = calib_text.read_text(encoding="utf-8") if calib_text else None
+                raise typer.BadParameter(f"--method {method} tokenizes calibration text, and {src} has no tokenizer "
+                                         "(put tokenizer.json beside it, or use --method rtn)")
+            text = read_text_arg(str(calib_text), "--calib-text") if calib_text else None
             try:
                 calib = calibration_ids(tok, text, n_tokens=calib_tokens)
             except QuantizationError as err:
                 raise typer.BadParameter(str(err)) from None
-        model = load_pretrained(src, dtype=torch.float32)
+        model = use_plain_path(load_pretrained(src_path, dtype=torch.float32))
+        if model.config.quantization:
+            q = model.config.quantization
+            raise CliError(f"{src} is already quantized ({q.get('scheme')}); quantize a float checkpoint")
         before = model_nbytes(model)
         gs = group_size if scheme == "int4" else None
         try:
             if calib is None:
-                quantize(model, scheme, gs, embeddings=not no_embeddings)
+                quantize(model, scheme, gs, embeddings=not no_embeddings, progress=progress)
             else:
-
                 gptq_quantize(model, scheme, gs, calib_ids=calib, embeddings=not no_embeddings,
                               embedding_scheme=None if embedding_scheme == "same" else embedding_scheme,
                               awq=method == "awq-gptq", int8_modules=mods, progress=progress)
@@ -203,8 +243,9 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(str(err)) from None
         model.to(dt)
         save_pretrained(model, dst)
+        tok_note = carry_tokenizer(src_path, Path(dst))
         typer.echo(f"{scheme}{'-g' + str(group_size) if scheme == 'int4' else ''} ({method}): {_gib(before)} (fp32) -> "
-                   f"{_gib(model_nbytes(model))}; saved to {dst}")
+                   f"{_gib(model_nbytes(model))}; saved to {dst}{tok_note}")
 
 
 def plot_memory(path: Path, batch: int = 1, group_size: int = 32, presets=None, contexts=None) -> Path:

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gemma4._util import Gemma4Error, release_free_heap
+from gemma4._util import Gemma4Error, Progress, no_progress, release_free_heap
 from gemma4.model import Experts, Gemma4ForCausalLM
 
 log = logging.getLogger("gemma4")
@@ -660,7 +660,7 @@ def _is_quantized(model: nn.Module) -> bool:
 def quantize(model: Gemma4ForCausalLM, scheme: str = "int4", group_size: int | None = None, *,
              embeddings: bool = True, skip: Iterable[str] = DEFAULT_SKIP,
              precomputed: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-             overrides: dict[str, Any] | None = None) -> Gemma4ForCausalLM:
+             overrides: dict[str, Any] | None = None, progress: Progress | None = None) -> Gemma4ForCausalLM:
     """Quantize ``model`` in place (weights only) and record the recipe in ``model.config.quantization``.
 
     ``scheme``: "int8" (per output channel, symmetric) or "int4" (``group_size`` 32/64/128/256,
@@ -670,7 +670,11 @@ def quantize(model: Gemma4ForCausalLM, scheme: str = "int4", group_size: int | N
     instead of rounding that module's weight (GPTQ, gemma4.quant.gptq).
     ``overrides``: {module name: {"scheme": .., "group_size": ..}} for modules stored in another scheme
     than ``scheme`` (mixed models, e.g. int4 layers beside an int8 table); recorded in the config, so
-    the mixed model saves and loads like any other."""
+    the mixed model saves and loads like any other.
+    ``progress``: a ``gemma4._util.Progress`` callable, advanced once per quantized module."""
+    if getattr(model, "fast_path", False):
+        raise QuantizationError("this model is on the CPU fast path (load_pretrained's default): quantize it inside "
+                                "`with gemma4.infer.plain_path(model):`, or load it with fast=False")
     group_size = validate_request(scheme, group_size)
     if model.config.quantization or _is_quantized(model):
         q = model.config.quantization or {}
@@ -690,7 +694,8 @@ def quantize(model: Gemma4ForCausalLM, scheme: str = "int4", group_size: int | N
     _check_divisible(targets, group_size, plan)
     tied = model.lm_head is None
     with torch.no_grad():
-        while targets:  # pop as we go: each float weight is freed once its quantized copy exists
+        # pop as we go: each float weight is freed once its quantized copy exists
+        for _ in (progress or no_progress)(range(len(targets)), f"quantize {scheme}"):
             name, kind, mod = targets.pop(0)
             dev = next(mod.parameters()).device
             new = _build(kind, mod, *plan.get(name, (scheme, group_size)), dtype, dev)
