@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from gemma4.cli._common import CliError, need_matplotlib
 from gemma4.text.analysis import Report, analyze, compare_reports, plot_pieces, read_text_file, resolve_tokenizer, train_bpe
 
 
@@ -25,10 +26,17 @@ _TOKENIZER_HELP = ("Tokenizer: 'gemma4' (default: the Gemma 4 vocabulary, fetche
 
 
 def _fail(msg: str) -> None:
-
-
     Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {msg}", highlight=False, markup=True)
     raise typer.Exit(2)
+
+
+def _plot_ready(plot: Path) -> None:
+    try:
+        need_matplotlib("--plot")
+    except CliError as e:
+        _fail(str(e))
+    if Path(plot).is_dir():
+        _fail(f"--plot {plot}: is a directory; give a .png file name")
 
 
 def _read_all(files: Sequence[Path]) -> dict[str, str]:
@@ -46,9 +54,6 @@ def _fmt(v: float | None, pct: bool = False) -> str:
 
 
 def _print_report(report: Report, top: int) -> None:
-
-
-
     con = Console()
     con.print(f"[bold]Tokenizer:[/] {report.tokenizer}")
     for title, groups in (("Per file / domain", report.files), ("Per script", report.scripts)):
@@ -71,23 +76,42 @@ def _print_report(report: Report, top: int) -> None:
     con.print(t)
 
 
+def _with_tokens(cmp: dict, a: Report, b: Report) -> dict:
+    """Add total token counts to a comparison: the number a user pays for (context, compute). Fertility
+    leaves whitespace-only pieces out, so it can improve while the token count grows."""
+    def row(sa, sb):
+        ta, tb = (sa.tokens if sa else None), (sb.tokens if sb else None)
+        return {"a": ta, "b": tb, "change_pct": (tb - ta) / ta * 100 if ta and tb is not None else None}
+
+    cmp["total"]["tokens"] = row(a.total, b.total)
+    for k in cmp["files"]:
+        cmp["files"][k]["tokens"] = row(a.files.get(k), b.files.get(k))
+    for k in cmp["scripts"]:
+        cmp["scripts"][k]["tokens"] = row(a.scripts.get(k), b.scripts.get(k))
+    return cmp
+
+
 def _print_comparison(cmp: dict, title: str) -> None:
-
-
-
     con = Console()
-    con.print(f"[bold]A:[/] {cmp['a']}\n[bold]B:[/] {cmp['b']}\n(fert = fertility, tokens per word; B/tok = "
-              "bytes per token; fb = byte-fallback share)", highlight=False)
+    tot = cmp["total"]["tokens"]
+    if tot["change_pct"] is not None:
+        more = tot["b"] > tot["a"]
+        verdict = ("B needs MORE tokens for the same text" if more else
+                   "B needs fewer tokens for the same text" if tot["b"] < tot["a"] else "the same number of tokens")
+        con.print(f"[bold]tokens:[/] A {tot['a']:,}, B {tot['b']:,} ({tot['change_pct']:+.1f}%): {verdict}",
+                  highlight=False)
+    con.print(f"[bold]A:[/] {cmp['a']}\n[bold]B:[/] {cmp['b']}\n(tok = tokens; fert = tokens per word, "
+              "whitespace-only pieces left out; fb = byte-fallback share)", highlight=False)
     t = Table(title=title)
-    t.add_column("group", overflow="fold")
-    for col in ("fert A", "fert B", "Δ fert", "B/tok A", "B/tok B", "fb A", "fb B"):
+    t.add_column("group", overflow="fold", max_width=16)
+    for col in ("tok A", "tok B", "Δ tok", "fert A", "fert B", "fb A", "fb B"):
         t.add_column(col, justify="right")
     groups = [("all", cmp["total"])] + list(cmp["files"].items()) + [(f"[{k}]", v) for k, v in cmp["scripts"].items()]
     for name, row in groups:
-        fert, bpt, fb = row["fertility"], row["bytes_per_token"], row["byte_fallback_share"]
-        change = "-" if fert["change_pct"] is None else f"{fert['change_pct']:+.1f}%"
-        t.add_row(name, _fmt(fert["a"]), _fmt(fert["b"]), change, _fmt(bpt["a"]), _fmt(bpt["b"]),
-                  _fmt(fb["a"], True), _fmt(fb["b"], True))
+        fert, fb, tok = row["fertility"], row["byte_fallback_share"], row["tokens"]
+        change = "-" if tok["change_pct"] is None else f"{tok['change_pct']:+.1f}%"
+        t.add_row(name, "-" if tok["a"] is None else str(tok["a"]), "-" if tok["b"] is None else str(tok["b"]), change,
+                  _fmt(fert["a"]), _fmt(fert["b"]), _fmt(fb["a"], True), _fmt(fb["b"], True))
     con.print(t)
 
 
@@ -109,27 +133,30 @@ def analyze_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables."),
     plot: Path | None = typer.Option(None, "--plot", help="Write a PNG of the pieces-per-word distribution."),
 ) -> None:
+    if plot is not None:
+        _plot_ready(plot)
     try:
         texts = _read_all(files)
         report = analyze(resolve_tokenizer(tokenizer), texts, top=top)
         other = analyze(resolve_tokenizer(compare), texts, top=top) if compare else None
     except (ValueError, FileNotFoundError, KeyError) as e:
         _fail(str(e))
-    if plot is not None:
+    if json_out:
+        payload = report.to_dict(top) if other is None else {
+            "a": report.to_dict(top), "b": other.to_dict(top),
+            "comparison": _with_tokens(compare_reports(report, other), report, other)}
+        print(json.dumps(payload, ensure_ascii=False, indent=2))
+    else:
+        _print_report(report, top)
+        if other is not None:
+            _print_report(other, top)
+            _print_comparison(_with_tokens(compare_reports(report, other), report, other),
+                              "A vs B (change = B relative to A)")
+    if plot is not None:  # last: the numbers are on screen while it draws
         series = ({f"A: {tokenizer}": report.total, f"B: {compare}": other.total} if other
                   else dict(report.files))
         plot_pieces(series, plot)
-    if json_out:
-        payload = report.to_dict(top) if other is None else {
-            "a": report.to_dict(top), "b": other.to_dict(top), "comparison": compare_reports(report, other)}
-        print(json.dumps(payload, ensure_ascii=False, indent=2))
-        return
-    _print_report(report, top)
-    if other is not None:
-        _print_report(other, top)
-        _print_comparison(compare_reports(report, other), "A vs B (change = B relative to A)")
-    if plot is not None:
-        typer.echo(f"plot written to {plot}")
+        typer.echo(f"plot written to {plot}", err=json_out)
 
 
 @tokens_app.command("train", help=_TRAIN_HELP)
@@ -146,6 +173,8 @@ def train_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables."),
     plot: Path | None = typer.Option(None, "--plot", help="Write a PNG comparing the pieces-per-word distributions."),
 ) -> None:
+    if plot is not None:
+        _plot_ready(plot)
     try:
         train_texts = [read_text_file(f) for f in files]
         held = {Path(heldout).name: read_text_file(heldout)}
@@ -156,16 +185,17 @@ def train_cmd(
         _fail(str(e))
     if output is not None:
         trained.save(output)
-    cmp = compare_reports(base_report, new_report)
-    if plot is not None:
-        plot_pieces({f"base: {tokenizer}": base_report.total, "trained": new_report.total}, plot)
+    cmp = _with_tokens(compare_reports(base_report, new_report), base_report, new_report)
     if json_out:
         print(json.dumps({"vocab_size": trained.vocab_size, "base": base_report.to_dict(),
                           "trained": new_report.to_dict(), "comparison": cmp}, ensure_ascii=False, indent=2))
-        return
-    _print_comparison(cmp, f"Held-out fertility: base (A) vs trained BPE with {trained.vocab_size} tokens (B)")
+    else:
+        _print_comparison(cmp, f"Held-out fertility: base (A) vs trained BPE, {trained.vocab_size} tokens (B)")
     if output is not None:
-        typer.echo(f"trained tokenizer saved to {output}")
+        typer.echo(f"trained tokenizer saved to {output}", err=json_out)
+    if plot is not None:
+        plot_pieces({f"base: {tokenizer}": base_report.total, "trained": new_report.total}, plot)
+        typer.echo(f"plot written to {plot}", err=json_out)
 
 
 def register(app: typer.Typer) -> None:
