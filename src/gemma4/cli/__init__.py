@@ -61,7 +61,7 @@ class _Gemma4Group(TyperGroup):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         args, debug = _debug_wanted(list(sys.argv[1:] if args is None else args))
         try:
-            rv = super().main(args=args, prog_name=prog_name or "gemma4", complete_var=complete_var,
+            rv = super().main(args=args, prog_name="gemma4", complete_var=complete_var,
                               standalone_mode=False, **extra)
             code = rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
         except _ClickException as e:  # usage errors: bad option values, unknown commands

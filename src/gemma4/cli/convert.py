@@ -12,7 +12,7 @@ import typer
 
 from gemma4.cli._common import check_model, check_output, dtype_option, progress
 from gemma4.infer import use_plain_path
-from gemma4.io import FILE_TYPES, GGUFFile, load_pretrained, resolve_path, save_gguf, save_pretrained
+from gemma4.io import FILE_TYPES, GGUFError, GGUFFile, load_pretrained, resolve_path, save_gguf, save_pretrained
 from gemma4.text import load_tokenizer
 
 log = logging.getLogger("gemma4")
@@ -50,13 +50,21 @@ def register(app: typer.Typer) -> None:
             vocab = src_path if src_path.suffix == ".gguf" else (src_path / "tokenizer.json")
             if not vocab.is_file() or (vocab.suffix == ".gguf" and "tokenizer.ggml.tokens" not in GGUFFile(vocab).fields):
                 vocab = None
-            save_gguf(model, dst, ftype=ft, vocab_from=vocab, progress=progress)
+            try:
+                save_gguf(model, dst, ftype=ft, vocab_from=vocab, progress=progress)
+            except GGUFError as e:
+                if vocab is None or str(vocab) not in str(e):
+                    raise
+                # the weights can still be written: a GGUF without a vocabulary, and say why
+                typer.echo(f"warning: {e}; writing the GGUF without a vocabulary", err=True)
+                vocab = None
+                save_gguf(model, dst, ftype=ft, vocab_from=None, progress=progress)
             q = model.config.quantization or {}
             what = f"GGUF ({ft.lower()}" + (f", {q['scheme']} kept as {'Q4_1' if q['scheme'] == 'int4' else 'Q8_0'}"
                                             if q.get("scheme") else "") + ")"
             what += f" + vocabulary from {vocab.name}" if vocab else ""
             if vocab is None:
-                typer.echo(f"note: {src_path} has no tokenizer.json; the GGUF carries no vocabulary", err=True)
+                typer.echo(f"note: the GGUF carries no vocabulary (none usable in {src_path})", err=True)
         else:
             save_pretrained(model, dst)
             what = f"safetensors ({str(model.dtype).removeprefix('torch.')})"

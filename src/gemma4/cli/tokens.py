@@ -8,6 +8,7 @@ from typing import Sequence
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from gemma4.cli._common import CliError, need_matplotlib
@@ -26,7 +27,7 @@ _TOKENIZER_HELP = ("Tokenizer: 'gemma4' (default: the Gemma 4 vocabulary, fetche
 
 
 def _fail(msg: str) -> None:
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {msg}", highlight=False, markup=True)
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(msg)}", highlight=False, markup=True)
     raise typer.Exit(2)
 
 
