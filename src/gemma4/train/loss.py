@@ -21,6 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from gemma4.quant import QuantWeight
+from gemma4.train.lora import frozen_quant_linear
+
 IGNORE = -100
 
 # Elements of one chunk's float32 logits: 2^24 * 4 bytes = 64 MiB (64 tokens of a 262k vocabulary).
@@ -135,8 +138,21 @@ def hidden_loss_sum(model, h: torch.Tensor, targets: torch.Tensor, chunk: int | 
     return total
 
 
+def _head_logits(model, h: torch.Tensor) -> torch.Tensor:
+    """model.logits(h), with a gradient for h through a quantized head (QLoRA): the integer kernels
+    have no derivative, so the quantized table goes through `frozen_quant_linear`."""
+    head = model.lm_head
+    table = getattr(head, "table", None) if head is not None else None  # TiedHead over a quantized table
+    qmod = table if table is not None else (head if isinstance(head, QuantWeight) else None)
+    if qmod is None:
+        return model.logits(h)
+    x = frozen_quant_linear(h, qmod)
+    c = model.config.final_logit_softcapping
+    return torch.tanh(x / c) * c if c else x
+
+
 def _generic_chunk(model, h, t):
-    return F.cross_entropy(model.logits(h).float(), t, reduction="sum")
+    return F.cross_entropy(_head_logits(model, h).float(), t, reduction="sum")
 
 
 def _check_ids(ids: torch.Tensor, vocab: int) -> None:
