@@ -7,6 +7,7 @@ import torch
 
 from gemma4 import Gemma4Config, build_model, init_random_
 from gemma4.model.drafter import DrafterConfig, build_drafter
+from gemma4.infer import SamplingParams, generate, stream
 from gemma4.infer.speculative import _Picker, greedy_decode, speculative_generate
 from tiny import DENSE, GEMMA3, PLE
 
@@ -104,7 +105,7 @@ def test_speculative_sampling_follows_target_distribution():
     torch.manual_seed(0)
     p_logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5], [0.0] * 5])
     q_logits = torch.tensor([0.0, 2.0, 1.0, 0.0, -2.0])
-    pick = _Picker(1.0, None, None, seed=3, device="cpu")
+    pick = _Picker(SamplingParams(temperature=1.0, seed=3), device="cpu")
     counts = torch.zeros(5)
     n = 20000
     for _ in range(n):
@@ -199,3 +200,23 @@ def test_draft_model_partial_acceptance():
     res = speculative_generate(target, prompt, 40, draft_model=draft, num_draft_tokens=4)
     assert res.tokens == greedy_decode(target, prompt, 40)
     assert 0 < res.stats.acceptance_rate < 1 and max(res.stats.accepted_per_round) >= 2
+
+
+def test_stream_and_generate_take_a_draft_and_equal_plain_greedy(ple_target, mtp_drafter):
+    """Speculative decoding through the ordinary entry points: the same tokens as plain greedy
+    generation, streamed token by token, with the stop token ending the row."""
+    prompt = _prompt(5)
+    plain = generate(ple_target, [prompt], 24, stop_token_ids=())
+    assert generate(ple_target, [prompt], 24, stop_token_ids=(), draft_model=ple_target) == plain
+    g = stream(ple_target, [prompt], 24, stop_token_ids=(), drafter=mtp_drafter)
+    steps = [s for s in g]
+    assert all(len(s) == 1 for s in steps) and [s[0] for s in steps] == plain[0]
+    assert g.tokens == plain and g.finish_reasons == ["length"] and g.stats.rounds > 0
+    stop = plain[0][9]
+    g = stream(ple_target, [prompt], 24, stop_token_ids=[stop], drafter=mtp_drafter)
+    list(g)
+    assert g.tokens[0] == plain[0][: plain[0].index(stop) + 1] and g.finish_reasons == ["stop_token"]
+    with pytest.raises(Exception, match="one prompt"):
+        stream(ple_target, [prompt, prompt], 4, drafter=mtp_drafter)
+    with pytest.raises(Exception, match="repetition_penalty"):
+        list(stream(ple_target, [prompt], 4, drafter=mtp_drafter, temperature=0.5, repetition_penalty=1.2))

@@ -18,6 +18,7 @@ cannot be saved or trained while packed.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -303,7 +304,7 @@ def use_fast_path(model, head: str = "auto"):
     cannot run the model's dtype. ``head``: "auto" (bf16: packed copy, fp32: oneDNN on the plain
     weight), "pack", "plain" or "none" (leave the output head alone)."""
     dtype = model.dtype
-    if model.device.type != "cpu" or not available(dtype) or getattr(model, "_gemma4_packed", False):
+    if model.device.type != "cpu" or not available(dtype) or model.fast_path:
         return model
     configure_onednn()
     if head not in ("auto", "pack", "plain", "none"):
@@ -339,13 +340,31 @@ def use_fast_path(model, head: str = "auto"):
         w = model.lm_head.weight if model.lm_head is not None else model.model.embed_tokens.weight
         mode = ("pack" if dtype == torch.bfloat16 else "plain") if head == "auto" else head
         model.lm_head = PackedLinear(w, getattr(model.lm_head, "bias", None), pack=(mode == "pack"))
-    model._gemma4_packed = True
+    model.fast_path = True
     return model
+
+
+def on_fast_path(model) -> bool:
+    """Whether :func:`use_fast_path` has swapped ``model``'s modules (then it cannot train or be saved as is)."""
+    return bool(getattr(model, "fast_path", False))
+
+
+@contextmanager
+def plain_path(model):
+    """Temporarily give a fast-path model its plain modules back (to save, export or quantize it)."""
+    fast = on_fast_path(model)
+    if fast:
+        use_plain_path(model)
+    try:
+        yield model
+    finally:
+        if fast:
+            use_fast_path(model)
 
 
 def use_plain_path(model):
     """Undo :func:`use_fast_path` (in place); returns the model."""
-    if not getattr(model, "_gemma4_packed", False):
+    if not model.fast_path:
         return model
     for layer in model.model.layers:
         if isinstance(layer.self_attn, FusedQKVAttention):
@@ -364,5 +383,5 @@ def use_plain_path(model):
                 setattr(mod, child_name, child._original[0])
     model.lm_head = model._gemma4_head_before_pack
     del model._gemma4_head_before_pack
-    model._gemma4_packed = False
+    model.fast_path = False
     return model

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from gemma4._util import Gemma4Error
 
-class SamplingError(ValueError):
+
+class SamplingError(Gemma4Error, ValueError):
     """An invalid sampling setting; the message names the field and the accepted range."""
 
 
@@ -106,6 +108,13 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         limit = probs.max(dim=-1, keepdim=True).values * params.min_p
         x = torch.where(probs < limit, neg_inf, x)
     return x
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """logits [..., V] -> float32 probabilities after temperature, top-k, top-p and min-p (a sampling
+    ``params``; not greedy). What speculative sampling compares draft and target distributions with."""
+    x = logits.float().reshape(-1, logits.shape[-1])  # [N, V]
+    return torch.softmax(filter_logits(x, params), dim=-1).reshape(logits.shape)
 
 
 def sample_next(

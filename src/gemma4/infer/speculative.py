@@ -22,10 +22,11 @@ whose output follows the target's distribution exactly. Batch size 1.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
+from gemma4.infer.sampling import SamplingError, SamplingParams, probabilities
 from gemma4.model.config import FULL, SLIDING
 
 __all__ = ["SpeculativeStats", "SpeculativeResult", "speculative_generate", "greedy_decode"]
@@ -87,47 +88,32 @@ def _check_finite(logits: torch.Tensor, what: str) -> None:
         raise FloatingPointError(f"{what} produced non-finite logits")
 
 
-def _probs(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """logits [..., V] -> probabilities after temperature / top-k / top-p (float32)."""
-    x = logits.float() / temperature
-    if top_k is not None and top_k < x.shape[-1]:
-        kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
-        x = x.masked_fill(x < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        srt, idx = torch.sort(x, dim=-1, descending=True)
-        cum = torch.softmax(srt, dim=-1).cumsum(-1)
-        drop = cum - torch.softmax(srt, dim=-1) >= top_p  # keep the smallest prefix reaching top_p
-        x = x.scatter(-1, idx, srt.masked_fill(drop, float("-inf")))
-    return torch.softmax(x, dim=-1)
-
-
 class _Picker:
-    """Chooses draft tokens and verifies candidates, greedily or by speculative sampling."""
+    """Chooses draft tokens and verifies candidates, greedily or by speculative sampling, with the one
+    sampler's distributions (:func:`gemma4.infer.sampling.probabilities`)."""
 
-    def __init__(self, temperature: float, top_k, top_p, seed, device):
-        if temperature < 0 or temperature != temperature:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
-        if top_p is not None and not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        self.greedy = temperature == 0.0
-        self.t, self.top_k, self.top_p = temperature, top_k, top_p
-        self.gen = torch.Generator(device=device)
-        self.gen.manual_seed(0 if seed is None else seed)
+    def __init__(self, params: SamplingParams, device):
+        if params.repetition_penalty != 1.0:
+            raise SamplingError("repetition_penalty is not supported with speculative decoding (it would change "
+                                "the target distribution per candidate); use 1.0")
+        self.params, self.greedy = params, params.greedy
+        self.gen = params.make_generator(device)
+
+    def _sample(self, probs: torch.Tensor) -> int:
+        return int(torch.multinomial(probs, 1, generator=self.gen))
 
     def first(self, logits: torch.Tensor) -> int:
         """The token after the prompt: the target's own choice (nothing to verify yet)."""
         if self.greedy:
             return int(logits.argmax())
-        return int(torch.multinomial(_probs(logits, self.t, self.top_k, self.top_p), 1, generator=self.gen))
+        return self._sample(probabilities(logits, self.params))
 
     def draft(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
         """logits [V] -> (token, its proposal distribution q or None when greedy)."""
         if self.greedy:
             return int(logits.argmax()), None
-        q = _probs(logits, self.t, self.top_k, self.top_p)
-        return int(torch.multinomial(q, 1, generator=self.gen)), q
+        q = probabilities(logits, self.params)
+        return self._sample(q), q
 
     def verify(self, target_logits: torch.Tensor, drafts: list[int], qs: list) -> tuple[int, int]:
         """target_logits [k+1, V] (row i scores the token after candidate i) -> (accepted n, next token)."""
@@ -137,7 +123,7 @@ class _Picker:
             while n < len(drafts) and drafts[n] == best[n]:
                 n += 1
             return n, best[n]
-        p = _probs(target_logits, self.t, self.top_k, self.top_p)  # [k+1, V]
+        p = probabilities(target_logits, self.params)  # [k+1, V]
         for i, (d, q) in enumerate(zip(drafts, qs)):
             r = float(torch.rand((), generator=self.gen, device=p.device))
             if r * float(q[d]) < float(p[i, d]):  # r < p/q without dividing by a tiny q
@@ -145,8 +131,8 @@ class _Picker:
             resid = (p[i] - q).clamp(min=0)
             if float(resid.sum()) <= 0:  # p == q up to rounding: any sample from p is exact
                 resid = p[i]
-            return i, int(torch.multinomial(resid / resid.sum(), 1, generator=self.gen))
-        return len(drafts), int(torch.multinomial(p[-1], 1, generator=self.gen))
+            return i, self._sample(resid / resid.sum())
+        return len(drafts), self._sample(p[-1])
 
 
 def _key_slots(cache, t: int, device) -> dict[str, torch.Tensor]:
@@ -186,7 +172,6 @@ def greedy_decode(model, prompt, max_new_tokens: int, stop_token_ids: Sequence[i
 
 
 # ----------------------------------------------------------------------------- speculative decoding
-@torch.no_grad()
 def speculative_generate(
     target,
     prompt,
@@ -196,6 +181,7 @@ def speculative_generate(
     draft_model=None,
     num_draft_tokens: int = 4,
     stop_token_ids: Sequence[int] = (),
+    params: SamplingParams | None = None,
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -204,28 +190,50 @@ def speculative_generate(
     """Generate up to ``max_new_tokens`` after ``prompt`` with ``target``, drafting with either an
     MTP ``drafter`` (:class:`gemma4.model.drafter.Gemma4Drafter`) or a smaller ``draft_model``.
 
+    Sampling: ``params`` (a :class:`SamplingParams`) or the keywords; top_k/top_p None mean off.
     Returns the new token ids and :class:`SpeculativeStats` (acceptance rate, tokens per round)."""
+    stats = SpeculativeStats()
+    out = [t for chunk in speculative_rounds(target, prompt, max_new_tokens, stats, drafter=drafter,
+                                             draft_model=draft_model, num_draft_tokens=num_draft_tokens,
+                                             stop_token_ids=stop_token_ids,
+                                             params=params or SamplingParams(temperature, top_k or 0,
+                                                                             1.0 if top_p is None else top_p,
+                                                                             seed=seed))
+           for t in chunk]
+    stats.new_tokens = len(out)
+    return SpeculativeResult(out, stats)
+
+
+def speculative_rounds(target, prompt, max_new_tokens: int, stats: SpeculativeStats, *, drafter=None,
+                       draft_model=None, num_draft_tokens: int = 4, stop_token_ids: Sequence[int] = (),
+                       params: SamplingParams = SamplingParams()) -> Iterator[list[int]]:
+    """Speculative decoding as a stream: yields the tokens each round commits (a stop token ends it and
+    is included). ``stats`` is filled in as it goes. What ``gemma4.stream(..., draft_model=)`` runs."""
     if (drafter is None) == (draft_model is None):
         raise ValueError("pass exactly one of drafter= (an MTP drafter) or draft_model= (a smaller Gemma model)")
     if not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
         raise ValueError(f"num_draft_tokens must be a positive integer, got {num_draft_tokens!r}")
     ids = _prompt_tensor(target, prompt, max_new_tokens)
-    pick = _Picker(temperature, top_k, top_p, seed, ids.device)
+    pick = _Picker(params, ids.device)
     stop = set(stop_token_ids)
     if drafter is not None:
         drafter.check_target(target.config)
-        out, stats = _run_mtp(target, drafter, ids, max_new_tokens, num_draft_tokens, stop, pick)
+        rounds = _run_mtp(target, drafter, ids, max_new_tokens, num_draft_tokens, stop, pick, stats)
     else:
         if draft_model.config.vocab_size != target.config.vocab_size:
             raise ValueError(f"draft model vocab_size={draft_model.config.vocab_size} != target vocab_size={target.config.vocab_size}")
-        out, stats = _run_draft_model(target, draft_model, ids, max_new_tokens, num_draft_tokens, stop, pick)
-    stats.new_tokens = len(out)
-    return SpeculativeResult(out, stats)
+        rounds = _run_draft_model(target, draft_model, ids, max_new_tokens, num_draft_tokens, stop, pick, stats)
+    sent = 0
+    for out, done in rounds:
+        yield out[sent:]
+        sent = len(out)
+        if done:
+            return
 
 
-def _run_mtp(target, drafter, ids, max_new, K, stop, pick):
+@torch.no_grad()  # on a generator: applied around each step, never leaked to the caller
+def _run_mtp(target, drafter, ids, max_new, K, stop, pick, stats):
     dev = ids.device
-    stats = SpeculativeStats()
     cache = target.new_cache(slack=K)
     slots = _key_slots(cache, ids.shape[1], dev)
     h, kv = target.model.forward_export_kv(ids, cache=cache, keep_last=1)
@@ -237,8 +245,9 @@ def _run_mtp(target, drafter, ids, max_new, K, stop, pick):
     p = ids.shape[1] - 1  # newest slot the target has K/V for
     while True:
         out, done = _finish(out, max_new, stop)
+        yield out, done
         if done:
-            return out, stats
+            return
         k = min(K, max_new - len(out) - 1)
         drafts, qs = [], []
         tok, hd = x, h_last
@@ -267,9 +276,9 @@ def _run_mtp(target, drafter, ids, max_new, K, stop, pick):
         # The K/V just returned also hold the rejected candidates (slots > p); the drafter masks them.
 
 
-def _run_draft_model(target, draft, ids, max_new, K, stop, pick):
+@torch.no_grad()
+def _run_draft_model(target, draft, ids, max_new, K, stop, pick, stats):
     dev = ids.device
-    stats = SpeculativeStats()
     tcache, dcache = target.new_cache(slack=K), draft.new_cache(slack=K)
     logits = target(ids, cache=tcache, keep_last=1)[0, -1]
     _check_finite(logits, "target")
@@ -279,8 +288,9 @@ def _run_draft_model(target, draft, ids, max_new, K, stop, pick):
     out = [x]
     while True:
         out, done = _finish(out, max_new, stop)
+        yield out, done
         if done:
-            return out, stats
+            return
         k = min(K, max_new - len(out) - 1)
         drafts, qs = [], []
         if k:

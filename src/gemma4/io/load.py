@@ -4,25 +4,48 @@ short name, hub id)."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
+from gemma4.infer import plain_path
+from gemma4.io import checkpoint
 from gemma4.io.checkpoint import CheckpointError, load_safetensors_dir
 from gemma4.io.gguf import GGUFFile, config_from_gguf, load_gguf
 from gemma4.io.hub import resolve_path
 from gemma4.model import PRESETS, Gemma4Config, Gemma4ForCausalLM
 
 
-def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Gemma4ForCausalLM:
+def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                    *, trainable: bool = False) -> Gemma4ForCausalLM:
     """Load a checkpoint directory (config.json + safetensors), a ``.gguf`` file, a short name or a hub id.
 
-    ``dtype=None`` keeps the checkpoint's own floating dtype."""
+    ``dtype=None`` keeps the checkpoint's own floating dtype.
+
+    For inference (the default) the model comes back in eval mode with gradients off; its first
+    ``generate``/``stream`` call on CPU moves it to the fast path (:func:`gemma4.infer.use_fast_path`:
+    weights reordered once for oneDNN's kernels, the same memory, ~2x the decode speed of plain
+    ``F.linear``). ``trainable=True`` gives ordinary trainable modules: parameters with ``requires_grad``
+    and train mode, which generation never repacks. :func:`save_pretrained` accepts either."""
     p = resolve_path(path)
     if p.is_file() and p.suffix == ".gguf":
-        return load_gguf(p, dtype=dtype, device=device)
-    if p.is_file():
+        model = load_gguf(p, dtype=dtype, device=device)
+    elif p.is_file():
         raise CheckpointError(f"{p} is neither a checkpoint directory nor a .gguf file (pickle files are never loaded)")
-    return load_safetensors_dir(p, dtype=dtype, device=device)
+    else:
+        model = load_safetensors_dir(p, dtype=dtype, device=device)
+    if trainable:
+        for prm in model.parameters():
+            prm.requires_grad_(prm.is_floating_point())
+        return model.train()
+    return model
+
+
+def save_pretrained(model: Gemma4ForCausalLM, directory: str | os.PathLike, **kw) -> Path:
+    """Write config.json + safetensors as one unit (see :func:`gemma4.io.checkpoint.save_pretrained`);
+    works on whatever :func:`load_pretrained` returns, fast path included."""
+    with plain_path(model):
+        return checkpoint.save_pretrained(model, directory, **kw)
 
 
 def load_config(spec: str | os.PathLike) -> Gemma4Config:

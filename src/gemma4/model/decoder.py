@@ -418,6 +418,10 @@ class Gemma4ForCausalLM(nn.Module):
     ``model(input_ids)`` -> logits [B, T, V]. ``keep_last=n`` computes only the last n positions'
     logits (prefill needs one row, not [T, 262144])."""
 
+    # True while gemma4.infer.use_fast_path has swapped modules for CPU kernels (inference only: such a
+    # model cannot train, and quantizing or saving it needs gemma4.infer.plain_path(model)).
+    fast_path = False
+
     def __init__(self, config: Gemma4Config):
         super().__init__()
         self.config = config
