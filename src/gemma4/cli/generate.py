@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from typing import Optional
@@ -195,8 +196,16 @@ def register(app: typer.Typer) -> None:
         m, load_s, _how = load_model(model, dtype=torch_dtype, device=device, attn=attn, pack=not no_pack)
         check_context(m, len(prompt_ids), max_new_tokens)
         if chat:
-            reply = stream_chat_reply(m, tok, prompt_ids, max_new_tokens, params, sys.stdout,
-                                      prefill_chunk=prefill_chunk, stats=stats)
+            reply = stream_chat_reply(m, tok, prompt_ids, max_new_tokens, params,
+                                      io.StringIO() if as_json else sys.stdout, prefill_chunk=prefill_chunk,
+                                      stats=stats)
+            if as_json:
+                obj = {"prompt_ids": prompt_ids, "ids": reply.ids, "finish_reason": reply.finish_reason,
+                       "text": reply.parsed.content, "thinking": reply.parsed.thinking,
+                       "stats": dict(reply.report, load_s=load_s)}
+                obj["stats"].pop("per_layer", None)
+                typer.echo(json.dumps(obj))
+                return
             if timings:
                 typer.echo(timings_line(reply.report, load_s), err=True)
             return
