@@ -103,11 +103,9 @@ def chat_style(tok) -> str:
 def encode_chat(tok, messages: list[dict], think: bool) -> list[int]:
     """The prompt ids of a conversation in the model's own turn format, ready for the model's reply.
 
-    Rendered with :func:`gemma4.render_chat` and encoded as text (the rendered prompt starts with <bos>)."""
-    from gemma4.text import render_chat
-
-    text = render_chat(messages, enable_thinking=think, style=chat_style(tok))
-    return tok.encode(text, add_bos=False)
+    :meth:`gemma4.Tokenizer.encode_chat`: control tokens come only from the template, so a user who types
+    ``<end_of_turn>`` gets those characters as text, never a turn boundary."""
+    return tok.encode_chat(messages, enable_thinking=think, style=chat_style(tok))
 
 
 def register(app: typer.Typer) -> None:
