@@ -193,3 +193,19 @@ def test_all_errors_are_package_errors(good, tmp_path):
     assert issubclass(GGUFError, Gemma4Error) and issubclass(ConfigError, Gemma4Error)
     cfg = config_from_gguf(good)
     assert cfg.num_hidden_layers == 4
+
+
+# ------------------------------------------------------------------------------------------ sampling
+def test_sampling_settings_that_used_to_crash():
+    import torch
+
+    from gemma4 import SamplingError, SamplingParams
+    from gemma4.infer.sampling import sample_next
+
+    for kw in ({"temperature": 1e-45}, {"temperature": -1}, {"temperature": 0.7, "seed": 2**64}, {"seed": -1}):
+        with pytest.raises(SamplingError):
+            SamplingParams(**kw)
+    assert issubclass(SamplingError, Gemma4Error)
+    p = SamplingParams(temperature=1e-4, seed=2**64 - 1)
+    logits = torch.tensor([[30.0, -30.0, 29.0]])
+    assert sample_next(logits, p, p.make_generator()).item() == 0

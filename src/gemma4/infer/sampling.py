@@ -47,8 +47,10 @@ class SamplingParams:
             return float(v)
 
         t = num("temperature", self.temperature)
-        if t < 0:
-            raise SamplingError(f"temperature must be >= 0 (0 = greedy), got {t}")
+        # Tiny temperatures overflow logits / t (1e-45 gives inf, then NaN probabilities); below 1e-4
+        # sampling is greedy in all but name, so 0 is the way to ask for it.
+        if t < 0 or 0 < t < 1e-4:
+            raise SamplingError(f"temperature must be 0 (greedy) or >= 1e-4, got {t}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise SamplingError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         p = num("top_p", self.top_p)
@@ -60,7 +62,8 @@ class SamplingParams:
         rp = num("repetition_penalty", self.repetition_penalty)
         if rp <= 0:
             raise SamplingError(f"repetition_penalty must be > 0 (1 = off), got {rp}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2**64):  # torch generators take 64-bit seeds
             raise SamplingError(f"seed must be a non-negative integer or None, got {self.seed!r}")
 
     @property
