@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gemma4._util import Gemma4Error, atomic_save_safetensors, atomic_write_text
+from gemma4.io import read_safetensors_header, safetensors_files
 from gemma4.quant import Int4Linear, Int8Linear, QuantExperts, QuantWeight
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -219,8 +220,6 @@ def checkpoint_prefix(base_path) -> str:
     p = Path(str(base_path))
     if not p.is_dir():
         return "model."
-    from gemma4.io.checkpoint import read_safetensors_header, safetensors_files
-
     try:
         files = safetensors_files(p)
     except Exception:  # no safetensors (e.g. a GGUF base): our own layout
