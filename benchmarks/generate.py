@@ -9,7 +9,9 @@ between consecutive new tokens (the mean over all 127 steps is shown too); each 
 ``--rounds`` times, round-robin, and its best round is kept (the machine is shared). transformers
 is timed through a streamer that timestamps each new token, ours by iterating ``gemma4.stream``.
 
-Rows: transformers (its defaults: SDPA attention); ours-unpacked (plain weights, ``F.linear``);
+Rows: transformers (its defaults: SDPA attention); ours-api (the plain Python API: ``load_pretrained`` +
+``stream`` with no other call; generation moves the model to the fast path itself, without a second copy
+of the tied head); ours-unpacked (plain weights, ``F.linear``, ``fast=False``);
 ours (``gemma4.infer.fast_path.use_fast_path``: oneDNN blocked weights, the CLI's default on CPU; default
 eager attention); ours (sdpa) (packed, SDPA attention: the same attention arithmetic as
 transformers' default, so its bf16 greedy tokens follow transformers' own).
@@ -65,7 +67,7 @@ def worker(engine: str, dtype_name: str, ckpt: Path, compile_: bool, attn: str |
     torch.set_num_threads(1)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     t0 = time.perf_counter()
-    if engine in ("ours", "ours-unpacked"):
+    if engine in ("ours", "ours-unpacked", "ours-api"):
         import gemma4
         from gemma4.infer.fast_path import use_fast_path
 
@@ -73,16 +75,17 @@ def worker(engine: str, dtype_name: str, ckpt: Path, compile_: bool, attn: str |
         if attn:
             model.set_attention_backend(attn)
         if engine == "ours":
-            use_fast_path(model)  # oneDNN blocked weights: the CPU decode fast path
+            use_fast_path(model)  # oneDNN blocked weights, packed head copy: the explicit fast path
+        fast = engine != "ours-unpacked"  # "ours-api": whatever load_pretrained + stream do by default
         if compile_:
             model.model = torch.compile(model.model, dynamic=True)
         load_s = time.perf_counter() - t0
         rss_load = _peak_rss_mb()
         prompt = _prompt(model.config.vocab_size)
-        gemma4.generate(model, [prompt[:16]], 8, stop_token_ids=())  # warm-up (kernels, allocator)
+        gemma4.generate(model, [prompt[:16]], 8, stop_token_ids=(), fast=fast)  # warm-up (kernels, allocator)
         start = time.perf_counter()
         times = []
-        g = gemma4.stream(model, [prompt], NEW_TOKENS, stop_token_ids=())
+        g = gemma4.stream(model, [prompt], NEW_TOKENS, stop_token_ids=(), fast=fast)
         for _ in g:
             times.append(time.perf_counter())
         out = g.tokens[0]
@@ -155,8 +158,8 @@ def main() -> None:
     make_checkpoint(args.ckpt)
     runs = []
     for dt in args.dtypes.split(","):
-        runs += [("transformers", dt, False, None), ("ours-unpacked", dt, False, None), ("ours", dt, False, None),
-                 ("ours", dt, False, "sdpa")]
+        runs += [("transformers", dt, False, None), ("ours-api", dt, False, None), ("ours-unpacked", dt, False, None),
+                 ("ours", dt, False, None), ("ours", dt, False, "sdpa")]
         if args.compile:
             runs.append(("ours-unpacked", dt, True, None))  # packed oneDNN tensors do not trace
     best: dict[tuple, dict] = {}

@@ -302,12 +302,14 @@ def _quant_mlp(child: nn.Module) -> bool:
 def use_fast_path(model, head: str = "auto"):
     """Repack ``model`` (in place) for fast CPU decoding; returns it. No-op off CPU or where oneDNN
     cannot run the model's dtype. ``head``: "auto" (bf16: packed copy, fp32: oneDNN on the plain
-    weight), "pack", "plain" or "none" (leave the output head alone)."""
+    weight), "pack", "plain" or "none" (leave the output head alone)."no-copy" is "auto" without the bf16 copy of a tied table (what generation applies by itself: the
+    weights are never held twice).
+    """
     dtype = model.dtype
     if model.device.type != "cpu" or not available(dtype) or model.fast_path:
         return model
     configure_onednn()
-    if head not in ("auto", "pack", "plain", "none"):
+    if head not in ("auto", "no-copy", "pack", "plain", "none"):
         raise ValueError(f"head must be 'auto', 'pack', 'plain' or 'none', got {head!r}")
     replaced: set[int] = set()  # modules swapped out: their children are not visited
     for mod in list(model.model.modules()):
@@ -338,7 +340,10 @@ def use_fast_path(model, head: str = "auto"):
             model.lm_head = QuantPackedHead(quant_head)
     elif head != "none":
         w = model.lm_head.weight if model.lm_head is not None else model.model.embed_tokens.weight
-        mode = ("pack" if dtype == torch.bfloat16 else "plain") if head == "auto" else head
+        if head == "no-copy":  # pack only a head of its own; a tied head reads the embedding table as is
+            mode = "plain" if model.lm_head is None else "pack"
+        else:
+            mode = ("pack" if dtype == torch.bfloat16 else "plain") if head == "auto" else head
         model.lm_head = PackedLinear(w, getattr(model.lm_head, "bias", None), pack=(mode == "pack"))
     model.fast_path = True
     return model
