@@ -220,3 +220,20 @@ def test_stream_and_generate_take_a_draft_and_equal_plain_greedy(ple_target, mtp
         stream(ple_target, [prompt, prompt], 4, drafter=mtp_drafter)
     with pytest.raises(Exception, match="repetition_penalty"):
         list(stream(ple_target, [prompt], 4, drafter=mtp_drafter, temperature=0.5, repetition_penalty=1.2))
+
+
+def test_cli_generate_draft_matches_plain(tmp_path, ple_target):
+    from typer.testing import CliRunner
+
+    from gemma4.cli import app
+    from gemma4.io import save_pretrained
+
+    save_pretrained(ple_target, tmp_path / "t")
+    ids = " ".join(map(str, _prompt(5)))
+    base = ["generate", "-m", str(tmp_path / "t"), "--ids", ids, "-n", "12", "--json", "--no-timings"]
+    plain = CliRunner().invoke(app, base)
+    spec = CliRunner().invoke(app, base + ["--draft", str(tmp_path / "t"), "--draft-tokens", "3"])
+    assert plain.exit_code == 0 and spec.exit_code == 0, (plain.output, spec.output)
+    import json
+
+    assert json.loads(spec.output.strip().splitlines()[-1])["ids"] == json.loads(plain.output.strip().splitlines()[-1])["ids"]

@@ -17,6 +17,7 @@ from gemma4.cli._common import (DTYPE_HELP, CliError, check_context, check_devic
 from gemma4.infer import GenerationError, LatencyMonitor, SamplingError, SamplingParams, stream
 from gemma4.infer.monitor import CATEGORIES
 from gemma4.model.attention import ATTENTION_BACKENDS
+from gemma4.io import load_drafter, load_pretrained, resolve_path
 
 def latency_table(mon: LatencyMonitor, per_layer: bool = False):
     """A rich renderable: summary line plus the component breakdown (and optionally per layer)."""
@@ -141,6 +142,10 @@ def register(app: typer.Typer) -> None:
         prefill_chunk: int = typer.Option(512, min=1, help="Prompt tokens per prefill forward."),
         threads: Optional[int] = typer.Option(None, min=1, help="CPU threads (torch.set_num_threads)."),
         no_pack: bool = typer.Option(False, "--no-pack", help="Keep plain weights (skip the oneDNN CPU fast path)."),
+        draft: Optional[str] = typer.Option(None, "--draft", help="Speculative decoding: an MTP drafter checkpoint "
+                                            "(gemma4_assistant) or a smaller Gemma model with the same vocabulary. "
+                                            "Greedy output is identical to plain decoding."),
+        draft_tokens: int = typer.Option(4, "--draft-tokens", min=1, help="Tokens drafted per round (with --draft)."),
         stats: bool = typer.Option(False, "--stats", help="Print latency and the per-component breakdown."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object (ids, text, stats) instead of streaming."),
     ):
@@ -193,6 +198,12 @@ def register(app: typer.Typer) -> None:
 
         m, load_s, _how = load_model(model, dtype=torch_dtype, device=device, attn=attn, pack=not no_pack)
         check_context(m, len(prompt_ids), max_new_tokens)
+        spec = {}
+        if draft is not None:
+            if chat or stop:
+                raise typer.BadParameter("--draft works with a plain prompt and stop tokens (not --chat or --stop)")
+            spec = load_draft(draft, device=device, dtype=torch_dtype)
+            spec["num_draft_tokens"] = draft_tokens
         if chat:
             reply = stream_chat_reply(m, tok, prompt_ids, max_new_tokens, params,
                                       io.StringIO() if as_json else sys.stdout, prefill_chunk=prefill_chunk,
@@ -214,7 +225,7 @@ def register(app: typer.Typer) -> None:
         with mon:
             try:
                 g = stream(m, [prompt_ids], max_new_tokens, params=params, stop_strings=stop or None,
-                           tokenizer=tok, prefill_chunk=prefill_chunk, monitor=mon)
+                           tokenizer=tok, prefill_chunk=prefill_chunk, monitor=mon, fast=not no_pack, **spec)
             except GenerationError as e:
                 raise typer.BadParameter(str(e)) from None
             text_out = _TextStreamer(tok, sys.stdout) if (tok is not None and not as_json) else None
@@ -243,9 +254,23 @@ def register(app: typer.Typer) -> None:
             return
         if stats:
             Console(file=sys.stdout, width=110).print(latency_table(mon))
-        typer.echo(f"[{len(out_ids)} tokens, {g.finish_reasons[0]}]", err=True)
+        extra = ""
+        if spec:
+            st = g.stats
+            extra = f", {st.acceptance_rate:.0%} of drafts accepted, {st.tokens_per_round:.2f} tokens per target forward"
+        typer.echo(f"[{len(out_ids)} tokens, {g.finish_reasons[0]}{extra}]", err=True)
         if timings:
             typer.echo(timings_line(mon.report(), load_s), err=True)
+
+
+def load_draft(path: str, device: str, dtype) -> dict:
+    """``--draft``: an MTP drafter directory (config.json model_type gemma4_assistant) -> drafter=, anything
+    else load_pretrained accepts -> draft_model=."""
+    p = resolve_path(path)
+    cfg = p / "config.json"
+    if p.is_dir() and cfg.is_file() and '"gemma4_assistant"' in cfg.read_text(encoding="utf-8", errors="replace"):
+        return {"drafter": load_drafter(p, dtype=dtype, device=device)}
+    return {"draft_model": load_pretrained(p, dtype=dtype, device=device)}
 
 
 class ChatReply:

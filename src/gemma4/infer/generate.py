@@ -401,7 +401,7 @@ def stream(
     stops = _stop_setup(model, stop_token_ids, stop_strings, tokenizer)
     if draft_model is not None or drafter is not None:
         return SpeculativeGeneration(model, prompts, max_new_tokens, p, stops=stops, draft_model=draft_model,
-                                     drafter=drafter, num_draft_tokens=num_draft_tokens)
+                                     drafter=drafter, num_draft_tokens=num_draft_tokens, monitor=monitor)
     return Generation(model, prompts, max_new_tokens, p, stops=stops, pad_id=pad_id,
                       prefill_chunk=prefill_chunk, monitor=monitor)
 
@@ -416,7 +416,7 @@ class SpeculativeGeneration:
     (:class:`gemma4.infer.speculative.SpeculativeStats`) as there."""
 
     def __init__(self, model, prompts, max_new_tokens: int, params: SamplingParams, *, stops: _Stops,
-                 draft_model, drafter, num_draft_tokens: int):
+                 draft_model, drafter, num_draft_tokens: int, monitor=None):
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be an integer >= 1 with a draft, got {max_new_tokens!r}")
         ids, _, lengths = prepare_prompts(prompts, model.config)
@@ -426,7 +426,7 @@ class SpeculativeGeneration:
             raise GenerationError("stop_strings are not supported with speculative decoding; use stop_token_ids")
         self.prompt_lengths, self.batch, self.stops = lengths, 1, stops
         self.max_new = min(max_new_tokens, model.config.max_position_embeddings - lengths[0])
-        self.stats = SpeculativeStats()
+        self.stats, self.monitor = SpeculativeStats(), monitor
         self.tokens: list[list[int]] = [[]]
         self.finish_reasons: list[str | None] = [None]
         self._rounds = speculative_rounds(model, ids[0].tolist(), self.max_new, self.stats, drafter=drafter,
@@ -445,6 +445,9 @@ class SpeculativeGeneration:
         return self.finish_reasons[0] is not None
 
     def _run(self) -> Iterator[list[int | None]]:
+        mon = self.monitor
+        if mon is not None:
+            mon.start(prompt_tokens=self.prompt_lengths[0], batch=1)
         for chunk in self._rounds:
             for tok in chunk:
                 self.tokens[0].append(tok)
@@ -452,8 +455,12 @@ class SpeculativeGeneration:
                     self.finish_reasons[0] = "stop_token"
                 elif len(self.tokens[0]) >= self.max_new:
                     self.finish_reasons[0] = "length"
+                if mon is not None:
+                    mon.first_token() if len(self.tokens[0]) == 1 else mon.token()
                 yield [tok]
         self.stats.new_tokens = len(self.tokens[0])
+        if mon is not None:
+            mon.finish()
 
 
 def generate(model, prompts, max_new_tokens: int = 64, **kw) -> list[list[int]]:
