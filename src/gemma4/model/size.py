@@ -15,6 +15,9 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
+
+from gemma4._util import DTYPES
 from gemma4.model.config import FULL, SLIDING, Gemma4Config
 
 # ----------------------------------------------------------------------------- published figures
@@ -165,13 +168,16 @@ def published_comparison(preset: str, counts: ParamCount | None = None) -> list[
 
 
 # ----------------------------------------------------------------------------- dtypes and bytes
-DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 WEIGHT_FORMATS = ("fp32", "bf16", "fp16", "int8", "int4")
+_SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+DTYPE_BYTES = {short: dt.itemsize for dt, short in _SHORT.items()}
 
 
-def _norm_dtype(name: str, what: str, allowed) -> str:
+def _norm_dtype(name, what: str, allowed) -> str:
+    """Any spelling of the one dtype table (gemma4._util.DTYPES) -> the short name used here."""
     n = str(name).lower().removeprefix("torch.")
-    n = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(n, n)
+    if n in DTYPES:
+        n = _SHORT[DTYPES[n]]
     if n not in allowed:
         raise ValueError(f"unsupported {what} {name!r}; choose one of {', '.join(allowed)}")
     return n
