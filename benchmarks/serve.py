@@ -9,12 +9,14 @@ the c clients start together:
 * aggregate tok/s = all completion tokens / (last stream's end - first request's start);
 * TTFT = request start -> first SSE chunk (p50 / p95 over the c clients and ``--rounds`` rounds).
 
+One torch thread by default: on the shared 2-core benchmark machine, two intra-op threads made every
+small op wait for a descheduled thread (decode steps 2-3x slower and erratic); pass --threads to change.
 The 1-stream row is the baseline measured in the same run; the goal (issue 14) is 8 streams >= 4x its
 aggregate tok/s. Rows run round-robin ``--rounds`` times and each keeps its best aggregate (the machine
 is shared); the 1-minute load average is recorded with every row. Results: table on stdout, JSON in
 benchmarks/results/serve.json.
 
-    python benchmarks/serve.py                       # bf16, 1/4/8/16 streams, 32 tokens each
+    python benchmarks/serve.py                       # bf16, 1 thread, 1/4/8/16 streams, 32 tokens each
     python benchmarks/serve.py --dtype float32 --max-tokens 64 --rounds 3
 """
 
@@ -87,7 +89,7 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(HERE / "results" / "serve.json"))
     args = ap.parse_args()
 

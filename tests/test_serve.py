@@ -387,3 +387,14 @@ def test_chat_page(server):
                    "stream: true", "textContent"):
         assert needle in page
     assert "innerHTML" not in page  # model text is never parsed as HTML
+
+
+def test_request_timeout_is_a_504(server):
+    from fastapi.testclient import TestClient
+
+    engine = BatchEngine(server["model"], max_batch=1, stop_token_ids=())
+    app = create_app(engine, server["tok"], ServeConfig(model_name=NAME, request_timeout=1e-3))
+    with TestClient(app) as client:
+        r = client.post("/v1/completions", json={"model": NAME, "prompt": "slow", "max_tokens": 200})
+    assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+    assert engine.idle

@@ -670,8 +670,9 @@ class BatchEngine:
         finite = torch.isfinite(logits.float().sum(-1)).tolist()  # one cheap screen per row
         plain = [i for i, r in enumerate(reqs) if finite[i] and r.params.greedy and r._seen is None]
         if plain:
-            sel = torch.tensor(plain, device=logits.device)
-            for i, t in zip(plain, logits.index_select(0, sel).float().argmax(-1).tolist()):
+            # One argmax for every plain greedy row (no copy of the [n, V] logits when all rows are).
+            rows = logits if len(plain) == len(reqs) else logits.index_select(0, torch.tensor(plain, device=logits.device))
+            for i, t in zip(plain, rows.argmax(-1).tolist()):
                 out[i] = t
         for i, r in enumerate(reqs):
             if not finite[i]:
