@@ -1,0 +1,75 @@
+"""`gemma4 serve` as a user runs it: a subprocess on a tiny checkpoint, bound to 127.0.0.1 by default."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+pytest.importorskip("uvicorn")
+psutil = pytest.importorskip("psutil")
+
+import gemma4  # noqa: E402
+from gemma4.cli.serve import _loopback  # noqa: E402
+from gemma4.io import assets  # noqa: E402
+from gemma4.text import load_tokenizer  # noqa: E402
+from test_cache import tiny_model  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_loopback_detection():
+    assert _loopback("127.0.0.1") and _loopback("localhost") and _loopback("::1")
+    assert not _loopback("0.0.0.0") and not _loopback("192.168.1.5") and not _loopback("example.org")
+
+
+def test_gemma4_serve_subprocess(tmp_path):
+    tok = load_tokenizer(assets.gemma4_vocab_gguf())
+    model = tiny_model("dense", vocab_size=tok.vocab_size, max_position_embeddings=512,
+                       bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    ckpt = tmp_path / "tiny-gemma4"
+    gemma4.save_pretrained(model, ckpt)
+    tok.save(ckpt / "tokenizer.json")
+    port = _free_port()
+    env = dict(os.environ, GEMMA4_API_KEY="sk-cli-test")  # the key from the environment, not argv
+    proc = subprocess.Popen([sys.executable, "-m", "gemma4", "serve", str(ckpt), "--port", str(port),
+                             "--max-batch", "2", "--threads", "1"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        t0 = time.time()
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() - t0 < 90, "gemma4 serve did not come up"
+            time.sleep(0.3)
+        listening = [c.laddr for c in psutil.Process(proc.pid).net_connections(kind="inet") if c.status == "LISTEN"]
+        assert listening and all(a.ip == "127.0.0.1" for a in listening), listening
+        h = {"Authorization": "Bearer sk-cli-test"}
+        assert httpx.get(base + "/v1/models", headers=h).json()["data"][0]["id"] == "tiny-gemma4"
+        assert httpx.get(base + "/v1/models").status_code == 401
+        r = httpx.post(base + "/v1/completions", headers=h, timeout=60,
+                       json={"model": "tiny-gemma4", "prompt": "Hello", "max_tokens": 3, "temperature": 0,
+                             "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
