@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import mmap
 import os
 import struct
@@ -33,8 +34,9 @@ import numpy as np
 import torch
 
 from gemma4._util import Progress, atomic_path, no_progress
-from gemma4.io.checkpoint import CheckpointError, load_state_streaming
-from gemma4.model import FULL, SLIDING, Gemma4Config, Gemma4ForCausalLM, build_model
+from gemma4.io.checkpoint import CheckpointError, CheckpointNotFoundError, load_state_streaming
+from gemma4.model import FULL, SLIDING, ConfigError, Gemma4Config, Gemma4ForCausalLM, build_model
+from gemma4.model.config import LIMITS
 from gemma4.quant import QuantWeight
 
 log = logging.getLogger("gemma4")
@@ -65,6 +67,8 @@ _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?
 _NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
           7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
 _STRING, _ARRAY = 8, 9
+_MAX_ARRAY_DEPTH = 4  # arrays of arrays are legal; deeper nesting only ever comes from a corrupt file
+_MAX_ALIGN = 1 << 20
 _U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
 
 # Tensor types read without gguf.quants (id -> (numpy dtype of the raw data, torch dtype)).
@@ -101,12 +105,15 @@ class GGUFFile:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"no GGUF file at {self.path}")
+            raise CheckpointNotFoundError(f"no GGUF file at {self.path}")
         self.size = self.path.stat().st_size
         if self.size < 24:
             raise GGUFError(f"{self.path} is {self.size} bytes long: too short for a GGUF header (truncated?)")
-        with open(self.path, "rb") as f:
-            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            with open(self.path, "rb") as f:
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as e:
+            raise GGUFError(f"cannot read {self.path}: {e}") from None
         self.fields: dict[str, Any] = {}
         self.value_types: dict[str, tuple[int, int | None]] = {}
         self.tensors: dict[str, TensorInfo] = {}
@@ -114,9 +121,13 @@ class GGUFFile:
         try:
             self._parse()
         except (_Truncated, struct.error):
+            self._mm.close()
             raise GGUFError(
                 f"{self.path} ends inside its header (at byte {self._pos} of {self.size}): the file is truncated"
             ) from None
+        except GGUFError:
+            self._mm.close()
+            raise
 
     # -- header parsing
     def _take(self, n: int) -> int:
@@ -140,7 +151,7 @@ class GGUFFile:
     def _str(self) -> str:
         return self._bytes().decode("utf-8", errors="replace")
 
-    def _value(self, vtype: int) -> Any:
+    def _value(self, vtype: int, depth: int = 0) -> Any:
         if vtype in _SCALAR:
             fmt = _SCALAR[vtype]
             v = struct.unpack_from(fmt, self._mm, self._take(struct.calcsize(fmt)))[0]
@@ -157,7 +168,14 @@ class GGUFFile:
                 return np.frombuffer(self._mm, dtype=_NUMPY[etype], count=n, offset=p).tolist()
             if etype == _STRING:
                 return self._str_array(n)
-            return [self._value(etype) for _ in range(n)]
+            if etype == _ARRAY and depth >= _MAX_ARRAY_DEPTH:
+                raise GGUFError(f"{self.path}: metadata arrays nested deeper than {_MAX_ARRAY_DEPTH} levels at byte "
+                                f"{self._pos} (corrupt file?)")
+            if etype not in (_ARRAY,) and etype not in _SCALAR:
+                raise GGUFError(f"{self.path}: unknown metadata array element type {etype} at byte {self._pos}")
+            if n > self.size:  # every element takes at least one byte
+                raise _Truncated
+            return [self._value(etype, depth + 1) for _ in range(n)]
         raise GGUFError(f"{self.path}: unknown metadata value type {vtype} at byte {self._pos} (corrupt file?)")
 
     def _str_array(self, n: int) -> list[str]:
@@ -207,12 +225,16 @@ class GGUFFile:
             ne = [self._u64() for _ in range(n_dims)]
             qtype, rel = self._u32(), self._u64()
             infos.append((name, tuple(reversed(ne)), qtype, rel))
-        align = int(self.fields.get("general.alignment", 32))
+        align = self.fields.get("general.alignment", 32)
+        # llama.cpp's rule: a power of two (tensor data is placed at multiples of it).
+        if isinstance(align, bool) or not isinstance(align, int) or not 0 < align <= _MAX_ALIGN or align & (align - 1):
+            raise GGUFError(f"{self.path}: general.alignment {align!r} is not a power of two in 1..{_MAX_ALIGN}")
         data_start = -(-self._pos // align) * align
+        expected = 0  # where the next tensor must start: the previous one's end, padded to the alignment
         for name, shape, qtype, rel in infos:
             if name in self.tensors:
                 raise GGUFError(f"{self.path}: tensor {name!r} appears twice")
-            n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+            n = math.prod(shape)  # python ints: a product of hostile dimensions cannot wrap around
             try:
                 block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
             except (ValueError, KeyError):
@@ -220,12 +242,17 @@ class GGUFFile:
             if shape and shape[-1] % block:
                 raise GGUFError(f"{self.path}: tensor {name!r} rows of {shape[-1]} are not a multiple of the "
                                 f"{block}-element blocks of its type")
-            info = TensorInfo(name, shape, qtype, data_start + rel, n // block * type_size)
+            nbytes = n // block * type_size
+            if rel != expected:
+                raise GGUFError(f"{self.path}: tensor {name!r} starts at data offset {rel}, but the layout puts it "
+                                f"at {expected} (corrupt tensor table?)")
+            info = TensorInfo(name, shape, qtype, data_start + rel, nbytes)
             if info.offset + info.nbytes > self.size:
                 raise GGUFError(
                     f"{self.path} is truncated: tensor {name!r} needs bytes up to {info.offset + info.nbytes} "
                     f"but the file has {self.size}"
                 )
+            expected = -(-(rel + nbytes) // align) * align
             self.tensors[name] = info
 
     # -- access
@@ -393,16 +420,33 @@ def _norm_shift(hf_name: str, config: Gemma4Config) -> float:
 _SUPPORTED_ARCHS = ("gemma3", "gemma4")
 
 
-def _per_layer(value: Any, n: int, key: str) -> list[int]:
+def _int_value(g: "GGUFFile", key: str, v: Any, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")) \
+            or int(v) != v or not lo <= int(v) <= hi:
+        raise GGUFError(f"{g.path}: {key} is {v!r}, expected an integer in {lo}..{hi}")
+    return int(v)
+
+
+def _per_layer(g: "GGUFFile", value: Any, n: int, key: str, lo: int, hi: int) -> list[int]:
     if isinstance(value, list):
         if len(value) != n:
-            raise GGUFError(f"{key} has {len(value)} entries but the model has {n} layers")
-        return [int(v) for v in value]
-    return [int(value)] * n
+            raise GGUFError(f"{g.path}: {key} has {len(value)} entries but the model has {n} layers")
+        return [_int_value(g, key, v, lo, hi) for v in value]
+    return [_int_value(g, key, value, lo, hi)] * n
 
 
 def config_from_gguf(g: GGUFFile) -> Gemma4Config:
-    """Build the config from llama.cpp's architecture keys (``gemma3.*`` / ``gemma4.*``)."""
+    """Build the config from llama.cpp's architecture keys (``gemma3.*`` / ``gemma4.*``).
+
+    Every value is checked for type and range (``LIMITS``) before it is used: a hostile header gives
+    a GGUFError naming the key, never a huge allocation or a Python error from deep inside."""
+    try:
+        return _config_from_gguf(g)
+    except ConfigError as e:
+        raise GGUFError(f"{g.path}: the header describes an invalid model: {e}") from None
+
+
+def _config_from_gguf(g: GGUFFile) -> Gemma4Config:
     arch = g.architecture
     if arch not in _SUPPORTED_ARCHS:
         raise GGUFError(
@@ -418,56 +462,81 @@ def config_from_gguf(g: GGUFFile) -> Gemma4Config:
             raise GGUFError(f"{g.path}: required key {k!r} is missing")
         return default
 
-    n = int(key("block_count"))
-    hidden = int(key("embedding_length"))
+    def ikey(name: str, default: Any = KeyError, lo: int = 1, hi: int = 1 << 24) -> Any:
+        v = key(name, default)
+        return v if v is None else _int_value(g, f"{arch}.{name}", v, lo, hi)
+
+    def fkey(name: str, default: Any = KeyError, positive: bool = True) -> float | None:
+        v = key(name, default)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (positive and v <= 0):
+            raise GGUFError(f"{g.path}: {arch}.{name} is {v!r}, expected a positive finite number")
+        return float(v)
+
+    def plist(name: str, default: Any, n: int, lo: int, hi: int) -> list[int]:
+        return _per_layer(g, key(name, default), n, f"{arch}.{name}", lo, hi)
+
+    def token_id(name: str, default: int | None) -> int | None:
+        v = g.get(f"tokenizer.ggml.{name}", default)
+        return v if v is None else _int_value(g, f"tokenizer.ggml.{name}", v, 0, LIMITS["vocab_size"])
+
+    n = ikey("block_count", hi=LIMITS["num_hidden_layers"])
+    hidden = ikey("embedding_length", hi=LIMITS["hidden_size"])
     if "token_embd.weight" in g.tensors:
         vocab = g.tensors["token_embd.weight"].shape[0]
     else:  # a vocab-only file still describes the architecture
-        vocab = int(key("vocab_size", 0)) or len(g.get("tokenizer.ggml.tokens") or []) or 262_144
-    heads = _per_layer(key("attention.head_count"), n, f"{arch}.attention.head_count")
+        tokens = g.get("tokenizer.ggml.tokens")
+        vocab = ikey("vocab_size", 0, lo=0, hi=LIMITS["vocab_size"]) or (len(tokens) if isinstance(tokens, list) else 0) or 262_144
+    heads = plist("attention.head_count", KeyError, n, 1, LIMITS["num_attention_heads"])
     if len(set(heads)) != 1:
         raise GGUFError(f"{g.path}: per-layer query head counts {sorted(set(heads))} are not supported")
-    kv = _per_layer(key("attention.head_count_kv", heads[0]), n, f"{arch}.attention.head_count_kv")
-    ff = _per_layer(key("feed_forward_length"), n, f"{arch}.feed_forward_length")
-    window = key("attention.sliding_window", None)
+    kv = plist("attention.head_count_kv", heads[0], n, 1, LIMITS["num_key_value_heads"])
+    ff = plist("feed_forward_length", KeyError, n, 1, LIMITS["intermediate_size"])
+    window = ikey("attention.sliding_window", None, lo=0, hi=LIMITS["sliding_window"])
     eos = _eos_ids(g)
     common = dict(
         vocab_size=vocab, hidden_size=hidden, num_hidden_layers=n, num_attention_heads=heads[0],
-        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
-        max_position_embeddings=int(key("context_length", 131_072)),
+        rms_norm_eps=fkey("attention.layer_norm_rms_epsilon", 1e-6),
+        max_position_embeddings=ikey("context_length", 131_072, hi=LIMITS["max_position_embeddings"]),
         tie_word_embeddings="output.weight" not in g.tensors,
-        bos_token_id=g.get("tokenizer.ggml.bos_token_id", 2), eos_token_id=eos,
-        pad_token_id=g.get("tokenizer.ggml.padding_token_id", 0),
-        final_logit_softcapping=_opt_float(key("final_logit_softcapping", None)),
-        sliding_window=int(window) if window else 512,
+        bos_token_id=token_id("bos_token_id", 2), eos_token_id=eos,
+        pad_token_id=token_id("padding_token_id", 0),
+        final_logit_softcapping=fkey("final_logit_softcapping", None, positive=False) or None,
+        sliding_window=window or 512,
     )
     pattern = key("attention.sliding_window_pattern", None)
+    if isinstance(pattern, list):
+        if len(pattern) != n or not all(isinstance(p, (bool, int)) for p in pattern):
+            raise GGUFError(f"{g.path}: {arch}.attention.sliding_window_pattern must be {n} booleans, one per layer")
+    elif pattern is not None:
+        pattern = _int_value(g, f"{arch}.attention.sliding_window_pattern", pattern, 0, LIMITS["num_hidden_layers"])
     if arch == "gemma3":
-        head_dim = int(key("attention.key_length", hidden // heads[0]))
+        head_dim = ikey("attention.key_length", max(hidden // heads[0], 1), hi=LIMITS["head_dim"])
         if isinstance(pattern, list):
             layer_types = [SLIDING if s else FULL for s in pattern]
         elif window:
             # llama.cpp's Gemma 3: every 6th layer global when the file has a sliding window at all.
-            every = int(pattern) if pattern else 6
+            every = pattern or 6
             layer_types = [FULL if (i + 1) % every == 0 else SLIDING for i in range(n)]
         else:
             layer_types = [FULL] * n
         # llama.cpp scales queries by 1/sqrt(head_dim), except 27B (62 layers): 1/sqrt(hidden/heads).
-        qpas = key("attention.query_pre_attn_scalar", None) or (hidden // heads[0] if n == 62 else head_dim)
+        qpas = fkey("attention.query_pre_attn_scalar", None) or (hidden // heads[0] if n == 62 else head_dim)
         scaling = None
         if key("rope.scaling.type", "none") not in ("none", None):
             st = key("rope.scaling.type")
-            if st != "linear":
+            if st != "linear":  # (any other value, of any type, is refused here)
                 raise GGUFError(f"{g.path}: rope scaling type {st!r} is not supported (only linear)")
-            scaling = {"rope_type": "linear", "factor": float(key("rope.scaling.factor", 1.0))}
+            scaling = {"rope_type": "linear", "factor": fkey("rope.scaling.factor", 1.0)}
         if len(set(ff)) != 1 or len(set(kv)) != 1:
             raise GGUFError(f"{g.path}: per-layer feed-forward or key/value head counts in a gemma3 file")
         cfg = Gemma4Config(
             model_type="gemma3_text", intermediate_size=ff[0], num_key_value_heads=kv[0], head_dim=head_dim,
             layer_types=layer_types, query_pre_attn_scalar=float(qpas) if float(qpas) != int(qpas) else int(qpas),
-            rope_theta=float(key("rope.freq_base", 1_000_000.0)),
-            rope_local_base_freq=float(key("rope.freq_base_swa", 10_000.0)),
-            rope_scaling=scaling, attn_logit_softcapping=_opt_float(key("attn_logit_softcapping", None)),
+            rope_theta=fkey("rope.freq_base", 1_000_000.0),
+            rope_local_base_freq=fkey("rope.freq_base_swa", 10_000.0),
+            rope_scaling=scaling, attn_logit_softcapping=fkey("attn_logit_softcapping", None, positive=False) or None,
             **common,
         )
         return cfg
@@ -476,13 +545,13 @@ def config_from_gguf(g: GGUFFile) -> Gemma4Config:
     if isinstance(pattern, list):
         layer_types = [SLIDING if s else FULL for s in pattern]
     else:
-        every = int(pattern) if pattern else 6
+        every = pattern or 6
         layer_types = [FULL if (i + 1) % every == 0 else SLIDING for i in range(n)]
     if len(layer_types) != n:
         raise GGUFError(f"{g.path}: sliding_window_pattern has {len(layer_types)} entries for {n} layers")
-    full_dim = int(key("attention.key_length"))
-    swa_dim = int(key("attention.key_length_swa", full_dim))
-    shared = int(key("attention.shared_kv_layers", 0))
+    full_dim = ikey("attention.key_length", hi=LIMITS["head_dim"])
+    swa_dim = ikey("attention.key_length_swa", full_dim, hi=LIMITS["head_dim"])
+    shared = ikey("attention.shared_kv_layers", 0, lo=0, hi=n)
     first_shared = n - shared
     # K=V full layers have no attn_v tensor (the value is the pre-norm key projection).
     k_eq_v = any(
@@ -493,23 +562,26 @@ def config_from_gguf(g: GGUFFile) -> Gemma4Config:
     full_kv = [kv[i] for i in range(n) if layer_types[i] == FULL] or kv
     base_ff = ff[0]
     double_wide = shared > 0 and any(ff[i] == 2 * base_ff for i in range(first_shared, n))
-    experts = int(key("expert_count", 0) or 0)
-    ple = int(key("embedding_length_per_layer_input", 0) or 0)
+    experts = ikey("expert_count", 0, lo=0, hi=LIMITS["num_experts"])
+    ple = ikey("embedding_length_per_layer_input", 0, lo=0, hi=LIMITS["hidden_size_per_layer_input"])
     ple_vocab = g.tensors["per_layer_token_embd.weight"].shape[0] if "per_layer_token_embd.weight" in g.tensors else vocab
-    full_rope = {"rope_type": "default", "rope_theta": float(key("rope.freq_base", 1_000_000.0))}
+    full_rope = {"rope_type": "default", "rope_theta": fkey("rope.freq_base", 1_000_000.0)}
     if "rope_freqs.weight" in g.tensors:
+        if g.tensors["rope_freqs.weight"].shape != (full_dim // 2,):
+            raise GGUFError(f"{g.path}: rope_freqs.weight has shape {list(g.tensors['rope_freqs.weight'].shape)}, "
+                            f"expected [{full_dim // 2}] (half of {arch}.attention.key_length)")
         factors = g.load("rope_freqs.weight", torch.float32)
         n_rot = int((factors < 1e10).sum())
         full_rope = {**full_rope, "rope_type": "proportional", "partial_rotary_factor": 2 * n_rot / full_dim}
-    rope = {SLIDING: {"rope_type": "default", "rope_theta": float(key("rope.freq_base_swa", 10_000.0))}, FULL: full_rope}
+    rope = {SLIDING: {"rope_type": "default", "rope_theta": fkey("rope.freq_base_swa", 10_000.0)}, FULL: full_rope}
     cfg = Gemma4Config(
         model_type="gemma4_text", intermediate_size=base_ff, num_key_value_heads=swa_kv[0], head_dim=swa_dim,
         global_head_dim=full_dim, num_global_key_value_heads=full_kv[0] if k_eq_v else None,
         layer_types=layer_types, attention_k_eq_v=k_eq_v, num_kv_shared_layers=shared,
         use_double_wide_mlp=double_wide, hidden_size_per_layer_input=ple, vocab_size_per_layer_input=ple_vocab,
         enable_moe_block=experts > 0, num_experts=experts or None,
-        top_k_experts=int(key("expert_used_count")) if experts else None,
-        moe_intermediate_size=int(key("expert_feed_forward_length")) if experts else None,
+        top_k_experts=ikey("expert_used_count", hi=LIMITS["top_k_experts"]) if experts else None,
+        moe_intermediate_size=ikey("expert_feed_forward_length", hi=LIMITS["moe_intermediate_size"]) if experts else None,
         rope_parameters=rope, **common,
     )
     # Geometry the legacy fields cannot say (e.g. fewer global KV heads without K=V): per_layer_config.
@@ -532,12 +604,15 @@ def _opt_float(v: Any) -> float | None:
 def _eos_ids(g: GGUFFile) -> int | list[int]:
     """End-of-sequence ids: the file's eos, plus the end-of-turn token (eot id, else found by name:
     Gemma 3 ``<end_of_turn>``, Gemma 4 ``<turn|>``), so generation stops at the end of a turn."""
-    eos = int(g.get("tokenizer.ggml.eos_token_id", 1))
+    eos = _int_value(g, "tokenizer.ggml.eos_token_id", g.get("tokenizer.ggml.eos_token_id", 1), 0, LIMITS["vocab_size"])
     eot = g.get("tokenizer.ggml.eot_token_id")
     if eot is None:
-        tokens = g.get("tokenizer.ggml.tokens") or []
+        tokens = g.get("tokenizer.ggml.tokens")
+        tokens = tokens if isinstance(tokens, list) else []
         eot = next((tokens.index(t) for t in ("<end_of_turn>", "<turn|>") if t in tokens), None)
-    return [eos, int(eot)] if eot is not None and int(eot) != eos else eos
+    else:
+        eot = _int_value(g, "tokenizer.ggml.eot_token_id", eot, 0, LIMITS["vocab_size"])
+    return [eos, eot] if eot is not None and eot != eos else eos
 
 
 # ----------------------------------------------------------------------------- loading
