@@ -27,6 +27,7 @@ from collections import Counter
 import numpy as np
 import torch
 
+from gemma4._util import release_free_heap
 from gemma4.io.gguf import GGUFError, GGUFFile, gguf_to_hf, load_gguf
 from gemma4.model import Gemma4ForCausalLM
 from gemma4.quant import quantize
@@ -100,7 +101,11 @@ def gguf_native_model(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat
             raise ValueError(f"{what} must be 'int8' or 'int4', got {sc!r}")
     embedding = embedding or rest
     g = GGUFFile(path)
-    model = load_gguf(path, dtype=torch.float32)  # every tensor dequantized; the Q4_K ones get replaced
+    # Every tensor is dequantized, then the Q4_K ones are replaced and the rest re-rounded to int8/int4.
+    # bfloat16 rather than float32 halves the transient (the 270M file: ~1.1 GB -> ~0.55 GB): the int8 grid
+    # (amax/127 per row) is 2^-1 .. 2^-7 of a value, far coarser than bf16's 2^-9 relative rounding, and
+    # the output distribution moves as little (KL to the float32 model 0.0056 vs 0.0065 nats, 9 tokens).
+    model = load_gguf(path, dtype=torch.bfloat16)
     names = {n for n, _ in model.named_modules()}
     precomputed, overrides = {}, {}
     for name, t in g.tensors.items():
@@ -117,4 +122,5 @@ def gguf_native_model(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat
     model = model.to(dtype)
     model.gguf_native = {"q4k_int4": sorted(precomputed), "types": dict(Counter(t.type_name for t in g.tensors.values())),
                          "rest": rest, "embedding": embedding}
+    release_free_heap()  # the dequantized float weights are gone: give their heap back to the OS
     return model.eval()

@@ -469,9 +469,17 @@ def _chunked(w: torch.Tensor, fn, sz_dim: int | None = None):
     """Run a quantizer over row chunks of a 2-D table (bounded temporaries for 262144-row tables)."""
     if w.dim() != 2 or w.shape[0] <= _ROWS_PER_CHUNK:
         return fn(w)
-    parts = [fn(w[i : i + _ROWS_PER_CHUNK]) for i in range(0, w.shape[0], _ROWS_PER_CHUNK)]
-    q = torch.cat([p[0] for p in parts], 0)
-    s = torch.cat([p[1] for p in parts], sz_dim if sz_dim is not None else 0)
+    # Chunks go straight into preallocated outputs: a list of parts and its concatenation would hold
+    # the quantized table twice (2 x 168 MB for a 262144 x 640 int8 table).
+    n, q, s, dim = w.shape[0], None, None, 0
+    for i in range(0, n, _ROWS_PER_CHUNK):
+        qi, si = fn(w[i : i + _ROWS_PER_CHUNK])
+        if q is None:
+            dim = (sz_dim if sz_dim is not None else 0) % si.dim()
+            q = qi.new_empty((n, *qi.shape[1:]))
+            s = si.new_empty((*si.shape[:dim], n, *si.shape[dim + 1:]))
+        q[i : i + qi.shape[0]] = qi
+        s.narrow(dim, i, si.shape[dim]).copy_(si)
     return q, s
 
 
