@@ -314,3 +314,19 @@ def test_missing_paths_are_named_errors(tmp_path):
         gemma4.load_pretrained(tmp_path / "nope")
     with pytest.raises(Gemma4Error, match="max_shard_bytes"):
         gemma4.save_pretrained(quant_tiny.model("dense"), tmp_path / "x", max_shard_bytes=0)
+
+
+def test_write_errors_are_named(models, tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(Gemma4Error, match="cannot create the directory"):
+        gemma4.save_pretrained(models[0], tmp_path / "f" / "sub")
+    with pytest.raises(Gemma4Error, match="a file of that name exists"):
+        gemma4.save_pretrained(models[0], tmp_path / "f")
+    (tmp_path / "d").mkdir()
+    with pytest.raises(Gemma4Error, match="a directory of that name exists"):
+        gemma4.save_gguf(models[0], tmp_path / "d")
+    d = tmp_path / "kept"
+    d.mkdir(mode=0o750)
+    os.chmod(d, 0o750)
+    gemma4.save_pretrained(models[0], d)
+    assert (d.stat().st_mode & 0o777) == 0o750

@@ -9,6 +9,7 @@ import fnmatch
 import functools
 import os
 import shutil
+import stat
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -82,10 +83,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     error (or KeyboardInterrupt) it is removed and ``path`` is untouched. A crash at any point leaves
     either the old file or the new one, never a mix."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_dir():
         raise WriteError(f"cannot write the file {path}: a directory of that name exists")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _make_parent(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise WriteError(f"cannot write {path}: {e.strerror or e}") from None
     os.close(fd)
     try:
         yield Path(tmp)
@@ -96,6 +100,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _make_parent(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where a parent directory should be, no permission, read-only disk
+        raise WriteError(f"cannot create the directory {path.parent} for {path.name}: {e.strerror or e}") from None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -220,12 +231,16 @@ def atomic_dir(path: str | os.PathLike, *, replace: Iterable[str] = ("*",), fsyn
         path = path.resolve()  # keep the link; swap the directory it points to
     if path.exists() and not path.is_dir():
         raise WriteError(f"cannot write the directory {path}: a file of that name exists")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    _make_parent(path)
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    except OSError as e:
+        raise WriteError(f"cannot write {path}: {e.strerror or e}") from None
     patterns = tuple(replace)
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; the checkpoint gets the usual permissions
+        # mkdtemp creates 0700: the new version gets the old directory's permissions, or the usual ones.
+        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.is_dir() else 0o777 & ~_umask())
         if path.is_dir():
             for entry in path.iterdir():
                 name = entry.name
