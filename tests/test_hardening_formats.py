@@ -209,3 +209,14 @@ def test_sampling_settings_that_used_to_crash():
     p = SamplingParams(temperature=1e-4, seed=2**64 - 1)
     logits = torch.tensor([[30.0, -30.0, 29.0]])
     assert sample_next(logits, p, p.make_generator()).item() == 0
+
+
+def test_preset_and_dtype_names_are_named_errors():
+    from gemma4 import parse_dtype
+
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        Gemma4Config.from_preset("nope")
+    with pytest.raises(KeyError):  # still a KeyError for older except clauses
+        Gemma4Config.from_preset("nope")
+    with pytest.raises(Gemma4Error, match="unknown dtype 'int3'"):
+        parse_dtype("int3")

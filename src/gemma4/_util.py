@@ -28,6 +28,10 @@ class Gemma4Error(Exception):
 
 
 # ----------------------------------------------------------------------------- dtypes
+class DtypeError(Gemma4Error, ValueError):
+    """A dtype name that is not one of ``DTYPE_CHOICES`` (or their short spellings)."""
+
+
 # The one table of dtype spellings. Every command, loader and estimator accepts these names.
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
@@ -43,7 +47,7 @@ def parse_dtype(name: str | torch.dtype | None, what: str = "dtype") -> torch.dt
         return name
     key = str(name).lower().removeprefix("torch.")
     if key not in DTYPES:
-        raise ValueError(f"unknown {what} {name!r}; use one of {', '.join(DTYPE_CHOICES)}")
+        raise DtypeError(f"unknown {what} {name!r}; use one of {', '.join(DTYPE_CHOICES)}")
     return DTYPES[key]
 
 

@@ -52,6 +52,13 @@ class ConfigError(Gemma4Error, ValueError):
     """A configuration that cannot describe a working model; the message names the field."""
 
 
+class UnknownPresetError(ConfigError, KeyError):
+    """A preset name that is not in ``PRESETS``."""
+
+    def __str__(self) -> str:  # (KeyError would quote the message)
+        return str(self.args[0]) if self.args else ""
+
+
 class ConfigNotFoundError(ConfigError, FileNotFoundError):
     """No config.json where one is needed."""
 
@@ -295,7 +302,7 @@ class Gemma4Config:
     def from_preset(cls, name: str) -> "Gemma4Config":
         key = name.lower().replace("_", "-")
         if key not in PRESETS:
-            raise KeyError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+            raise UnknownPresetError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         return cls.from_dict(PRESETS[key])
 
     def to_dict(self) -> dict[str, Any]:
