@@ -40,7 +40,7 @@ from typing import Any
 from gemma4.infer.batch import BatchEngine, BatchError, QueueFullError
 from gemma4.infer.sampling import SamplingError, SamplingParams
 from gemma4.serve.metrics import Metrics
-from gemma4.serve.parser import IncrementalDetokenizer, StreamParser, _held
+from gemma4.serve.parser import IncrementalDetokenizer, StreamParser, held_suffix
 from gemma4.text.chat import render_chat
 
 log = logging.getLogger("gemma4.serve")
@@ -380,7 +380,7 @@ class _Choice:
             if hits:
                 s, self.hit_stop, self.pending = s[:min(hits)], True, ""
             else:
-                keep = 0 if final else _held(s, self.stops)
+                keep = 0 if final else held_suffix(s, self.stops)
                 s, self.pending = s[:len(s) - keep], s[len(s) - keep:]
         if not s and not (self.hit_stop or final):
             return "", []

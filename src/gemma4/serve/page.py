@@ -152,7 +152,10 @@ input.addEventListener("keydown", (e) => {
 });
 stop.addEventListener("click", () => { if (controller) controller.abort(); });
 $("clear").addEventListener("click", () => { history = []; log.textContent = ""; });
-loadModel();
+// A link may open the page with a first message: /#ask=Hello&think=1 (handy for sharing and for tests).
+const start = new URLSearchParams(location.hash.slice(1));
+if (start.get("think") === "1") $("think").checked = true;
+loadModel().then(() => { if (start.get("ask")) ask(start.get("ask")); });
 </script>
 </body>
 </html>

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from gemma4.text.chat import ParsedResponse, ToolCall, parse_response
 
-__all__ = ["Delta", "StreamParser", "IncrementalDetokenizer", "END_MARKERS"]
+__all__ = ["Delta", "StreamParser", "IncrementalDetokenizer", "END_MARKERS", "held_suffix"]
 
 BOS = "<bos>"
 # Where parse_response cuts the text (tests/test_serve_parser.py checks this list against chat.py's).
@@ -41,7 +41,7 @@ class Delta:
     call: ToolCall | None = None
 
 
-def _held(text: str, markers) -> int:
+def held_suffix(text: str, markers) -> int:
     """Length of the longest suffix of ``text`` that is a proper prefix of one of ``markers``."""
     best = 0
     for m in markers:
@@ -127,7 +127,7 @@ class StreamParser:
                 break
             parts.append(s[:i])
             s = s[i + len(BOS):]
-        keep = 0 if final else _held(s, (BOS,))
+        keep = 0 if final else held_suffix(s, (BOS,))
         parts.append(s[:len(s) - keep])
         self._bos_tail = s[len(s) - keep:]
         return "".join(parts)
@@ -137,7 +137,7 @@ class StreamParser:
             if self._state == "answer":
                 i, m = _first(self._buf, self._ANSWER_STOPS)
                 if m is None:
-                    keep = 0 if final else _held(self._buf, self._ANSWER_STOPS)
+                    keep = 0 if final else held_suffix(self._buf, self._ANSWER_STOPS)
                     self._answer(self._buf[:len(self._buf) - keep], out)
                     self._buf = self._buf[len(self._buf) - keep:]
                     return
@@ -153,7 +153,7 @@ class StreamParser:
             elif self._state == "channel":
                 i, m = _first(self._buf, self._CHANNEL_STOPS)
                 if m is None:
-                    keep = 0 if final else _held(self._buf, self._CHANNEL_STOPS)
+                    keep = 0 if final else held_suffix(self._buf, self._CHANNEL_STOPS)
                     self._thought(self._buf[:len(self._buf) - keep], out)
                     self._buf = self._buf[len(self._buf) - keep:]
                     if final:
