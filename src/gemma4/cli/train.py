@@ -6,6 +6,7 @@ The library does the work (`gemma4.train.run`); this module parses options, draw
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,9 +28,9 @@ _DTYPE_HELP = ("Compute dtype: bfloat16 (default: bf16 autocast over float32 mas
 class _Bar:
     """The progress display: a rich bar on a terminal, a plain line every ~10% elsewhere (logs, CI)."""
 
-    def __init__(self, total: int, console: Console):
+    def __init__(self, total: int, console: Console, show: bool = True):
         self.total, self.console = total, console
-        self.tty = sys.stderr.isatty()
+        self.tty = sys.stderr.isatty() and show
         self.every = max(1, total // 10)
         self.progress = None
 
@@ -60,6 +61,10 @@ class _Bar:
                   f"{rec['grad_norm']:.3f} {rec['tok_per_s']:.0f} tok/s ETA {eta}{extra}", file=sys.stderr, flush=True)
 
 
+def _rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _report(console: Console):
     def show(report, train, held):
         console.print(f"data: {report.summary()}")
@@ -79,6 +84,8 @@ def _options(**kw):
 
 
 def _summary(console: Console, result, out: Path, what: Path, as_json: bool) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun, rank 0 reports
     info = {"steps": result.steps, "final_loss": result.final_loss, "eval_loss": result.eval_loss,
             "eval_ppl": result.eval_ppl, "tokens": result.tokens, "seconds": round(result.seconds, 2),
             "log": str(result.log), "plot": str(result.plot) if result.plot else None, "output": str(what)}
@@ -145,7 +152,7 @@ def register(app: typer.Typer) -> None:
                         max_grad_norm=grad_clip, eval_every=eval_every, save_every=save_every,
                         gradient_checkpointing=checkpointing)
         console = Console(stderr=True)
-        with _Bar(steps, console) as bar:
+        with _Bar(steps, console, _rank0()) as bar:
             result = pretrain(config, data, out, tokenizer=tokenizer, opts=opts, eval_data=eval_data, resume=resume,
                               on_step=bar.step, on_report=_report(console))
         _summary(console, result, out, out / "model", json_out)
@@ -193,7 +200,7 @@ def register(app: typer.Typer) -> None:
                         gradient_checkpointing=checkpointing, lora_rank=lora_rank, lora_alpha=lora_alpha,
                         lora_dropout=lora_dropout, targets=targets, quant=quant, group_size=group_size)
         console = Console(stderr=True)
-        with _Bar(steps, console) as bar:
+        with _Bar(steps, console, _rank0()) as bar:
             result = finetune(model, data, out, tokenizer=tokenizer, opts=opts, eval_data=eval_data, resume=resume,
                               on_step=bar.step, on_report=_report(console))
         _summary(console, result, out, out / ("adapter" if lora_rank else "model"), json_out)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -18,7 +19,8 @@ import torch
 from gemma4._util import Gemma4Error, atomic_path, atomic_write_text
 from gemma4.train import state as ckpt
 from gemma4.train.data import BatchStream, Packed, iterate_rows, perplexity
-from gemma4.train.loss import IGNORE, causal_lm_loss
+from gemma4.train.distributed import DistContext, LossModule, full, like, shard
+from gemma4.train.loss import IGNORE
 
 
 class TrainError(Gemma4Error, ValueError):
@@ -101,9 +103,15 @@ class Trainer:
     ``run_info``: JSON-able facts about the run stored in each checkpoint (and checked on resume)."""
 
     def __init__(self, model, train: Packed, cfg: TrainConfig, out: str | Path, *, heldout: Packed | None = None,
-                 run_info: dict | None = None, on_step: Callable[[dict], None] | None = None):
+                 run_info: dict | None = None, on_step: Callable[[dict], None] | None = None,
+                 dist: DistContext | None = None):
         cfg.validate()
         self.model, self.cfg, self.out = model, cfg, Path(out)
+        self.dist = dist
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        # The module the loop calls: the model with its loss; under torchrun, FSDP2-sharded.
+        self.loss_module = shard(model, dist) if dist is not None else LossModule(model)
         self.heldout, self.on_step = heldout, on_step
         self.run_info = run_info or {}
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -123,21 +131,37 @@ class Trainer:
         order = {id(p): n for n, p in self.named}
         self.names = [order[id(p)] for g in groups for p in g["params"]]
         self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-        self.stream = BatchStream(train, cfg.batch_size, seed=cfg.seed)
+        # Under torchrun each stream item is a global micro-batch (batch_size rows per rank).
+        self.world = dist.world if dist is not None else 1
+        self.stream = BatchStream(train, cfg.batch_size * self.world, seed=cfg.seed)
         self.step = 0
         self.tokens = 0
         self.log_path = self.out / "train_log.jsonl"
         self.ckpt_root = self.out / "checkpoints"
 
     # ------------------------------------------------------------------------------------------ state
+    @property
+    def is_main(self) -> bool:
+        return self.dist is None or self.dist.is_main
+
+    def _barrier(self) -> None:
+        if self.dist is not None:
+            self.dist.barrier()
+
     def save(self) -> Path:
         state = {
             "data": self.stream.state(), "tokens": self.tokens, "config": _jsonable(asdict(self.cfg)),
             "run": self.run_info, "lr": lr_at(self.step - 1, self.cfg) if self.step else 0.0,
         }
-        params = {n: p.detach() for n, p in self.named}
-        return ckpt.save_checkpoint(self.ckpt_root, self.step, params=params, optimizer=self.opt,
-                                    param_names=self.names, state=state, keep=self.cfg.keep_checkpoints)
+        # Whole tensors (gathered from the shards under FSDP: every rank takes part), written by rank 0.
+        params = {n: full(p.detach()) for n, p in self.named}
+        opt = ckpt.optimizer_state(self.opt, self.names, gather=full)
+        path = self.ckpt_root / f"step-{self.step:06d}"
+        if self.is_main:
+            path = ckpt.save_checkpoint(self.ckpt_root, self.step, params=params, optimizer=opt,
+                                        param_names=self.names, state=state, keep=self.cfg.keep_checkpoints)
+        self._barrier()
+        return path
 
     def resume(self) -> bool:
         """Continue from the newest checkpoint in ``out``; False when there is none."""
@@ -154,16 +178,17 @@ class Trainer:
                              f"(missing {missing[:3]}, {len(params)} stored vs {len(mine)})")
         with torch.no_grad():
             for n, p in mine.items():
-                p.copy_(params[n])
-        ckpt.load_optimizer_state(self.opt, self.names, st["param_names"], opt_t, st["optimizer"], str(d))
+                p.copy_(like(params[n].to(p.dtype), p))
+        ckpt.load_optimizer_state(self.opt, self.names, st["param_names"], opt_t, st["optimizer"], str(d), place=like)
         self.stream.load_state(st["data"])
         ckpt.restore_rng(rng)
         self.step, self.tokens = int(st["step"]), int(st["tokens"])
         # Log lines written after this checkpoint belong to the lost part of the run: drop them.
-        if self.log_path.exists():
+        if self.is_main and self.log_path.exists():
             kept = [ln for ln in self.log_path.read_text(encoding="utf-8").splitlines()
                     if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
             atomic_write_text(self.log_path, "".join(k + "\n" for k in kept))
+        self._barrier()
         return True
 
     # ------------------------------------------------------------------------------------------ steps
@@ -181,19 +206,24 @@ class Trainer:
         total = 0.0
         tokens = 0
         for b in batches:
+            if self.dist is not None:
+                b = self.dist.rows(b)
+            b = {k: v.to(self._device) for k, v in b.items()}
             with _autocast(model, cfg):
-                loss = causal_lm_loss(model, b["input_ids"].to(self._device), b["labels"].to(self._device),
-                                      position_ids=b["position_ids"].to(self._device),
-                                      segment_ids=b["segment_ids"].to(self._device), num_targets=n_targets)
-            loss.backward()
+                loss = self.loss_module(b["input_ids"], b["labels"], b["position_ids"], b["segment_ids"],
+                                        num_targets=n_targets)
+            # FSDP averages gradients over ranks; the step's gradient is their sum.
+            (loss * self.world if self.world > 1 else loss).backward()
             total += loss.item()
             tokens += int((b["segment_ids"] != 0).sum())
+        if self.dist is not None:
+            total, tokens = self.dist.all_sum(total), int(self.dist.all_sum(tokens))
         params = [p for _, p in self.named]
         if cfg.max_grad_norm > 0:
             gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         else:
             gn = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        gn = float(gn)
+        gn = float(full(gn))
         if not math.isfinite(total) or not math.isfinite(gn):
             raise TrainError(f"step {self.step + 1}: loss {total} / gradient norm {gn} is not finite")
         self.opt.step()
@@ -218,10 +248,11 @@ class Trainer:
                 k = int((b["labels"][:, 1:] != IGNORE).sum())
                 if not k:
                     continue
+                b = {name: v.to(self._device) for name, v in b.items()}
+                # Under FSDP every rank runs every held-out row (the forward is collective).
                 with _autocast(self.model, self.cfg):
-                    loss = causal_lm_loss(self.model, b["input_ids"].to(self._device), b["labels"].to(self._device),
-                                          position_ids=b["position_ids"].to(self._device),
-                                          segment_ids=b["segment_ids"].to(self._device), num_targets=1)
+                    loss = self.loss_module(b["input_ids"], b["labels"], b["position_ids"], b["segment_ids"],
+                                            num_targets=1)
                 nll += float(loss)
                 n += k
         finally:
@@ -234,20 +265,20 @@ class Trainer:
 
     def fit(self, resume: bool = False) -> TrainResult:
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self._barrier()
         if resume:
             self.resume()
-        elif self.log_path.exists():
+        elif self.is_main and self.log_path.exists():
             self.log_path.unlink()  # a fresh run in an old directory starts a fresh log
-        if cfg.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
         self.model.train()
         t0 = time.perf_counter()
         start_step, start_tokens = self.step, self.tokens
         history: list[dict] = []
         rec: dict = {}
         eval_loss = eval_ppl = None
-        with open(self.log_path, "a", encoding="utf-8") as log:
+        with (open(self.log_path, "a", encoding="utf-8") if self.is_main else open(os.devnull, "w")) as log:
             while self.step < cfg.steps:
                 rec = self.train_step()
                 rec["elapsed_s"] = round(time.perf_counter() - t0, 3)
@@ -262,12 +293,12 @@ class Trainer:
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 history.append(rec)
-                if self.on_step is not None:
+                if self.on_step is not None:  # every rank (a display should draw on rank 0 only)
                     self.on_step(rec)
                 if last or (cfg.save_every and self.step % cfg.save_every == 0):
                     self.save()
         plot = None
-        if cfg.plot:
+        if cfg.plot and self.is_main:
             plot = plot_log(self.log_path, self.out / "loss_curve.png")
         return TrainResult(self.step, rec.get("loss", float("nan")), eval_loss, eval_ppl, self.tokens,
                            time.perf_counter() - t0, self.log_path, plot, history)

@@ -236,18 +236,27 @@ def _from_layout(path: str, prefix: str) -> str:
     return "model." + path[len(prefix):] if prefix != "model." and path.startswith(prefix) else path
 
 
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    # An FSDP2-sharded factor (a DTensor) is gathered first; every rank must take part.
+    t = t.detach()
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).float().contiguous().cpu()
+
+
 def adapter_state(model, prefix: str = "model.") -> dict[str, torch.Tensor]:
+    """The adapter tensors under PEFT's key names (collective under FSDP: call on every rank)."""
     out = {}
     for path, m in lora_modules(model).items():
         key = PEFT_PREFIX + _to_layout(path, prefix)
-        out[f"{key}.lora_A.weight"] = m.lora_A.weight.detach().float().contiguous().cpu()
-        out[f"{key}.lora_B.weight"] = m.lora_B.weight.detach().float().contiguous().cpu()
+        out[f"{key}.lora_A.weight"] = _whole(m.lora_A.weight)
+        out[f"{key}.lora_B.weight"] = _whole(m.lora_B.weight)
     return out
 
 
-def save_adapter(model, directory, *, base_model: str | None = None, prefix: str | None = None) -> Path:
+def save_adapter(model, directory, *, base_model: str | None = None, prefix: str | None = None,
+                 state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's format), each atomically.
-    ``base_model``: the base checkpoint (recorded, and its key layout followed)."""
+    ``base_model``: the base checkpoint (recorded, and its key layout followed). ``state``: the tensors
+    from :func:`adapter_state` when already gathered (FSDP: every rank gathers, rank 0 writes)."""
     mods = lora_modules(model)
     if not mods:
         raise LoRAError("the model has no LoRA adapter to save")
@@ -276,7 +285,8 @@ def save_adapter(model, directory, *, base_model: str | None = None, prefix: str
     }
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors(adapter_state(model, prefix), d / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    atomic_save_safetensors(state if state is not None else adapter_state(model, prefix), d / ADAPTER_WEIGHTS,
+                            metadata={"format": "pt"})
     atomic_write_text(d / ADAPTER_CONFIG, json.dumps(cfg, indent=2) + "\n")
     return d
 

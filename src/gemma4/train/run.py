@@ -21,7 +21,8 @@ from gemma4.model import PRESETS, Gemma4Config, build_model
 from gemma4.quant import quantize
 from gemma4.text import load_tokenizer
 from gemma4.train.data import DataError, DataReport, Packed, pack, read_documents, split_heldout
-from gemma4.train.lora import DEFAULT_TARGETS, add_lora, save_adapter
+from gemma4.train.distributed import DistContext, from_env, full
+from gemma4.train.lora import DEFAULT_TARGETS, adapter_state, add_lora, checkpoint_prefix, save_adapter
 from gemma4.train.loop import TrainConfig, TrainError, Trainer, TrainResult
 
 
@@ -106,19 +107,38 @@ def _write_json(path: Path, obj) -> None:
 
 
 def _run(model, tokenizer, data, out: Path, opts: RunOptions, *, eval_data, resume: bool, run_info: dict,
-         on_step, on_report) -> tuple[Trainer, TrainResult, DataReport]:
-    out.mkdir(parents=True, exist_ok=True)
+         on_step, on_report, dist: DistContext | None) -> tuple[Trainer, TrainResult, DataReport]:
+    main = dist is None or dist.is_main
     train, held, report = prepare_data(data, tokenizer, opts, eval_data=eval_data,
                                        pad_id=tokenizer.pad_id or 0, vocab_size=model.config.vocab_size)
-    _write_json(out / "data_report.json", {**report.to_dict(), "train_rows": len(train),
-                                           "heldout_rows": len(held) if held is not None else 0})
-    if on_report is not None:
-        on_report(report, train, held)
     run_info = {**run_info, "train_rows": len(train), "seq_len": opts.seq_len}
-    _write_json(out / "run.json", {**run_info, "options": asdict(opts)})
-    trainer = Trainer(model, train, opts.train_config(), out, heldout=held, run_info=run_info, on_step=on_step)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "data_report.json", {**report.to_dict(), "train_rows": len(train),
+                                               "heldout_rows": len(held) if held is not None else 0})
+        _write_json(out / "run.json", {**run_info, "world_size": dist.world if dist else 1, "options": asdict(opts)})
+        if on_report is not None:
+            on_report(report, train, held)
+    trainer = Trainer(model, train, opts.train_config(), out, heldout=held, run_info=run_info,
+                      on_step=on_step if main else None, dist=dist)
     result = trainer.fit(resume=resume)
     return trainer, result, report
+
+
+def _save_model(model, out: Path, tok, dist: DistContext | None) -> None:
+    """``out`` as a checkpoint directory with the tokenizer. Under FSDP the whole tensors are gathered on
+    every rank and rank 0 writes them from a plain (unsharded) model."""
+    if dist is None:
+        save_pretrained(model.eval(), out)
+        tok.save(out / "tokenizer.json")
+        return
+    state = {n: full(t).detach().cpu() for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    if dist.is_main:
+        plain = build_model(model.config, dtype=torch.float32)
+        plain.load_state_dict(state, strict=False)
+        save_pretrained(plain, out)
+        tok.save(out / "tokenizer.json")
+    dist.barrier()
 
 
 def pretrain(config: str | Path, data, out, *, tokenizer, opts: RunOptions | None = None, eval_data=None,
@@ -134,10 +154,10 @@ def pretrain(config: str | Path, data, out, *, tokenizer, opts: RunOptions | Non
         p.requires_grad_(True)
     out = Path(out)
     run_info = {"kind": "pretrain", "config": str(config)}
+    dist = from_env()
     _, result, _ = _run(model, tok, data, out, opts, eval_data=eval_data, resume=resume, run_info=run_info,
-                        on_step=on_step, on_report=on_report)
-    save_pretrained(model.eval(), out / "model")
-    tok.save(out / "model" / "tokenizer.json")
+                        on_step=on_step, on_report=on_report, dist=dist)
+    _save_model(model, out / "model", tok, dist)
     return result
 
 
@@ -166,11 +186,16 @@ def finetune(model_path: str | Path, data, out, *, tokenizer=None, opts: RunOpti
     out = Path(out)
     run_info = {"kind": "lora" if lora else "full", "base": str(model_path), "quant": opts.quant,
                 "lora_rank": opts.lora_rank, "targets": list(opts.targets) if opts.targets else None}
+    dist = from_env()
     _, result, _ = _run(model, tok, data, out, opts, eval_data=eval_data, resume=resume, run_info=run_info,
-                        on_step=on_step, on_report=on_report)
+                        on_step=on_step, on_report=on_report, dist=dist)
     if lora:
-        save_adapter(model, out / "adapter", base_model=str(resolve_path(model_path)))
+        base = str(resolve_path(model_path))
+        state = adapter_state(model, checkpoint_prefix(base))  # collective under FSDP
+        if dist is None or dist.is_main:
+            save_adapter(model, out / "adapter", base_model=base, state=state)
+        if dist is not None:
+            dist.barrier()
     else:
-        save_pretrained(model.eval(), out / "model")
-        tok.save(out / "model" / "tokenizer.json")
+        _save_model(model, out / "model", tok, dist)
     return result

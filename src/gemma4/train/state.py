@@ -53,16 +53,17 @@ def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def save_checkpoint(root: Path, step: int, *, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+def save_checkpoint(root: Path, step: int, *, params: dict[str, torch.Tensor], optimizer: tuple[dict, dict],
                     param_names: list[str], state: dict, keep: int = 2) -> Path:
-    """Write ``root/step-NNNNNN`` atomically, point ``root/latest`` at it, keep the newest ``keep``."""
+    """Write ``root/step-NNNNNN`` atomically, point ``root/latest`` at it, keep the newest ``keep``.
+    ``optimizer``: what :func:`optimizer_state` returns."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
     try:
         _save(params, tmp / "trainable.safetensors")
-        opt_tensors, opt_json = optimizer_state(optimizer, param_names)
+        opt_tensors, opt_json = optimizer
         _save(opt_tensors, tmp / "optimizer.safetensors")
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -125,8 +126,9 @@ def load_checkpoint(d: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, t
 
 
 # ----------------------------------------------------------------------------- optimizer state
-def optimizer_state(opt: torch.optim.Optimizer, names: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
-    """An optimizer's state as tensors keyed by parameter name + JSON for the rest."""
+def optimizer_state(opt: torch.optim.Optimizer, names: list[str], gather=lambda t: t) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state as tensors keyed by parameter name + JSON for the rest. ``gather`` turns a
+    sharded tensor into the whole one (every rank calls it, in the same order)."""
     sd = opt.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict] = {}
@@ -134,7 +136,7 @@ def optimizer_state(opt: torch.optim.Optimizer, names: list[str]) -> tuple[dict[
         pname = names[idx]
         for k, v in st.items():
             if isinstance(v, torch.Tensor):
-                tensors[f"{pname}.{k}"] = v
+                tensors[f"{pname}.{k}"] = gather(v)
             else:
                 scalars.setdefault(pname, {})[k] = v
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
@@ -142,14 +144,19 @@ def optimizer_state(opt: torch.optim.Optimizer, names: list[str]) -> tuple[dict[
 
 
 def load_optimizer_state(opt: torch.optim.Optimizer, names: list[str], saved_names: list[str],
-                         tensors: dict[str, torch.Tensor], meta: dict, source: str) -> None:
+                         tensors: dict[str, torch.Tensor], meta: dict, source: str, place=None) -> None:
+    """Inverse of :func:`optimizer_state`; ``place(tensor, param)`` lays a whole state tensor out like its
+    parameter (a rank's shard under FSDP)."""
     if list(saved_names) != list(names):
         diff = sorted(set(saved_names) ^ set(names))[:4]
         raise TrainStateError(f"{source}: the checkpoint trains other parameters than this run "
                               f"(e.g. {', '.join(diff) or 'a different order'})")
     state: dict[int, dict] = {}
+    params = [p for g in opt.param_groups for p in g["params"]]
     for i, pname in enumerate(names):
         st = {k.removeprefix(pname + "."): v for k, v in tensors.items() if k.rsplit(".", 1)[0] == pname}
+        if place is not None:
+            st = {k: (place(v, params[i]) if v.shape == params[i].shape else v) for k, v in st.items()}
         st.update(meta.get("scalars", {}).get(pname, {}))
         if st:
             state[i] = st
