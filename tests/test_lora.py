@@ -218,3 +218,24 @@ def test_qlora_gradients_and_training(scheme, kind, min_cos, tmp_path):
     assert all(torch.equal(b, dict(q.named_buffers())[n]) for n, b in before.items())
     save_adapter(q, tmp_path / "ad")
     assert len(load_adapter(_clone_quantized(q, scheme, kind), tmp_path / "ad")) == len(lora_modules(q))
+
+
+def test_generate_with_adapter_equals_merged(ckpts, tmp_path):
+    """Generation (which repacks the model for the CPU fast path) keeps the adapter: the same tokens as
+    the merged model, not the base model's."""
+    from gemma4.infer import generate
+
+    trained = gemma4.load_pretrained(ckpts["ple"])
+    add_lora(trained, ["attention", "mlp"], r=4, alpha=8)
+    _randomize_lora(trained, seed=4, std=0.3)
+    save_adapter(trained, tmp_path / "ad")
+    prompt = [[2, 17, 99, 4, 61]]
+    with_adapter = gemma4.load_pretrained(ckpts["ple"])
+    load_adapter(with_adapter, tmp_path / "ad")
+    merged = gemma4.load_pretrained(ckpts["ple"])
+    load_adapter(merged, tmp_path / "ad")
+    merge_lora(merged)
+    a = generate(with_adapter, prompt, max_new_tokens=10)
+    b = generate(merged, prompt, max_new_tokens=10)
+    c = generate(gemma4.load_pretrained(ckpts["ple"]), prompt, max_new_tokens=10)
+    assert a == b and a != c

@@ -115,9 +115,20 @@ class LoRALinear(nn.Module):
             y = self.base_layer(x)
         # Outside autocast the update runs in the factors' dtype (float32) and is added in the base
         # output's dtype, as PEFT does; under autocast the matmuls follow the autocast dtype.
-        xa = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.weight.dtype)
+        xa = x if torch.is_autocast_enabled(x.device.type) else x.to(self._factor_dtype(x))
         z = self.lora_B(self.lora_A(self.lora_dropout(xa)))
         return y + (z * self.scaling).to(y.dtype)
+
+    def _factor_dtype(self, x: torch.Tensor) -> torch.dtype:
+        # The factors' dtype; the CPU fast path may have swapped lora_A for a packed module without
+        # a plain ``weight`` (then its first floating tensor tells).
+        w = getattr(self.lora_A, "weight", None)
+        if isinstance(w, torch.Tensor):
+            return w.dtype
+        for t in list(self.lora_A.parameters()) + list(self.lora_A.buffers()):
+            if t.is_floating_point():
+                return t.dtype
+        return x.dtype
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A, float32 [out, in]."""
