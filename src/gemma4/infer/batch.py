@@ -522,7 +522,15 @@ class BatchEngine:
                     self._wake.wait(timeout=1.0)
                 if self._stopping:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # a bug outside a forward: fail what is in flight, keep serving
+                log.exception("batch engine step failed outside a forward")
+                with self._step_lock:
+                    for r in list(self._rows) + ([self._prefilling] if self._prefilling else []):
+                        if not r.done:
+                            r.error = e
+                            self._remove(r, ERROR)
 
     # ------------------------------------------------------------------------------------------ internals
     def _emit(self, req: Request, kind: str) -> None:

@@ -277,14 +277,22 @@ class _ChatEncoder:
     def __init__(self, tokenizer):
         import re
 
-        from tokenizers import Tokenizer as _Backend
-
         self.tok = tokenizer
-        self.plain = _Backend.from_str(tokenizer.backend.to_str())
-        self.plain.encode_special_tokens = True
+        self._plain = None
         specials = sorted((t for t in tokenizer.special_tokens if t), key=len, reverse=True)
         self.specials = re.compile("|".join(re.escape(t) for t in specials)) if specials else None
         self._re = re
+
+    @property
+    def plain(self):
+        # Built on first use (a copy of a 262k-token vocabulary takes seconds), i.e. only once some
+        # message has carried a control token.
+        if self._plain is None:
+            from tokenizers import Tokenizer as _Backend
+
+            self._plain = _Backend.from_str(self.tok.backend.to_str())
+            self._plain.encode_special_tokens = True
+        return self._plain
 
     def encode(self, messages: list[dict], render) -> list[int]:
         if self.specials is None:
