@@ -330,8 +330,68 @@ def mutate_config(rng: random.Random, raw: str) -> str | bytes:
     return json.dumps(j)
 
 
+# ------------------------------------------------------------------------------------ tokenizer files
+def _pb_varint(v: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = v & 0x7F
+        v >>= 7
+        out.append(b | (0x80 if v else 0))
+        if not v:
+            return bytes(out)
+
+
+def _pb_field(num: int, wire: int, payload) -> bytes:
+    key = _pb_varint(num << 3 | wire)
+    if wire == 0:
+        return key + _pb_varint(payload)
+    if wire == 5:
+        return key + struct.pack("<f", payload)
+    return key + _pb_varint(len(payload)) + payload
+
+
+def write_seed_sentencepiece(path: Path) -> Path:
+    """A SentencePiece ModelProto (BPE with byte fallback) written by hand: pieces, trainer and
+    normalizer specs, the fields gemma4's reader understands."""
+    tokens, types, scores, _ = tiny_vocab("gemma3")
+    types = [2 if t == "<unk>" else ty for t, ty in zip(tokens, types)]
+    out = b""
+    for t, ty, sc in zip(tokens, types, scores):
+        out += _pb_field(1, 2, _pb_field(1, 2, t.encode()) + _pb_field(2, 5, sc) + _pb_field(3, 0, ty))
+    trainer = _pb_field(3, 0, 2) + _pb_field(35, 0, 1) + _pb_field(40, 0, 3) + _pb_field(41, 0, 2) + \
+        _pb_field(42, 0, 1) + _pb_field(43, 0, 0)
+    norm = _pb_field(1, 2, b"identity") + _pb_field(3, 0, 1) + _pb_field(4, 0, 0) + _pb_field(5, 0, 1)
+    path.write_bytes(out + _pb_field(2, 2, trainer) + _pb_field(3, 2, norm))
+    return path
+
+
+def mutate_json_doc(rng: random.Random, raw: str) -> str | bytes:
+    """Type confusion somewhere inside a JSON document (a tokenizer.json), or broken bytes."""
+    if rng.random() < 0.15:
+        b = bytearray(raw.encode())
+        for _ in range(rng.randrange(1, 4)):
+            b[rng.randrange(len(b))] = rng.randrange(256)
+        return bytes(b)
+    doc = json.loads(raw)
+    node, path = doc, []
+    for _ in range(rng.randrange(1, 5)):
+        if isinstance(node, dict) and node:
+            k = rng.choice(sorted(node))
+        elif isinstance(node, list) and node:
+            k = rng.randrange(len(node))
+        else:
+            break
+        path.append((node, k))
+        node = node[k]
+    if path:
+        parent, k = path[-1]
+        parent[k] = rng.choice([None, -1, 2**64, "x", [], {}, [1, "a"], {"a": None}, 1.5, True])
+    return json.dumps(doc)
+
+
 # ------------------------------------------------------------------------------------------ driver
-def run(out: Path, seed: int = 0, n_gguf: int = 1000, n_st: int = 500, per_case_s: float = 10.0) -> dict:
+def run(out: Path, seed: int = 0, n_gguf: int = 1000, n_st: int = 500, n_tok: int = 300,
+        per_case_s: float = 10.0) -> dict:
     import gemma4
     from gemma4 import Gemma4Error
     from gemma4.io.checkpoint import load_safetensors_dir
@@ -413,6 +473,27 @@ def run(out: Path, seed: int = 0, n_gguf: int = 1000, n_st: int = 500, per_case_
                 p.write_bytes(new) if isinstance(new, bytes) else p.write_text(new)
             attempt("safetensors", "load_safetensors_dir", i, lambda: load_safetensors_dir(d), must_fail=must_fail)
         results["cases"]["safetensors"] = n_st
+
+        # ---- tokenizer files: SentencePiece protobuf bytes, tokenizer.json documents
+        spm = write_seed_sentencepiece(tmp / "seed.model")
+        load_tokenizer(spm)
+        spm_data = spm.read_bytes()
+        spm_fields = [(i, 1) for i in range(len(spm_data))]
+        tj_dir = tmp / "tj"
+        tj_dir.mkdir()
+        load_tokenizer(seeds["gemma4"]).save(tj_dir / "tokenizer.json")
+        tj_raw = (tj_dir / "tokenizer.json").read_text()
+        load_tokenizer(tj_dir / "tokenizer.json")
+        for i in range(n_tok):
+            if i % 2:
+                p = tmp / "case.model"
+                p.write_bytes(mutate_bytes(rng, spm_data, [], len(spm_data)))
+            else:
+                p = tj_dir / "tokenizer.json"
+                new = mutate_json_doc(rng, tj_raw)
+                p.write_bytes(new) if isinstance(new, bytes) else p.write_text(new)
+            attempt("tokenizer_files", "load_tokenizer", i, lambda: load_tokenizer(p))
+        results["cases"]["tokenizer_files"] = n_tok
     results["seconds"] = round(time.perf_counter() - t0, 1)
     out.write_text(json.dumps(results, indent=1))
     return results
@@ -426,7 +507,8 @@ if __name__ == "__main__":
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gguf", type=int, default=1000)
     ap.add_argument("--safetensors", type=int, default=500)
+    ap.add_argument("--tokenizer-files", type=int, default=300)
     a = ap.parse_args()
-    r = run(a.out, a.seed, a.gguf, a.safetensors)
+    r = run(a.out, a.seed, a.gguf, a.safetensors, a.tokenizer_files)
     print(json.dumps({k: r[k] for k in ("cases", "outcomes", "seconds")}), f"unexpected={len(r['unexpected'])}")
     sys.exit(1 if r["unexpected"] else 0)

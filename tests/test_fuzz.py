@@ -1,5 +1,6 @@
 """Seeded, time-bounded fuzzing of the loaders (issue 11): 1,000 mutated GGUF files through the model loader
-and the tokenizer loader, 500 mutated safetensors checkpoints (shard headers, index, config). Zero outcomes
+and the tokenizer loader, 500 mutated safetensors checkpoints (shard headers, index, config), 300 mutated
+tokenizer files (SentencePiece protobufs, tokenizer.json documents). Zero outcomes
 other than "loaded" or a Gemma4Error are allowed; the run happens in a subprocess under a 4 GiB
 address-space limit (an unbounded allocation fails it) with a per-case alarm (a hang fails it). The corpus
 generator is tests/fuzz_corpus.py."""
@@ -29,12 +30,13 @@ def _run(tmp_path, *args, timeout=150):
 
 
 def test_fuzz_loaders(tmp_path):
-    r, res = _run(tmp_path, "--seed", "11", "--gguf", "1000", "--safetensors", "500")
+    r, res = _run(tmp_path, "--seed", "11", "--gguf", "1000", "--safetensors", "500", "--tokenizer-files", "300")
     print(f"\nfuzz: {res['cases']} cases in {res['seconds']} s: {json.dumps(res['outcomes'])}")
     assert not res["unexpected"], json.dumps(res["unexpected"][:5], indent=1)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert res["cases"] == {"gguf": 1000, "safetensors": 500}
-    for key in ("gguf/load_gguf", "gguf/load_tokenizer", "safetensors/load_safetensors_dir"):
+    assert res["cases"] == {"gguf": 1000, "safetensors": 500, "tokenizer_files": 300}
+    for key in ("gguf/load_gguf", "gguf/load_tokenizer", "safetensors/load_safetensors_dir",
+                "tokenizer_files/load_tokenizer"):
         o = res["outcomes"][key]
         # both outcomes occur: the mutations are neither all harmless nor all rejected at the magic number
         assert o.get("refused", 0) > 0.3 * sum(o.values()) and o.get("loaded", 0) > 0, (key, o)

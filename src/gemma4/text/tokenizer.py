@@ -607,8 +607,10 @@ def _from_sentencepiece(path: Path) -> Tokenizer:
 def _from_json(path: Path) -> Tokenizer:
     try:
         backend = _Backend.from_file(str(path))
-    except Exception as e:
-        raise TokenizerError(f"{path}: not a valid tokenizer.json ({e})") from None
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - pyo3's PanicException derives from BaseException
+        raise TokenizerError(f"{path}: not a valid tokenizer.json ({type(e).__name__}: {str(e)[:200]})") from None
     # A Hugging Face checkpoint keeps special token names and the chat template next to tokenizer.json.
     names = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
     template = None
