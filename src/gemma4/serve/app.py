@@ -441,7 +441,9 @@ def create_app(engine: BatchEngine, tokenizer, config: ServeConfig | None = None
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
-        metrics.request(request.url.path, e.status)
+        # Labelled by route template, not the raw path: clients must not be able to mint label values.
+        route = request.scope.get("route")
+        metrics.request(getattr(route, "path", "other"), e.status)
         return error_response(e)
 
     @app.exception_handler(StarletteHTTPException)
