@@ -61,6 +61,25 @@ class _Bar:
                   f"{rec['grad_norm']:.3f} {rec['tok_per_s']:.0f} tok/s ETA {eta}{extra}", file=sys.stderr, flush=True)
 
 
+def _relaunch(nproc: int | None) -> None:
+    """``--nproc N`` (N > 1) outside torchrun: run this same command line under
+    ``torchrun --standalone --nproc-per-node N`` and exit with its status."""
+    if not nproc or nproc <= 1 or "WORLD_SIZE" in os.environ:
+        return
+    import subprocess
+
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            args.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", sys.argv[0], *args]
+    raise typer.Exit(subprocess.call(cmd))
+
+
 def _rank0() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -122,6 +141,9 @@ def register(app: typer.Typer) -> None:
                                    "(less memory, ~30% more compute)."),
         threads=typer.Option(None, min=1, help="CPU threads (torch.set_num_threads)."),
         json_out=typer.Option(False, "--json", help="Print the summary as one JSON object."),
+        nproc=typer.Option(None, "--nproc", min=1, help="Data-parallel processes (FSDP2; gloo on CPU, nccl on "
+                           "GPUs): relaunches this command under torchrun. Same as `torchrun --nproc-per-node N "
+                           "-m gemma4 ...`; the global batch is batch-size x grad-accum x N rows."),
     )
 
     @app.command("pretrain")
@@ -138,6 +160,7 @@ def register(app: typer.Typer) -> None:
         eval_every: int = common["eval_every"], save_every: int = common["save_every"], dtype: str = common["dtype"],
         grad_clip: float = common["grad_clip"], checkpointing: bool = common["checkpointing"],
         threads: Optional[int] = common["threads"], json_out: bool = common["json_out"],
+        nproc: Optional[int] = common["nproc"],
     ):
         """Train a Gemma 4 model from random weights (a preset's or config.json's architecture) on your text.
         Writes OUT/model (config.json, model.safetensors, tokenizer.json), OUT/train_log.jsonl and OUT/loss_curve.png."""
@@ -145,6 +168,7 @@ def register(app: typer.Typer) -> None:
 
         check_model(config, presets=True, what="config")
         out = check_output(out)
+        _relaunch(nproc)
         if threads:
             torch.set_num_threads(threads)
         opts = _options(steps=steps, lr=lr, warmup_steps=warmup, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay,
@@ -180,6 +204,7 @@ def register(app: typer.Typer) -> None:
         eval_every: int = common["eval_every"], save_every: int = common["save_every"], dtype: str = common["dtype"],
         grad_clip: float = common["grad_clip"], checkpointing: bool = common["checkpointing"],
         threads: Optional[int] = common["threads"], json_out: bool = common["json_out"],
+        nproc: Optional[int] = common["nproc"],
     ):
         """Fine-tune a checkpoint on your data: full fine-tuning, LoRA (--lora-rank) or QLoRA (--lora-rank with
         --quant). Writes OUT/model (full) or OUT/adapter (PEFT format: adapter_config.json +
@@ -192,6 +217,7 @@ def register(app: typer.Typer) -> None:
             raise CliError(f"--quant {quant!r}: use int8 or int4")
         if quant and not lora_rank:
             raise CliError("--quant (QLoRA) needs --lora-rank: the quantized base stays frozen")
+        _relaunch(nproc)
         if threads:
             torch.set_num_threads(threads)
         opts = _options(steps=steps, lr=lr, warmup_steps=warmup, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay,
