@@ -214,6 +214,12 @@ def test_stop_length_logprobs_n_seed(server):
     b = c.chat.completions.create(model=NAME, messages=msgs, temperature=1.0, seed=7, n=2, max_tokens=6)
     assert [x.message.content for x in a.choices] == [x.message.content for x in b.choices]
     assert [x.index for x in a.choices] == [0, 1]
+    streamed = {0: "", 1: ""}
+    for chunk in c.chat.completions.create(model=NAME, messages=msgs, temperature=1.0, seed=7, n=2, max_tokens=6,
+                                           stream=True):
+        for ch in chunk.choices:
+            streamed[ch.index] += ch.delta.content or ""
+    assert [streamed[0], streamed[1]] == [x.message.content for x in a.choices]  # same seeds, same draws
 
 
 # ----------------------------------------------------------------------------- completions

@@ -333,7 +333,8 @@ def _decode_forward(model, pool: BatchCache, tokens: torch.Tensor, positions: to
     pos = positions[:, None]  # [n,1]
     masks = _decode_masks(pool, positions)
     rope = {lt: m._rope(lt, pos, h.dtype) for lt in masks}
-    ctxs = {lt: AttnContext(lt, cfg.sliding_window if lt == SLIDING else None, positions, torch.arange(s))
+    ctxs = {lt: AttnContext(lt, cfg.sliding_window if lt == SLIDING else None, positions,
+                            torch.arange(s, device=positions.device))
             for lt, (s, _) in masks.items()}
     caches = _DecodeCaches(pool, positions, {lt: s for lt, (s, _) in masks.items()})
     h, _ = m.run_layers(h, ple, rope, {lt: mk for lt, (_, mk) in masks.items()}, ctxs, caches, 0, False)
