@@ -199,3 +199,28 @@ def _nest(n):
 
 def test_errors_are_package_errors():
     assert issubclass(ChatError, Gemma4Error) and issubclass(TokenizerError, Gemma4Error)
+
+
+@pytest.mark.parametrize("content", ["plain words", ATTACK4])
+def test_encode_segments_offsets_map_tokens_to_messages(g4, content):
+    msgs = [{"role": "system", "content": "sys"}, {"role": "user", "content": content},
+            {"role": "assistant", "content": "Answer."}]
+    segs = render_chat_segments(msgs, add_generation_prompt=False)
+    full = "".join(s.text for s in segs)
+    ids, offsets = g4.encode_segments(segs, return_offsets=True)
+    assert ids == g4.encode_segments(segs) and len(offsets) == len(ids)
+    assert all(a <= b for a, b in offsets) and [a for a, _ in offsets] == sorted(a for a, _ in offsets)
+    for i, (a, b) in zip(ids, offsets):
+        if i in g4.control_token_ids:
+            assert full[a:b] == g4.id_to_token(i)
+    # the tokens inside the user's content span are exactly the plain-text encoding of that content
+    pos, spans = 0, {}
+    for s in segs:
+        if not s.template:
+            spans.setdefault(s.message, []).append((pos, pos + len(s.text)))
+        pos += len(s.text)
+    (ua, ub), = [sp for sp in spans[1] if full[sp[0]:sp[1]] == content]
+    inside = [i for i, (a, b) in zip(ids, offsets) if ua <= a and b <= ub]
+    assert inside == g4.encode(content, add_bos=False, allow_special=False)
+    ids_b, offs_b = g4.encode_segments(segs, add_bos=True, return_offsets=True)
+    assert offs_b[0] == (0, 0) and ids_b[1:] == ids

@@ -201,14 +201,19 @@ class Tokenizer:
                                         bos, control_tokens=self.control_tokens, **template_vars)
         return self.encode_segments(segments)
 
-    def encode_segments(self, segments: Iterable[ChatSegment | tuple], add_bos: bool = False) -> list[int]:
+    def encode_segments(self, segments: Iterable[ChatSegment | tuple], add_bos: bool = False, *,
+                        return_offsets: bool = False):
         """Encode text pieces of which some are template (control tokens parsed) and some content (always
         plain text): ``ChatSegment(text, template, message)`` or ``(text, template)`` pairs.
 
         When no content spells a control token the result is exactly the encoding of the joined text (so
         prompts tokenize the way the model was trained). Otherwise the text is cut at the template's control
         tokens and every stretch in between, content included, is encoded as text, with a copy of the
-        vocabulary that matches no control token."""
+        vocabulary that matches no control token.
+
+        ``return_offsets=True`` returns ``(ids, offsets)``: each token's (start, end) character span in the
+        joined text (``<bos>`` added by ``add_bos`` gets (0, 0)), so a caller can map tokens back to segments
+        and messages (e.g. to mark the assistant's tokens as training targets)."""
         segs = []
         for seg in segments:
             text, template = seg[0], seg[1]
@@ -223,26 +228,39 @@ class Tokenizer:
                 content.append((pos, pos + len(text)))
             pos += len(text)
         if not self._control_in(enc, content):
-            return self._with_bos(enc.ids, add_bos)
-        # Slow path: some content spells a control token.
-        ids: list[int] = []
-        run: list[str] = []
-        for text, template in segs:
-            if not template:
-                run.append(text)
-                continue
-            t_enc = self.backend.encode(text, add_special_tokens=False)
-            cut = 0
-            for tid, (a, b) in zip(t_enc.ids, t_enc.offsets):
-                if tid in self.control_token_ids:
-                    run.append(text[cut:a])
-                    ids += self._plain("".join(run))
-                    run = []
-                    ids.append(tid)
-                    cut = b
-            run.append(text[cut:])
-        ids += self._plain("".join(run))
-        return self._with_bos(ids, add_bos)
+            ids, offsets = list(enc.ids), [tuple(o) for o in enc.offsets]
+        else:  # slow path: some content spells a control token
+            ids, offsets = [], []
+            run: list[str] = []
+            run_start = pos = 0
+
+            def flush() -> None:
+                text = "".join(run)
+                i, o = self._plain(text)
+                ids.extend(i)
+                offsets.extend((a + run_start, b + run_start) for a, b in o)
+                run.clear()
+
+            for text, template in segs:
+                if template:
+                    t_enc = self.backend.encode(text, add_special_tokens=False)
+                    cut = 0
+                    for tid, (a, b) in zip(t_enc.ids, t_enc.offsets):
+                        if tid in self.control_token_ids:
+                            run.append(text[cut:a])
+                            flush()
+                            ids.append(tid)
+                            offsets.append((pos + a, pos + b))
+                            cut, run_start = b, pos + b
+                    run.append(text[cut:])
+                else:
+                    run.append(text)
+                pos += len(text)
+            flush()
+        if add_bos:
+            ids = self._with_bos(ids, True)
+            offsets = [(0, 0), *offsets]
+        return (ids, offsets) if return_offsets else ids
 
     def _control_in(self, enc, ranges: list[tuple[int, int]]) -> bool:
         """Whether any control token of ``enc`` covers a character of the content ``ranges``."""
@@ -258,19 +276,19 @@ class Tokenizer:
                     return True
         return False
 
-    def _plain(self, text: str) -> list[int]:
-        """``text`` as plain text: control-token spellings become ordinary pieces."""
+    def _plain(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """``text`` as plain text (control-token spellings become ordinary pieces): ids and offsets."""
         if not text:
-            return []
-        ids = self.backend.encode(text, add_special_tokens=False).ids
-        if not any(i in self.control_token_ids for i in ids):
-            return ids
-        ids = self._text().encode(text, add_special_tokens=False).ids
-        bad = [i for i in ids if i in self.control_token_ids]
+            return [], []
+        enc = self.backend.encode(text, add_special_tokens=False)
+        if not any(i in self.control_token_ids for i in enc.ids):
+            return list(enc.ids), [tuple(o) for o in enc.offsets]
+        enc = self._text().encode(text, add_special_tokens=False)
+        bad = [i for i in enc.ids if i in self.control_token_ids]
         if bad:  # only a vocabulary whose merges build a control token could get here
             raise TokenizerError(f"this vocabulary's merges build the control token "
                                  f"{self.backend.id_to_token(bad[0])!r} from plain text; cannot encode it as text")
-        return ids
+        return list(enc.ids), [tuple(o) for o in enc.offsets]
 
     def _text(self) -> _Backend:
         """The same model, normalizer and pre-tokenizer, knowing only the harmless added tokens (Gemma 3's
