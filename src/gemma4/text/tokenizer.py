@@ -165,6 +165,8 @@ class Tokenizer:
         parsed everywhere, even inside a ChatPrompt's message content (the old, unsafe behaviour)."""
         if not isinstance(text, str):
             raise TokenizerTypeError(f"encode expects str, got {type(text).__name__}")
+        if allow_special not in (None, True, False) or isinstance(allow_special, int) and not isinstance(allow_special, bool):
+            raise TokenizerTypeError(f"allow_special must be None, True or False, got {allow_special!r}")
         if allow_special is None and isinstance(text, ChatPrompt):
             return self.encode_segments(text.segments, add_bos=add_bos)
         if allow_special is False:
