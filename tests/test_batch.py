@@ -175,3 +175,19 @@ def test_timeout_and_listener_errors(g3):
     eng.run_until_idle()
     assert r.finish_reason == "length" and len(r.tokens) == 5
     assert t.finish_reason == "timeout" and t.tokens == []
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_and_cpu_packed_models(scheme):
+    from gemma4 import quantize
+    from gemma4.infer import use_fast_path
+
+    m = tiny_model("dense", scale=1.0, hidden_size=64)  # int4 groups of 32 need input dims divisible by 32
+    quantize(m, scheme, group_size=32 if scheme == "int4" else None)
+    use_fast_path(m)  # fused/packed modules replace the plain ones; the engine only calls the layers
+    prompts = _prompts([3, 17, 9, 12], seed=1)
+    eng = BatchEngine(m, max_batch=3, prefill_chunk=5, stop_token_ids=())
+    reqs = [eng.submit(p, 10) for p in prompts]
+    eng.run_until_idle()
+    for p, r in zip(prompts, reqs):
+        assert r.tokens == generate(m, [p], 10, stop_token_ids=(), prefill_chunk=5)[0]
