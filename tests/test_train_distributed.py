@@ -4,7 +4,6 @@ of the single-process run with the same global batch, and resumes (sharded) from
 import os
 import shutil
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 

@@ -46,47 +46,40 @@ def _compute_dtype(h: torch.Tensor) -> torch.dtype:
 class _ChunkedHeadCE(torch.autograd.Function):
     """sum over tokens of CE(softcap(h @ w.T), target), computed chunk by chunk.
 
-    h [N,H], w [V,H], targets [N] (all valid: callers drop ignored positions first)."""
+    h [N,H], w [V,H], targets [N] (all valid: callers drop ignored positions first).
+
+    When gradients are wanted, each chunk's gradient is formed right after its loss, while its logits
+    exist anyway (softmax - onehot, times the soft-cap's derivative): dL/dh [N,H] and dL/dw [V,H]
+    (float32) are kept for backward, which only scales them by the incoming gradient. That is one matmul
+    per chunk fewer than recomputing the logits in backward, and dL/dw is the buffer w.grad needs anyway
+    (the loss is the last op of the forward, so backward begins with it)."""
 
     @staticmethod
     def forward(ctx, h, w, targets, softcap, chunk, cdtype):
         n = h.shape[0]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         wc = w.to(cdtype)
-        lse = torch.empty(n, dtype=torch.float32, device=h.device)
+        gh = torch.empty_like(h) if need_h else None
+        gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         with torch.autocast(h.device.type, enabled=False):
             for s in range(0, n, chunk):
-                z = _chunk_logits(h[s : s + chunk].to(cdtype), wc, softcap)  # [c,V] float32
-                lse[s : s + chunk] = torch.logsumexp(z, dim=-1)
-                picked = z.gather(1, targets[s : s + chunk, None])[:, 0]
-                total += (lse[s : s + chunk] - picked).sum()
-        ctx.save_for_backward(h, w, targets, lse)
-        ctx.softcap, ctx.chunk, ctx.cdtype = softcap, chunk, cdtype
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        h, w, targets, lse = ctx.saved_tensors
-        softcap, chunk, cdtype = ctx.softcap, ctx.chunk, ctx.cdtype
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        gh = torch.empty_like(h) if need_h else None
-        gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
-        wc = w.to(cdtype)
-        g = grad_total.float()
-        with torch.autocast(h.device.type, enabled=False):
-            for s in range(0, h.shape[0], chunk):
                 hc = h[s : s + chunk].to(cdtype)
+                t = targets[s : s + chunk, None]
                 x = F.linear(hc, wc)
                 if softcap:
                     tc = torch.tanh(x / softcap)
-                    z = (tc * softcap).float()  # [c,V]; becomes dL/dx in place below
+                    z = (tc * softcap).float()  # [c,V], as Gemma4ForCausalLM.logits rounds it
                 else:
                     z = x.float()
                 del x
-                # d(lse - z_t)/dz = softmax(z) - onehot(t), times the incoming gradient.
-                z.sub_(lse[s : s + chunk, None]).exp_()
-                z.scatter_add_(1, targets[s : s + chunk, None], torch.full_like(lse[s : s + chunk, None], -1.0))
-                z.mul_(g)
+                lse = torch.logsumexp(z, dim=-1, keepdim=True)  # [c,1]
+                total += (lse - z.gather(1, t)).sum()
+                if not (need_h or need_w):
+                    continue
+                # d(lse - z_t)/dz = softmax(z) - onehot(t), formed in place over the logits.
+                z.sub_(lse).exp_()
+                z.scatter_add_(1, t, torch.full_like(lse, -1.0))
                 if softcap:
                     # z = c * tanh(x / c)  =>  dz/dx = 1 - tanh(x / c)^2.
                     z.mul_(1.0 - tc.float().square_())
@@ -100,7 +93,21 @@ class _ChunkedHeadCE(torch.autograd.Function):
                         gw.addmm_(zc.t(), hc)
                     else:  # low-precision matmul, float32 accumulation across chunks
                         gw.add_(zc.t() @ hc)
-        return gh, (gw.to(w.dtype) if need_w else None), None, None, None, None
+        ctx.grads = (gh, gw)
+        ctx.w_dtype = w.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        gh, gw = ctx.grads
+        ctx.grads = None
+        g = grad_total.float()
+        one = bool(g == 1.0)  # the usual case: hand the buffers over without a copy
+        if gh is not None and not one:
+            gh = gh * g.to(gh.dtype)
+        if gw is not None:
+            gw = (gw if one else gw.mul_(g)).to(ctx.w_dtype)
+        return gh, gw, None, None, None, None
 
 
 def _chunk_logits(hc, wc, softcap) -> torch.Tensor:
