@@ -2,11 +2,11 @@
 
 Gemma's vocabulary has 262,144 entries: the float32 logits of one 2,048-token sequence are 2 GiB, and
 autograd would keep that tensor (and its soft-capped copy, and the softmax) alive until the backward
-pass. Here logits exist one chunk of tokens at a time, in forward and again in backward:
+pass. Here logits exist one chunk of tokens at a time:
 
-* ``_ChunkedHeadCE`` (a plain head weight: tied embedding or ``lm_head``) keeps only the hidden
-  states, the weight and one float32 log-sum-exp per token; backward recomputes each chunk's logits
-  and turns them into the gradient in place.
+* ``_ChunkedHeadCE`` (a plain head weight: tied embedding or ``lm_head``) turns each chunk's logits
+  into its loss and, in place, its gradient (dL/dh rows, and dL/dw accumulated in float32), then
+  drops them; backward only scales those gradients.
 * any other head (a quantized tied embedding, a LoRA-wrapped ``lm_head``) goes through the model's own
   ``logits()`` one chunk at a time under non-reentrant activation checkpointing, which gives the same
   memory bound without knowing how the head computes.
