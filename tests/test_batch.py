@@ -191,3 +191,21 @@ def test_quantized_and_cpu_packed_models(scheme):
     eng.run_until_idle()
     for p, r in zip(prompts, reqs):
         assert r.tokens == generate(m, [p], 10, stop_token_ids=(), prefill_chunk=5)[0]
+
+
+@pytest.mark.parametrize("kind", ["dense", "ple", "gemma3"])
+def test_requests_arriving_together_are_prefilled_as_one_batch(kind):
+    m = tiny_model(kind, scale=1.0)
+    # Lengths around the sliding window (8), all within one chunk (16): one left-padded prefill forward.
+    prompts = _prompts([9, 3, 16, 12, 1], seed=8)
+    params = [SamplingParams(), SamplingParams(repetition_penalty=1.3), SamplingParams(temperature=0.8, seed=5),
+              SamplingParams(), SamplingParams()]
+    eng = BatchEngine(m, max_batch=4, prefill_chunk=16, stop_token_ids=())
+    calls = []
+    inner = eng._prefill_group
+    eng._prefill_group = lambda group: (calls.append(len(group)), inner(group))
+    reqs = [eng.submit(p, 12, sp) for p, sp in zip(prompts, params)]
+    eng.run_until_idle()
+    assert calls and calls[0] >= 2  # the batched path ran
+    for p, sp, r in zip(prompts, params, reqs):
+        assert r.tokens == generate(m, [p], 12, params=sp, stop_token_ids=(), prefill_chunk=16)[0]

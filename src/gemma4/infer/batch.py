@@ -3,8 +3,10 @@
 :class:`BatchEngine` keeps one decode batch of up to ``max_batch`` rows. Each engine step
 
 1. drops cancelled and timed-out requests (a client that disconnects cancels its row);
-2. runs one prefill chunk (``prefill_chunk`` tokens) of the request being admitted, so a long prompt
-   delays the running rows by one chunk's forward per step instead of its whole prefill;
+2. prefills joining requests within a budget of ``prefill_chunk`` tokens: requests that arrived
+   together with short prompts (each fits in one chunk) in one left-padded batched forward, a long
+   prompt one chunk per step, so it delays the running rows by one chunk's forward per step instead of
+   its whole prefill;
 3. runs one decode step for every running row, each at its own position.
 
 Rows have their own lengths. The KV cache is a pool (:class:`BatchCache`) with one row per batch row:
@@ -16,7 +18,8 @@ rows stay packed in pool rows ``0..n-1``: when a row leaves, the last one moves 
 A prompt is prefilled through the model's own forward (:meth:`Gemma4TextModel.forward`) with a cache
 view of its pool row, in the same chunks :func:`gemma4.infer.generate.prefill` uses, so with
 ``prefill_chunk`` equal to generate's a request gets the same greedy tokens as ``generate`` on that
-request alone (tests/test_batch.py checks it). A decode step (:func:`_decode_forward`) builds per-row
+request alone (tests/test_batch.py checks it; the batched first prefill is left-padded like
+``generate``'s own batches, which give the same tokens as single runs). A decode step (:func:`_decode_forward`) builds per-row
 positions and masks and runs the model's own decoder stack (``Gemma4TextModel.run_layers``).
 
 Tokens are chosen by :func:`gemma4.infer.sampling.sample_next`, one call per sampled row with the
@@ -275,6 +278,51 @@ class _RowCache:
         return None
 
 
+class _GroupView(LayerCache):
+    """A batched first prefill of several fresh requests (left-padded [g, T] chunk, nothing cached yet):
+    attention runs over the chunk itself; each row's real tokens are stored in its own pool row."""
+
+    def __init__(self, pool: BatchCache, layer: _PoolLayer, slots: list[int], lengths: list[int], t: int):
+        self.pool, self.layer, self.slots, self.lengths, self.t = pool, layer, slots, lengths, t
+        self.length = 0
+
+    def key_slots(self, t, device):
+        return torch.arange(self.length + t, device=device)
+
+    def update(self, k, v):
+        lay, t = self.layer, self.t
+        lay.ensure(k, v, self.pool.columns(lay))
+        for i, (slot, n) in enumerate(zip(self.slots, self.lengths)):
+            if lay.kind == FULL:
+                lay.k[slot, :, :n] = k[i, :, t - n:]
+                lay.v[slot, :, :n] = v[i, :, t - n:]
+            else:  # the newest `window` real tokens, at their ring columns
+                m = min(n, lay.window)
+                idx = torch.remainder(torch.arange(n - m, n, device=k.device), lay.window)
+                lay.k[slot][:, idx] = k[i, :, t - m:]
+                lay.v[slot][:, idx] = v[i, :, t - m:]
+        self.length += t
+        return k, v
+
+
+class _GroupCache:
+    """The cache object the model's forward sees during a batched first prefill."""
+
+    def __init__(self, pool: BatchCache, slots: list[int], lengths: list[int], t: int):
+        self.config = pool.config
+        self.layers = [None if lay is None else _GroupView(pool, lay, slots, lengths, t) for lay in pool.layers]
+
+    @property
+    def length(self) -> int:
+        return 0
+
+    def first_of_type(self, layer_type: str):
+        for c, lt in zip(self.layers, self.config.layer_types):
+            if c is not None and lt == layer_type:
+                return c
+        return None
+
+
 class _DecodeView:
     """A pool layer during a batched decode step: rows 0..n-1, one new token each at ``positions``."""
 
@@ -451,7 +499,12 @@ class BatchEngine:
             # as fit in `prefill_chunk` tokens, at least one chunk: short prompts arriving together
             # all start in one step, and running rows wait at most about one chunk's forward.
             budget = self.prefill_chunk
-            while True:
+            group = self._take_group(budget)
+            if group:
+                self._guard(lambda: self._prefill_group(group), group)
+                worked = True
+                budget -= sum(len(r.prompt) for r in group)
+            while budget > 0:
                 self._admit()
                 req = self._prefilling
                 if req is None:
@@ -597,13 +650,64 @@ class BatchEngine:
             if not self._waiting:
                 return
             req = self._waiting.popleft()
-        req._slot = len(self._rows)
+        self._init(req, len(self._rows))
+        self._prefilling = req
+
+    def _init(self, req: Request, slot: int) -> None:
+        req._slot = slot
         req._filled = 0
         req._generator = req.params.make_generator(self.device)
         if req.params.repetition_penalty != 1.0:
             req._seen = torch.zeros(self.config.vocab_size, dtype=torch.bool, device=self.device)
             req._seen[torch.tensor(req.prompt, device=self.device)] = True
-        self._prefilling = req
+
+    def _take_group(self, budget: int) -> list[Request]:
+        """Waiting requests (at least 2) whose whole prompts fit in one chunk and together in ``budget``
+        tokens: they are prefilled in one batched forward (one pass over the weights for all of them)."""
+        if self._prefilling is not None:
+            return []
+        group, used = [], 0
+        with self._lock:
+            while self._waiting and len(self._rows) + len(group) < self.max_batch:
+                r = self._waiting[0]
+                n = len(r.prompt)
+                if r.prompt_logprobs is not None or r._max_new <= 0 or n > self.prefill_chunk or used + n > budget \
+                        or r._cancel:
+                    break
+                group.append(self._waiting.popleft())
+                used += n
+            if len(group) < 2:  # one request takes the ordinary (chunk-exact) path
+                for r in reversed(group):
+                    self._waiting.appendleft(r)
+                return []
+        return group
+
+    def _prefill_group(self, group: list[Request]) -> None:
+        n0 = len(self._rows)
+        lengths = [len(r.prompt) for r in group]
+        t = max(lengths)
+        pad = self.config.pad_token_id or 0
+        ids = torch.full((len(group), t), pad, dtype=torch.long)
+        mask = torch.zeros(len(group), t, dtype=torch.long)
+        for i, r in enumerate(group):
+            self._init(r, n0 + i)
+            ids[i, t - lengths[i]:] = torch.tensor(r.prompt)  # left-padded, as generate batches prompts
+            mask[i, t - lengths[i]:] = 1
+        self.cache.reserve(t)
+        view = _GroupCache(self.cache, [n0 + i for i in range(len(group))], lengths, t)
+        h = self.model.model(ids.to(self.device), mask.to(self.device) if min(lengths) < t else None, None, view,
+                             keep_last=1)
+        logits = self.model.logits(h)[:, -1]  # [g,V]
+        for r in group:
+            r._filled = r._cached = len(r.prompt)
+            self.prompt_tokens += len(r.prompt)
+            # Rows are joined before the tokens are picked so that a row failing now leaves the pool packed.
+            self._rows.append(r)
+            self._last.append(-1)
+        for r, tok in zip(group, self._pick(group, logits)):
+            if not r.done:
+                self._last[self._rows.index(r)] = tok
+                self._take(r, tok)
 
     def _prefill_chunk(self) -> None:
         req = self._prefilling
