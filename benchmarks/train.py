@@ -1,0 +1,289 @@
+"""Fine-tuning speed and memory: ours against transformers + PEFT on the real Gemma 3 270M, one thread.
+
+The Gemma 3 270M GGUF (`gemma4.io.assets.gemma3_270m_gguf()`) is converted once with our
+`gemma4 convert gemma3-270m DIR --dtype float32` into a safetensors directory (cached), which both engines
+load: ours with `gemma4.load_pretrained`, transformers with `Gemma3ForCausalLM.from_pretrained`. The data
+are the same token rows for both: the two public-domain texts of benchmarks/data (Alice chapters VIII-IX
+and the US Constitution) tokenized with the model's tokenizer and cut into `--seq-len` rows; every token
+is a target. Each (mode, engine) runs in a fresh subprocess (its peak RSS is its own), one torch thread,
+and the configurations are interleaved round-robin over `--rounds` rounds (the machine is shared: the
+best round of each is kept).
+
+Same recipe on both sides (what each library does by default for it):
+
+* LoRA: rank `--rank` (alpha 2x rank) on q/k/v/o and gate/up/down of every layer; the frozen base in
+  bf16, the adapters in fp32, bf16 autocast. Ours: `add_lora` + the train package's `Trainer.train_step`
+  (chunked cross-entropy, never the full [tokens x 262,144] logits). transformers: `peft.get_peft_model`
+  with the same targets and `model(input_ids, labels=...).loss`.
+* full: every parameter trainable in fp32 (master weights), bf16 autocast, AdamW.
+
+Both clip the gradient norm at 1.0 and take AdamW steps at lr 1e-4. Timed: steps 2..N (step 1 warms up
+allocators and oneDNN). Peak RSS: the process's high-water mark over the whole run (load included) and
+over training alone (the kernel's counter reset after loading, /proc/self/clear_refs).
+
+    python benchmarks/train.py                       # LoRA and full, 2 rounds, 6 steps of 1 x 256 tokens
+    python benchmarks/train.py --modes lora --steps 8 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TEXTS = (HERE / "data" / "alice_ch8_9.txt", HERE / "data" / "us_constitution.txt")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LR = 1e-4
+
+
+def _hwm_mb() -> float:
+    """This process's peak resident set (VmHWM) in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_hwm() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS counter
+        return True
+    except OSError:
+        return False
+
+
+def converted_dir() -> Path:
+    """The Gemma 3 270M as a float32 safetensors directory (converted once, cached)."""
+    from gemma4.io.assets import cache_dir
+
+    dst = cache_dir() / "bench" / "gemma3-270m-f32"
+    if (dst / "config.json").is_file() and (dst / "model.safetensors").is_file():
+        return dst
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=".convert-"))
+    try:
+        out = tmp / "model"
+        cmd = [sys.executable, "-m", "gemma4", "convert", "gemma3-270m", str(out), "--dtype", "float32"]
+        print("$ " + " ".join(cmd[2:]), flush=True)
+        subprocess.run(cmd, check=True)
+        os.replace(out, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst
+
+
+def make_rows(model_dir: Path, seq_len: int, n_rows: int) -> list[list[int]]:
+    from gemma4.text import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    ids: list[int] = []
+    for p in TEXTS:
+        ids += tok.encode(p.read_text(encoding="utf-8"), add_bos=True)
+    rows = [ids[i : i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
+    if len(rows) < n_rows:
+        raise SystemExit(f"only {len(rows)} rows of {seq_len} tokens in the texts; need {n_rows}")
+    return rows[:n_rows]
+
+
+# ------------------------------------------------------------------------------------------------ workers
+
+
+def _batches(rows, batch: int, steps: int):
+    import torch
+
+    t = torch.tensor(rows, dtype=torch.long)
+    for s in range(steps):
+        yield t[s * batch : (s + 1) * batch]
+
+
+def worker_ours(model_dir: Path, mode: str, rows, args) -> dict:
+    import torch
+
+    from gemma4.io import load_pretrained
+    from gemma4.train import Trainer, TrainConfig, add_lora
+    from gemma4.train.data import Packed
+
+    t0 = time.perf_counter()
+    if mode == "lora":
+        model = load_pretrained(model_dir, dtype=torch.bfloat16)
+        add_lora(model, TARGETS, r=args.rank, alpha=2.0 * args.rank)
+    else:
+        model = load_pretrained(model_dir, dtype=torch.float32, trainable=True)
+    model.train()
+    load_s = time.perf_counter() - t0
+    load_peak = _hwm_mb()
+    ids = torch.tensor(rows, dtype=torch.long)  # [N, T]
+    n, t = ids.shape
+    data = Packed(ids, ids.clone(), torch.arange(t).expand(n, t).contiguous(), torch.ones(n, t, dtype=torch.long))
+    cfg = TrainConfig(steps=args.steps, lr=LR, min_lr_ratio=1.0, batch_size=args.batch, max_grad_norm=1.0,
+                      dtype="bfloat16", seed=0, plot=False)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(model, data, cfg, out)
+        # Row order: the trainer's seeded permutation; transformers gets the same rows in the same order.
+        perm = trainer.stream._permutation().tolist()
+        reset = _reset_hwm()
+        times, losses = [], []
+        for _ in range(args.steps):
+            s = time.perf_counter()
+            rec = trainer.train_step()
+            times.append(time.perf_counter() - s)
+            losses.append(rec["loss"])
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"load_s": load_s, "load_peak_mb": load_peak, "train_peak_mb": _hwm_mb() if reset else None,
+            "times": times, "losses": losses, "trainable": trainable, "order": perm[: args.steps * args.batch]}
+
+
+def worker_hf(model_dir: Path, mode: str, rows, args, order) -> dict:
+    import torch
+    import transformers
+
+    t0 = time.perf_counter()
+    dtype = torch.bfloat16 if mode == "lora" else torch.float32
+    model = transformers.Gemma3ForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    if mode == "lora":
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank,
+                                                           target_modules=TARGETS, lora_dropout=0.0))
+    model.train()
+    load_s = time.perf_counter() - t0
+    load_peak = _hwm_mb()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR)
+    ordered = [rows[i] for i in order]
+    reset = _reset_hwm()
+    times, losses = [], []
+    for batch in _batches(ordered, args.batch, args.steps):
+        s = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        times.append(time.perf_counter() - s)
+    return {"load_s": load_s, "load_peak_mb": load_peak, "train_peak_mb": _hwm_mb() if reset else None,
+            "times": times, "losses": losses, "trainable": sum(p.numel() for p in params)}
+
+
+def worker_main(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    rows = json.loads(Path(args.rows).read_text())
+    model_dir = Path(args.model_dir)
+    if args.worker == "ours":
+        res = worker_ours(model_dir, args.mode, rows, args)
+    else:
+        res = worker_hf(model_dir, args.mode, rows, args, json.loads(args.order))
+    res["peak_mb"] = _hwm_mb()
+    res["ru_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------- driver
+
+
+def run_one(engine: str, mode: str, model_dir: Path, rows_file: Path, args, order=None) -> dict:
+    cmd = [sys.executable, __file__, "--worker", engine, "--mode", mode, "--model-dir", str(model_dir),
+           "--rows", str(rows_file), "--steps", str(args.steps), "--batch", str(args.batch), "--rank", str(args.rank),
+           "--threads", str(args.threads)]
+    if order is not None:
+        cmd += ["--order", json.dumps(order)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode != 0 or not line:
+        raise SystemExit(f"{engine}/{mode} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    res = json.loads(line[-1][7:])
+    res["wall_s"] = wall
+    timed = res["times"][1:] or res["times"]
+    res["step_s"] = sum(timed) / len(timed)
+    res["tok_per_s"] = args.batch * args.seq_len / res["step_s"]
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--worker", choices=("ours", "hf"), help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--rows", help=argparse.SUPPRESS)
+    ap.add_argument("--order", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", default="lora", help=argparse.SUPPRESS)
+    ap.add_argument("--modes", default="lora,full", help="Comma list of lora, full.")
+    ap.add_argument("--steps", type=int, default=6, help="Optimizer steps per run (the first is not timed).")
+    ap.add_argument("--batch", type=int, default=1, help="Rows per step.")
+    ap.add_argument("--seq-len", type=int, default=256, help="Tokens per row.")
+    ap.add_argument("--rank", type=int, default=8, help="LoRA rank.")
+    ap.add_argument("--rounds", type=int, default=2, help="Interleaved rounds; the best of each is kept.")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", type=Path, default=HERE / "results" / "train.json")
+    args = ap.parse_args(argv)
+    if args.worker:
+        worker_main(args)
+        return 0
+    model_dir = converted_dir()
+    rows = make_rows(model_dir, args.seq_len, args.steps * args.batch)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    runs: dict[tuple[str, str], list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        rows_file = Path(tmp) / "rows.json"
+        rows_file.write_text(json.dumps(rows))
+        for r in range(args.rounds):
+            for mode in modes:
+                ours = run_one("ours", mode, model_dir, rows_file, args)
+                hf = run_one("hf", mode, model_dir, rows_file, args, order=ours["order"])
+                for eng, res in (("ours", ours), ("transformers+peft" if mode == "lora" else "transformers", hf)):
+                    runs.setdefault((mode, eng), []).append(res)
+                    print(f"round {r + 1} {mode:4s} {eng:18s} {res['tok_per_s']:7.1f} tok/s  step {res['step_s']:.2f} s  "
+                          f"peak {res['peak_mb']:.0f} MB (training {res['train_peak_mb'] or 0:.0f} MB)  "
+                          f"losses {', '.join(f'{x:.3f}' for x in res['losses'][:3])}", flush=True)
+    table = []
+    for (mode, eng), rs in runs.items():
+        best = max(rs, key=lambda x: x["tok_per_s"])
+        table.append({"mode": mode, "engine": eng, "tok_per_s": round(best["tok_per_s"], 1),
+                      "tok_per_s_rounds": [round(x["tok_per_s"], 1) for x in rs],
+                      "peak_rss_mb": round(min(x["peak_mb"] for x in rs)),
+                      "train_peak_rss_mb": round(min((x["train_peak_mb"] or 0) for x in rs)),
+                      "load_peak_rss_mb": round(min(x["load_peak_mb"] for x in rs)),
+                      "load_s": round(min(x["load_s"] for x in rs), 1), "trainable": best["trainable"],
+                      "first_loss": round(rs[0]["losses"][0], 4), "losses": [round(v, 4) for v in rs[0]["losses"]]})
+    print(f"\n{'mode':5s} {'engine':18s} {'tok/s':>8s} {'peak RSS MB':>12s} {'train peak MB':>14s} {'trainable':>11s} {'step-1 loss':>11s}")
+    for row in table:
+        print(f"{row['mode']:5s} {row['engine']:18s} {row['tok_per_s']:8.1f} {row['peak_rss_mb']:12d} "
+              f"{row['train_peak_rss_mb']:14d} {row['trainable']:11d} {row['first_loss']:11.4f}")
+    ratios = {}
+    for mode in modes:
+        o = next(x for x in table if x["mode"] == mode and x["engine"] == "ours")
+        h = next(x for x in table if x["mode"] == mode and x["engine"] != "ours")
+        ratios[mode] = {"speed_x": round(o["tok_per_s"] / h["tok_per_s"], 3),
+                        "peak_rss_x": round(o["peak_rss_mb"] / h["peak_rss_mb"], 3),
+                        "train_peak_rss_x": round(o["train_peak_rss_mb"] / max(1, h["train_peak_rss_mb"]), 3)}
+        print(f"{mode}: ours/transformers speed {ratios[mode]['speed_x']:.2f}x (goal >= 1.5x), peak RSS "
+              f"{ratios[mode]['peak_rss_x']:.2f}x, training peak RSS {ratios[mode]['train_peak_rss_x']:.2f}x (goal <= 0.6x)")
+    import torch
+    import transformers
+
+    out = {"settings": {k: v for k, v in vars(args).items() if k in ("steps", "batch", "seq_len", "rank", "rounds",
+                                                                     "threads", "modes")},
+           "torch": torch.__version__, "transformers": transformers.__version__, "rows": table, "ratios": ratios,
+           "note": "1 thread on a 2-core machine shared with other jobs: timings are noisy"}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
