@@ -73,7 +73,7 @@ def test_finetune_lora_then_merge(base_dir, tmp_path):
     data.write_text("\n".join(lines) + "\n")
     out = tmp_path / "lora"
     res = _run(["finetune", base_dir, data, "--out", out, "--lora-rank", 4, "--targets", "attention,ple",
-                "--steps", 5, "--lr", 5e-3, "--seq-len", 64, "--batch-size", 2, "--dtype", "float32"])
+                "--steps", 5, "--lr", 5e-3, "--seq-len", 128, "--batch-size", 2, "--dtype", "float32"])
     assert "1 bad line(s)" in res.output and "chats.jsonl:19" in res.output
     report = json.loads((out / "data_report.json").read_text())
     assert report["bad_lines"] == 1 and report["chats"] == 12 and report["texts"] == 6

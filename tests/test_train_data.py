@@ -43,16 +43,27 @@ def _target_text(tok, doc):
 def test_chat_targets_are_model_turns_only(tok):
     doc = encode_chat(tok, CHAT)
     assert doc.ids.count(tok.bos_id) == 1 and doc.ids[0] == tok.bos_id
-    assert tok.decode(doc.ids) == render_chat(CHAT, add_generation_prompt=False)
+    # Each answer follows the context inference gives it: the generation prompt's empty thought.
+    empty = "<|channel>thought\n<channel|>"
+    assert tok.decode(doc.ids) == render_chat(CHAT, add_generation_prompt=False).replace(
+        "<|turn>model\n", "<|turn>model\n" + empty)
     assert _target_text(tok, doc) == "Hello and the rest<turn|>Fine<turn|>"
+    # The single-turn case: prompt + target is exactly the inference prompt + the answer.
+    one = encode_chat(tok, CHAT[1:3])
+    first = one.targets.index(True)
+    assert tok.decode(one.ids[:first]) == render_chat(CHAT[1:2], add_generation_prompt=True)
+    assert tok.decode(one.ids[first:]) == "Hello and the rest<turn|>\n" and not one.targets[-1]
+    # With thinking on, the generation prompt adds nothing after the opener.
+    think = encode_chat(tok, CHAT[1:3], enable_thinking=True)
+    assert tok.decode(think.ids) == render_chat(CHAT[1:3], add_generation_prompt=False, enable_thinking=True)
     # Every non-target token is prompt: the system and user turns and the model-turn openers.
     prompt = tok.decode([i for i, t in zip(doc.ids, doc.targets) if not t])
     assert "Hi there" in prompt and "Be brief." in prompt and "Hello" not in prompt
 
 
 def test_tool_results_are_not_targets(tok):
-    doc = encode_chat(tok, TOOL_CHAT, tools=TOOLS)
-    text = render_chat(TOOL_CHAT, tools=TOOLS, add_generation_prompt=False)
+    doc = encode_chat(tok, TOOL_CHAT, tools=TOOLS, enable_thinking=True)
+    text = render_chat(TOOL_CHAT, tools=TOOLS, add_generation_prompt=False, enable_thinking=True)
     assert tok.decode(doc.ids) == text
     learned = _target_text(tok, doc)
     assert "rain, 4C" in text and "rain, 4C" not in learned  # the tool's output is input, not output

@@ -175,7 +175,7 @@ def register(app: typer.Typer) -> None:
                         batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, seed=seed, dtype=dtype,
                         max_grad_norm=grad_clip, eval_every=eval_every, save_every=save_every,
                         gradient_checkpointing=checkpointing)
-        console = Console(stderr=True)
+        console = Console(stderr=True, soft_wrap=True)
         with _Bar(steps, console, _rank0()) as bar:
             result = pretrain(config, data, out, tokenizer=tokenizer, opts=opts, eval_data=eval_data, resume=resume,
                               on_step=bar.step, on_report=_report(console))
@@ -225,7 +225,7 @@ def register(app: typer.Typer) -> None:
                         max_grad_norm=grad_clip, eval_every=eval_every, save_every=save_every,
                         gradient_checkpointing=checkpointing, lora_rank=lora_rank, lora_alpha=lora_alpha,
                         lora_dropout=lora_dropout, targets=targets, quant=quant, group_size=group_size)
-        console = Console(stderr=True)
+        console = Console(stderr=True, soft_wrap=True)
         with _Bar(steps, console, _rank0()) as bar:
             result = finetune(model, data, out, tokenizer=tokenizer, opts=opts, eval_data=eval_data, resume=resume,
                               on_step=bar.step, on_report=_report(console))
@@ -258,4 +258,4 @@ def register(app: typer.Typer) -> None:
         tok = find_tokenizer(model)
         if tok is not None:
             tok.save(Path(out) / "tokenizer.json")
-        Console(stderr=True).print(f"merged {len(paths)} adapted module(s) into {out}")
+        Console(stderr=True, soft_wrap=True).print(f"merged {len(paths)} adapted module(s) into {out}")

@@ -114,7 +114,7 @@ def encode_chat(tokenizer, messages, *, tools=None, enable_thinking: bool = Fals
     text = render_chat(messages, tools=tools, add_generation_prompt=False, enable_thinking=enable_thinking, style=style)
     ids: list[int] = []
     targets: list[bool] = []
-    for piece, is_target in _split_model_spans(text, style):
+    for piece, is_target in _split_model_spans(text, style, _generation_prefill(style, enable_thinking)):
         if piece:
             t = tokenizer.encode(piece, add_bos=False)
             ids += t
@@ -144,8 +144,17 @@ def _check_bos(tokenizer, ids: list[int], source: str) -> None:
                         "a document must hold exactly one")
 
 
-def _split_model_spans(text: str, style: str) -> Iterator[tuple[str, bool]]:
-    """(piece, is_model_output) pieces of a rendered chat, in order."""
+def _generation_prefill(style: str, enable_thinking: bool) -> str:
+    """What the renderer's generation prompt adds after the model-turn opener ("" if nothing)."""
+    opener = _SPANS[style][0]
+    prompt = render_chat([{"role": "user", "content": "x"}], add_generation_prompt=True,
+                         enable_thinking=enable_thinking, style=style)
+    return prompt[prompt.rfind(opener) + len(opener):]
+
+
+def _split_model_spans(text: str, style: str, prefill: str = "") -> Iterator[tuple[str, bool]]:
+    """(piece, is_model_output) pieces of a rendered chat, in order; ``prefill`` is inserted (as prompt)
+    at the start of each model turn that does not begin with it or with a thought of its own."""
     opener, closer, tool_open, tool_close = _SPANS[style]
     pos = 0
     while True:
@@ -158,6 +167,8 @@ def _split_model_spans(text: str, style: str) -> Iterator[tuple[str, bool]]:
         end = text.find(closer, start)
         end = len(text) if end < 0 else end + len(closer)
         body = text[start:end]
+        if prefill and not body.startswith((prefill, "<|channel>")):
+            yield prefill, False
         if tool_open:
             # The model writes "<|tool_response>" (it stops there); the tool's result after it is input.
             parts = re.split(f"({re.escape(tool_open)}.*?{re.escape(tool_close)})", body, flags=re.S)
