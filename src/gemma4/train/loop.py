@@ -268,10 +268,9 @@ class Trainer:
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         self._barrier()
-        if resume:
-            self.resume()
-        elif self.is_main and self.log_path.exists():
-            self.log_path.unlink()  # a fresh run in an old directory starts a fresh log
+        resumed = self.resume() if resume else False
+        if not resumed and self.is_main and self.log_path.exists():
+            self.log_path.unlink()  # a fresh run (or nothing to resume) starts a fresh log
         self.model.train()
         t0 = time.perf_counter()
         start_step, start_tokens = self.step, self.tokens

@@ -176,6 +176,9 @@ def finetune(model_path: str | Path, data, out, *, tokenizer=None, opts: RunOpti
     base_dtype = torch.bfloat16 if (lora and opts.dtype in ("bfloat16", "bf16")) else torch.float32
     torch.manual_seed(opts.seed)
     model = load_pretrained(model_path, dtype=base_dtype, trainable=not lora)
+    if model.config.quantization and not lora:
+        raise TrainError(f"{model_path} is quantized ({model.config.quantization.get('scheme')}): its integer "
+                         "weights cannot be trained; use --lora-rank (QLoRA over it) or fine-tune the float checkpoint")
     if lora:
         if opts.quant and not model.config.quantization:
             quantize(model, opts.quant, opts.group_size, embeddings=True)
