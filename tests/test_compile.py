@@ -34,3 +34,9 @@ def test_cached_decode_step_compiles_fullgraph():
         step = torch.compile(lambda x: m(x, cache=cache, keep_last=1), fullgraph=True, backend="eager")
         out = step(ids[:, -1:])
     assert out.shape == (1, 1, 256) and torch.isfinite(out).all()
+
+
+def test_zero_tokens_is_a_named_shape_error():
+    m = init_random_(build_model(Gemma4Config.from_dict(dict(PLE))), seed=1)
+    with pytest.raises(ValueError, match="no tokens"):
+        m(torch.zeros(1, 0, dtype=torch.long))

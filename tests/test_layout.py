@@ -146,8 +146,9 @@ def test_public_api_is_importable_from_the_package(name):
 def test_every_package_error_is_a_gemma4_error():
     import gemma4
 
-    for name in ("ConfigError", "CheckpointError", "GGUFError", "QuantizationError", "GenerationError",
-                 "SamplingError", "NonFiniteLogitsError"):
+    for name in ("ConfigError", "CheckpointError", "CheckpointNotFoundError", "GGUFError", "QuantizationError",
+                 "GenerationError", "SamplingError", "NonFiniteLogitsError", "ChatError", "TokenizerError",
+                 "UnknownTokenError", "WriteError"):
         assert issubclass(getattr(gemma4, name), gemma4.Gemma4Error), name
 
 

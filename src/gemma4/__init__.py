@@ -6,26 +6,28 @@ needs day to day is importable from here."""
 
 __version__ = "0.1.0"
 
-from gemma4._util import Gemma4Error, parse_dtype
+from gemma4._util import Gemma4Error, WriteError, parse_dtype
 from gemma4.model import (FULL, PRESETS, SLIDING, ConfigError, DrafterConfig, Gemma4Config, Gemma4Drafter,
                           Gemma4ForCausalLM, FullCache, ModelCache, SlidingCache, BlockSparse, LinearAttention,
                           build_model, count_parameters, estimate_memory, init_random_)
 from gemma4.quant import QuantizationError, gptq_quantize, quantize
-from gemma4.io import (CheckpointError, GGUFError, assets, load_drafter, load_gguf, load_pretrained, resolve_path,
+from gemma4.io import (CheckpointError, CheckpointNotFoundError, GGUFError, assets, load_drafter, load_gguf, load_pretrained, resolve_path,
                        save_drafter, save_gguf, save_pretrained)
-from gemma4.text import Tokenizer, load_tokenizer, parse_response, render_chat
+from gemma4.text import (ChatError, ChatPrompt, ChatSegment, Tokenizer, TokenizerError, UnknownTokenError, load_tokenizer,
+                         parse_response, render_chat, render_chat_segments)
 from gemma4.infer import (GenerationError, LatencyMonitor, NonFiniteLogitsError, SamplingError, SamplingParams,
                           SpeculativeResult, SpeculativeStats, generate, greedy_decode, speculative_generate, stream)
 
 __all__ = [
-    "__version__", "Gemma4Error", "parse_dtype",
+    "__version__", "Gemma4Error", "WriteError", "parse_dtype",
     "FULL", "PRESETS", "SLIDING", "ConfigError", "DrafterConfig", "Gemma4Config", "Gemma4Drafter", "Gemma4ForCausalLM",
     "FullCache", "ModelCache", "SlidingCache", "BlockSparse", "LinearAttention", "build_model", "count_parameters",
     "estimate_memory", "init_random_",
     "QuantizationError", "gptq_quantize", "quantize",
-    "CheckpointError", "GGUFError", "assets", "load_drafter", "load_gguf", "load_pretrained", "resolve_path",
+    "CheckpointError", "CheckpointNotFoundError", "GGUFError", "assets", "load_drafter", "load_gguf", "load_pretrained", "resolve_path",
     "save_drafter", "save_gguf", "save_pretrained",
-    "Tokenizer", "load_tokenizer", "parse_response", "render_chat",
+    "ChatError", "ChatPrompt", "ChatSegment", "Tokenizer", "TokenizerError", "UnknownTokenError", "load_tokenizer",
+    "parse_response", "render_chat", "render_chat_segments",
     "GenerationError", "LatencyMonitor", "NonFiniteLogitsError", "SamplingError", "SamplingParams",
     "SpeculativeResult", "SpeculativeStats", "generate", "greedy_decode", "speculative_generate", "stream",
 ]

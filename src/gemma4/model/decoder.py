@@ -368,6 +368,8 @@ class Gemma4TextModel(nn.Module):
 
     def _forward(self, input_ids, attention_mask, position_ids, cache, keep_last, segment_ids, export_kv):
         b, t = input_ids.shape
+        if t == 0:  # a shape, not a value: checking it costs no device sync
+            raise ValueError("input_ids has no tokens (T = 0): give at least one token per row")
         past = cache.length if cache is not None else 0
         dev = input_ids.device
         if attention_mask is not None and attention_mask.shape != (b, past + t):
