@@ -7,6 +7,8 @@ import subprocess
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from gemma4.train.loop import read_log
 
 HERE = Path(__file__).parent
@@ -50,6 +52,7 @@ def run(out, per_rank, dist=None, resume=False, on_step=None):
     return Trainer(model, _data(), cfg, out, dist=dist, on_step=on_step).fit(resume=resume)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
     """Same global batch (2 rows x 2 accumulation steps): 1 process with 2 rows per micro-batch, or 2 FSDP
     ranks with 1 row each. The 2-rank run crashes after step 3 (checkpoint at step 2) and resumes."""

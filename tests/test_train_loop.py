@@ -140,6 +140,7 @@ def _child(out, mode, env=None):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
+@pytest.mark.slow
 def test_kill9_then_resume_reproduces_the_loss_curve(tmp_path):
     killed = _child(tmp_path / "run", "fresh", {"SLOW_AFTER": "5"})
     log = tmp_path / "run" / "train_log.jsonl"
