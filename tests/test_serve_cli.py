@@ -73,3 +73,28 @@ def test_gemma4_serve_subprocess(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_adapter_is_merged_into_a_float_base(tmp_path):
+    import torch
+
+    from cli_tiny import char_checkpoint
+    from gemma4.cli.serve import load_for_serving
+    from gemma4.infer import generate
+    from gemma4.train import add_lora, save_adapter
+
+    ckpt = char_checkpoint(tmp_path / "ckpt")
+    base = gemma4.load_pretrained(ckpt)
+    add_lora(base, r=4)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in base.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)  # B starts at zero: give the adapter an effect
+    save_adapter(base, tmp_path / "adapter")
+    prompt = [2, 40, 41, 42, 43]
+    want = generate(base, [prompt], 8, stop_token_ids=())[0]
+    plain = generate(gemma4.load_pretrained(ckpt), [prompt], 8, stop_token_ids=())[0]
+    m, tok, how, _ = load_for_serving(str(ckpt), adapter=tmp_path / "adapter", pack=True)
+    assert "merged" in how and tok is not None
+    assert generate(m, [prompt], 8, stop_token_ids=())[0] == want != plain

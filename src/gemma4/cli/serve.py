@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from gemma4.cli._common import DTYPE_HELP, dtype_option, find_tokenizer
+from gemma4.cli._common import DTYPE_HELP, check_device, check_model, dtype_option, find_tokenizer, load_model
 
 
 def _loopback(host: str) -> bool:
@@ -18,6 +18,36 @@ def _loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def load_for_serving(model: str, *, adapter: Path | None = None, dtype=None, device: str = "cpu", pack: bool = True):
+    """The model and tokenizer ``gemma4 serve`` runs: the CLI's loading, then the LoRA adapter (folded
+    into a float base so decoding costs what the base does; kept beside a quantized one), then the CPU
+    fast path. Returns (model, tokenizer, how it was loaded, load seconds)."""
+    from gemma4.infer import use_fast_path
+
+    check_model(model)
+    check_device(device)
+    m, load_s, how = load_model(model, dtype=dtype, device=device, pack=pack and adapter is None)
+    tok = find_tokenizer(model)
+    if tok is None:
+        raise typer.BadParameter(f"no tokenizer found for {model}: the server needs one (tokenizer.json, "
+                                 "tokenizer.model or a GGUF vocabulary)")
+    if adapter is not None:
+        from gemma4.train import LoRAError, load_adapter, merge_lora
+
+        try:
+            load_adapter(m, adapter)
+        except LoRAError as e:
+            raise typer.BadParameter(f"--adapter {adapter}: {e}") from None
+        try:
+            merge_lora(m)
+            how += f", adapter {adapter} merged"
+        except LoRAError:  # a quantized base cannot absorb the update exactly: keep the adapter layers
+            how += f", adapter {adapter} applied"
+        if pack:
+            use_fast_path(m)
+    return m, tok, how, load_s
 
 
 def register(app: typer.Typer) -> None:
@@ -50,36 +80,21 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter("gemma4 serve needs the serve extra: pip install 'gemma4[serve]'") from None
         import torch
 
-        from gemma4.infer import use_fast_path
         from gemma4.infer.batch import BatchEngine
-        from gemma4.io import load_pretrained
         from gemma4.serve import ServeConfig, create_app
 
         if threads:
             torch.set_num_threads(threads)
         if not _loopback(host) and not api_key:
             typer.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
-        tok = find_tokenizer(model)
-        if tok is None:
-            raise typer.BadParameter(f"no tokenizer found for {model}: the server needs one (tokenizer.json, "
-                                     "tokenizer.model or a GGUF vocabulary)")
-        m = load_pretrained(model, dtype=dtype_option(dtype), device=device)
-        if adapter is not None:
-            import gemma4.train as train
-
-            load_adapter = getattr(train, "load_adapter", None)
-            if load_adapter is None:
-                raise typer.BadParameter("--adapter needs gemma4.train.load_adapter (the training issue), "
-                                         "which this build does not have yet")
-            m = load_adapter(m, adapter)
-        if not no_pack:
-            use_fast_path(m)
+        m, tok, how, load_s = load_for_serving(model, adapter=adapter, dtype=dtype_option(dtype), device=device,
+                                               pack=not no_pack)
         engine = BatchEngine(m, max_batch=max_batch, prefill_chunk=prefill_chunk, max_queue=max_queue,
                              stop_token_ids=tok.stop_token_ids or None, max_length=context)
         served = name or Path(str(model).rstrip("/")).stem
         cfg = ServeConfig(model_name=served, api_key=api_key, max_body_bytes=max_body, max_prompt_tokens=max_prompt_tokens,
                           max_tokens_cap=max_tokens_cap, request_timeout=timeout)
-        typer.echo(f"serving {served!r} on http://{host}:{port}/v1 (batch {max_batch}, context {engine.max_length})",
-                   err=True)
+        typer.echo(f"serving {served!r} ({how}, loaded in {load_s:.1f} s) on http://{host}:{port}/v1 "
+                   f"(batch {max_batch}, context {engine.max_length})", err=True)
         uvicorn.run(create_app(engine, tok, cfg), host=host, port=port, log_level="info",
                     timeout_graceful_shutdown=5)
