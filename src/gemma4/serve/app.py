@@ -20,8 +20,8 @@ request, 401 missing/wrong API key, 404 unknown model or route, 413 body too lar
 with ``Retry-After``, 500 model failure, 504 request timeout). Messages never repeat the API key or
 any header.
 
-Prompts: a chat is rendered by :func:`gemma4.text.render_chat` (its text starts with ``<bos>``) and
-encoded without adding another BOS; a raw text prompt gets one BOS unless it already starts with
+Prompts: a chat is rendered and encoded by ``Tokenizer.encode_chat`` (one ``<bos>``, from the template;
+control tokens typed inside message text stay text, so no one can forge a turn); a raw text prompt gets one BOS unless it already starts with
 ``<bos>``; token-id prompts are used as given. Streamed and unstreamed chat replies go through the same
 :class:`~gemma4.serve.parser.StreamParser`, so they agree for any chunking of the model output.
 """
@@ -41,7 +41,6 @@ from gemma4.infer.batch import BatchEngine, BatchError, QueueFullError
 from gemma4.infer.sampling import SamplingError, SamplingParams
 from gemma4.serve.metrics import Metrics
 from gemma4.serve.parser import IncrementalDetokenizer, StreamParser, held_suffix
-from gemma4.text.chat import render_chat
 
 log = logging.getLogger("gemma4.serve")
 
@@ -263,81 +262,6 @@ def _thinking(body: dict) -> bool:
     return False
 
 
-# ============================================================================================ safe encoding
-class _ChatEncoder:
-    """Encodes a conversation so that control tokens typed inside message text stay text.
-
-    ``render_chat`` returns one string, in which a user's literal ``<|turn>`` would be read back as the
-    control token (a forged turn). Before rendering, every control-token spelling inside the text of
-    system, user and tool messages is swapped for a placeholder; the rendered prompt is encoded piece
-    by piece, each placeholder with a copy of the vocabulary that matches no special token (so
-    ``<|turn>`` becomes the ordinary pieces "<", "|", "turn", ...). Assistant messages are the model's
-    own turns and are encoded as rendered."""
-
-    def __init__(self, tokenizer):
-        import re
-
-        self.tok = tokenizer
-        self._plain = None
-        specials = sorted((t for t in tokenizer.special_tokens if t), key=len, reverse=True)
-        self.specials = re.compile("|".join(re.escape(t) for t in specials)) if specials else None
-        self._re = re
-
-    @property
-    def plain(self):
-        # Built on first use (a copy of a 262k-token vocabulary takes seconds), i.e. only once some
-        # message has carried a control token.
-        if self._plain is None:
-            from tokenizers import Tokenizer as _Backend
-
-            self._plain = _Backend.from_str(self.tok.backend.to_str())
-            self._plain.encode_special_tokens = True
-        return self._plain
-
-    def encode(self, messages: list[dict], render) -> list[int]:
-        if self.specials is None:
-            return self.tok.encode(render(messages), add_bos=False)
-        nonce = uuid.uuid4().hex[:12]
-        found: list[str] = []
-
-        def hide(text):
-            if not isinstance(text, str) or not self.specials.search(text):
-                return text
-
-            def sub(m):
-                found.append(m.group(0))
-                return f"\ue000{nonce}:{len(found) - 1}\ue001"
-
-            return self.specials.sub(sub, text)
-
-        safe = []
-        for m in messages:
-            if m["role"] == "assistant":
-                safe.append(m)
-                continue
-            m = dict(m)
-            c = m.get("content")
-            if isinstance(c, str):
-                m["content"] = hide(c)
-            elif isinstance(c, list):
-                m["content"] = [dict(p, text=hide(p.get("text"))) for p in c]
-            safe.append(m)
-        text = render(safe)
-        if not found:
-            return self.tok.encode(text, add_bos=False)
-        ids: list[int] = []
-        pattern = self._re.compile("\ue000" + nonce + r":(\d+)\ue001")
-        pos = 0
-        for m in pattern.finditer(text):
-            if m.start() > pos:
-                ids += self.tok.encode(text[pos:m.start()], add_bos=False)
-            ids += self.plain.encode(found[int(m.group(1))], add_special_tokens=False).ids
-            pos = m.end()
-        if pos < len(text):
-            ids += self.tok.encode(text[pos:], add_bos=False)
-        return ids
-
-
 # ============================================================================================ one choice
 class _Choice:
     """One engine request's output on the event loop: decoding, stop strings, the chat parser."""
@@ -412,17 +336,18 @@ def create_app(engine: BatchEngine, tokenizer, config: ServeConfig | None = None
     context = engine.max_length
     bos = tokenizer.id_to_token(tokenizer.bos_id) if tokenizer.bos_id is not None else None
     style = "gemma3" if tokenizer.family == "gemma3" else "gemma4"
-    chat_encoder = _ChatEncoder(tokenizer)
 
     def encode_chat(messages, tools, thinking, forced="", add_generation_prompt=True) -> list[int]:
-        def render(msgs):
-            return render_chat(msgs, tools=tools, add_generation_prompt=add_generation_prompt,
-                               enable_thinking=thinking, style=style) + forced
-
+        # Tokenizer.encode_chat keeps control tokens to the template: a user's literal "<|turn>" stays
+        # text (a forged turn would otherwise follow). Its ids start with the template's one <bos>.
         try:
-            return chat_encoder.encode(messages, render)  # the rendered text carries its own <bos>
+            ids = tokenizer.encode_chat(messages, tools, add_generation_prompt=add_generation_prompt,
+                                        enable_thinking=thinking, style=style)
         except (ValueError, KeyError, TypeError) as e:
             raise _bad(f"cannot render the conversation: {e}", "messages") from None
+        # The forced start of a reply (tool_choice) is template text; it begins with a control token, so
+        # encoding it apart gives the ids of the joined text.
+        return ids + (tokenizer.encode(forced, add_bos=False) if forced else [])
 
     @asynccontextmanager
     async def lifespan(_app):
