@@ -4,7 +4,8 @@ import json
 
 import pytest
 import torch
-import typer
+
+from gemma4.cli import app
 from typer.testing import CliRunner
 
 import gemma4
@@ -12,22 +13,7 @@ from gemma4.train import load_adapter, read_log
 from train_tiny import tiny_config, tiny_model, tiny_tokenizer
 
 
-def _app():
-    try:  # the real CLI once the command group is registered there
-        from gemma4.cli import app
-
-        if any(c.name == "finetune" for c in app.registered_commands):
-            return app
-    except ImportError:
-        pass
-    from gemma4.cli import train as train_cli
-
-    app = typer.Typer()
-    train_cli.register(app)
-    return app
-
-
-APP = _app()
+APP = app  # the real `gemma4` command: pretrain/finetune/merge are registered there
 CHATS = [
     {"messages": [{"role": "user", "content": "Who wrote the play?"}, {"role": "assistant", "content": "the bard"}]},
     {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "and then"},
@@ -93,6 +79,12 @@ def test_finetune_lora_then_merge(base_dir, tmp_path):
     assert (a - b).abs().max().item() <= 1e-4
     assert (a - c).abs().max().item() > 1e-3  # training moved it
     assert (merged / "tokenizer.json").exists()
+    # generate --adapter: the adapter applied at load gives the merged model's greedy tokens
+    gen = ["generate", "--ids", "2 40 41 42", "-n", "6", "--json", "--no-timings"]
+    r1 = CliRunner().invoke(APP, gen + ["-m", str(base_dir), "--adapter", str(out / "adapter")])
+    r2 = CliRunner().invoke(APP, gen + ["-m", str(merged)])
+    assert r1.exit_code == 0 and r2.exit_code == 0, (r1.output, r2.output)
+    assert json.loads(r1.output.strip().splitlines()[-1])["ids"] == json.loads(r2.output.strip().splitlines()[-1])["ids"]
 
 
 def test_finetune_full_and_usage_errors(base_dir, tmp_path):
