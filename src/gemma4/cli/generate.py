@@ -18,12 +18,13 @@ from gemma4.infer import GenerationError, LatencyMonitor, SamplingError, Samplin
 from gemma4.infer.monitor import CATEGORIES
 from gemma4.model.attention import ATTENTION_BACKENDS
 from gemma4.io import load_drafter, load_pretrained, resolve_path
+from gemma4.train import load_adapter
 
 def latency_table(mon: LatencyMonitor, per_layer: bool = False):
     """A rich renderable: summary line plus the component breakdown (and optionally per layer)."""
     r = mon.report()
     summary = Table(title="generation latency", show_header=True)
-    for col in ("TTFT", "prefill tok/s", "decode tok/s", "prompt tokens", "decode steps", "batch"):
+    for col in ("TTFT", "prefill tok/s", "decode tok/s", "prompt tok", "steps", "batch"):  # fits 80 columns
         summary.add_column(col, justify="right")
     summary.add_row(f"{r['ttft_s'] * 1e3:.1f} ms", f"{r['prefill_tok_s']:.1f}", f"{r['decode_tok_s']:.2f}",
                     str(r["prompt_tokens"]), str(r["decode_steps"]), str(r["batch"]))
@@ -40,7 +41,7 @@ def latency_table(mon: LatencyMonitor, per_layer: bool = False):
         pw = max(r["prefill_s"], 1e-12)
         dw = max(r["decode_s"], 1e-12)
         rows = [(c, pre["seconds"][c], dec["seconds"][c]) for c in CATEGORIES]
-        rows.append(("outside forward (sampling, loop)", pre["outside_forward_s"], dec["outside_forward_s"]))
+        rows.append(("outside forward", pre["outside_forward_s"], dec["outside_forward_s"]))  # sampling, loop
         for name, a, b in rows:
             if a == 0 and b == 0:
                 continue
@@ -146,6 +147,8 @@ def register(app: typer.Typer) -> None:
                                             "(gemma4_assistant) or a smaller Gemma model with the same vocabulary. "
                                             "Greedy output is identical to plain decoding."),
         draft_tokens: int = typer.Option(4, "--draft-tokens", min=1, help="Tokens drafted per round (with --draft)."),
+        adapter: Optional[str] = typer.Option(None, "--adapter", help="A LoRA adapter directory (PEFT format, from "
+                                              "`gemma4 finetune --lora-rank`) applied to the model before generating."),
         stats: bool = typer.Option(False, "--stats", help="Print latency and the per-component breakdown."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object (ids, text, stats) instead of streaming."),
     ):
@@ -196,7 +199,11 @@ def register(app: typer.Typer) -> None:
         if stop and tok is None:
             raise typer.BadParameter("--stop needs a tokenizer next to the checkpoint")
 
-        m, load_s, _how = load_model(model, dtype=torch_dtype, device=device, attn=attn, pack=not no_pack)
+        # An adapter wraps plain linears, so it goes on before the fast path (generation packs afterwards).
+        m, load_s, _how = load_model(model, dtype=torch_dtype, device=device, attn=attn,
+                                     pack=not no_pack and adapter is None)
+        if adapter is not None:
+            load_adapter(m, resolve_path(adapter))
         check_context(m, len(prompt_ids), max_new_tokens)
         spec = {}
         if draft is not None:
@@ -253,7 +260,7 @@ def register(app: typer.Typer) -> None:
             typer.echo(json.dumps(obj))
             return
         if stats:
-            Console(file=sys.stdout, width=110).print(latency_table(mon))
+            Console(file=sys.stdout).print(latency_table(mon))  # the terminal width (80 when piped)
         extra = ""
         if spec:
             st = g.stats
