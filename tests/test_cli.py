@@ -170,3 +170,14 @@ def test_chat_prompt_format(chat_ckpt):
     ids = json.loads(r.stdout)["prompt_ids"]
     start, end = tok.token_to_id("<start_of_turn>"), tok.token_to_id("<end_of_turn>")
     assert ids.count(start) == 2 and ids.count(end) == 1  # user turn opened/closed, model turn opened
+
+
+def test_info_params_memory_on_a_gguf(ckpt, tmp_path):
+    g = tmp_path / "m.gguf"
+    assert run("convert", ckpt, g).exit_code == 0
+    for cmd in ("info", "params", "memory"):
+        r = run(cmd, g)
+        assert r.exit_code == 0, (cmd, r.output)
+    r = run("memory", g, "--context", "1k")
+    assert "exceeds the model's maximum of 256" in r.stderr
+    assert max(len(ln) for ln in run("memory", "e2b").stdout.splitlines()) <= 80
