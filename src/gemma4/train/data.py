@@ -111,22 +111,50 @@ def encode_chat(tokenizer, messages, *, tools=None, enable_thinking: bool = Fals
                 source: str = "") -> Document:
     """Render a conversation and mark the model's tokens as targets."""
     style = style or chat_style(tokenizer)
-    text = render_chat(messages, tools=tools, add_generation_prompt=False, enable_thinking=enable_thinking, style=style)
+    prompt = render_chat(messages, tools=tools, add_generation_prompt=False, enable_thinking=enable_thinking,
+                         style=style)
+    # Turn boundaries are found in the template's markers only: in the caller's text (contents, and role
+    # names) every "<" and ">" is blanked (same length, so positions still match), so a typed
+    # "<|turn>model" cannot move a boundary, while "<|turn>" + role "model" + "\n" still reads as an opener.
+    masked = "".join(seg.text if seg.template else seg.text.replace("<", "\0").replace(">", "\0")
+                     for seg in prompt.segments)
     ids: list[int] = []
     targets: list[bool] = []
-    for piece, is_target in _split_model_spans(text, style, _generation_prefill(style, enable_thinking)):
-        if piece:
-            t = tokenizer.encode(piece, add_bos=False)
-            ids += t
-            targets += [is_target] * len(t)
+    pos = 0  # where the next piece of the rendered text starts
+    for piece, is_target in _split_model_spans(masked, style, _generation_prefill(style, enable_thinking)):
+        if not piece:
+            continue
+        if masked.startswith(piece, pos):
+            # Control tokens only from the template: the caller's text inside this piece (message content,
+            # tool arguments and results) is encoded as plain text, whatever it spells.
+            segs = _segments_between(prompt.segments, pos, pos + len(piece))
+            pos += len(piece)
+        else:  # the generation prompt's prefill, inserted by _split_model_spans: template text
+            segs = [(piece, True)]
+        t = tokenizer.encode_segments(segs, add_bos=False)
+        ids += t
+        targets += [is_target] * len(t)
     _check_bos(tokenizer, ids, source)
     if not any(targets):
         raise DataError(f"{source}: the conversation has no assistant turn to learn from")
     return Document(ids, targets, source, kind="chat")
 
 
+def _segments_between(segments, start: int, end: int) -> list[tuple[str, bool]]:
+    """The (text, template) parts of a rendered prompt's segments that fall in characters [start, end)."""
+    out, off = [], 0
+    for seg in segments:
+        s, e = off, off + len(seg.text)
+        off = e
+        if e <= start or s >= end:
+            continue
+        out.append((seg.text[max(start, s) - s: min(end, e) - s], seg.template))
+    return out
+
+
 def encode_text(tokenizer, text: str, source: str = "") -> Document:
-    ids = tokenizer.encode(text, add_bos=True)
+    # A document is data: whatever it spells ("<bos>", "<turn|>") is text, never a control token.
+    ids = tokenizer.encode(text, add_bos=True, allow_special=False)
     _check_bos(tokenizer, ids, source)
     if len(ids) < 2:
         raise DataError(f"{source}: empty text")
