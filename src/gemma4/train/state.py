@@ -19,32 +19,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from gemma4._util import Gemma4Error, atomic_write_text
+from gemma4._util import Gemma4Error, atomic_dir, atomic_write_text
 
 FORMAT = "gemma4-train-checkpoint/1"
 
 
 class TrainStateError(Gemma4Error, ValueError):
     """A training checkpoint that is missing, incomplete or for another run; names the file."""
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -58,10 +44,10 @@ def save_checkpoint(root: Path, step: int, *, params: dict[str, torch.Tensor], o
     """Write ``root/step-NNNNNN`` atomically, point ``root/latest`` at it, keep the newest ``keep``.
     ``optimizer``: what :func:`optimizer_state` returns."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
-    try:
+    # The step directory is written aside and swapped in whole (gemma4._util.atomic_dir), so a crash
+    # leaves the previous checkpoint or this one, never a mix; re-saving a step replaces it whole.
+    with atomic_dir(root / name) as tmp:
         _save(params, tmp / "trainable.safetensors")
         opt_tensors, opt_json = optimizer
         _save(opt_tensors, tmp / "optimizer.safetensors")
@@ -72,18 +58,7 @@ def save_checkpoint(root: Path, step: int, *, params: dict[str, torch.Tensor], o
         _save(rng, tmp / "rng.safetensors")
         full = {"format": FORMAT, "step": step, "param_names": param_names, "optimizer": opt_json, **state}
         (tmp / "state.json").write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
-        os.chmod(tmp, 0o755)
-        _fsync_dir(tmp)
-        final = root / name
-        if final.exists():  # re-saving a step (a resumed run reached it again): move the old one aside
-            aside = Path(tempfile.mkdtemp(dir=root, prefix=f".old-{name}."))
-            os.replace(final, aside / name)
-            shutil.rmtree(aside, ignore_errors=True)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    final = root / name
     atomic_write_text(root / "latest", name + "\n")
     _prune(root, keep)
     return final
@@ -93,7 +68,7 @@ def _prune(root: Path, keep: int) -> None:
     steps = sorted(p for p in root.glob("step-*") if p.is_dir())
     for old in steps[: max(0, len(steps) - keep)]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".step-*"):  # temporaries of a run killed mid-write
+    for stale in root.glob(".step-*.tmp"):  # temporaries of a run killed mid-write
         shutil.rmtree(stale, ignore_errors=True)
 
 
