@@ -45,7 +45,7 @@ class Script:
         self.by_pos: dict[int, int] = {}
         self.last_pos: torch.Tensor | None = None
         inner = model.model
-        rope, logits = inner._rope, model.logits
+        rope, logits = inner.rope, model.logits
 
         def spy_rope(lt, pos, dtype):  # positions of the tokens being fed (prefill chunk or decode rows)
             self.last_pos = pos[:, -1].clone()
@@ -60,7 +60,7 @@ class Script:
                     x[b, -1, t] = 30.0
             return x
 
-        inner._rope = spy_rope
+        inner.rope = spy_rope
         model.logits = forced_logits
 
     def set(self, prompt_len: int, ids: list[int]) -> None:

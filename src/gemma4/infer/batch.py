@@ -380,7 +380,7 @@ def _decode_forward(model, pool: BatchCache, tokens: torch.Tensor, positions: to
     ple = m.per_layer_inputs(ids, h) if cfg.hidden_size_per_layer_input else None
     pos = positions[:, None]  # [n,1]
     masks = _decode_masks(pool, positions)
-    rope = {lt: m._rope(lt, pos, h.dtype) for lt in masks}
+    rope = {lt: m.rope(lt, pos, h.dtype) for lt in masks}
     ctxs = {lt: AttnContext(lt, cfg.sliding_window if lt == SLIDING else None, positions,
                             torch.arange(s, device=positions.device))
             for lt, (s, _) in masks.items()}

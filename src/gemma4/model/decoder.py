@@ -261,7 +261,8 @@ class Gemma4TextModel(nn.Module):
     def _type_head_dim(self, t: str) -> int:
         return next(self.config.layer_head_dim(i) for i, lt in enumerate(self.config.layer_types) if lt == t)
 
-    def _rope(self, t: str, pos: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(self, t: str, pos: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B,T,1,D] of layer type ``t`` at positions ``pos`` [B,T] (what every layer of the type uses)."""
         key = (t, pos.device)
         if key not in self._inv_freq_dev:
             self._inv_freq_dev[key] = self._inv_freq[t].to(pos.device)
@@ -312,7 +313,7 @@ class Gemma4TextModel(nn.Module):
             c = cache.first_of_type(lt) if cache is not None else None
             k_slots = c.key_slots(t, device) if c is not None else torch.arange(past + t, device=device)
             window = cfg.sliding_window if lt == SLIDING else None
-            rope[lt] = self._rope(lt, position_ids, dtype)
+            rope[lt] = self.rope(lt, position_ids, dtype)
             # One new token over a cache whose every slot it may see needs no mask (decided from the
             # cache's bookkeeping, not from the mask's values).
             if t == 1 and pad is None and segment_ids is None and (c is None or c.sees_all_slots()):

@@ -293,7 +293,7 @@ class Gemma4Drafter(nn.Module):
             m = build_mask(q_slots, slots[lt], window, attention_mask)
             masks[lt] = m
             ctxs[lt] = AttnContext(lt, window, q_slots, slots[lt])
-            rope[lt] = self.model._rope(lt, position_ids, self.dtype)
+            rope[lt] = self.model.rope(lt, position_ids, self.dtype)
         h = self.pre_projection(inputs_embeds.to(self.dtype))
         for i, layer in enumerate(self.model.layers):
             lt = tc.layer_types[i]
