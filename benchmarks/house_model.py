@@ -64,8 +64,8 @@ class Recipe:
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.01
     seed: int = 1234
-    chat_steps: int = 60
-    chat_lr: float = 5e-4
+    chat_steps: int = 100
+    chat_lr: float = 2e-3
     chat_batch_size: int = 8
     chat_seq_len: int = 128
 

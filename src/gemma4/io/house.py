@@ -60,7 +60,7 @@ SEQ_LEN = 128
 
 
 def house_config(vocab_size: int = VOCAB_SIZE, moe: bool = False) -> Gemma4Config:
-    """The house architecture (4.0M parameters dense; the MoE twin swaps half the dense MLP for 4 experts).
+    """The house architecture: 2.8M parameters (the MoE twin, 3.2M, halves the dense MLP and adds 4 experts, top 2).
 
     6 layers [S S F S S F]; the last 2 reuse the K/V of the last sliding and full layers before them (KV
     sharing, as in E2B) and get a double-wide MLP; full layers have K=V, one KV head of width 64 and
