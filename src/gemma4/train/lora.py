@@ -8,6 +8,12 @@ PEFT (``q_proj.base_layer``, ``q_proj.lora_A.weight``), so an adapter directory 
 ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``) loads with
 ``peft.PeftModel.from_pretrained`` onto transformers' model, and `load_adapter` reads PEFT's.
 
+MoE expert stacks (``Experts``: gate_up_proj [E, 2I, H], down_proj [E, H, I]; or their quantized
+``QuantExperts``) are adapted by `LoRAExperts` (targets ``experts``, ``experts.gate_up_proj``,
+``experts.down_proj`` or a module/parameter path): a rank-r update per expert in the layout of PEFT's
+``ParamWrapper``, saved with ``target_parameters`` and the nested ``experts.base_layer.lora_A`` keys PEFT
+itself writes for transformers' Gemma 4 MoE model.
+
 KV-sharing consumer layers have no k/v projections (they reuse an earlier layer's K/V), and K=V full
 layers have no v_proj: a LoRA naming one of those is refused with the module's name, whether asked
 for by path or found in an adapter file, rather than silently training or serving nothing.
@@ -28,6 +34,7 @@ from torch import nn
 
 from gemma4._util import Gemma4Error, atomic_save_safetensors, atomic_write_text
 from gemma4.io import read_safetensors_header, safetensors_files
+from gemma4.model.decoder import Experts, gelu_tanh
 from gemma4.quant import Int4Linear, Int8Linear, QuantExperts, QuantWeight
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -37,6 +44,10 @@ ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 PLE = ("per_layer_input_gate", "per_layer_projection", "per_layer_model_projection")
 DEFAULT_TARGETS = ATTENTION + MLP
+# The 3-D expert tensors, in the Experts module's declaration order: PEFT wraps the targeted ones in that
+# order, so the last one is the outermost wrapper (``experts.lora_A``) and earlier ones sit one
+# ``.base_layer`` deeper each (``experts.base_layer.lora_A``) in its keys.
+EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 # Named groups a user may pass as a target.
 GROUPS = {"attention": ATTENTION, "mlp": MLP, "ple": PLE, "all-linear": ATTENTION + MLP + PLE}
 
@@ -138,6 +149,79 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, alpha={self.alpha}, in_features={self.in_features}, out_features={self.out_features}"
 
 
+class LoRAExperts(nn.Module):
+    """Frozen MoE expert stacks plus a trainable rank-r update of each expert's gate_up_proj and/or
+    down_proj. Same routing and summation as the wrapped ``Experts``; QLoRA when those are quantized.
+
+    The factors keep the layout of PEFT's ``ParamWrapper`` for a [E, out, in] parameter, so saving and
+    loading are plain copies: ``lora_A[p]`` is [E*r, in] with expert e's rows at e*r .. e*r+r-1, and
+    ``lora_B[p]`` is [out, r*E] with expert e's columns at e, E+e, 2E+e, ... (rank-major). Expert e's
+    update is ``scaling * B_e @ A_e`` ([out, r] @ [r, in]); it is applied beside the frozen weight
+    (``x A_e^T B_e^T``) rather than folded into it, which is the same function and never builds an
+    [E, out, in] delta (nor needs a float weight: a quantized stack works the same way)."""
+
+    def __init__(self, base: nn.Module, params, r: int, alpha: float, use_rslora: bool = False):
+        super().__init__()
+        if r < 1:
+            raise LoRAError(f"LoRA rank must be >= 1, got {r}")
+        self.params = tuple(p for p in EXPERT_PARAMS if p in params)
+        if not self.params or set(params) - set(EXPERT_PARAMS):
+            raise LoRAError(f"expert LoRA parameters must be among {EXPERT_PARAMS}, got {list(params)}")
+        self.base_layer = base
+        self.num_experts = base.num_experts
+        self.r, self.alpha = r, alpha
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        dev, e = _device_of(base), base.num_experts
+        self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
+        for p in self.params:
+            out_f, in_f = _expert_shape(base, p)
+            a = torch.empty(e * r, in_f, device=dev, dtype=torch.float32)
+            # PEFT's default init over the whole [E*r, in] factor (so the same fan-in), B = 0.
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            self.lora_A[p] = nn.Parameter(a)
+            self.lora_B[p] = nn.Parameter(torch.zeros(out_f, r * e, device=dev, dtype=torch.float32))
+
+    def factors(self, p: str, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e's (A_e [r, in], B_e [out, r]) for parameter p (views of the stored factors)."""
+        a = self.lora_A[p].view(self.num_experts, self.r, -1)[e]  # [E*r, in] -> [E, r, in] -> [r, in]
+        b = self.lora_B[p].view(-1, self.r, self.num_experts)[:, :, e]  # [out, r*E] -> [out, r, E] -> [out, r]
+        return a, b
+
+    def _proj(self, p: str, e: int, x: torch.Tensor) -> torch.Tensor:
+        w = getattr(self.base_layer, p)
+        y = frozen_quant_linear(x, w, e) if isinstance(w, QuantWeight) else F.linear(x, w[e])
+        if p not in self.lora_A:
+            return y
+        a, b = self.factors(p, e)
+        # As LoRALinear: float32 factors outside autocast, added in the base output's dtype.
+        xa = x if torch.is_autocast_enabled(x.device.type) else x.to(a.dtype)
+        return y + (F.linear(F.linear(xa, a), b) * self.scaling).to(y.dtype)
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        g, u = self._proj("gate_up_proj", e, x).chunk(2, dim=-1)
+        return self._proj("down_proj", e, gelu_tanh(g) * u)
+
+    # Routing, expert order and accumulation are the base class's (it only calls self.expert).
+    forward = Experts.forward
+
+    def delta_weight(self, p: str) -> torch.Tensor:
+        """scaling * B_e @ A_e for every expert: float32 [E, out, in], the layout of the base tensor."""
+        a = self.lora_A[p].float().view(self.num_experts, self.r, -1)  # [E, r, in]
+        b = self.lora_B[p].float().view(-1, self.r, self.num_experts)  # [out, r, E]
+        return torch.einsum("ore,eri->eoi", b, a) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"params={list(self.params)}, r={self.r}, alpha={self.alpha}, num_experts={self.num_experts}"
+
+
+def _expert_shape(base: nn.Module, p: str) -> tuple[int, int]:
+    """(out, in) of one expert's matrix in a float [E, out, in] stack or a quantized one."""
+    w = getattr(base, p)
+    if isinstance(w, QuantWeight):
+        return w.out_features, w.in_features
+    return w.shape[-2], w.shape[-1]
+
+
 def _device_of(mod: nn.Module) -> torch.device:
     for t in list(mod.parameters()) + list(mod.buffers()):
         return t.device
@@ -166,9 +250,43 @@ def _missing_reason(model, path: str) -> str | None:
     return None
 
 
+def _expert_targets(names: dict, t: str) -> list[str] | None:
+    """The expert parameter paths (``<experts module>.<param>``) target ``t`` names, or None when it
+    is not an expert target: ``experts`` (every stack, both tensors), ``experts.gate_up_proj`` /
+    ``experts.down_proj`` (that tensor of every stack, PEFT's ``target_parameters`` spelling), or a path
+    to one stack or one of its tensors."""
+    stacks = [n for n, m in names.items() if isinstance(m, Experts)]
+    mod, _, leaf = t.rpartition(".")
+    if t == "experts" or (mod == "experts" and leaf in EXPERT_PARAMS):
+        if not stacks:
+            raise LoRAError(f"LoRA target {t!r}: this model has no MoE expert stacks")
+        return [f"{n}.{p}" for n in stacks for p in (EXPERT_PARAMS if t == "experts" else (leaf,))]
+    if isinstance(names.get(t), Experts):
+        return [f"{t}.{p}" for p in EXPERT_PARAMS]
+    if leaf in EXPERT_PARAMS and isinstance(names.get(mod), Experts):
+        return [t]
+    return None
+
+
+def _split_targets(model, paths: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """(linear module paths, {experts module path: [its targeted tensors]})."""
+    names = dict(model.named_modules())
+    linear, stacks = [], {}
+    for p in paths:
+        mod, _, leaf = p.rpartition(".")
+        # (A quantized stack's tensors are submodules, so the parent decides, not whether p is a module.)
+        if leaf in EXPERT_PARAMS and isinstance(names.get(mod), Experts):
+            stacks.setdefault(mod, []).append(leaf)
+        else:
+            linear.append(p)
+    return linear, stacks
+
+
 def resolve_targets(model, targets) -> list[str]:
     """Module paths to adapt. ``targets``: short names (``q_proj``), groups (``attention``, ``mlp``,
-    ``ple``, ``all-linear``) or full module paths (``model.layers.3.self_attn.q_proj``).
+    ``ple``, ``all-linear``), full module paths (``model.layers.3.self_attn.q_proj``), or MoE expert
+    tensors (``experts``, ``experts.gate_up_proj``, ``experts.down_proj``, ``model.layers.3.experts``),
+    which come back as parameter paths (``model.layers.3.experts.down_proj``).
 
     A short name adapts every layer that has that module; a full path must exist, and a consumer's
     k/v (or a K=V layer's v) is refused by name."""
@@ -177,6 +295,10 @@ def resolve_targets(model, targets) -> list[str]:
     names = dict(model.named_modules())
     chosen: list[str] = []
     for t in targets or DEFAULT_TARGETS:
+        experts = _expert_targets(names, t)
+        if experts is not None:
+            chosen += experts
+            continue
         shorts = GROUPS.get(t, (t,) if "." not in t else None)
         if shorts is None:  # a full path
             if t not in names:
@@ -189,8 +311,14 @@ def resolve_targets(model, targets) -> list[str]:
         if not hits:
             raise LoRAError(f"LoRA target {t!r} matches no linear layer of this model")
         chosen += hits
-    out = sorted(set(chosen), key=lambda n: list(names).index(n))
-    if any(isinstance(names[n], LoRALinear) or ".lora_" in n or n.endswith(".base_layer") for n in out):
+    order = {n: i for i, n in enumerate(names)}
+
+    def position(n: str):  # model order; an expert tensor right after its module, in declaration order
+        mod, _, leaf = n.rpartition(".")
+        return (order[n], 0) if n in order else (order[mod], 1 + EXPERT_PARAMS.index(leaf))
+
+    out = sorted(set(chosen), key=position)
+    if any(isinstance(names.get(n), (LoRALinear, LoRAExperts)) or ".lora_" in n or ".base_layer" in n for n in out):
         raise LoRAError("the model already has LoRA adapters on some of these modules")
     return out
 
@@ -202,13 +330,22 @@ def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
 
 def add_lora(model, targets=None, r: int = 8, alpha: float = 16.0, dropout: float = 0.0, *,
              use_rslora: bool = False, freeze_base: bool = True) -> list[str]:
-    """Wrap the target linears in LoRALinear (QLoRA when they are quantized); returns their paths.
-    With ``freeze_base`` every non-LoRA parameter stops requiring grad. Records the settings on
+    """Wrap the target linears in LoRALinear and the targeted MoE expert stacks in LoRAExperts (QLoRA
+    when they are quantized); returns their paths (expert tensors as ``<module>.<param>``). With
+    ``freeze_base`` every non-LoRA parameter stops requiring grad. Records the settings on
     ``model.lora_settings`` for `save_adapter`."""
     paths = resolve_targets(model, targets)
+    linear, stacks = _split_targets(model, paths)
+    if stacks and dropout > 0:
+        # The expert update is per expert weight (PEFT folds it into the parameter and refuses
+        # lora_dropout with target_parameters): there is no per-token input to drop.
+        raise LoRAError(f"{next(iter(stacks))}: LoRA on MoE expert tensors takes no dropout (got {dropout}); "
+                        "use dropout=0 or leave the experts out of the targets")
     prepare_qlora(model)
-    for p in paths:
+    for p in linear:
         _set_module(model, p, LoRALinear(model.get_submodule(p), r, alpha, dropout, use_rslora))
+    for p, params in stacks.items():
+        _set_module(model, p, LoRAExperts(model.get_submodule(p), params, r, alpha, use_rslora))
     if freeze_base:
         for n, prm in model.named_parameters():
             prm.requires_grad_(".lora_" in n)
@@ -218,8 +355,14 @@ def add_lora(model, targets=None, r: int = 8, alpha: float = 16.0, dropout: floa
     return paths
 
 
-def lora_modules(model) -> dict[str, LoRALinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+def lora_modules(model) -> dict[str, LoRALinear | LoRAExperts]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAExperts))}
+
+
+def _expert_key(path: str, params: tuple[str, ...], p: str) -> str:
+    """PEFT's module name for tensor p of an adapted stack: one ``.base_layer`` per wrapper around it
+    (the last targeted tensor is the outermost)."""
+    return path + ".base_layer" * (len(params) - 1 - params.index(p))
 
 
 # ----------------------------------------------------------------------------- PEFT format
@@ -258,6 +401,12 @@ def adapter_state(model, prefix: str = "model.") -> dict[str, torch.Tensor]:
     out = {}
     for path, m in lora_modules(model).items():
         key = PEFT_PREFIX + _to_layout(path, prefix)
+        if isinstance(m, LoRAExperts):
+            for p in m.params:
+                k = _expert_key(key, m.params, p)
+                out[f"{k}.lora_A.weight"] = _whole(m.lora_A[p])
+                out[f"{k}.lora_B.weight"] = _whole(m.lora_B[p])
+            continue
         out[f"{key}.lora_A.weight"] = _whole(m.lora_A.weight)
         out[f"{key}.lora_B.weight"] = _whole(m.lora_B.weight)
     return out
@@ -278,7 +427,7 @@ def save_adapter(model, directory, *, base_model: str | None = None, prefix: str
     if len(ranks) > 1 or len(alphas) > 1:
         raise LoRAError(f"adapters with mixed ranks/alphas ({sorted(ranks)}, {sorted(alphas)}) are not supported")
     prefix = prefix or checkpoint_prefix(base_model)
-    paths = list(mods)
+    paths = [p for p, m in mods.items() if isinstance(m, LoRALinear)]
     shorts = sorted({p.rsplit(".", 1)[-1] for p in paths})
     names = dict(model.named_modules())
     # Short names when they mean exactly the adapted set (every module of that name has a LoRA), else
@@ -286,9 +435,21 @@ def save_adapter(model, directory, *, base_model: str | None = None, prefix: str
     every = all(isinstance(m, LoRALinear) for n, m in names.items() if n.rsplit(".", 1)[-1] in shorts
                 and (isinstance(m, LoRALinear) or _is_linear(m)) and ".base_layer" not in n and ".lora_" not in n)
     target_modules = shorts if every else [_to_layout(p, prefix) for p in paths]
+    stacks = {p: m for p, m in mods.items() if isinstance(m, LoRAExperts)}
+    target_parameters = None
+    if stacks:
+        # PEFT applies a target_parameters entry to every parameter path ending in it: the short form
+        # only when every expert stack carries the same tensors, else one full path per tensor.
+        all_stacks = [n for n, m in names.items() if isinstance(m, (Experts, LoRAExperts)) and ".base_layer" not in n]
+        kinds = {m.params for m in stacks.values()}
+        if len(kinds) == 1 and set(all_stacks) == set(stacks):
+            target_parameters = [f"experts.{p}" for p in next(iter(kinds))]
+        else:
+            target_parameters = [f"{_to_layout(n, prefix)}.{p}" for n, m in stacks.items() for p in m.params]
     cfg = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": first.r, "lora_alpha": first.alpha,
-        "lora_dropout": float(settings.get("dropout", 0.0)), "target_modules": target_modules, "bias": "none",
+        "lora_dropout": float(settings.get("dropout", 0.0)), "target_modules": target_modules,
+        "target_parameters": target_parameters, "bias": "none",
         "fan_in_fan_out": False, "use_rslora": bool(settings.get("use_rslora", False)), "use_dora": False,
         "init_lora_weights": True, "inference_mode": True, "modules_to_save": None, "layers_to_transform": None,
         "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
@@ -319,9 +480,15 @@ def read_adapter_config(directory) -> dict:
         raise LoRAError(f"{f}: bias={cfg.get('bias')!r}: adapters that train biases are not supported")
     if cfg.get("modules_to_save"):
         raise LoRAError(f"{f}: modules_to_save={cfg['modules_to_save']} (full module copies) is not supported")
-    if cfg.get("target_parameters"):
-        raise LoRAError(f"{f}: target_parameters (LoRA on raw parameters such as MoE experts) is not supported")
+    tp = cfg.get("target_parameters")
+    if tp is not None and (not isinstance(tp, list) or not all(isinstance(t, str) for t in tp)):
+        raise LoRAError(f"{f}: target_parameters must be a list of parameter names, got {tp!r}")
     return cfg
+
+
+def _peft_param_match(targets, key: str) -> bool:
+    # PEFT's rule for target_parameters: the full parameter name, or any name ending in ".<target>".
+    return any(key == t or key.endswith("." + t) for t in targets or ())
 
 
 def _pattern_value(patterns: dict, path: str, default):
@@ -333,9 +500,9 @@ def _pattern_value(patterns: dict, path: str, default):
 
 
 def load_adapter(model, directory, *, trainable: bool = False) -> list[str]:
-    """Apply a PEFT-format LoRA adapter to ``model`` (float or quantized base). Every tensor in the
-    file must land on a module of this model: a key for a missing module (such as a KV-sharing
-    consumer's k_proj) is an error naming it."""
+    """Apply a PEFT-format LoRA adapter to ``model`` (float or quantized base), MoE expert tensors
+    (``target_parameters``) included. Every tensor in the file must land on a module of this model: a
+    key for a missing module (such as a KV-sharing consumer's k_proj) is an error naming it."""
     d = Path(directory)
     cfg = read_adapter_config(d)
     f = d / ADAPTER_WEIGHTS
@@ -346,13 +513,25 @@ def load_adapter(model, directory, *, trainable: bool = False) -> list[str]:
     except Exception as e:
         raise LoRAError(f"cannot read {f}: {e}") from None
     prefix = "model.language_model." if any(k.startswith(PEFT_PREFIX + "model.language_model.") for k in state) else "model."
+    names = dict(model.named_modules())
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    nested: dict[str, dict[int, dict[str, torch.Tensor]]] = {}  # experts path -> wrapper depth -> A/B
     for key, t in state.items():
         m = re.fullmatch(rf"{re.escape(PEFT_PREFIX)}(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", key)
         if not m:
             raise LoRAError(f"{f}: unexpected tensor {key!r} (expected {PEFT_PREFIX}<module>.lora_A/lora_B.weight)")
-        pairs.setdefault(_from_layout(m.group(1), prefix), {})[m.group(2)] = t
-    names = dict(model.named_modules())
+        mod, depth = m.group(1), 0
+        while mod.endswith(".base_layer"):  # PEFT nests one wrapper per targeted tensor of a module
+            mod, depth = mod[: -len(".base_layer")], depth + 1
+        path = _from_layout(mod, prefix)
+        if isinstance(names.get(path), Experts):
+            nested.setdefault(path, {}).setdefault(depth, {})[m.group(2)] = t
+        elif depth:
+            raise LoRAError(f"{f}: unexpected tensor {key!r}: nested (.base_layer) LoRA tensors belong to MoE "
+                            f"expert stacks, and {path} is not one")
+        else:
+            pairs.setdefault(path, {})[m.group(2)] = t
+    stacks = {path: _expert_factors(f, cfg, names[path], path, prefix, levels) for path, levels in nested.items()}
     for path, ab in pairs.items():
         if set(ab) != {"lora_A", "lora_B"}:
             raise LoRAError(f"{f}: {path} has {sorted(ab)} but needs both lora_A and lora_B")
@@ -366,7 +545,20 @@ def load_adapter(model, directory, *, trainable: bool = False) -> list[str]:
             raise LoRAError(f"{f}: {path}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not fit "
                             f"a [{mod.out_features}, {mod.in_features}] layer")
     rslora = bool(cfg.get("use_rslora"))
+    if stacks and float(cfg.get("lora_dropout") or 0.0) > 0:
+        raise LoRAError(f"{f}: lora_dropout={cfg.get('lora_dropout')} with LoRA on MoE expert tensors "
+                        f"({next(iter(stacks))}); PEFT refuses that combination too")
     prepare_qlora(model)
+    for path, factors in stacks.items():
+        base = names[path]
+        r = next(iter(factors.values()))[0].shape[0] // base.num_experts
+        alpha = float(_pattern_value(cfg.get("alpha_pattern"), path, cfg.get("lora_alpha", r)))
+        lora = LoRAExperts(base, tuple(factors), r, alpha, rslora)
+        with torch.no_grad():
+            for p, (a, b) in factors.items():
+                lora.lora_A[p].copy_(a)
+                lora.lora_B[p].copy_(b)
+        _set_module(model, path, lora)
     for path, ab in pairs.items():
         r = ab["lora_A"].shape[0]
         alpha = float(_pattern_value(cfg.get("alpha_pattern"), path, cfg.get("lora_alpha", r)))
@@ -377,9 +569,36 @@ def load_adapter(model, directory, *, trainable: bool = False) -> list[str]:
         _set_module(model, path, lora)
     for n, prm in model.named_parameters():
         prm.requires_grad_(trainable and ".lora_" in n)
+    loaded = list(pairs) + list(stacks)
     model.lora_settings = {"r": cfg.get("r"), "alpha": cfg.get("lora_alpha"), "dropout": cfg.get("lora_dropout", 0.0),
-                           "use_rslora": rslora, "paths": list(pairs), "targets": cfg.get("target_modules")}
-    return list(pairs)
+                           "use_rslora": rslora, "paths": list(pairs) + [f"{n}.{p}" for n, fs in stacks.items() for p in fs],
+                           "targets": cfg.get("target_modules")}
+    return loaded
+
+
+def _expert_factors(f: Path, cfg: dict, base: nn.Module, path: str, prefix: str, levels: dict) -> dict:
+    """{tensor name: (lora_A, lora_B)} for one expert stack, from the file's nesting levels. Which tensor
+    a level belongs to follows PEFT: the stack's tensors that ``target_parameters`` selects, wrapped in
+    declaration order, the last one outermost (level 0)."""
+    chosen = tuple(p for p in EXPERT_PARAMS
+                   if _peft_param_match(cfg.get("target_parameters"), f"{_to_layout(path, prefix)}.{p}"))
+    if sorted(levels) != list(range(len(chosen))):
+        raise LoRAError(f"{f}: {path}: LoRA tensors at {len(levels)} nesting level(s) but target_parameters="
+                        f"{cfg.get('target_parameters')} selects {list(chosen) or 'none'} of its tensors")
+    e = base.num_experts
+    out = {}
+    for depth, ab in sorted(levels.items(), reverse=True):  # deepest first = declaration order
+        p = chosen[len(chosen) - 1 - depth]
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise LoRAError(f"{f}: {path}.{p} has {sorted(ab)} but needs both lora_A and lora_B")
+        a, b = ab["lora_A"], ab["lora_B"]
+        out_f, in_f = _expert_shape(base, p)
+        if (a.dim() != 2 or b.dim() != 2 or a.shape[0] % e or a.shape[1] != in_f or b.shape[0] != out_f
+                or b.shape[1] != a.shape[0] or a.shape[0] == 0):
+            raise LoRAError(f"{f}: {path}.{p}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not fit "
+                            f"{e} experts of [{out_f}, {in_f}] (expected [{e}*r, {in_f}] / [{out_f}, r*{e}])")
+        out[p] = (a, b)
+    return out
 
 
 # ----------------------------------------------------------------------------- merge
@@ -389,6 +608,17 @@ def merge_lora(model) -> list[str]:
     merged = []
     for path, m in lora_modules(model).items():
         base = m.base_layer
+        if isinstance(m, LoRAExperts):
+            if isinstance(base, QuantExperts):
+                raise LoRAError(f"{path}: the expert stacks are quantized; merge the adapter into the float "
+                                "checkpoint, then quantize the merged model")
+            with torch.no_grad():
+                for p in m.params:
+                    w = getattr(base, p)
+                    w += m.delta_weight(p).to(w.dtype)
+            _set_module(model, path, base)
+            merged.append(path)
+            continue
         if not isinstance(base, nn.Linear):
             raise LoRAError(f"{path}: the base layer is quantized ({type(base).__name__}); merge the adapter "
                             "into the float checkpoint, then quantize the merged model")
@@ -407,5 +637,5 @@ def unwrap_lora(model) -> None:
         _set_module(model, path, m.base_layer)
 
 
-__all__ = ["LoRALinear", "LoRAError", "add_lora", "resolve_targets", "save_adapter", "load_adapter", "merge_lora",
+__all__ = ["LoRALinear", "LoRAExperts", "LoRAError", "add_lora", "resolve_targets", "save_adapter", "load_adapter", "merge_lora",
            "unwrap_lora", "lora_modules", "adapter_state", "read_adapter_config", "frozen_quant_linear", "prepare_qlora"]
