@@ -46,3 +46,11 @@ def test_trainable_models_are_never_repacked(ckpt):
     loss = m(torch.tensor([[2, 5, 9, 11]])).float().logsumexp(-1).mean()
     loss.backward()
     assert all(p.grad is not None for n, p in m.named_parameters() if "layers.0." in n)
+
+
+def test_load_returns_model_and_tokenizer(ckpt):
+    model, tok = gemma4.load(ckpt)
+    assert isinstance(model, gemma4.Gemma4ForCausalLM) and tok is None  # the tiny checkpoint has no tokenizer
+    model, tok = gemma4.load("gemma3-270m")
+    assert tok is not None and tok.encode("The capital of France is")[:2] == [2, 818]
+    assert gemma4.generate(model, [tok.encode("The capital of France is")], 3)[0][0] == 506  # " the"

@@ -132,7 +132,7 @@ def test_every_from_import_resolves():
     assert not missing, "imports that do not resolve:\n" + "\n".join(missing)
 
 
-@pytest.mark.parametrize("name", ["Gemma4Config", "build_model", "load_pretrained", "save_pretrained", "load_tokenizer",
+@pytest.mark.parametrize("name", ["load", "Gemma4Config", "build_model", "load_pretrained", "save_pretrained", "load_tokenizer",
                                   "render_chat", "parse_response", "generate", "stream", "quantize", "count_parameters",
                                   "estimate_memory", "save_gguf", "load_gguf", "Gemma4Error", "ConfigError",
                                   "CheckpointError", "GGUFError", "QuantizationError", "GenerationError",

@@ -18,8 +18,21 @@ from gemma4.text import (ChatError, ChatPrompt, ChatSegment, Tokenizer, Tokenize
 from gemma4.infer import (GenerationError, LatencyMonitor, NonFiniteLogitsError, SamplingError, SamplingParams,
                           SpeculativeResult, SpeculativeStats, generate, greedy_decode, speculative_generate, stream)
 
+
+
+def load(spec, dtype=None, device="cpu", **kw):
+    """``(model, tokenizer)`` for anything :func:`load_pretrained` accepts (a directory, a ``.gguf``, a short
+    name such as ``"gemma3-270m"``, a hub id); the tokenizer is None when the checkpoint carries none."""
+    model = load_pretrained(spec, dtype=dtype, device=device, **kw)
+    try:
+        tokenizer = load_tokenizer(spec)
+    except FileNotFoundError:
+        tokenizer = None
+    return model, tokenizer
+
+
 __all__ = [
-    "__version__", "Gemma4Error", "WriteError", "parse_dtype",
+    "__version__", "load", "Gemma4Error", "WriteError", "parse_dtype",
     "FULL", "PRESETS", "SLIDING", "ConfigError", "DrafterConfig", "Gemma4Config", "Gemma4Drafter", "Gemma4ForCausalLM",
     "FullCache", "ModelCache", "SlidingCache", "BlockSparse", "LinearAttention", "build_model", "count_parameters",
     "estimate_memory", "init_random_",
