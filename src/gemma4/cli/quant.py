@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gemma4.cli._common import (CliError, check_model, check_output, find_tokenizer, gguf_is_quantized, need_matplotlib,
+from gemma4.cli._common import (CliError, dtype_option, check_model, check_output, find_tokenizer, gguf_is_quantized, need_matplotlib,
                                 progress, read_text_arg)
 from gemma4.cli.convert import carry_tokenizer
 from gemma4.infer import use_plain_path
@@ -162,8 +162,7 @@ def register(app: typer.Typer) -> None:
             if why:
                 typer.echo(f"note: {why}")
             for n in e.notes:
-                # size.py's note names the field; here the reader wants the number
-                typer.echo(f"note: {n.replace('k_eq_v_saving', _gib(e.k_eq_v_saving) + ' (the K=V row)')}")
+                typer.echo(f"note: {n}")
         if plot is not None:  # after the table: the plot takes seconds
             out = plot_memory(plot, batch=batch, group_size=group_size)
             typer.echo(f"wrote {out}")
@@ -193,9 +192,7 @@ def register(app: typer.Typer) -> None:
 
         Gemma 3 270M, perplexity over bf16 on text it has not memorized (Alice in Wonderland) / on one it has (the US Constitution): int4-g32 rtn +35% / +80%; with --embedding-scheme int8: gptq +14% / +47%, awq-gptq +7.7% / +42%, +6.6% / +34% adding --int8-modules k_proj,v_proj; int8 gptq -0.1% / +0.8%."""
 
-        dt = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}.get(dtype)
-        if dt is None:
-            raise typer.BadParameter(f"unsupported dtype {dtype!r}; choose bf16, fp32 or fp16")
+        dt = dtype_option(dtype)  # the one dtype table; the option has a default, so never None
         check_model(src)
         src_path = resolve_path(src)
         check_output(dst, src_path)

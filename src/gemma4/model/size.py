@@ -408,7 +408,7 @@ def estimate_memory(config: Gemma4Config | str, context: int, batch: int = 1, we
         notes.append(f"{cfg.num_kv_shared_layers} KV-shared layers hold no cache")
     if saving:
         notes.append("K=V full layers store K and V separately in our cache (V is the scale-less-normed raw key, "
-                     "K the k_norm'd, RoPE'd one); a cache storing the raw key once would save k_eq_v_saving")
+                     f"K the k_norm'd, RoPE'd one); a cache storing the raw key once would save {saving / 2**20:.1f} MiB")
     return MemoryEstimate(
         config_name=name, context=context, batch=batch, weight_dtype=wd if wd != "int4" else f"int4-g{group_size}",
         kv_dtype=kvd, weights=weights, kv_by_type=live, kv_reserved=reserved, kv_layers=kv_layers,
