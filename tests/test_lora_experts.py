@@ -247,3 +247,28 @@ def hf_dense_dir(tmp_path):
     d = tmp_path / "dense"
     hf_model("dense", seed=8).save_pretrained(str(d))
     return d
+
+
+def test_finetune_cli_on_experts_then_merge(tmp_path):
+    from typer.testing import CliRunner
+
+    from gemma4.cli import app
+
+    base = tmp_path / "base"
+    gemma4.save_pretrained(tiny_model("moe", seed=9, std=0.05), base)
+    tiny_tokenizer().save(base / "tokenizer.json")
+    (tmp_path / "data.txt").write_text("the and of to " * 100)
+    out = tmp_path / "run"
+    for args in (["finetune", base, tmp_path / "data.txt", "--out", out, "--lora-rank", 2, "--targets", "experts",
+                  "--steps", 2, "--lr", 1e-2, "--seq-len", 32, "--batch-size", 2, "--dtype", "float32"],
+                 ["merge", base, out / "adapter", tmp_path / "merged"]):
+        res = CliRunner().invoke(app, [str(a) for a in args])
+        assert res.exit_code == 0, (res.output, res.exception)
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["target_parameters"] == BOTH and cfg["target_modules"] == []
+    ids = torch.tensor([[2, 40, 41, 42, 43, 44]])
+    m = gemma4.load_pretrained(base)
+    load_adapter(m, out / "adapter")
+    with torch.no_grad():
+        a, b, c = m(ids), gemma4.load_pretrained(tmp_path / "merged")(ids), gemma4.load_pretrained(base)(ids)
+    assert (a - b).abs().max().item() <= 1e-4 and (a - c).abs().max().item() > 1e-4

@@ -190,8 +190,10 @@ def register(app: typer.Typer) -> None:
         lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="LoRA alpha (default 2 x rank)."),
         lora_dropout: float = typer.Option(0.0, "--lora-dropout", min=0.0, max=1.0, help="Dropout on the LoRA input."),
         targets: Optional[List[str]] = typer.Option(None, "--targets", help="Modules to adapt: short names "
-                                                    "(q_proj,v_proj), groups (attention, mlp, ple, all-linear) or "
-                                                    "full paths. Default: attention and MLP projections."),
+                                                    "(q_proj,v_proj), groups (attention, mlp, ple, all-linear), "
+                                                    "MoE expert tensors (experts, experts.gate_up_proj, "
+                                                    "experts.down_proj) or full paths. Default: attention and "
+                                                    "MLP projections."),
         quant: Optional[str] = typer.Option(None, "--quant", help="QLoRA: quantize the frozen base to int8 or int4 "
                                             "first (needs --lora-rank)."),
         group_size: Optional[int] = typer.Option(None, help="int4 group size for --quant int4 (default 32)."),
