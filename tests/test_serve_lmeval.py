@@ -7,6 +7,13 @@ the context. Every number it gets back must equal a plain forward of our model i
 token ids (to 1e-4), both through lm-eval's task pipeline (a tiny local task in tests/data/lmeval_task/) and
 through its LM class called directly (empty context, trailing spaces, batched requests).
 
+Two properties of lm-eval's remote backend that users of a Gemma server should know (measured here, not
+asserted): it never adds BOS (its /tokenize calls send add_special_tokens=false, and add_bos_token only
+affects the huggingface backend), so contexts are scored without Gemma's BOS; and with
+tokenized_requests=False it sends text, our /v1/completions prepends BOS, and lm-eval's slice of the echoed
+logprobs (by its own BOS-less context length) is then off by one token - silently wrong sums (e.g. -25.58
+instead of -12.41). Keep the default tokenized_requests=True, as these tests do.
+
 Offline: lm-eval reads the task's documents with `datasets` from a local JSONL (HF_*_OFFLINE set, caches
 under the test's tmp dir) and never loads a Hugging Face tokenizer (the remote backend needs none).
 """
