@@ -19,7 +19,8 @@ Same recipe on both sides (what each library does by default for it):
 
 Both clip the gradient norm at 1.0 and take AdamW steps at lr 1e-4. Timed: steps 2..N (step 1 warms up
 allocators and oneDNN). Peak RSS: the process's high-water mark over the whole run (load included) and
-over training alone (the kernel's counter reset after loading, /proc/self/clear_refs).
+over training alone (after loading, freed heap is handed back with malloc_trim in both engines and the
+kernel's counter is reset, /proc/self/clear_refs).
 
     python benchmarks/train.py                       # LoRA and full, 2 rounds, 6 steps of 1 x 256 tokens
     python benchmarks/train.py --modes lora --steps 8 --rounds 3
@@ -50,6 +51,25 @@ def _hwm_mb() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _settle() -> float:
+    """After loading, in both engines alike: hand freed heap back to the OS (glibc keeps the load's
+    temporaries resident otherwise), so the training peak is training's own; returns the RSS then."""
+    from gemma4._util import release_free_heap
+
+    import gc
+
+    gc.collect()
+    release_free_heap()
+    return _rss_mb()
 
 
 def _reset_hwm() -> bool:
@@ -120,6 +140,7 @@ def worker_ours(model_dir: Path, mode: str, rows, args) -> dict:
     model.train()
     load_s = time.perf_counter() - t0
     load_peak = _hwm_mb()
+    rss_loaded = _settle()
     ids = torch.tensor(rows, dtype=torch.long)  # [N, T]
     n, t = ids.shape
     data = Packed(ids, ids.clone(), torch.arange(t).expand(n, t).contiguous(), torch.ones(n, t, dtype=torch.long))
@@ -138,7 +159,7 @@ def worker_ours(model_dir: Path, mode: str, rows, args) -> dict:
             losses.append(rec["loss"])
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"load_s": load_s, "load_peak_mb": load_peak, "train_peak_mb": _hwm_mb() if reset else None,
-            "times": times, "losses": losses, "trainable": trainable, "order": perm[: args.steps * args.batch]}
+            "rss_loaded_mb": rss_loaded, "times": times, "losses": losses, "trainable": trainable, "order": perm[: args.steps * args.batch]}
 
 
 def worker_hf(model_dir: Path, mode: str, rows, args, order) -> dict:
@@ -159,6 +180,7 @@ def worker_hf(model_dir: Path, mode: str, rows, args, order) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR)
     ordered = [rows[i] for i in order]
+    rss_loaded = _settle()
     reset = _reset_hwm()
     times, losses = [], []
     for batch in _batches(ordered, args.batch, args.steps):
@@ -172,7 +194,7 @@ def worker_hf(model_dir: Path, mode: str, rows, args, order) -> dict:
         losses.append(loss.item())
         times.append(time.perf_counter() - s)
     return {"load_s": load_s, "load_peak_mb": load_peak, "train_peak_mb": _hwm_mb() if reset else None,
-            "times": times, "losses": losses, "trainable": sum(p.numel() for p in params)}
+            "rss_loaded_mb": rss_loaded, "times": times, "losses": losses, "trainable": sum(p.numel() for p in params)}
 
 
 def worker_main(args) -> None:
@@ -257,11 +279,12 @@ def main(argv=None) -> int:
                       "peak_rss_mb": round(min(x["peak_mb"] for x in rs)),
                       "train_peak_rss_mb": round(min((x["train_peak_mb"] or 0) for x in rs)),
                       "load_peak_rss_mb": round(min(x["load_peak_mb"] for x in rs)),
+                      "rss_after_load_mb": round(min(x["rss_loaded_mb"] for x in rs)),
                       "load_s": round(min(x["load_s"] for x in rs), 1), "trainable": best["trainable"],
                       "first_loss": round(rs[0]["losses"][0], 4), "losses": [round(v, 4) for v in rs[0]["losses"]]})
-    print(f"\n{'mode':5s} {'engine':18s} {'tok/s':>8s} {'peak RSS MB':>12s} {'train peak MB':>14s} {'trainable':>11s} {'step-1 loss':>11s}")
+    print(f"\n{'mode':5s} {'engine':18s} {'tok/s':>8s} {'peak RSS MB':>12s} {'loaded MB':>10s} {'train peak MB':>14s} {'trainable':>11s} {'step-1 loss':>11s}")
     for row in table:
-        print(f"{row['mode']:5s} {row['engine']:18s} {row['tok_per_s']:8.1f} {row['peak_rss_mb']:12d} "
+        print(f"{row['mode']:5s} {row['engine']:18s} {row['tok_per_s']:8.1f} {row['peak_rss_mb']:12d} {row['rss_after_load_mb']:10d} "
               f"{row['train_peak_rss_mb']:14d} {row['trainable']:11d} {row['first_loss']:11.4f}")
     ratios = {}
     for mode in modes:
