@@ -78,7 +78,19 @@ def build_tokenizer(texts, vocab_size: int, out: Path):
     tok.backend.add_special_tokens(list(CONTROL_TOKENS))
     out.parent.mkdir(parents=True, exist_ok=True)
     tok.save(out)
+    unmark_byte_tokens(out)
     return load_tokenizer(out)
+
+
+def unmark_byte_tokens(path: Path) -> None:
+    """train_bpe registers the 256 byte-fallback pieces <0xXX> as special added tokens; our Tokenizer
+    treats special tokens as control tokens and refuses plain text whose encoding yields one (a rare
+    character falls back to bytes). They stay in the BPE vocabulary (same ids, byte fallback unchanged);
+    only their "added special token" entries go."""
+    d = json.loads(path.read_text(encoding="utf-8"))
+    d["added_tokens"] = [t for t in d["added_tokens"]
+                         if not (len(t["content"]) == 6 and t["content"].startswith("<0x") and t["content"].endswith(">"))]
+    atomic_write_text(path, json.dumps(d, ensure_ascii=False))
 
 
 def _write_docs(folder: Path, texts: dict[str, str]) -> Path:
