@@ -336,8 +336,8 @@ def main() -> None:
 
     if importlib.util.find_spec("llama_cpp") is None:
         print("llama-cpp-python is not installed: this benchmark compares against it, so it is skipped. "
-              "Install it (optional) with `pip install -e .[bench]` or, built for this CPU, "
-              "CMAKE_ARGS=\"-DGGML_NATIVE=ON\" pip install --no-binary :all: llama-cpp-python==0.3.36")
+              "Install it (optional), built for this CPU from its sdist: see this script's docstring for the "
+              "CMAKE_ARGS (AMX off), then pip install --no-binary :all: llama-cpp-python==0.3.36")
         return
     import llama_cpp
 
