@@ -54,3 +54,13 @@ def test_load_returns_model_and_tokenizer(ckpt):
     model, tok = gemma4.load("gemma3-270m")
     assert tok is not None and tok.encode("The capital of France is")[:2] == [2, 818]
     assert gemma4.generate(model, [tok.encode("The capital of France is")], 3)[0][0] == 506  # " the"
+
+
+def test_save_gguf_after_generation(ckpt, tmp_path):
+    m = gemma4.load_pretrained(ckpt)
+    gemma4.generate(m, [[2, 5, 9]], 3, stop_token_ids=())
+    assert on_fast_path(m)
+    back = gemma4.load_gguf(gemma4.save_gguf(m, tmp_path / "m.gguf"))
+    fresh = gemma4.load_pretrained(ckpt)
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in fresh.state_dict().items())
+    assert on_fast_path(m)

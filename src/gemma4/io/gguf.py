@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from gemma4._util import Progress, atomic_path, no_progress
+from gemma4.infer import plain_path
 from gemma4.io.checkpoint import CheckpointError, CheckpointNotFoundError, load_state_streaming
 from gemma4.model import FULL, SLIDING, ConfigError, Gemma4Config, Gemma4ForCausalLM, build_model
 from gemma4.model.config import LIMITS
@@ -916,6 +917,15 @@ def _vocab_from_tokenizer_json(w, path: Path) -> None:
 
 
 def save_gguf(model: Gemma4ForCausalLM, path: str | os.PathLike, ftype: str = "f32",
+              vocab_from: str | os.PathLike | GGUFFile | None = None, name: str | None = None,
+              progress: Progress | None = None) -> Path:
+    """Write ``model`` as a llama.cpp-style GGUF (options below, in :func:`_save_gguf`). A model on the CPU fast
+    path (what generation leaves) is written from its plain modules, restored while writing."""
+    with plain_path(model):
+        return _save_gguf(model, path, ftype, vocab_from, name, progress)
+
+
+def _save_gguf(model: Gemma4ForCausalLM, path: str | os.PathLike, ftype: str = "f32",
               vocab_from: str | os.PathLike | GGUFFile | None = None, name: str | None = None,
               progress: Progress | None = None) -> Path:
     """Write ``model`` as a llama.cpp-style GGUF (architecture ``gemma4``, or ``gemma3`` for Gemma 3
