@@ -502,6 +502,21 @@ def create_app(engine: BatchEngine, tokenizer, config: ServeConfig | None = None
                 "top_logprobs": [{"token": token_str(i), "logprob": v, "bytes": list(token_str(i).encode("utf-8"))}
                                  for i, v in (top or [])]}
 
+    async def collect(queue: asyncio.Queue, reqs, request: Request, choices) -> None:
+        """Run an unstreamed request to its end: every token into its choice (a choice that hits a stop
+        string cancels its row), every finish checked for an error to answer with."""
+        async for item in events(queue, reqs, request, poll_disconnect=True):
+            ch = choices[item[0]]
+            if item[1] == "token":
+                ch.token(item[2], item[3], item[4])
+                if ch.hit_stop:
+                    ch.req.cancel()
+            else:
+                ch.done(item[2])
+                err = finish_error(item[2], ch.req)
+                if err is not None:
+                    raise err
+
     def finish_error(reason: str, req) -> APIError | None:
         if reason == "timeout":
             return APIError(504, f"the request took longer than {cfg.request_timeout:g} s", "timeout_error", code="timeout")
@@ -627,17 +642,7 @@ def create_app(engine: BatchEngine, tokenizer, config: ServeConfig | None = None
         calls_seen = [0] * n
 
         if not stream:
-            async for item in events(queue, reqs, request, poll_disconnect=True):
-                ch = choices[item[0]]
-                if item[1] == "token":
-                    ch.token(item[2], item[3], item[4])
-                    if ch.hit_stop:
-                        ch.req.cancel()
-                else:
-                    ch.done(item[2])
-                    err = finish_error(item[2], ch.req)
-                    if err is not None:
-                        raise err
+            await collect(queue, reqs, request, choices)
             if any(ch.finish is None for ch in choices):
                 return JSONResponse({}, status_code=499)  # the client left
             out_choices = []
@@ -775,17 +780,7 @@ def create_app(engine: BatchEngine, tokenizer, config: ServeConfig | None = None
             return {"tokens": strs, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
         if not stream:
-            async for item in events(queue, reqs, request, poll_disconnect=True):
-                ch = choices[item[0]]
-                if item[1] == "token":
-                    ch.token(item[2], item[3], item[4])
-                    if ch.hit_stop:
-                        ch.req.cancel()
-                else:
-                    ch.done(item[2])
-                    err = finish_error(item[2], ch.req)
-                    if err is not None:
-                        raise err
+            await collect(queue, reqs, request, choices)
             if any(ch.finish is None for ch in choices):
                 return JSONResponse({}, status_code=499)
             out = []
