@@ -15,6 +15,7 @@ from gemma4.train.data import encode_text, pack
 from gemma4.train.lora import LoRAExperts, lora_modules
 from tiny import hf_model
 from train_tiny import tiny_model, tiny_tokenizer
+from test_lora import _hf, _peft_lora_keys as _peft_keys, _randomize_lora  # the shared PEFT round-trip helpers
 
 peft = pytest.importorskip("peft", reason="PEFT interop tests need `pip install peft`")
 BOTH = ["experts.gate_up_proj", "experts.down_proj"]
@@ -27,25 +28,8 @@ def moe(tmp_path_factory):
     return d
 
 
-def _hf(path):
-    return transformers.Gemma4ForCausalLM.from_pretrained(str(path), dtype=torch.float32,
-                                                          attn_implementation="eager").eval()
-
-
-def _randomize_lora(model, seed=0, std=0.2):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-
-
 def _ids(seed=0):
     return torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(seed))
-
-
-def _peft_keys(pm):
-    return {n.replace(".default", "") for n, _ in pm.named_parameters() if "lora_" in n}
 
 
 def _peft_adapter(path, out, seed, **kw):
