@@ -21,9 +21,10 @@ ALLOWED = {
     "text": {"io", "infer", "quant", "model", "_util"},
     "train": {"text", "io", "infer", "quant", "model", "_util"},
     "serve": {"text", "io", "infer", "quant", "model", "_util"},
-    "redteam": {"serve", "train", "text", "io", "infer", "quant", "model", "_util"},
-    "cli": {"__init__", "redteam", "serve", "train", "text", "io", "infer", "quant", "model", "_util"},
-    "__init__": {"text", "io", "infer", "quant", "model", "_util", "train", "serve", "redteam"},
+    "align": {"train", "text", "io", "infer", "quant", "model", "_util"},
+    "redteam": {"align", "serve", "train", "text", "io", "infer", "quant", "model", "_util"},
+    "cli": {"__init__", "redteam", "align", "serve", "train", "text", "io", "infer", "quant", "model", "_util"},
+    "__init__": {"text", "io", "infer", "quant", "model", "_util", "train", "serve", "align", "redteam"},
     "__main__": {"cli"},
 }
 # Only the CLI draws on a terminal or parses command lines.

@@ -20,7 +20,7 @@ from typer.models import OptionInfo
 
 from gemma4 import __version__
 from gemma4._util import Gemma4Error
-from gemma4.cli import chat, convert, evaluate, generate, info, quant, serve, tokens, train
+from gemma4.cli import align, chat, classify, convert, evaluate, generate, info, quant, redteam, serve, tokens, train
 
 # typer >= 0.20 vendors its own click (typer._click), older ones use click: take the classes from typer.
 _ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
@@ -133,7 +133,7 @@ def _main(
     """Gemma 4 in plain PyTorch. Start with `gemma4 info e2b` or `gemma4 generate --model gemma3-270m "Hello"`."""
 
 
-for _module in (info, generate, chat, evaluate, convert, tokens, quant, train, serve):
+for _module in (info, generate, chat, evaluate, convert, tokens, quant, train, serve, align, classify, redteam):
     _module.register(app)
 
 
