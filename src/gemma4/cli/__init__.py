@@ -57,7 +57,29 @@ def _message(e: BaseException) -> str:
     return " ".join(text.split())  # one line, however the message was built
 
 
+def _quiet_help(cmd, ctx) -> None:
+    """``--help`` is a flag like the others: no ``<bool>`` type column after it (see _hide_flag_types), in
+    this command and every command below it."""
+    opt = cmd.get_help_option(ctx)
+    if opt is not None:
+        opt.metavar = ""
+    for sub in getattr(cmd, "commands", {}).values():
+        _quiet_help(sub, ctx)
+
+
 class _Gemma4Group(TyperGroup):
+    def get_help_option(self, ctx):
+        opt = super().get_help_option(ctx)
+        if opt is not None:
+            opt.metavar = ""
+        return opt
+
+    def get_command(self, ctx, name):
+        cmd = super().get_command(ctx, name)
+        if cmd is not None:
+            _quiet_help(cmd, ctx)
+        return cmd
+
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         args, debug = _debug_wanted(list(sys.argv[1:] if args is None else args))
         try:
