@@ -2,6 +2,12 @@
 over float32 master weights, a JSONL log, held-out perplexity, resumable checkpoints.
 
 Drawing (the progress bar) is the command line's job: the loop reports each step to ``on_step``.
+
+Besides next-token loss on packed rows, any objective can drive the same loop (DPO, the constrained
+stages in `gemma4.train.preference` / `gemma4.train.constrained`): an object with ``next_batch()``,
+``loss(model, batch) -> (loss, logs)``, optionally ``after_step(model, step, record) -> dict`` (run
+after the optimizer step, e.g. a dual update) and ``state()`` / ``load_state(state)`` for checkpoints.
+Its logs join each step's record in ``train_log.jsonl``.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     gradient_checkpointing: bool = False
     plot: bool = True
+    checkpoints: bool = True  # False: no checkpoints/ at all (short runs whose caller keeps the model)
 
     def validate(self) -> None:
         checks = [
@@ -104,8 +111,13 @@ class Trainer:
 
     def __init__(self, model, train: Packed, cfg: TrainConfig, out: str | Path, *, heldout: Packed | None = None,
                  run_info: dict | None = None, on_step: Callable[[dict], None] | None = None,
-                 dist: DistContext | None = None):
+                 dist: DistContext | None = None, objective=None):
         cfg.validate()
+        if objective is not None and dist is not None:
+            raise TrainError("a custom objective runs in one process; torchrun (FSDP) trains next-token loss only")
+        if objective is None and train is None:
+            raise TrainError("no training data: give packed rows or an objective")
+        self.objective = objective
         self.model, self.cfg, self.out = model, cfg, Path(out)
         self.dist = dist
         if cfg.gradient_checkpointing:
@@ -133,7 +145,7 @@ class Trainer:
         self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
         # Under torchrun each stream item is a global micro-batch (batch_size rows per rank).
         self.world = dist.world if dist is not None else 1
-        self.stream = BatchStream(train, cfg.batch_size * self.world, seed=cfg.seed)
+        self.stream = BatchStream(train, cfg.batch_size * self.world, seed=cfg.seed) if objective is None else None
         self.step = 0
         self.tokens = 0
         self.log_path = self.out / "train_log.jsonl"
@@ -150,7 +162,7 @@ class Trainer:
 
     def save(self) -> Path:
         state = {
-            "data": self.stream.state(), "tokens": self.tokens, "config": _jsonable(asdict(self.cfg)),
+            "data": self._data_state(), "tokens": self.tokens, "config": _jsonable(asdict(self.cfg)),
             "run": self.run_info, "lr": lr_at(self.step - 1, self.cfg) if self.step else 0.0,
         }
         # Whole tensors (gathered from the shards under FSDP: every rank takes part), written by rank 0.
@@ -180,7 +192,10 @@ class Trainer:
             for n, p in mine.items():
                 p.copy_(like(params[n].to(p.dtype), p))
         ckpt.load_optimizer_state(self.opt, self.names, st["param_names"], opt_t, st["optimizer"], str(d), place=like)
-        self.stream.load_state(st["data"])
+        if self.stream is not None:
+            self.stream.load_state(st["data"])
+        elif hasattr(self.objective, "load_state"):
+            self.objective.load_state(st["data"])
         ckpt.restore_rng(rng)
         self.step, self.tokens = int(st["step"]), int(st["tokens"])
         # Log lines written after this checkpoint belong to the lost part of the run: drop them.
@@ -191,8 +206,15 @@ class Trainer:
         self._barrier()
         return True
 
+    def _data_state(self) -> dict:
+        if self.stream is not None:
+            return self.stream.state()
+        return self.objective.state() if hasattr(self.objective, "state") else {}
+
     # ------------------------------------------------------------------------------------------ steps
     def train_step(self) -> dict:
+        if self.objective is not None:
+            return self._objective_step()
         cfg, model = self.cfg, self.model
         lr = lr_at(self.step, cfg)
         for g in self.opt.param_groups:
@@ -232,6 +254,45 @@ class Trainer:
         self.tokens += tokens
         return {"step": self.step, "loss": total, "lr": lr, "grad_norm": gn, "tokens": tokens,
                 "tokens_total": self.tokens, "epoch": round(self.stream.epoch + self.stream.cursor / len(self.stream.data), 4)}
+
+    def _objective_step(self) -> dict:
+        """One optimizer step of a custom objective: ``grad_accum`` batches, each loss divided by
+        ``grad_accum`` (the objective's losses are means), then clipping, the step and ``after_step``."""
+        cfg, model, obj = self.cfg, self.model, self.objective
+        lr = lr_at(self.step, cfg)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        total, tokens, parts = 0.0, 0, []
+        for _ in range(cfg.grad_accum):
+            batch = obj.next_batch()
+            with _autocast(model, cfg):
+                loss, logs = obj.loss(model, batch)
+            (loss / cfg.grad_accum).backward()
+            total += loss.item() / cfg.grad_accum
+            logs = dict(logs)
+            tokens += int(logs.pop("tokens", 0))
+            parts.append(logs)
+        params = [p for _, p in self.named]
+        if cfg.max_grad_norm > 0:
+            gn = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        else:
+            gn = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+        if not math.isfinite(total) or not math.isfinite(gn):
+            raise TrainError(f"step {self.step + 1}: loss {total} / gradient norm {gn} is not finite")
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += tokens
+        rec = {"step": self.step, "loss": total, "lr": lr, "grad_norm": gn, "tokens": tokens,
+               "tokens_total": self.tokens}
+        # Each logged field is its mean over the step's micro-batches.
+        for k in parts[0]:
+            vals = [p[k] for p in parts if k in p]
+            rec[k] = sum(vals) / len(vals) if all(isinstance(v, (int, float)) for v in vals) else vals[-1]
+        after = getattr(obj, "after_step", None)
+        if after is not None:
+            rec.update(after(model, self.step, rec) or {})
+        return rec
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
@@ -294,7 +355,7 @@ class Trainer:
                 history.append(rec)
                 if self.on_step is not None:  # every rank (a display should draw on rank 0 only)
                     self.on_step(rec)
-                if last or (cfg.save_every and self.step % cfg.save_every == 0):
+                if cfg.checkpoints and (last or (cfg.save_every and self.step % cfg.save_every == 0)):
                     self.save()
         plot = None
         if cfg.plot and self.is_main:
