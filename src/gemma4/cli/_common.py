@@ -135,9 +135,10 @@ def need_matplotlib(option: str = "--plot") -> None:
         raise CliError(f"{option} draws with matplotlib, which is not installed: pip install 'gemma4[plot]'") from None
 
 
-def progress(items: Iterable[T], description: str = "") -> Iterable[T]:
+def progress(items: Iterable[T], description: str = "", *, after: float = 0.0) -> Iterable[T]:
     """The CLI's ``progress=`` for long library calls: a bar on a terminal; elsewhere (a log file, CI)
-    a plain line every 10% so the run is visibly alive."""
+    a plain line every 10% so the run is visibly alive. ``after``: no plain line before that many
+    seconds (work that is usually quick, such as loading a small model, stays silent in logs)."""
     items = list(items)
     n = len(items)
     if sys.stderr.isatty():
@@ -152,7 +153,7 @@ def progress(items: Iterable[T], description: str = "") -> Iterable[T]:
     t0, step = time.perf_counter(), max(1, n // 10)
     for i, item in enumerate(items, 1):
         yield item
-        if i % step == 0 or i == n:
+        if (i % step == 0 or i == n) and time.perf_counter() - t0 >= after:
             print(f"{description}: {i}/{n} ({time.perf_counter() - t0:.1f}s)", file=sys.stderr, flush=True)
 
 
@@ -188,6 +189,11 @@ def gguf_is_quantized(path: Path) -> bool:
     return any(t.type_name not in _FLOAT_GGUF_TYPES for t in GGUFFile(path).tensors.values() if len(t.shape) == 2)
 
 
+def slow_progress(items: Iterable[T], description: str = "") -> Iterable[T]:
+    """:func:`progress` for work that is often under a second (loading, prefill): silent in logs unless slow."""
+    return progress(items, description, after=1.0)
+
+
 def load_model(spec: str, *, dtype: torch.dtype | None = None, device: str = "cpu", attn: str | None = None,
                pack: bool = True):
     """Load a model to run, the way the CLI runs it. Returns (model, seconds, how).
@@ -204,10 +210,10 @@ def load_model(spec: str, *, dtype: torch.dtype | None = None, device: str = "cp
     how = "as stored"
     if (p.is_file() and p.suffix == ".gguf" and dtype is None and torch.device(device).type == "cpu"
             and gguf_is_quantized(p)):
-        model = gguf_native_model(p, dtype=torch.bfloat16)
+        model = gguf_native_model(p, dtype=torch.bfloat16, progress=slow_progress)
         how = "quantized (GGUF Q4_K kept as int4, other matrices int8; --dtype float32 for full precision)"
     else:
-        model = load_pretrained(p, dtype=dtype, device=device)
+        model = load_pretrained(p, dtype=dtype, device=device, progress=slow_progress)
         if dtype is not None:
             how = str(dtype).removeprefix("torch.")
     if attn is not None:

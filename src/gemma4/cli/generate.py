@@ -86,6 +86,12 @@ NO_TOKENIZER = ("{model} has no tokenizer (no tokenizer.json / tokenizer.model b
                 "copy one into the directory, or pass the prompt as token ids with --ids")
 
 
+def prefill_progress(n_prompt: int, chunk: int | None):
+    """A progress for the prefill when the prompt spans several chunks (a long prompt is otherwise
+    seconds of silence before the first token); None for prompts that prefill in one forward."""
+    return slow_progress if chunk and n_prompt > chunk else None
+
+
 def sampling_params(temperature, top_k, top_p, min_p, repetition_penalty, seed) -> SamplingParams:
     try:
         return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -232,7 +238,8 @@ def register(app: typer.Typer) -> None:
         with mon:
             try:
                 g = stream(m, [prompt_ids], max_new_tokens, params=params, stop_strings=stop or None,
-                           tokenizer=tok, prefill_chunk=prefill_chunk, monitor=mon, fast=not no_pack, **spec)
+                           tokenizer=tok, prefill_chunk=prefill_chunk, monitor=mon, fast=not no_pack,
+                           progress=None if spec else prefill_progress(len(prompt_ids), prefill_chunk), **spec)
             except GenerationError as e:
                 raise typer.BadParameter(str(e)) from None
             text_out = _TextStreamer(tok, sys.stdout) if (tok is not None and not as_json) else None
@@ -315,7 +322,7 @@ def stream_chat_reply(model, tok, prompt_ids: list[int], max_new_tokens: int, pa
     interrupted = False
     with mon:
         g = stream(model, [prompt_ids], max_new_tokens, params=params, tokenizer=tok, prefill_chunk=prefill_chunk,
-                   monitor=mon)
+                   monitor=mon, progress=prefill_progress(len(prompt_ids), prefill_chunk))
         try:
             for step in g:
                 if step[0] is not None:

@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from gemma4._util import Gemma4Error
+from gemma4._util import Gemma4Error, Progress, no_progress
 from gemma4.infer.fast_path import use_fast_path
 from gemma4.infer.sampling import SamplingParams, sample_next
 from gemma4.infer.speculative import SpeculativeStats, speculative_rounds
@@ -96,12 +96,15 @@ def prefill(
     cache: ModelCache,
     attention_mask: torch.Tensor | None = None,
     chunk: int | None = 512,
+    progress: Progress | None = None,
 ) -> torch.Tensor:
     """Run the prompt [B, T] through the model into ``cache`` and return the last position's logits [B, V].
 
     Chunks of ``chunk`` tokens bound the attention working set on long prompts. Every chunk asks the
     model for its last position only (``keep_last=1``); the head runs on the final chunk only.
-    ``attention_mask`` [B, T] (left padding) may be None when every row is full; positions come from it."""
+    ``attention_mask`` [B, T] (left padding) may be None when every row is full; positions come from it.
+    ``progress`` (a :data:`gemma4._util.Progress`) is advanced once per chunk: a long prompt is seconds of
+    silence otherwise."""
     b, t = input_ids.shape
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None
@@ -110,7 +113,7 @@ def prefill(
     if attention_mask is not None and attention_mask.shape[1] != past + t:
         raise ValueError(f"attention_mask must cover past + T = {past + t} slots, got {attention_mask.shape[1]}")
     h = None
-    for s in range(0, t, step):
+    for s in (progress or no_progress)(range(0, t, step), f"prefill {t} tokens"):
         e = min(t, s + step)
         m = attention_mask[:, : past + e] if attention_mask is not None else None
         h = model.model(input_ids[:, s:e], m, None, cache, keep_last=1)
@@ -211,7 +214,7 @@ class Generation:
     ("stop_token", "stop_string", "length" or "context"), and ``prompt_lengths``."""
 
     def __init__(self, model, prompts, max_new_tokens: int, params: SamplingParams, *, stops: _Stops,
-                 pad_id: int | None, prefill_chunk: int | None, monitor=None):
+                 pad_id: int | None, prefill_chunk: int | None, monitor=None, progress: Progress | None = None):
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise GenerationError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         self.model, self.params, self.stops, self.monitor = model, params, stops, monitor
@@ -227,6 +230,7 @@ class Generation:
             log.warning("max_new_tokens=%d capped at %d by the context (%d positions)",
                         max_new_tokens, self.max_new, cfg.max_position_embeddings)
         self.prefill_chunk = prefill_chunk
+        self.progress = progress
         dev = model.device
         b, t = ids.shape
         self.batch = b
@@ -319,7 +323,8 @@ class Generation:
         if mon is not None:
             mon.start(prompt_tokens=sum(self.prompt_lengths), batch=self.batch)
         t = self.input_ids.shape[1]
-        logits = prefill(model, self.input_ids, self.cache, self.mask[:, :t] if self.padded else None, self.prefill_chunk)
+        logits = prefill(model, self.input_ids, self.cache, self.mask[:, :t] if self.padded else None, self.prefill_chunk,
+                         self.progress)
         nxt = self._pick(logits)
         out = self._record(nxt)
         if mon is not None:
@@ -372,6 +377,7 @@ def stream(
     drafter=None,
     num_draft_tokens: int = 4,
     fast: bool = True,
+    progress: Progress | None = None,
 ) -> "Generation | SpeculativeGeneration":
     """Start a generation and return it as an iterator (see :class:`Generation`).
 
@@ -387,6 +393,7 @@ def stream(
         when sampling). ``num_draft_tokens`` per round.
     fast: on CPU, move an inference model (eval mode, no parameter requiring grad) to the fast path on
         first use (:func:`gemma4.infer.use_fast_path`; undo with ``use_plain_path``). Same tokens, ~2x speed.
+    progress: advanced once per prefill chunk (a :data:`gemma4._util.Progress`, e.g. the CLI's bar).
     """
     p = _params(params, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                 repetition_penalty=repetition_penalty, seed=seed)
@@ -403,7 +410,7 @@ def stream(
         return SpeculativeGeneration(model, prompts, max_new_tokens, p, stops=stops, draft_model=draft_model,
                                      drafter=drafter, num_draft_tokens=num_draft_tokens, monitor=monitor)
     return Generation(model, prompts, max_new_tokens, p, stops=stops, pad_id=pad_id,
-                      prefill_chunk=prefill_chunk, monitor=monitor)
+                      prefill_chunk=prefill_chunk, monitor=monitor, progress=progress)
 
 
 def _inference_only(model) -> bool:

@@ -16,7 +16,7 @@ from typing import Iterator
 
 import torch
 
-from gemma4._util import Gemma4Error, atomic_dir, atomic_save_safetensors, atomic_write_text, dtype_name, release_free_heap
+from gemma4._util import Gemma4Error, Progress, atomic_dir, no_progress, atomic_save_safetensors, atomic_write_text, dtype_name, release_free_heap
 from gemma4.model import Gemma4Config, Gemma4ForCausalLM, build_model
 from gemma4.quant import to_kernel_layout, prepare_quantized
 
@@ -270,11 +270,35 @@ def _set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
         mod._buffers[leaf] = value
 
 
-def load_state_streaming(model: Gemma4ForCausalLM, items, *, dtype: torch.dtype | None, device, source: str) -> None:
-    """Assign tensors from ``items`` ((key, loader) pairs) into a meta-built model, checking names and shapes."""
+def load_state_streaming(model: Gemma4ForCausalLM, items, *, dtype: torch.dtype | None, device, source: str,
+                         progress: Progress | None = None) -> None:
+    """Assign tensors from ``items`` ((key, loader) pairs) into a meta-built model, checking names and shapes.
+
+    ``progress`` advances once per tensor the model expects. It is driven by hand beside ``items``
+    rather than wrapped around them: a progress may list what it wraps to learn the total, and listing
+    the loaders would run the file reads past their open handles."""
     cfg = model.config
     expected = dict(model.state_dict(keep_vars=True))
     seen: set[str] = set()
+    skipped_towers = 0
+    ticks = iter((progress or no_progress)(range(len(expected)), f"loading {Path(source).name}"))
+    try:
+        _assign_all(model, items, expected, seen, dtype, device, source, ticks)
+    except BaseException:
+        close = getattr(ticks, "close", None)
+        if close is not None:
+            close()  # take the bar down with the failed load
+        raise
+    for _ in ticks:  # tensors the file need not hold (a tied head) still count as done
+        pass
+    missing = sorted(set(expected) - seen)
+    if missing:
+        more = f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""
+        raise CheckpointError(f"missing tensor(s) in {source}: {', '.join(missing[:8])}{more}")
+
+
+def _assign_all(model, items, expected: dict, seen: set, dtype, device, source: str, ticks) -> None:
+    cfg = model.config
     skipped_towers = 0
     for key, load in items:
         name = map_key(key, cfg)
@@ -308,15 +332,13 @@ def load_state_streaming(model: Gemma4ForCausalLM, items, *, dtype: torch.dtype 
             t = t.clone()
         _set_tensor(model, name, t)
         seen.add(name)
+        next(ticks, None)
     if skipped_towers:
         log.info("skipped %d vision/audio tower tensors (text model only)", skipped_towers)
-    missing = sorted(set(expected) - seen)
-    if missing:
-        more = f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""
-        raise CheckpointError(f"missing tensor(s) in {source}: {', '.join(missing[:8])}{more}")
 
 
-def load_safetensors_dir(p: Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Gemma4ForCausalLM:
+def load_safetensors_dir(p: Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                         progress: Progress | None = None) -> Gemma4ForCausalLM:
     """Load a checkpoint directory (config.json + safetensors). ``dtype=None`` keeps the stored dtype."""
     config = Gemma4Config.from_json(checkpoint_file(p, "config.json"))
     files = safetensors_files(p)
@@ -326,7 +348,7 @@ def load_safetensors_dir(p: Path, dtype: torch.dtype | None = None, device: str 
     model = build_model(config, device="meta")
     if config.quantization:
         prepare_quantized(model, config.quantization)
-    load_state_streaming(model, iter_safetensors(files), dtype=dtype, device=device, source=str(p))
+    load_state_streaming(model, iter_safetensors(files), dtype=dtype, device=device, source=str(p), progress=progress)
     if config.quantization:
         # Every buffer was just read by the loader and is held by nothing else, so int4 tables can be
         # repacked over themselves (the load never holds a table twice); this also trims the heap.

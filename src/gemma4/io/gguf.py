@@ -659,7 +659,7 @@ def _items(g: GGUFFile, cfg: Gemma4Config, dtype: torch.dtype) -> Iterator[tuple
 
 
 def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None,
-              device: str | torch.device = "cpu") -> Gemma4ForCausalLM:
+              device: str | torch.device = "cpu", progress: Progress | None = None) -> Gemma4ForCausalLM:
     """Load a llama.cpp Gemma 3 / Gemma 4 GGUF file as a ``Gemma4ForCausalLM`` (text decoder).
 
     Quantized tensors are dequantized one at a time into ``dtype`` (default: float32 for quantized
@@ -672,7 +672,8 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None,
     _check_types(g, [n for n in g.tensors if n not in _DERIVED])
     dtype = dtype or _default_dtype(g)
     model = build_model(cfg, device="meta")
-    load_state_streaming(model, _items(g, cfg, dtype), dtype=dtype, device=device, source=str(g.path))
+    load_state_streaming(model, _items(g, cfg, dtype), dtype=dtype, device=device, source=str(g.path),
+                         progress=progress)
     return model.eval()
 
 

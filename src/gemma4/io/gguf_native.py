@@ -27,7 +27,7 @@ from collections import Counter
 import numpy as np
 import torch
 
-from gemma4._util import release_free_heap
+from gemma4._util import Progress, release_free_heap
 from gemma4.io.gguf import GGUFError, GGUFFile, gguf_to_hf, load_gguf
 from gemma4.model import Gemma4ForCausalLM
 from gemma4.quant import quantize
@@ -87,7 +87,7 @@ def gguf_native_types(path: str | os.PathLike) -> dict[str, list[str]]:
 
 
 def gguf_native_model(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, rest: str = "int8",
-                      embedding: str | None = None) -> Gemma4ForCausalLM:
+                      embedding: str | None = None, progress: Progress | None = None) -> Gemma4ForCausalLM:
     """Load a GGUF with its Q4_K matrices kept as int4-g32 (same codes; see the module docstring) and every
     other matrix quantized from its dequantized values by :func:`gemma4.quant.quantize`.
 
@@ -95,7 +95,7 @@ def gguf_native_model(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat
     ``embedding``: scheme of the token embedding / tied head (default: ``rest``). ``dtype``: the float
     tensors (norms) and activations. The result is an ordinary quantized model (mixed schemes are
     recorded in ``config.quantization["overrides"]``): ``save_pretrained`` / ``load_pretrained`` /
-    ``use_fast_path`` work on it."""
+    ``use_fast_path`` work on it. ``progress`` advances per tensor read, then per matrix quantized."""
     for what, sc in (("rest", rest), ("embedding", embedding)):
         if sc not in ("int8", "int4") and not (what == "embedding" and sc is None):
             raise ValueError(f"{what} must be 'int8' or 'int4', got {sc!r}")
@@ -105,7 +105,7 @@ def gguf_native_model(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat
     # bfloat16 rather than float32 halves the transient (the 270M file: ~1.1 GB -> ~0.55 GB): the int8 grid
     # (amax/127 per row) is 2^-1 .. 2^-7 of a value, far coarser than bf16's 2^-9 relative rounding, and
     # the output distribution moves as little (KL to the float32 model 0.0056 vs 0.0065 nats, 9 tokens).
-    model = load_gguf(path, dtype=torch.bfloat16)
+    model = load_gguf(path, dtype=torch.bfloat16, progress=progress)
     names = {n for n, _ in model.named_modules()}
     precomputed, overrides = {}, {}
     for name, t in g.tensors.items():
@@ -118,7 +118,8 @@ def gguf_native_model(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat
     emb = "model.embed_tokens"
     if embedding != rest and emb not in precomputed:
         overrides[emb] = {"scheme": embedding, "group_size": 32 if embedding == "int4" else None}
-    quantize(model, rest, 32 if rest == "int4" else None, precomputed=precomputed, overrides=overrides)
+    quantize(model, rest, 32 if rest == "int4" else None, precomputed=precomputed, overrides=overrides,
+             progress=progress)
     model = model.to(dtype)
     model.gguf_native = {"q4k_int4": sorted(precomputed), "types": dict(Counter(t.type_name for t in g.tensors.values())),
                          "rest": rest, "embedding": embedding}

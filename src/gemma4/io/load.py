@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from gemma4._util import Progress
 from gemma4.infer import plain_path
 from gemma4.io import checkpoint
 from gemma4.io.checkpoint import CheckpointError, load_safetensors_dir
@@ -17,7 +18,7 @@ from gemma4.model import PRESETS, Gemma4Config, Gemma4ForCausalLM
 
 
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                    *, trainable: bool = False) -> Gemma4ForCausalLM:
+                    *, trainable: bool = False, progress: Progress | None = None) -> Gemma4ForCausalLM:
     """Load a checkpoint directory (config.json + safetensors), a ``.gguf`` file, a short name or a hub id.
 
     ``dtype=None`` keeps the checkpoint's own floating dtype.
@@ -26,14 +27,15 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
     ``generate``/``stream`` call on CPU moves it to the fast path (:func:`gemma4.infer.use_fast_path`:
     weights reordered once for oneDNN's kernels, the same memory, ~2x the decode speed of plain
     ``F.linear``). ``trainable=True`` gives ordinary trainable modules: parameters with ``requires_grad``
-    and train mode, which generation never repacks. :func:`save_pretrained` accepts either."""
+    and train mode, which generation never repacks. :func:`save_pretrained` accepts either. ``progress``
+    (a :data:`gemma4._util.Progress`) advances per tensor read (and dequantized)."""
     p = resolve_path(path)
     if p.is_file() and p.suffix == ".gguf":
-        model = load_gguf(p, dtype=dtype, device=device)
+        model = load_gguf(p, dtype=dtype, device=device, progress=progress)
     elif p.is_file():
         raise CheckpointError(f"{p} is neither a checkpoint directory nor a .gguf file (pickle files are never loaded)")
     else:
-        model = load_safetensors_dir(p, dtype=dtype, device=device)
+        model = load_safetensors_dir(p, dtype=dtype, device=device, progress=progress)
     if trainable:
         for prm in model.parameters():
             prm.requires_grad_(prm.is_floating_point())
