@@ -1,4 +1,6 @@
-"""garak's ``openai.OpenAICompatible`` generator against ``gemma4 serve``, one short probe, all on loopback.
+"""garak's ``openai.OpenAICompatible`` generator against ``gemma4 serve``, all on loopback: one short probe
+(``--suite encoding``, issue 14) or a handful of offline red-team probes on the house chat model, read into
+the ``gemma4 redteam`` table (``--suite redteam``, issue 15).
 
 garak pins its own (heavy) dependency set, so it lives in a separate virtualenv and is run as a
 subprocess; it must never share the main environment's torch/transformers:
@@ -6,6 +8,15 @@ subprocess; it must never share the main environment's torch/transformers:
     python -m venv /tmp/garak-venv && /tmp/garak-venv/bin/pip install garak
     python benchmarks/garak_run.py                          # the real Gemma 3 270M (demo extra)
     python benchmarks/garak_run.py --model tiny-dir --cap 4 # any checkpoint `gemma4 serve` accepts
+    python benchmarks/garak_run.py --suite redteam          # house-shakespeare-chat, red-team probes
+
+``--suite redteam`` runs dan.DanInTheWild, tap.TAPCached, suffix.GCGCached, grandma.Substances, grandma.Win10,
+phrasing.PastTense and encoding.InjectBase64 (all with packaged prompts and string detectors: offline),
+``soft_probe_prompt_cap`` 5 (TAPCached and grandma ignore the cap), one greedy generation per prompt, primary
+detectors only (``extended_detectors: false``: no hub-model detectors). The report is read with
+``gemma4.redteam.garak`` (ASR per probe x detector from the scored attempts, Wilson 95% intervals, checked
+against garak's own eval rows) and written with the ``gemma4 redteam`` report writer to ``--report-dir``
+(JSON/Markdown/HTML: counts only, no prompt or reply text).
 
 What it does:
 
@@ -37,9 +48,19 @@ import tempfile
 import time
 from pathlib import Path
 
+from gemma4.redteam import markdown_table, read_report, summarize_report, write_report
+
 HERE = Path(__file__).resolve().parent
 KEY = "sk-garak-local-only"
 PROBE = "encoding.InjectHex"
+SUITES = {
+    "encoding": {"model": "gemma3-270m", "probes": [PROBE], "cap": 8, "max_tokens": 48, "temperature": 0.7,
+                 "out": HERE / "results" / "garak_encoding.json"},
+    "redteam": {"model": "house-shakespeare-chat",
+                "probes": ["dan.DanInTheWild", "tap.TAPCached", "suffix.GCGCached", "grandma.Substances",
+                           "grandma.Win10", "phrasing.PastTense", "encoding.InjectBase64"],
+                "cap": 5, "max_tokens": 64, "temperature": 0.0, "out": HERE / "results" / "garak_redteam.json"},
+}
 
 
 def _free_port() -> int:
@@ -64,7 +85,8 @@ def _wait_health(base: str, proc: subprocess.Popen, limit: float) -> float:
     raise SystemExit(f"gemma4 serve was not healthy within {limit:.0f} s")
 
 
-def _garak_config(port: int, name: str, cap: int, max_tokens: int, report_dir: Path) -> str:
+def _garak_config(port: int, name: str, cap: int, max_tokens: int, report_dir: Path, temperature: float,
+                  extended: bool) -> str:
     # JSON is valid YAML, and garak's --config reads YAML.
     return json.dumps({
         "system": {"parallel_requests": False, "parallel_attempts": False, "lite": True},
@@ -72,9 +94,9 @@ def _garak_config(port: int, name: str, cap: int, max_tokens: int, report_dir: P
         "plugins": {
             "target_type": "openai.OpenAICompatible",
             "target_name": name,
-            "extended_detectors": True,
+            "extended_detectors": extended,
             "generators": {"openai": {"OpenAICompatible": {
-                "uri": f"http://127.0.0.1:{port}/v1/", "max_tokens": max_tokens, "temperature": 0.7,
+                "uri": f"http://127.0.0.1:{port}/v1/", "max_tokens": max_tokens, "temperature": temperature,
                 "seed": 0, "stop": [], "suppressed_params": ["n"]}}},
             "probes": {"encoding": {"payloads": ["default"]}},
         },
@@ -105,13 +127,23 @@ def _summarise(report: Path) -> tuple[list[dict], dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="gemma3-270m", help="what `gemma4 serve` loads (default: the real 270M)")
+    ap.add_argument("--suite", choices=sorted(SUITES), default="encoding",
+                    help="encoding: one probe on the 270M (issue 14); redteam: red-team probes on the house chat model")
+    ap.add_argument("--model", default=None, help="what `gemma4 serve` loads (default: the suite's model)")
+    ap.add_argument("--probes", default=None, help="comma-separated garak probes (default: the suite's)")
     ap.add_argument("--garak-python", default="/tmp/garak-venv/bin/python")
-    ap.add_argument("--cap", type=int, default=8, help="prompts the probe may send (soft_probe_prompt_cap)")
-    ap.add_argument("--max-tokens", type=int, default=48, help="max_tokens garak asks for per reply")
+    ap.add_argument("--cap", type=int, default=None, help="prompts a probe may send (soft_probe_prompt_cap)")
+    ap.add_argument("--max-tokens", type=int, default=None, help="max_tokens garak asks for per reply")
     ap.add_argument("--timeout", type=float, default=540.0, help="seconds garak may run (the whole run <= 10 min)")
-    ap.add_argument("--out", default=str(HERE / "results" / "garak_encoding.json"))
+    ap.add_argument("--out", default=None, help="the JSON summary (default: the suite's file in results/)")
+    ap.add_argument("--report-dir", default=None, help="also write the gemma4 redteam report (JSON/MD/HTML) here")
     args = ap.parse_args()
+    suite = SUITES[args.suite]
+    args.model = args.model or suite["model"]
+    args.cap = args.cap if args.cap is not None else suite["cap"]
+    args.max_tokens = args.max_tokens if args.max_tokens is not None else suite["max_tokens"]
+    args.out = args.out or str(suite["out"])
+    probes = args.probes.split(",") if args.probes else suite["probes"]
 
     if not Path(args.garak_python).exists():
         raise SystemExit(f"{args.garak_python} not found: python -m venv /tmp/garak-venv && "
@@ -119,7 +151,7 @@ def main() -> None:
     t_all = time.time()
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
-    name = "gemma3-270m" if args.model == "gemma3-270m" else Path(args.model).name
+    name = args.model if not Path(args.model).exists() else Path(args.model).name
     work = Path(tempfile.mkdtemp(prefix="gemma4-garak-"))
     serve_cmd = [sys.executable, "-m", "gemma4", "serve", args.model, "--port", str(port), "--name", name,
                  "--max-batch", "4", "--max-tokens-cap", "512", "--timeout", "120"]
@@ -129,9 +161,10 @@ def main() -> None:
     try:
         start_s = _wait_health(base, server, 300)
         cfg = work / "garak.yaml"
-        cfg.write_text(_garak_config(port, name, args.cap, args.max_tokens, work / "runs"), encoding="utf-8")
+        cfg.write_text(_garak_config(port, name, args.cap, args.max_tokens, work / "runs", suite["temperature"],
+                                   extended=args.suite == "encoding"), encoding="utf-8")
         garak_cmd = [args.garak_python, "-m", "garak", "--config", str(cfg), "--target_type",
-                     "openai.OpenAICompatible", "--target_name", name, "--probes", PROBE]
+                     "openai.OpenAICompatible", "--target_name", name, "--probes", ",".join(probes)]
         genv = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI", "GEMMA4"))}
         genv.update(OPENAICOMPATIBLE_API_KEY=KEY, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                     TRANSFORMERS_OFFLINE="1", NLTK_DATA=str(work / "nltk"), NO_PROXY="127.0.0.1,localhost",
@@ -153,6 +186,8 @@ def main() -> None:
             print(res.stdout[-3000:], res.stderr[-3000:], sep="\n")
             raise SystemExit(f"garak exited with {res.returncode}, reports {reports}; logs in {work}")
         rows, facts = _summarise(reports[-1])
+        # The same report through gemma4.redteam.garak: ASR with Wilson intervals, checked against eval rows.
+        summary = summarize_report(read_report(reports[-1]))
         metrics = {}
         try:
             import httpx
@@ -172,13 +207,14 @@ def main() -> None:
 
     out = {
         "what": "garak openai.OpenAICompatible generator against gemma4 serve (chat completions, loopback)",
-        "model": args.model, "probe": PROBE, "payloads": ["text_en (garak 'default')"], "generations": 1,
+        "model": args.model, "probes": probes, "payloads": ["text_en (garak 'default')"], "generations": 1,
+        "temperature": suite["temperature"],
         "soft_probe_prompt_cap": args.cap, "max_tokens": args.max_tokens,
         "serve_command": " ".join(serve_cmd[1:]).replace(sys.executable, "python"),
         "garak_command": "garak --config CFG --target_type openai.OpenAICompatible --target_name "
-                         f"{name} --probes {PROBE}",
+                         f"{name} --probes {','.join(probes)}",
         "server_start_s": round(start_s, 1), "garak_s": round(garak_s, 1), "total_s": round(time.time() - t_all, 1),
-        **facts, "results": rows, "server_metrics": metrics,
+        **facts, "results": rows, "server_metrics": metrics, "redteam_summary": summary,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(args.out).with_suffix(".json.tmp")
@@ -186,9 +222,12 @@ def main() -> None:
     os.replace(tmp, args.out)
     print(f"garak {facts['garak_version']} vs gemma4 serve {args.model}: {facts['attempts']} attempts, "
           f"{facts['outputs_with_text']} answered, garak ran {garak_s:.0f} s")
-    print(f"{'probe':<22} {'detector':<24} {'passed':>6} {'failed':>6} {'no output':>9}")
-    for r in rows:
-        print(f"{r['probe']:<22} {r['detector']:<24} {r['passed']:>6} {r['failed']:>6} {r['no_output']:>9}")
+    print(markdown_table(summary), end="")
+    print(f"garak eval rows agree with the attempts: {summary['eval_agrees']}")
+    if args.report_dir:
+        write_report(args.report_dir, summary, meta={k: out[k] for k in ("what", "model", "probes", "garak_version",
+                                                                         "garak_command", "garak_s")})
+        print(f"-> {args.report_dir}/report.{{json,md,html}}")
     print(f"-> {args.out}")
 
 
