@@ -33,7 +33,7 @@ from gemma4.train import Trainer, TrainConfig, make_trainable, pack
 from gemma4.train.data import Document, encode_chat
 
 __all__ = ["ClassifierError", "SafetyClassifier", "POLICIES", "DEFAULT_POLICY", "build_prompt", "train_classifier",
-           "calibrate", "fit_temperature", "reliability_plot", "read_labeled", "labeled_from_examples",
+           "calibrate", "fit_temperature", "nll", "probability", "reliability_plot", "read_labeled", "labeled_from_examples",
            "CLASSIFIER_FILE"]
 
 CLASSIFIER_FILE = "classifier.json"
@@ -159,7 +159,7 @@ class SafetyClassifier:
 
     def score(self, prompts: Sequence[str], responses: Sequence[str | None] | None = None) -> list[float]:
         """P(violation) per item: softmax over the two answer logits, i.e. sigmoid(margin / temperature)."""
-        return [_sigmoid(m / self.temperature) for m in self.margins(prompts, responses)]
+        return [probability(m, self.temperature) for m in self.margins(prompts, responses)]
 
     def flag(self, prompts: Sequence[str], responses: Sequence[str | None] | None = None) -> list[bool]:
         return [p > self.threshold for p in self.score(prompts, responses)]
@@ -218,6 +218,11 @@ class SafetyClassifier:
             raise ClassifierError(f"{f}: answer token ids {want.get('yes_id')}/{want.get('no_id')} do not match the "
                                   f"tokenizer's {clf.yes_id}/{clf.no_id}")
         return clf
+
+
+def probability(margin: float, temperature: float = 1.0) -> float:
+    """P("Yes") from logit("Yes") - logit("No"): the two-way softmax, sigmoid(margin / temperature)."""
+    return _sigmoid(margin / temperature)
 
 
 def _sigmoid(x: float) -> float:

@@ -72,6 +72,13 @@ def register(app: typer.Typer) -> None:
         max_body: int = typer.Option(4 << 20, help="Largest request body in bytes (413 beyond)."),
         threads: Optional[int] = typer.Option(None, help="torch.set_num_threads."),
         no_pack: bool = typer.Option(False, "--no-pack", help="Keep plain weights (skip the oneDNN CPU fast path)."),
+        moderate: Optional[Path] = typer.Option(None, "--moderate", help="Classifier directory (from `gemma4 classify "
+                                                "train`): score every finished reply and answer the flagged ones "
+                                                "with the canonical refusal and finish_reason 'content_filter'. "
+                                                "Streamed replies are then held back until scored."),
+        moderate_threshold: Optional[float] = typer.Option(None, "--moderate-threshold", min=0.0, max=1.0,
+                                                           help="Flag a reply when P(violation) is above this "
+                                                           "(default: the classifier's own threshold)."),
     ):
         """Serve MODEL over an OpenAI-compatible HTTP API with continuous batching."""
         try:
@@ -87,6 +94,15 @@ def register(app: typer.Typer) -> None:
             torch.set_num_threads(threads)
         if not _loopback(host) and not api_key:
             typer.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
+        if moderate_threshold is not None and moderate is None:
+            raise typer.BadParameter("--moderate-threshold needs --moderate CLASSIFIER_DIR")
+        moderation = {}
+        if moderate is not None:
+            from gemma4.align.classifier import SafetyClassifier
+            from gemma4.align.judge import REFUSAL
+
+            clf = SafetyClassifier.load(moderate, device=device, threshold=moderate_threshold)
+            moderation = dict(moderator=clf.scorer(), moderation_threshold=clf.threshold, refusal=REFUSAL)
         m, tok, how, load_s = load_for_serving(model, adapter=adapter, dtype=dtype_option(dtype), device=device,
                                                pack=not no_pack)
         engine = BatchEngine(m, max_batch=max_batch, prefill_chunk=prefill_chunk, max_queue=max_queue,
@@ -96,5 +112,7 @@ def register(app: typer.Typer) -> None:
                           max_tokens_cap=max_tokens_cap, request_timeout=timeout)
         typer.echo(f"serving {served!r} ({how}, loaded in {load_s:.1f} s) on http://{host}:{port}/v1 "
                    f"(batch {max_batch}, context {engine.max_length})", err=True)
-        uvicorn.run(create_app(engine, tok, cfg), host=host, port=port, log_level="info",
+        if moderate is not None:
+            typer.echo(f"moderating replies with {moderate} (threshold {moderation['moderation_threshold']:g})", err=True)
+        uvicorn.run(create_app(engine, tok, cfg, **moderation), host=host, port=port, log_level="info",
                     timeout_graceful_shutdown=5)

@@ -24,6 +24,17 @@ Prompts: a chat is rendered and encoded by ``Tokenizer.encode_chat`` (one ``<bos
 control tokens typed inside message text stay text, so no one can forge a turn); a raw text prompt gets one BOS unless it already starts with
 ``<bos>``; token-id prompts are used as given. Streamed and unstreamed chat replies go through the same
 :class:`~gemma4.serve.parser.StreamParser`, so they agree for any chunking of the model output.
+
+Moderation (optional, off by default): ``create_app(..., moderator=f, refusal=REFUSAL)`` with
+``f(prompt_text, response_text) -> P(violation)`` scores every finished choice (chat: the last user
+message against the reply's content, and against its reasoning when there is one; completions: the prompt
+against the generated text). A choice scored above ``moderation_threshold`` is answered with ``refusal``
+and ``finish_reason: "content_filter"`` (its reasoning, tool calls and logprobs are dropped), and is
+counted in ``/metrics`` (``gemma4_moderation_total{result=...}``). A moderator that raises counts as
+flagged (fail closed) and is logged. Streaming under moderation is buffered per choice: a choice's chunks
+are held until it has finished and been scored, then sent (or replaced by the refusal), so nothing
+unscored reaches the client; the cost is that tokens no longer arrive as they are made. The server never
+imports a classifier: the caller (``gemma4 serve --moderate``) passes the callable in.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations (Request) at runtime.
@@ -34,6 +45,8 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -322,8 +335,13 @@ class _Choice:
 
 
 # ============================================================================================ the app
-def create_app(engine: BatchEngine, tokenizer, config: ServeConfig | None = None, *, own_engine: bool = True):
-    """The FastAPI app serving ``engine`` (started on app startup and, if ``own_engine``, stopped on shutdown)."""
+def create_app(engine: BatchEngine, tokenizer, config: ServeConfig | None = None, *, own_engine: bool = True,
+               moderator: Callable[[str, str], float] | None = None, moderation_threshold: float = 0.5,
+               refusal: str | None = None):
+    """The FastAPI app serving ``engine`` (started on app startup and, if ``own_engine``, stopped on shutdown).
+
+    ``moderator``: optional ``(prompt_text, response_text) -> P(violation)``; replies scored above
+    ``moderation_threshold`` become ``refusal`` with finish_reason "content_filter" (module docstring)."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
@@ -333,6 +351,14 @@ def create_app(engine: BatchEngine, tokenizer, config: ServeConfig | None = None
 
     cfg = config or ServeConfig()
     metrics = Metrics()
+    if moderator is not None and not isinstance(refusal, str):
+        raise ValueError("create_app: a moderator needs the refusal text to answer flagged replies with")
+    if moderator is not None and not 0.0 <= moderation_threshold <= 1.0:
+        raise ValueError(f"create_app: moderation_threshold must be within [0, 1], got {moderation_threshold}")
+    # One worker: the classifier's forward passes run one at a time, off the event loop (which keeps
+    # answering /health and streaming other requests meanwhile).
+    mod_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gemma4-moderation") if moderator else None
+    mod_counts = {"passed": 0, "flagged": 0, "error": 0}
     context = engine.max_length
     bos = tokenizer.id_to_token(tokenizer.bos_id) if tokenizer.bos_id is not None else None
     style = "gemma3" if tokenizer.family == "gemma3" else "gemma4"
@@ -357,6 +383,8 @@ def create_app(engine: BatchEngine, tokenizer, config: ServeConfig | None = None
         finally:
             if own_engine:
                 await asyncio.get_running_loop().run_in_executor(None, engine.stop)
+            if mod_pool is not None:
+                mod_pool.shutdown(wait=False)
 
     app = FastAPI(title="gemma4", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.metrics, app.state.config = engine, metrics, cfg
@@ -533,7 +561,37 @@ def create_app(engine: BatchEngine, tokenizer, config: ServeConfig | None = None
     @app.get("/metrics")
     async def metrics_route(request: Request):
         auth(request)
-        return PlainTextResponse(metrics.render(engine), media_type="text/plain; version=0.0.4")
+        text = metrics.render(engine)
+        if moderator is not None:
+            text += "".join(["# HELP gemma4_moderation_total Finished choices scored by the moderator, by result.\n",
+                             "# TYPE gemma4_moderation_total counter\n"]
+                            + [f'gemma4_moderation_total{{result="{k}"}} {v}\n' for k, v in mod_counts.items()])
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    # ------------------------------------------------------------------------------------------ moderation
+    async def flagged(prompt_text: str, *texts: str) -> bool:
+        """Score each non-empty text against the prompt; True when any is above the threshold. Runs on the
+        moderation thread; a failure counts as flagged (fail closed: an unscored reply is never sent)."""
+        loop = asyncio.get_running_loop()
+        try:
+            hit = False
+            for t in texts:
+                if t:
+                    p = await loop.run_in_executor(mod_pool, moderator, prompt_text, t)
+                    hit = hit or float(p) > moderation_threshold
+        except Exception:  # noqa: BLE001 - any moderator failure must still block the reply
+            log.exception("the moderator failed; the reply is withheld")
+            mod_counts["error"] += 1
+            hit = True
+        mod_counts["flagged" if hit else "passed"] += 1
+        return hit
+
+    def last_user_text(messages: list[dict]) -> str:
+        for m in reversed(messages):
+            if m["role"] == "user":
+                c = m["content"]
+                return c if isinstance(c, str) else "".join(part["text"] for part in c)
+        return ""
 
     def model_card() -> dict:
         return {"id": cfg.model_name, "object": "model", "created": cfg.created, "owned_by": "gemma4",
@@ -640,6 +698,7 @@ def create_app(engine: BatchEngine, tokenizer, config: ServeConfig | None = None
             return {"tool_calls": [_tool_call_out(d.call, calls_seen[index] - 1)]}
 
         calls_seen = [0] * n
+        asked = last_user_text(messages) if moderator is not None else ""
 
         if not stream:
             await collect(queue, reqs, request, choices)
@@ -648,6 +707,10 @@ def create_app(engine: BatchEngine, tokenizer, config: ServeConfig | None = None
             out_choices = []
             for ch in choices:
                 res = ch.parser.result()
+                if moderator is not None and await flagged(asked, res.content, res.thinking):
+                    out_choices.append({"index": ch.index, "message": {"role": "assistant", "content": refusal},
+                                        "logprobs": None, "finish_reason": "content_filter"})
+                    continue
                 msg: dict[str, Any] = {"role": "assistant", "content": res.content if (res.content or not res.tool_calls) else None}
                 if res.thinking:
                     msg["reasoning"] = msg["reasoning_content"] = res.thinking
@@ -666,12 +729,17 @@ def create_app(engine: BatchEngine, tokenizer, config: ServeConfig | None = None
                 c["usage"] = None
             return "data: " + json.dumps(c, ensure_ascii=False) + "\n\n"
 
+        held: list[list[str]] = [[] for _ in range(n)]  # moderation: each choice's chunks until it is scored
+
         async def sse():
             try:
                 for ch in choices:
                     yield chunk(ch.index, {"role": "assistant", "content": ""})
                     for d in ch.initial:
-                        yield chunk(ch.index, delta_json(d, ch.index))
+                        if moderator is not None:
+                            held[ch.index].append(chunk(ch.index, delta_json(d, ch.index)))
+                        else:
+                            yield chunk(ch.index, delta_json(d, ch.index))
                 async for item in events(queue, reqs, request, poll_disconnect=False):
                     ch = choices[item[0]]
                     if item[1] == "token":
@@ -684,14 +752,31 @@ def create_app(engine: BatchEngine, tokenizer, config: ServeConfig | None = None
                         lp = None
                         err = finish_error(item[2], ch.req)
                         if err is not None:
+                            held[ch.index].clear()
                             yield "data: " + json.dumps(err.body()) + "\n\n"
                             continue
-                    for j, d in enumerate(deltas):
-                        yield chunk(ch.index, delta_json(d, ch.index), logprobs=lp if j == 0 else None)
+                    out = [chunk(ch.index, delta_json(d, ch.index), logprobs=lp if j == 0 else None)
+                           for j, d in enumerate(deltas)]
                     if not deltas and lp is not None:
-                        yield chunk(ch.index, {}, logprobs=lp)
+                        out.append(chunk(ch.index, {}, logprobs=lp))
+                    if moderator is None:
+                        for s in out:
+                            yield s
+                        if item[1] == "done":
+                            yield chunk(ch.index, {}, finish=ch.finish)
+                        continue
+                    held[ch.index] += out
                     if item[1] == "done":
-                        yield chunk(ch.index, {}, finish=ch.finish)
+                        res = ch.parser.result()
+                        if await flagged(asked, res.content, res.thinking):
+                            held[ch.index].clear()
+                            yield chunk(ch.index, {"content": refusal})
+                            yield chunk(ch.index, {}, finish="content_filter")
+                        else:
+                            for s in held[ch.index]:
+                                yield s
+                            held[ch.index].clear()
+                            yield chunk(ch.index, {}, finish=ch.finish)
                 if include_usage:
                     yield "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
                                                  "model": cfg.model_name, "system_fingerprint": None, "choices": [],
@@ -779,6 +864,11 @@ def create_app(engine: BatchEngine, tokenizer, config: ServeConfig | None = None
                 pos += len(s)
             return {"tokens": strs, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
+        def prompt_text(ch: _Choice) -> str:
+            i = ch.index // n
+            return raw[i] if isinstance(raw, list) and isinstance(raw[i], str) else (
+                raw if isinstance(raw, str) else tokenizer.decode(prompts[i], skip_special_tokens=True))
+
         if not stream:
             await collect(queue, reqs, request, choices)
             if any(ch.finish is None for ch in choices):
@@ -786,6 +876,10 @@ def create_app(engine: BatchEngine, tokenizer, config: ServeConfig | None = None
             out = []
             for ch in choices:
                 head = tokenizer.decode(prompts[ch.index // n]) if echo else ""
+                if moderator is not None and await flagged(prompt_text(ch), "".join(ch.text)):
+                    out.append({"index": ch.index, "text": head + refusal, "logprobs": None,
+                                "finish_reason": "content_filter"})
+                    continue
                 out.append({"index": ch.index, "text": head + "".join(ch.text), "logprobs": logprobs_of(ch, echo),
                             "finish_reason": ch.finish})
             return {"id": cid, "object": "text_completion", "created": created, "model": cfg.model_name,
@@ -798,6 +892,8 @@ def create_app(engine: BatchEngine, tokenizer, config: ServeConfig | None = None
             if include_usage:
                 c["usage"] = None
             return "data: " + json.dumps(c, ensure_ascii=False) + "\n\n"
+
+        held_text: list[list[str]] = [[] for _ in choices]  # moderation: chunks held until the choice is scored
 
         async def sse():
             try:
@@ -816,14 +912,28 @@ def create_app(engine: BatchEngine, tokenizer, config: ServeConfig | None = None
                             lp = {"tokens": [token_str(item[2])], "token_logprobs": [item[3]], "top_logprobs": [top],
                                   "text_offset": [0]}
                         if text or lp is not None:
-                            yield chunk(ch.index, text, logprobs=lp)
+                            if moderator is not None:
+                                held_text[ch.index].append(chunk(ch.index, text, logprobs=lp))
+                            else:
+                                yield chunk(ch.index, text, logprobs=lp)
                     else:
                         err = finish_error(item[2], ch.req)
                         if err is not None:
+                            if moderator is not None:
+                                held_text[ch.index].clear()
                             yield "data: " + json.dumps(err.body()) + "\n\n"
                             continue
                         text, _ = ch.done(item[2])
-                        yield chunk(ch.index, text, finish=ch.finish)
+                        if moderator is None:
+                            yield chunk(ch.index, text, finish=ch.finish)
+                        elif await flagged(prompt_text(ch), "".join(ch.text)):
+                            held_text[ch.index].clear()
+                            yield chunk(ch.index, refusal, finish="content_filter")
+                        else:
+                            for s in held_text[ch.index]:
+                                yield s
+                            held_text[ch.index].clear()
+                            yield chunk(ch.index, text, finish=ch.finish)
                 if include_usage:
                     yield "data: " + json.dumps({"id": cid, "object": "text_completion", "created": created,
                                                  "model": cfg.model_name, "choices": [], "usage": usage()}) + "\n\n"
