@@ -1,0 +1,291 @@
+"""The alignment stages as recipes over `gemma4.align.data` examples: encoding, safety SFT, DPO + NLL,
+the Lagrangian-constrained stage, GRPO-Lagrangian, and batched greedy answers for evaluation.
+
+Every stage is a `gemma4.train.loop.Trainer` run driven by an objective from `gemma4.train` (the losses
+know nothing about safety; this module supplies the data and the judges). Each returns the run's log
+(one dict per optimizer step) and writes ``train_log.jsonl`` into ``out`` when one is given. The model
+is trained in place; stages never write checkpoints (the caller saves what it keeps).
+
+Chat format: ``[{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]`` encoded
+with `gemma4.train.data.encode_chat`, so training sees exactly the tokens inference sees (the prompt
+ends at the model-turn opener, the answer ends with the end-of-turn token). Prompts longer than the
+budget lose tokens from the left of the user's text: wrapped requests keep their tail, where the
+request sits, and the turn markers are never cut."""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from gemma4._util import Gemma4Error
+from gemma4.align.data import Example
+from gemma4.align.judge import REFUSAL, is_refusal, is_unsafe
+from gemma4.infer import generate
+from gemma4.train import make_trainable
+from gemma4.train.constrained import GRPOLagrangianObjective, LagrangeMultiplier, LagrangianObjective
+from gemma4.train.data import encode_chat, encode_text
+from gemma4.train.loop import TrainConfig, Trainer
+from gemma4.train.preference import DPOObjective, Pairs, Responses, SFTObjective, precompute_reference
+
+__all__ = [
+    "StageError", "encode_answers", "encode_pairs", "prompt_ids", "frozen_copy", "run_sft", "run_dpo",
+    "run_lagrangian", "run_grpo_lagrangian", "greedy_answers", "is_helpful",
+]
+
+
+class StageError(Gemma4Error, ValueError):
+    """A stage that cannot run with the given data or settings; the message names the setting."""
+
+
+# ----------------------------------------------------------------------------- encoding
+def _messages(prompt: str, answer: str) -> list[dict]:
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+
+def _frame(tok) -> tuple[int, int]:
+    """(head, tail): the prompt tokens before the user's text (BOS + the user-turn opener) and after it
+    (end of turn, the model-turn opener, any generation prefill). Found as the common prefix and suffix
+    of the prompts of two chats that differ only in their user text (that text is tokenized on its
+    own, so nothing merges across its edges)."""
+    a, b = (encode_chat(tok, _messages(t, "x")) for t in ("a", "b"))
+    pa, pb = a.ids[: a.targets.index(True)], b.ids[: b.targets.index(True)]
+    head = 0
+    while head < min(len(pa), len(pb)) and pa[head] == pb[head]:
+        head += 1
+    tail = 0
+    while tail < min(len(pa), len(pb)) - head and pa[-1 - tail] == pb[-1 - tail]:
+        tail += 1
+    return head, tail
+
+
+def _encode(tok, prompt: str, answer: str, max_len: int, frame: tuple[int, int],
+            where: str) -> tuple[list[int], list[bool]]:
+    doc = encode_chat(tok, _messages(prompt, answer), source=where)
+    last = max(i for i, t in enumerate(doc.targets) if t)
+    ids, tg = doc.ids[: last + 1], doc.targets[: last + 1]  # nothing to learn after the end of turn
+    excess = len(ids) - max_len
+    if excess > 0:
+        head, tail = frame
+        text_end = tg.index(True) - tail  # the user's text is ids[head:text_end]
+        if head + excess >= text_end:  # keep at least one token of it
+            raise StageError(f"{where}: max_len {max_len} is too short for the answer and the chat markers "
+                             f"({len(ids) - (text_end - head) + 1} tokens with one token of the prompt text)")
+        ids, tg = ids[:head] + ids[head + excess:], tg[:head] + tg[head + excess:]
+    return ids, tg
+
+
+def encode_answers(tok, examples: Sequence[Example], answers: str | Sequence[str] = "chosen",
+                   max_len: int = 128) -> Responses:
+    """Prompt + answer rows. ``answers``: "chosen", "rejected" or "helpful" (that field of each example),
+    or one string per example (e.g. the refusal for every row)."""
+    if not examples:
+        raise StageError("no examples to encode")
+    if isinstance(answers, str):
+        if answers not in ("chosen", "rejected", "helpful"):
+            raise StageError(f"answers must be 'chosen', 'rejected', 'helpful' or one string per example, got {answers!r}")
+        texts = [getattr(e, answers) for e in examples]
+    else:
+        texts = list(answers)
+        if len(texts) != len(examples):
+            raise StageError(f"{len(texts)} answers for {len(examples)} examples")
+    frame = _frame(tok)
+    rows, masks = [], []
+    for i, (e, a) in enumerate(zip(examples, texts)):
+        ids, tg = _encode(tok, e.prompt, a, max_len, frame, f"example {i}")
+        rows.append(ids)
+        masks.append(tg)
+    return Responses.from_lists(rows, masks, tok.pad_id or 0)
+
+
+def encode_pairs(tok, examples: Sequence[Example], max_len: int = 128) -> Pairs:
+    """Preference pairs: each example's ``chosen`` ≻ ``rejected`` (refusal ≻ placeholder compliance on
+    harmful prompts, helpful ≻ refusal on benign and borderline ones)."""
+    return Pairs(encode_answers(tok, examples, "chosen", max_len), encode_answers(tok, examples, "rejected", max_len))
+
+
+def prompt_ids(tok, examples: Sequence[Example], max_len: int = 128) -> list[list[int]]:
+    """Each example's generation prompt (the chat up to the model's turn), left-truncated like the
+    training rows so that evaluation sees what training saw."""
+    frame = _frame(tok)
+    out = []
+    for i, e in enumerate(examples):
+        # A one-token stand-in answer: the prompt part is the same whatever the answer.
+        ids, tg = _encode(tok, e.prompt, "x", max_len, frame, f"example {i}")
+        out.append(ids[: tg.index(True)])
+    return out
+
+
+def _text_rows(tok, texts: Sequence[str], max_len: int) -> Responses:
+    rows, masks = [], []
+    for i, t in enumerate(texts):
+        ids = encode_text(tok, t, f"text {i}").ids[:max_len]
+        rows.append(ids)
+        masks.append([False] + [True] * (len(ids) - 1))
+    return Responses.from_lists(rows, masks, tok.pad_id or 0)
+
+
+def _stops(model, tok) -> list[int]:
+    eos = model.config.eos_token_id
+    ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    return sorted(set(ids) | set(getattr(tok, "stop_token_ids", None) or []))
+
+
+# ----------------------------------------------------------------------------- judges
+def is_helpful(example: Example, text: str) -> bool:
+    """Exact helpfulness of an answer to a benign request: the answer is the example's own helpful
+    answer, or it names the requested object without refusing and without the harm placeholder."""
+    t = text.strip()
+    if t == example.helpful.strip():
+        return True
+    return example.obj.lower() in t.lower() and not is_refusal(t) and not is_unsafe(t)
+
+
+# ----------------------------------------------------------------------------- runs
+def frozen_copy(model):
+    """A frozen copy of ``model`` (no gradient, eval mode): the reference of DPO and the constrained stages."""
+    ref = copy.deepcopy(model)
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref.eval()
+
+
+@contextmanager
+def _run_dir(out):
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        yield Path(out)
+    else:  # the loop always writes its log somewhere: a scratch directory when the caller keeps none
+        with tempfile.TemporaryDirectory(prefix="gemma4-stage-") as d:
+            yield Path(d)
+
+
+def _fit(model, objective, *, steps: int, lr: float, warmup_steps: int, max_grad_norm: float, dtype: str,
+         seed: int, out, on_step) -> list[dict]:
+    if not any(p.requires_grad for p in model.parameters()):
+        make_trainable(model)
+    cfg = TrainConfig(steps=steps, lr=lr, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, dtype=dtype,
+                      seed=seed, plot=False, checkpoints=False, min_lr_ratio=0.1)
+    with _run_dir(out) as d:
+        res = Trainer(model, None, cfg, d, objective=objective, on_step=on_step).fit()
+    model.eval()
+    return res.history
+
+
+def run_sft(model, tok, examples: Sequence[Example], *, steps: int = 100, lr: float = 1e-3, answers: str = "chosen",
+            texts: Sequence[str] = (), batch_size: int = 16, max_len: int = 128, warmup_steps: int = 0,
+            max_grad_norm: float = 1.0, dtype: str = "float32", seed: int = 0, out=None,
+            on_step: Callable[[dict], None] | None = None) -> list[dict]:
+    """Supervised fine-tuning on each example's answer (``answers="chosen"``: safety SFT; "helpful": the
+    helpful-only base, placeholder compliance on harmful prompts), with ``texts`` (knowledge sentences,
+    pretraining replay) mixed into the same batches as plain next-token rows."""
+    rows = encode_answers(tok, examples, answers, max_len)
+    if texts:
+        rows = Responses.cat([rows, _text_rows(tok, texts, max_len)])
+    return _fit(model, SFTObjective(rows, batch_size, seed), steps=steps, lr=lr, warmup_steps=warmup_steps,
+                max_grad_norm=max_grad_norm, dtype=dtype, seed=seed, out=out, on_step=on_step)
+
+
+def run_dpo(policy, reference, tok, examples: Sequence[Example], *, steps: int = 100, lr: float = 5e-5,
+            beta: float = 0.1, alpha: float = 1.0, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+            batch_size: int = 16, max_len: int = 128, warmup_steps: int = 0, max_grad_norm: float = 1.0,
+            dtype: str = "float32", seed: int = 0, out=None, on_step: Callable[[dict], None] | None = None) -> list[dict]:
+    """DPO + alpha·NLL(chosen) from ``reference`` (the frozen SFT model; None = a frozen copy of the
+    policy as it is now). The reference's log-probs are computed once, before the first step."""
+    reference = reference if reference is not None else frozen_copy(policy)
+    pairs = precompute_reference(reference, encode_pairs(tok, examples, max_len), batch_size)
+    obj = DPOObjective(pairs, beta=beta, alpha=alpha, loss_type=loss_type, label_smoothing=label_smoothing,
+                       batch_size=batch_size, seed=seed)
+    return _fit(policy, obj, steps=steps, lr=lr, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm,
+                dtype=dtype, seed=seed, out=out, on_step=on_step)
+
+
+def _multiplier(threshold, dual_lr, lambda_init, lambda_max, fixed_lambda) -> LagrangeMultiplier:
+    if fixed_lambda is not None:
+        return LagrangeMultiplier(init=fixed_lambda, lr=0.0, threshold=threshold, max_value=max(fixed_lambda, lambda_max),
+                                  min_value=min(1e-4, fixed_lambda), fixed=True)
+    return LagrangeMultiplier(init=lambda_init, lr=dual_lr, threshold=threshold, max_value=lambda_max)
+
+
+def run_lagrangian(policy, reference, tok, train_examples: Sequence[Example], val_examples: Sequence[Example], *,
+                   steps: int = 100, lr: float = 5e-5, beta: float = 0.1, alpha: float = 1.0,
+                   threshold: float = 0.05, dual_lr: float = 2.0, lambda_init: float = 1.0, lambda_max: float = 50.0,
+                   dual: str = "val", fixed_lambda: float | None = None, batch_size: int = 16,
+                   cost_batch_size: int = 16, val_batch_size: int = 64, max_len: int = 128, warmup_steps: int = 0,
+                   max_grad_norm: float = 1.0, dtype: str = "float32", seed: int = 0, out=None,
+                   on_step: Callable[[dict], None] | None = None) -> list[dict]:
+    """min_θ max_λ DPO(helpful ≻ refusal) + alpha·NLL(helpful) on benign/borderline training prompts
+    + λ·(J_C − d), J_C = mean per-token NLL of the refusal on harmful prompts (training prompts in the
+    primal step; the validation red-team split's harmful prompts drive the dual, ``dual="val"``).
+    ``dual="train"`` and ``fixed_lambda`` are the ablations. Logs log λ, J_C,train and J_C,val every step."""
+    helpful = [e for e in train_examples if not e.harmful]
+    harmful = [e for e in train_examples if e.harmful]
+    val_harmful = [e for e in val_examples if e.harmful]
+    if not helpful or not harmful:
+        raise StageError(f"train_examples need benign and harmful prompts ({len(helpful)} benign/borderline, "
+                         f"{len(harmful)} harmful)")
+    if dual == "val" and not val_harmful:
+        raise StageError("val_examples hold no harmful prompt: the dual update has nothing to measure")
+    reference = reference if reference is not None else frozen_copy(policy)
+    pairs = precompute_reference(reference, encode_pairs(tok, helpful, max_len), batch_size)
+    cost_tr = encode_answers(tok, harmful, [REFUSAL] * len(harmful), max_len)
+    cost_val = encode_answers(tok, val_harmful, [REFUSAL] * len(val_harmful), max_len) if val_harmful else None
+    obj = LagrangianObjective(pairs, cost_tr, cost_val, beta=beta, alpha=alpha, batch_size=batch_size,
+                              cost_batch_size=cost_batch_size, val_batch_size=val_batch_size, dual=dual, seed=seed,
+                              multiplier=_multiplier(threshold, dual_lr, lambda_init, lambda_max, fixed_lambda))
+    return _fit(policy, obj, steps=steps, lr=lr, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm,
+                dtype=dtype, seed=seed, out=out, on_step=on_step)
+
+
+def run_grpo_lagrangian(policy, reference, tok, train_examples: Sequence[Example], *, steps: int = 50,
+                        lr: float = 1e-5, group_size: int = 4, prompts_per_step: int = 8, max_new_tokens: int = 32,
+                        temperature: float = 1.0, kl_beta: float = 0.04, clip_eps: float = 0.2,
+                        threshold: float = 0.05, dual_lr: float = 2.0, lambda_init: float = 1.0,
+                        lambda_max: float = 50.0, fixed_lambda: float | None = None, max_len: int = 128,
+                        warmup_steps: int = 0, max_grad_norm: float = 1.0, dtype: str = "float32", seed: int = 0,
+                        out=None, on_step: Callable[[dict], None] | None = None) -> list[dict]:
+    """GRPO-Lagrangian: ``group_size`` sampled answers per prompt; reward = `is_helpful` on benign and
+    borderline prompts, indicator cost = non-refusal on harmful ones; advantage Z_R − λ·Z_C; the dual
+    moves λ by the sampled violation rate minus ``threshold``."""
+    examples = list(train_examples)
+    reference = reference if reference is not None else frozen_copy(policy)
+
+    def score(i: int, text: str) -> tuple[float, float]:
+        ex = examples[i]
+        if ex.harmful:
+            return 0.0, float(not is_refusal(text))
+        return float(is_helpful(ex, text)), 0.0
+
+    if not any(p.requires_grad for p in policy.parameters()):
+        make_trainable(policy)
+    policy.train()
+    obj = GRPOLagrangianObjective(
+        policy, reference, prompt_ids(tok, examples, max_len), score, lambda ids: tok.decode(ids),
+        constrained=[e.harmful for e in examples], group_size=group_size, prompts_per_step=prompts_per_step,
+        max_new_tokens=max_new_tokens, temperature=temperature, clip_eps=clip_eps, kl_beta=kl_beta,
+        stop_token_ids=_stops(policy, tok), pad_id=tok.pad_id or 0, seed=seed,
+        multiplier=_multiplier(threshold, dual_lr, lambda_init, lambda_max, fixed_lambda))
+    return _fit(policy, obj, steps=steps, lr=lr, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm,
+                dtype=dtype, seed=seed, out=out, on_step=on_step)
+
+
+@torch.no_grad()
+def greedy_answers(model, tok, examples: Sequence[Example], max_new_tokens: int = 48, *, batch_size: int = 32,
+                   max_len: int = 128) -> list[str]:
+    """Greedy answers (batched, KV-cached `gemma4.infer.generate`), each cut at its end of turn."""
+    stops = _stops(model, tok)
+    prompts = prompt_ids(tok, examples, max_len)
+    out: list[str] = []
+    for s in range(0, len(prompts), batch_size):
+        # fast=False: the CPU fast path would swap the model's modules for inference-only ones, and a
+        # stage may evaluate a model it goes on training.
+        rows = generate(model, prompts[s : s + batch_size], max_new_tokens, stop_token_ids=stops,
+                        pad_id=tok.pad_id or 0, fast=False)
+        for r in rows:
+            cut = next((i for i, t in enumerate(r) if t in stops), len(r))
+            out.append(tok.decode(r[:cut]))
+    return out
