@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from gemma4._util import Gemma4Error
+from gemma4._util import Gemma4Error, Progress, no_progress
 from gemma4.align.data import Example
 from gemma4.align.judge import REFUSAL, is_refusal, is_unsafe
 from gemma4.infer import generate
@@ -275,12 +275,13 @@ def run_grpo_lagrangian(policy, reference, tok, train_examples: Sequence[Example
 
 @torch.no_grad()
 def greedy_answers(model, tok, examples: Sequence[Example], max_new_tokens: int = 48, *, batch_size: int = 32,
-                   max_len: int = 128) -> list[str]:
-    """Greedy answers (batched, KV-cached `gemma4.infer.generate`), each cut at its end of turn."""
+                   max_len: int = 128, progress: Progress | None = None) -> list[str]:
+    """Greedy answers (batched, KV-cached `gemma4.infer.generate`), each cut at its end of turn.
+    ``progress`` (a `gemma4._util.Progress`) is advanced once per batch."""
     stops = _stops(model, tok)
     prompts = prompt_ids(tok, examples, max_len)
     out: list[str] = []
-    for s in range(0, len(prompts), batch_size):
+    for s in (progress or no_progress)(range(0, len(prompts), batch_size), "greedy answers"):
         # fast=False: the CPU fast path would swap the model's modules for inference-only ones, and a
         # stage may evaluate a model it goes on training.
         rows = generate(model, prompts[s : s + batch_size], max_new_tokens, stop_token_ids=stops,
