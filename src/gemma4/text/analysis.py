@@ -25,7 +25,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from gemma4._util import atomic_write_text
 from gemma4.io import assets
+from gemma4.io.house import CONTROL_TOKENS
 from gemma4.text.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["Stats", "Report", "analyze", "compare_reports", "read_text_file", "train_bpe", "plot_pieces",
@@ -262,6 +264,24 @@ def train_bpe(texts: Sequence[str], vocab_size: int, min_frequency: int = 2) -> 
 
 
 _BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
+
+
+def train_chat_bpe(texts: Sequence[str], vocab_size: int, path: str | Path) -> Tokenizer:
+    """A domain BPE (:func:`train_bpe`) with Gemma 4's chat control tokens appended after its pieces,
+    saved to ``path`` (tokenizer.json) and loaded back, so that the chat format, the training data path
+    and generation's stop tokens work on a small model exactly as on a real Gemma 4. ``vocab_size``
+    counts the control tokens (the house model's eos list expects them right after the pieces)."""
+    tok = train_bpe(list(texts), vocab_size - len(CONTROL_TOKENS))
+    tok.backend.add_special_tokens(list(CONTROL_TOKENS))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(path)
+    # add_special_tokens re-registers the byte pieces as added tokens on save: drop those entries again
+    # (see train_bpe) so text with a rare character is not taken for a control token.
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if not _BYTE_PIECE.fullmatch(t["content"])]
+    atomic_write_text(path, json.dumps(spec, ensure_ascii=False))
+    return load_tokenizer(path)
 
 
 # ----------------------------------------------------------------------------------------------- plot
