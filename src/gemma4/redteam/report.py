@@ -223,12 +223,13 @@ def _html(summary: dict, meta: dict) -> str:
     extra = [s for s in summary.get("scorers", []) if s != summary["primary"]]
     head = ["family", "n harmful", f"ASR ({summary['primary']})", "95% CI", "unsafe marker", "n benign",
             "over-refusal", "95% CI"] + [f"ASR {s}" for s in extra] + ["errors"]
+    def ci(c, n) -> str:
+        return f"{100 * c[0]:.1f}–{100 * c[1]:.1f}%" if n else "-"
+
     body = []
     for f in summary["families"] + [summary["pooled"]]:
-        ci = lambda r, c, n: f"{100 * c[0]:.1f}–{100 * c[1]:.1f}%" if n else "-"  # noqa: E731
-        cells = [f["family"], f["n_harmful"], _pct(f["asr"]), ci(f["asr"], f["asr_ci"], f["n_harmful"]),
-                 _pct(f["unsafe"]), f["n_benign"], _pct(f["over_refusal"]),
-                 ci(f["over_refusal"], f["over_refusal_ci"], f["n_benign"])]
+        cells = [f["family"], f["n_harmful"], _pct(f["asr"]), ci(f["asr_ci"], f["n_harmful"]),
+                 _pct(f["unsafe"]), f["n_benign"], _pct(f["over_refusal"]), ci(f["over_refusal_ci"], f["n_benign"])]
         cells += [_pct(f["by_scorer"].get(s, {}).get("rate")) for s in extra] + [f["errors"]]
         cls = ' class="pooled"' if f["family"] == "pooled" else (' class="worst"' if f["family"] == summary.get("worst") else "")
         body.append(f"<tr{cls}>" + "".join(f"<td>{esc(str(c))}</td>" for c in cells) + "</tr>")
