@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -252,7 +253,7 @@ def train_classifier(model, tokenizer, examples: Sequence[tuple[str, str | None,
     """Fine-tune ``model`` (all parameters, float32 master weights) to answer Yes/No under ``policy``.
 
     ``examples``: (prompt, response or None, violates?) triples. ``out``: the run directory of the training
-    loop (log, last checkpoint); a temporary one when None. Returns the classifier (model in eval mode)."""
+    loop (its log and loss plot are kept); a temporary one when None. Returns the classifier (model in eval mode)."""
     examples = list(examples)
     if not examples:
         raise ClassifierError("no labeled examples to train on")
@@ -281,7 +282,11 @@ def train_classifier(model, tokenizer, examples: Sequence[tuple[str, str | None,
                       warmup_steps=warmup_steps, plot=out is not None)
     make_trainable(model)
     with tempfile.TemporaryDirectory(prefix="gemma4-classifier-") as tmp:
-        Trainer(model, rows, cfg, out if out is not None else tmp, on_step=on_step).fit()
+        run = Path(out) if out is not None else Path(tmp)
+        Trainer(model, rows, cfg, run, on_step=on_step).fit()
+        # The loop's end-of-run checkpoint (weights + AdamW moments, ~3x the model) is for resuming, which a
+        # classifier run does not offer: the saved classifier is the result, the log and plot stay.
+        shutil.rmtree(run / "checkpoints", ignore_errors=True)
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
@@ -419,7 +424,9 @@ def reliability_plot(cal: dict, path: str | Path, title: str | None = None) -> P
         width = cal["bins"][0][1] - cal["bins"][0][0] if cal["bins"] else 0.1
         ax.bar([(r[0] + r[1]) / 2 for r in full], [r[3] for r in full], width=width * 0.9, alpha=0.6,
                edgecolor="black", label="fraction positive")
-        ax.plot([r[2] for r in full], [r[3] for r in full], marker="o", color="C1", label="mean confidence")
+        # Each bin's point at its mean confidence: the gap to the diagonal is what ECE averages.
+        ax.plot([r[2] for r in full], [r[3] for r in full], marker="o", linestyle="none", color="C1",
+                label="bin at its mean confidence")
         for r in full:
             ax.annotate(f"n={r[4]}", ((r[0] + r[1]) / 2, min(r[3] + 0.02, 0.97)), ha="center", fontsize=7)
         ax.set_xlim(0, 1)
