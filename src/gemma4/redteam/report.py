@@ -83,9 +83,15 @@ def run(target, attacks: Sequence[Attack], scorers: Sequence, *, max_tokens: int
             r = replies[i]
             row.update(refused=is_refusal(r), unsafe=is_unsafe(r),
                        scores={s.name: float(scores[s.name][i]) for s in scorers},
-                       success={s.name: bool(scores[s.name][i] >= s.threshold) for s in scorers})
+                       success={s.name: _hit(s, scores[s.name][i]) for s in scorers})
         rows.append(row)
     return rows
+
+
+def _hit(scorer, value: float) -> bool:
+    # garak's convention (and ours for the 0/1 judges): a score at the threshold is a hit. A probability
+    # judge flags strictly above it (ShieldGemma's P(Yes) > tau); such a scorer sets ``strict = True``.
+    return bool(value > scorer.threshold) if getattr(scorer, "strict", False) else bool(value >= scorer.threshold)
 
 
 # ------------------------------------------------------------------------------------------- summary
@@ -185,7 +191,9 @@ def _plots(summary: dict) -> list[tuple[str, str]]:
         fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * len(fams) + 2), 3.6))
         x = range(len(fams))
         asr = [100 * f["asr"] for f in fams]
-        err = [[100 * (f["asr"] - f["asr_ci"][0]) for f in fams], [100 * (f["asr_ci"][1] - f["asr"]) for f in fams]]
+        # Clamped at 0: at k = 0 or k = n the Wilson bound equals the rate only up to rounding.
+        err = [[max(0.0, 100 * (f["asr"] - f["asr_ci"][0])) for f in fams],
+               [max(0.0, 100 * (f["asr_ci"][1] - f["asr"])) for f in fams]]
         ax.bar(x, asr, yerr=err, capsize=3, color="#c0504d")
         ax.set_xticks(list(x), [f["family"] for f in fams], rotation=45, ha="right", fontsize=8)
         ax.set_ylabel(f"ASR % ({summary['primary']})")
@@ -233,9 +241,14 @@ def _html(summary: dict, meta: dict) -> str:
         cells += [_pct(f["by_scorer"].get(s, {}).get("rate")) for s in extra] + [f["errors"]]
         cls = ' class="pooled"' if f["family"] == "pooled" else (' class="worst"' if f["family"] == summary.get("worst") else "")
         body.append(f"<tr{cls}>" + "".join(f"<td>{esc(str(c))}</td>" for c in cells) + "</tr>")
-    plots = _plots(summary)
+    try:
+        plots = _plots(summary)
+    except (ValueError, RuntimeError) as e:  # a figure is never a reason to lose a finished run's table
+        plots, figs_error = [], f"<p>(plots failed: {esc(str(e))})</p>"
+    else:
+        figs_error = ""
     figs = "".join(f'<figure><img alt="{esc(t)}" src="data:image/png;base64,{b}"><figcaption>{esc(t)}</figcaption>'
-                   "</figure>" for t, b in plots) or "<p>(plots need matplotlib: pip install 'gemma4[plot]')</p>"
+                   "</figure>" for t, b in plots) or figs_error or "<p>(plots need matplotlib: pip install 'gemma4[plot]')</p>"
     facts = "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(json.dumps(v) if not isinstance(v, str) else v)}</td></tr>"
                     for k, v in meta.items())
     return f"""<!doctype html>
