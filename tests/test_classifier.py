@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 import gemma4
 from cli_tiny import one_error_line
 from gemma4.align.classifier import (CLASSIFIER_FILE, POLICIES, ClassifierError, SafetyClassifier, build_prompt,
-                                     calibrate, fit_temperature, nll, read_labeled, reliability_plot,
-                                     train_classifier)
+                                     calibrate, fit_temperature, labeled_from_examples, nll, read_labeled,
+                                     reliability_plot, train_classifier)
 from gemma4.cli import app
 from gemma4.text.tokenizer import Tokenizer, build_from_vocab
 from gemma4.train.data import encode_chat
@@ -209,3 +209,18 @@ def test_labeled_data_errors_name_the_line(tmp_path):
         read_labeled(f)
     with pytest.raises(ClassifierError, match="no such file"):
         read_labeled(tmp_path / "missing.jsonl")
+
+
+def test_labeled_triples_from_the_alignment_data():
+    from gemma4.align.data import build
+    from gemma4.align.judge import REFUSAL
+
+    split = build(0, sources=False).splits["test_objects"]
+    exs = [e for e in split if e.harmful][:20] + [e for e in split if not e.harmful][:20]
+    assert any(e.harmful for e in exs) and not all(e.harmful for e in exs)
+    assert labeled_from_examples(exs) == [(e.prompt, None, e.harmful) for e in exs]
+    rows = labeled_from_examples(exs, responses=True, refusal=REFUSAL)
+    assert len(rows) == 2 * len(exs)
+    for e, answer, refusal in zip(exs, rows[0::2], rows[1::2]):
+        assert answer == (e.prompt, e.helpful, e.harmful) and refusal == (e.prompt, REFUSAL, False)
+        assert not e.harmful or "[unsafe-step]" in answer[1]  # harmful answers are placeholders only

@@ -27,8 +27,8 @@ control tokens typed inside message text stay text, so no one can forge a turn);
 
 Moderation (optional, off by default): ``create_app(..., moderator=f, refusal=REFUSAL)`` with
 ``f(prompt_text, response_text) -> P(violation)`` scores every finished choice (chat: the last user
-message against the reply's content, and against its reasoning when there is one; completions: the prompt
-against the generated text). A choice scored above ``moderation_threshold`` is answered with ``refusal``
+message against the reply's content, and against its reasoning when there is one; tool-call arguments are
+not scored; completions: the prompt against the generated text). A choice scored above ``moderation_threshold`` is answered with ``refusal``
 and ``finish_reason: "content_filter"`` (its reasoning, tool calls and logprobs are dropped), and is
 counted in ``/metrics`` (``gemma4_moderation_total{result=...}``). A moderator that raises counts as
 flagged (fail closed) and is logged. Streaming under moderation is buffered per choice: a choice's chunks
