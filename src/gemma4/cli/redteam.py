@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -91,7 +92,8 @@ def register(app: typer.Typer) -> None:
         dtype: Optional[str] = typer.Option(None, "--dtype", help="Model dtype (in-process target)."),
         device: str = typer.Option("cpu", "--device", help="Device (in-process target)."),
     ):
-        console = Console(stderr=False)
+        # Off a terminal (logs, CI) rich would wrap the table at 80 columns and split family names.
+        console = Console() if sys.stdout.isatty() else Console(width=132)
         check_output(out)
         if garak_report is not None:
             if target is not None:
