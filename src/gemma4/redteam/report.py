@@ -18,6 +18,7 @@ import base64
 import html
 import io
 import json
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -206,9 +207,13 @@ def _plots(summary: dict) -> list[tuple[str, str]]:
     if both:
         fig, ax = plt.subplots(figsize=(4.8, 4.2))
         ax.scatter([100 * f["over_refusal"] for f in both], [100 * f["asr"] for f in both], color="#4f81bd")
+        # Families at the same point share one label (overlapping labels would be unreadable).
+        at: dict[tuple, list[str]] = defaultdict(list)
         for f in both:
-            ax.annotate(f["family"], (100 * f["over_refusal"], 100 * f["asr"]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
+            at[(round(100 * f["over_refusal"], 1), round(100 * f["asr"], 1))].append(f["family"])
+        for (x, y), names in at.items():
+            ax.annotate(textwrap.fill(", ".join(names), 40), (x, y), fontsize=7, xytext=(4, -4),
+                        textcoords="offset points", va="top")
         ax.set_xlabel("over-refusal on benign %")
         ax.set_ylabel("ASR on harmful %")
         ax.set_xlim(-5, 105)
