@@ -349,3 +349,42 @@ def test_cli_on_a_tiny_model_and_a_garak_report(tiny, tmp_path):
     assert "dan.X" in (tmp_path / "g" / "report.md").read_text()
     res = runner.invoke(app, ["redteam", "--out", str(tmp_path / "n")])
     assert res.exit_code != 0 and "TARGET" in res.output
+
+
+def test_openai_target_against_our_server(tiny):
+    """Every family's conversation (tool turns included) through `gemma4 serve`'s app on loopback."""
+    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("fastapi")
+    import socket
+    import threading
+    import time
+
+    from gemma4.infer.batch import BatchEngine
+    from gemma4.serve.app import ServeConfig, create_app
+
+    _, m, tok = tiny
+    engine = BatchEngine(m, max_batch=4, prefill_chunk=64, max_queue=64, stop_token_ids=tok.stop_token_ids)
+    app_ = create_app(engine, tok, ServeConfig(model_name="tiny", api_key="k", max_tokens_cap=16,
+                                               request_timeout=30))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app_, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    try:
+        t0 = time.time()
+        while not srv.started:
+            assert time.time() - t0 < 20, "server did not start"
+            time.sleep(0.05)
+        target = OpenAITarget(f"http://127.0.0.1:{port}", api_key="k", concurrency=4)
+        assert target.model == "tiny"
+        attacks = build_attacks([HARM], ["plain", "base64", "multi_turn", "tool_injection", "document_injection"])
+        rows = run(target, attacks, [RefusalScorer()], max_tokens=4)
+        assert all(r["error"] is None and isinstance(r["response"], str) for r in rows)
+        with pytest.raises(TargetError, match=r"127.0.0.1:\d+/v1/chat/completions: HTTP 401"):
+            OpenAITarget(f"http://127.0.0.1:{port}/v1", model="tiny", api_key="wrong").respond(
+                [attacks[0].chat()], 4)
+    finally:
+        srv.should_exit = True
+        th.join(10)
