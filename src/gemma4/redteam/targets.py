@@ -9,7 +9,6 @@ comes back as text (``[tool call NAME]``) so the scorers see that the model did 
 from __future__ import annotations
 
 import json
-import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol, Sequence, runtime_checkable
@@ -18,8 +17,6 @@ from urllib.parse import urlsplit
 from gemma4._util import Gemma4Error
 from gemma4.infer import generate
 from gemma4.text.chat import ChatError, parse_response
-
-log = logging.getLogger("gemma4")
 
 __all__ = ["Target", "TargetError", "ModelTarget", "OpenAITarget", "reply_text"]
 
