@@ -107,6 +107,16 @@ def test_stages_and_eval(setup):
     assert "λ 2" in r.output and "J_C,val" in r.output
     assert [x["lambda"] for x in read_log(root / "lag_fixed" / "train_log.jsonl")] == pytest.approx([2.0, 2.0])
 
+    # On-policy: one step of groups sampled through our generation; the helpful-only base from the CLI too.
+    r = run("align", "grpo", sft, data, "--out", root / "grpo", "--steps", 1, "--group-size", 2,
+            "--prompts-per-step", 2, "--max-new-tokens", 3, "--json")
+    assert r.exit_code == 0, r.output
+    log = read_log(root / "grpo" / "train_log.jsonl")
+    assert len(log) == 1 and all(k in log[0] for k in ("reward", "cost", "lambda", "log_lambda", "kl"))
+    r = run("align", "sft", base, data, "--out", root / "helpful", "--steps", 1, "--batch-size", 4, "--answers",
+            "helpful", "--no-replay")
+    assert r.exit_code == 0 and (root / "helpful" / "model" / "tokenizer.json").is_file(), r.output
+
     r = run("align", "eval", root / "lag" / "model", data, "--limit", 4, "--json", "--max-new-tokens", 4)
     assert r.exit_code == 0, r.output
     rep = json.loads(r.output.strip().splitlines()[-1])
@@ -134,6 +144,8 @@ def test_bad_inputs_are_one_line(setup):
     r = run("align", "dpo", base, data, "--out", root / "x", "--loss", "nope")
     assert r.exit_code != 0 and len(r.output.strip().splitlines()) == 1, r.output
     assert "error: --loss 'nope'" in r.output and "sigmoid, ipo, hinge, robust, simpo" in r.output
+    r = run("align", "lagrangian", base, data, "--out", root / "x", "--fixed-lambda", 0)
+    assert r.exit_code != 0 and r.output.startswith("error: --fixed-lambda"), r.output
     r = run("align", "eval", base, data, "--split", "test_nothing")
     assert r.exit_code != 0 and "test_wrappers" in r.output and len(r.output.strip().splitlines()) == 1
 

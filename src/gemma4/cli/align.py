@@ -30,7 +30,8 @@ from gemma4.io import load_pretrained, save_pretrained
 from gemma4.text import load_tokenizer
 from gemma4.train.preference import LOSS_TYPES
 
-align_app = typer.Typer(help="Safety alignment: curated data, then SFT / DPO / Lagrangian stages.",
+align_app = typer.Typer(help="Safety alignment: curated data, the SFT / DPO / Lagrangian / GRPO stages on any "
+                             "checkpoint, and the exact-judge evaluation.",
                         no_args_is_help=True)
 
 
@@ -87,23 +88,35 @@ _DATA_HELP = "Alignment data directory written by `gemma4 align data` (train.jso
 
 
 # Options every training stage takes; typer needs each as a parameter default, so they are built once here.
-_OUT = typer.Option(..., "--out", "-o", help="Run directory: OUT/model (checkpoint + tokenizer.json) and OUT/train_log.jsonl.")
+_OUT = typer.Option(..., "--out", "-o",
+                    help="Run directory: OUT/model (checkpoint + tokenizer.json) and OUT/train_log.jsonl.")
 _BATCH = typer.Option(16, "--batch-size", min=1, help="Examples (or preference pairs) per optimizer step.")
 _MAXLEN = typer.Option(128, "--max-len", min=8, help="Tokens per row; long prompts lose text from the left of the "
-                                              "user's turn (the request at the end is kept).")
+                                                     "user's turn (the request at the end is kept).")
 _SEED = typer.Option(0, help="Seed for the data order (and GRPO's sampling).")
 _WARMUP = typer.Option(0, "--warmup", min=0, help="Linear warmup steps, then a cosine to 0.1 x --lr.")
 _CLIP = typer.Option(1.0, "--grad-clip", min=0.0, help="Clip the gradient norm to this (0: no clipping).")
 _TOK = typer.Option(None, "--tokenizer", "-t", help="Tokenizer (default: the checkpoint's tokenizer.json / .model).")
 _JSON = typer.Option(False, "--json", help="Print the summary as one JSON object.")
-_REF = typer.Option(None, "--reference", "-r", help="Frozen reference model (the SFT model); default: MODEL itself, "
-                                             "frozen before the first step.")
-_THRESH = typer.Option(0.05, "--threshold", "-d", min=0.0, help="Cost limit d: mean per-token NLL of the refusal (nats) for "
-                                                       "`lagrangian`, the violation rate for `grpo`.")
+_REF = typer.Option(None, "--reference", help="Frozen reference model (the SFT model); default: MODEL itself, "
+                                                    "frozen before the first step.")
+_THRESH = typer.Option(0.05, "--threshold", min=0.0,
+                       help="Cost limit d: mean per-token NLL of the refusal (nats) for `lagrangian`, the violation "
+                            "rate for `grpo`.")
 _DUAL_LR = typer.Option(2.0, "--dual-lr", min=0.0, help="Step size of the dual update on log λ.")
 _LAM0 = typer.Option(1.0, "--lambda-init", min=0.0, help="λ at the first step.")
-_LAM_MAX = typer.Option(50.0, "--lambda-max", min=0.0, help="Upper bound of λ (a diverging λ would swamp the help loss).")
-_FIXED = typer.Option(None, "--fixed-lambda", min=0.0, help="Keep λ at this value (the fixed-λ ablation: no dual update).")
+_LAM_MAX = typer.Option(50.0, "--lambda-max", min=0.0,
+                        help="Upper bound of λ (a diverging λ would swamp the help loss).")
+_FIXED = typer.Option(None, "--fixed-lambda", min=0.0,
+                      help="Keep λ at this value (the fixed-λ ablation: no dual update).")
+
+
+def _check_lambda(lambda_init: float, lambda_max: float, fixed_lambda: Optional[float]) -> None:
+    """λ lives in log space, so it must stay positive; checked here, before any model loads."""
+    if fixed_lambda is not None and fixed_lambda <= 0:
+        raise CliError(f"--fixed-lambda {fixed_lambda}: must be > 0 (λ is kept in log space)")
+    if fixed_lambda is None and not 0 < lambda_init <= lambda_max:
+        raise CliError(f"--lambda-init {lambda_init}: must be > 0 and <= --lambda-max ({lambda_max})")
 
 
 def _check_data(data_dir: Path) -> AlignData:
@@ -207,8 +220,9 @@ def _run_stage(name: str, model_spec: str, data_dir: Path, out: Path, tokenizer:
         log = run(model, ref, tok, data, bar.step)
     _save(model, tok, out / "model")
     last = log[-1] if log else {}
-    info = {"stage": name, "steps": len(log), "final_loss": last.get("loss"), "seconds": round(time.perf_counter() - t0, 2),
-            "model": str(out / "model"), "log": str(out / "train_log.jsonl")}
+    info = {"stage": name, "steps": len(log), "final_loss": last.get("loss"),
+            "seconds": round(time.perf_counter() - t0, 2), "model": str(out / "model"),
+            "log": str(out / "train_log.jsonl")}
     info.update({k: last[k] for k, _ in fields if isinstance(last.get(k), (int, float))})
     if summary is not None:
         info.update(summary(log))
@@ -227,11 +241,13 @@ def sft_cmd(
     out: Path = _OUT,
     steps: int = typer.Option(200, min=1, help="Optimizer steps."),
     lr: float = typer.Option(1e-3, min=0.0, help="Peak learning rate (AdamW)."),
-    answers: str = typer.Option("chosen", "--answers", help="chosen: refuse harmful requests, help with the rest (safety "
-                                                    "SFT); helpful: answer every request, harmful ones with the "
-                                                    "placeholder compliance (the helpful-only base)."),
-    replay: bool = typer.Option(True, "--replay/--no-replay", help="Mix the knowledge sentences (knowledge_train.jsonl) "
-                                                           "into the batches so facts are not forgotten."),
+    answers: str = typer.Option("chosen", "--answers",
+                                help="chosen: refuse harmful requests, help with the rest (safety SFT); helpful: "
+                                     "answer every request, harmful ones with the placeholder compliance (the "
+                                     "helpful-only base)."),
+    replay: bool = typer.Option(True, "--replay/--no-replay",
+                                help="Mix the knowledge sentences (knowledge_train.jsonl) into the batches so facts "
+                                     "are not forgotten."),
     batch_size: int = _BATCH, max_len: int = _MAXLEN, seed: int = _SEED, warmup: int = _WARMUP,
     grad_clip: float = _CLIP, tokenizer: Optional[str] = _TOK, json_out: bool = _JSON,
 ) -> None:
@@ -257,11 +273,12 @@ def dpo_cmd(
     out: Path = _OUT,
     reference: Optional[str] = _REF,
     beta: float = typer.Option(0.1, min=0.0, help="β: how far the policy may move from the reference (KL strength)."),
-    alpha: float = typer.Option(1.0, min=0.0, help="Weight of the NLL anchor on the chosen answer (0: plain DPO, which "
-                                           "can lower both answers' likelihood)."),
+    alpha: float = typer.Option(1.0, min=0.0, help="Weight of the NLL anchor on the chosen answer (0: plain DPO, "
+                                                   "which can lower both answers' likelihood)."),
     loss: str = typer.Option("sigmoid", "--loss", help=f"Preference loss: {', '.join(LOSS_TYPES)}."),
     label_smoothing: float = typer.Option(0.0, "--label-smoothing", min=0.0, max=0.5,
-                                  help="Share of pairs assumed flipped (the robust loss's ε; cDPO for sigmoid)."),
+                                          help="Share of pairs assumed flipped (the robust loss's ε; cDPO for "
+                                               "sigmoid)."),
     steps: int = typer.Option(80, min=1, help="Optimizer steps."),
     lr: float = typer.Option(5e-5, min=0.0, help="Peak learning rate (AdamW)."),
     batch_size: int = _BATCH, max_len: int = _MAXLEN, seed: int = _SEED, warmup: int = _WARMUP,
@@ -289,15 +306,17 @@ def _lambda_summary(log: list[dict]) -> dict:
     return {"lambda_max_seen": max(lams)} if lams else {}
 
 
-@align_app.command("lagrangian", short_help="min_θ max_λ L_help + λ·(J_C − d), the dual driven by the validation red-team split.")
+@align_app.command("lagrangian", short_help="min_θ max_λ L_help + λ·(J_C − d), the dual driven by the validation "
+                                            "red-team split.")
 def lagrangian_cmd(
     model: str = typer.Argument(..., help=_MODEL_HELP),
     data_dir: Path = typer.Argument(..., help=_DATA_HELP),
     out: Path = _OUT,
     reference: Optional[str] = _REF,
     threshold: float = _THRESH, dual_lr: float = _DUAL_LR, lambda_init: float = _LAM0, lambda_max: float = _LAM_MAX,
-    dual: str = typer.Option("val", "--dual", help="What drives the dual update: val (the held-out validation red-team "
-                                           "split) or train (this step's training prompts; an ablation)."),
+    dual: str = typer.Option("val", "--dual", help="What drives the dual update: val (the held-out validation "
+                                                   "red-team split) or train (this step's training prompts; an "
+                                                   "ablation)."),
     fixed_lambda: Optional[float] = _FIXED,
     beta: float = typer.Option(0.1, min=0.0, help="β of the helpfulness DPO term."),
     alpha: float = typer.Option(1.0, min=0.0, help="Weight of the NLL anchor on the helpful answer."),
@@ -312,6 +331,7 @@ def lagrangian_cmd(
     validation red-team split and logged (log_lambda, j_tr, j_val). Writes OUT/model and OUT/train_log.jsonl."""
     if dual not in ("val", "train"):
         raise CliError(f"--dual {dual!r}: use val or train")
+    _check_lambda(lambda_init, lambda_max, fixed_lambda)
 
     def run(m, ref, tok, data, on_step):
         return run_lagrangian(m, ref, tok, data.splits["train"], data.splits["val_redteam"], steps=steps, lr=lr,
@@ -325,14 +345,15 @@ def lagrangian_cmd(
                _lambda_summary)
 
 
-@align_app.command("grpo", short_help="GRPO-Lagrangian: on-policy groups, reward and cost z-scored per group, KL to the reference.")
+@align_app.command("grpo", short_help="GRPO-Lagrangian: on-policy groups, reward and cost z-scored per group, KL to "
+                                      "the reference.")
 def grpo_cmd(
     model: str = typer.Argument(..., help=_MODEL_HELP),
     data_dir: Path = typer.Argument(..., help=_DATA_HELP),
     out: Path = _OUT,
     reference: Optional[str] = _REF,
-    group_size: int = typer.Option(4, "--group-size", min=2, help="Sampled answers per prompt (the group whose scores "
-                                                          "are z-scored)."),
+    group_size: int = typer.Option(4, "--group-size", min=2,
+                                   help="Sampled answers per prompt (the group whose scores are z-scored)."),
     prompts_per_step: int = typer.Option(8, "--prompts-per-step", min=1, help="Prompts sampled per optimizer step."),
     max_new_tokens: int = typer.Option(24, "--max-new-tokens", min=1, help="Longest sampled answer."),
     temperature: float = typer.Option(1.0, min=0.0, help="Sampling temperature of the groups."),
@@ -348,6 +369,7 @@ def grpo_cmd(
     KV-cached generation; reward = helpful on benign/borderline prompts, cost = not refusing a harmful one;
     the advantage is z(reward) − λ·z(cost) within the group, with a KL penalty to the reference, and λ
     follows the sampled violation rate minus --threshold. Writes OUT/model and OUT/train_log.jsonl."""
+    _check_lambda(lambda_init, lambda_max, fixed_lambda)
 
     def run(m, ref, tok, data, on_step):
         return run_grpo_lagrangian(m, ref, tok, data.splits["train"], steps=steps, lr=lr, group_size=group_size,
@@ -401,7 +423,8 @@ def _pct(r: dict) -> tuple[str, str, str]:
     return f"{r['k']}/{r['n']}", rate, f"[{r['lo']:.1%}, {r['hi']:.1%}]"
 
 
-@align_app.command("eval", short_help="Greedy answers on the test splits, read by the exact judge: ASR, over-refusal, per family.")
+@align_app.command("eval", short_help="Greedy answers on the test splits, read by the exact judge: ASR, over-refusal, "
+                                      "per family.")
 def eval_cmd(
     model: str = typer.Argument(..., help="Checkpoint to evaluate (directory, .gguf or short name)."),
     data_dir: Path = typer.Argument(..., help=_DATA_HELP),
