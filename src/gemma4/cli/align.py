@@ -80,12 +80,10 @@ def data(
     console.print(f"test wrapper families: {', '.join(ds.meta['wrappers']['test'])}")
 
 
-
 # ----------------------------------------------------------------------------- shared by the stages
 _MODEL_HELP = "Checkpoint to train (directory, .gguf or short name); trained in float32 with its own tokenizer."
-_DATA_HELP = "Alignment data directory written by `gemma4 align data` (train.jsonl, val_redteam.jsonl, meta.json, ...)."
-
-
+_DATA_HELP = ("Alignment data directory written by `gemma4 align data` (train.jsonl, val_redteam.jsonl, "
+              "meta.json, ...).")
 
 # Options every training stage takes; typer needs each as a parameter default, so they are built once here.
 _OUT = typer.Option(..., "--out", "-o",
@@ -99,7 +97,7 @@ _CLIP = typer.Option(1.0, "--grad-clip", min=0.0, help="Clip the gradient norm t
 _TOK = typer.Option(None, "--tokenizer", "-t", help="Tokenizer (default: the checkpoint's tokenizer.json / .model).")
 _JSON = typer.Option(False, "--json", help="Print the summary as one JSON object.")
 _REF = typer.Option(None, "--reference", help="Frozen reference model (the SFT model); default: MODEL itself, "
-                                                    "frozen before the first step.")
+                                              "frozen before the first step.")
 _THRESH = typer.Option(0.05, "--threshold", min=0.0,
                        help="Cost limit d: mean per-token NLL of the refusal (nats) for `lagrangian`, the violation "
                             "rate for `grpo`.")
@@ -135,12 +133,12 @@ def _tokenizer(model: str, tokenizer: Optional[str]):
     return tok
 
 
-def _load_trainable(spec: str, what: str):
+def _load_trainable(spec: str):
     # float32 master weights: the stages' DPO log-ratios and the refusal NLL are differences of
     # near-equal sums, which bf16 weights would round away after a few small steps.
     model = load_pretrained(spec, dtype=torch.float32, trainable=True, progress=slow_progress)
     if model.config.quantization:
-        raise CliError(f"{what} {spec} is quantized ({model.config.quantization.get('scheme')}): its integer "
+        raise CliError(f"model {spec} is quantized ({model.config.quantization.get('scheme')}): its integer "
                        "weights cannot be trained; align the float checkpoint")
     return model
 
@@ -148,7 +146,6 @@ def _load_trainable(spec: str, what: str):
 def _load_reference(spec: Optional[str], model) -> Optional[torch.nn.Module]:
     if spec is None:
         return None  # the stage freezes a copy of the policy as it is before the first step
-    check_model(spec, what="reference")
     # Loaded as ordinary modules (not the inference fast path) and frozen: only its log-probs are read.
     ref = load_pretrained(spec, dtype=torch.float32, trainable=True, progress=slow_progress)
     if ref.config.vocab_size != model.config.vocab_size:
@@ -207,11 +204,13 @@ def _run_stage(name: str, model_spec: str, data_dir: Path, out: Path, tokenizer:
     """Check inputs, load, run ``run(model, ref, tok, data, on_step)``, save and summarize: the common
     frame of every training command."""
     check_model(model_spec)
+    if reference is not None:
+        check_model(reference, what="reference")
     out = check_output(out, model_spec)
     data = _check_data(data_dir)
     tok = _tokenizer(model_spec, tokenizer)
     t0 = time.perf_counter()
-    model = _load_trainable(model_spec, "model")
+    model = _load_trainable(model_spec)
     if tok.vocab_size > model.config.vocab_size:
         raise CliError(f"tokenizer has {tok.vocab_size} tokens, model {model_spec} only {model.config.vocab_size}")
     ref = _load_reference(reference, model)
