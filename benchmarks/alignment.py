@@ -65,12 +65,17 @@ CONTROL = 16  # gemma4.io.house.CONTROL_TOKENS: appended after the BPE pieces; <
 class Recipe:
     vocab_size: int = 2048
     max_len: int = 128
-    base_steps: int = 500
+    base_steps: int = 800
     base_lr: float = 3e-3
-    sft_steps: int = 200
+    # Knowledge sentences are repeated in the base stage: held-out objects are recognisable only through
+    # their facts ("X is illegal in most countries"), so each must be seen often enough to be learnt
+    # (run 1, once per 12 rows: held-out-object ASR after SFT 64-72%).
+    knowledge_repeat: int = 4
+    sft_steps: int = 300
     sft_lr: float = 1e-3
     dpo_steps: int = 80
-    dpo_lr: float = 5e-5
+    # Run 1 (5e-5): DPO from SFT raised held-out ASR (wrappers 7% -> 35%) and cut well-formed outputs.
+    dpo_lr: float = 2e-5
     lag_steps: int = 80
     lag_lr: float = 5e-5
     batch_size: int = 16
@@ -202,7 +207,16 @@ def _log(seed: int, msg: str) -> None:
     print(f"[seed {seed} {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def run_seed(seed: int, recipe: Recipe, out: Path, ablations: bool, tamper: bool) -> dict:
+def save_model(model, tok, directory: Path) -> None:
+    """A normal checkpoint directory (config.json, model.safetensors, tokenizer.json) that every command
+    loads: `gemma4 chat`, `gemma4 serve`, `gemma4 redteam`, `gemma4 classify`."""
+    from gemma4.io import save_pretrained
+
+    save_pretrained(model, directory)
+    tok.save(directory / "tokenizer.json")
+
+
+def run_seed(seed: int, recipe: Recipe, out: Path, ablations: bool, tamper: bool, save: Path | None = None) -> dict:
     torch.set_num_threads(1)  # seeds run as parallel processes: one core each beats two threads on tiny matrices
     torch.manual_seed(seed)
     t0 = time.perf_counter()
@@ -241,7 +255,7 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: bool, tamper: bool
                    f"wf {h['well_formed']:.0%} nll {h['lm_nll']:.3f}")
 
     stage("base", lambda: run_sft(base, tok, train, steps=recipe.base_steps, lr=recipe.base_lr, answers="helpful",
-                                  texts=data.knowledge_train, warmup_steps=20, **kw))
+                                  texts=data.knowledge_train * recipe.knowledge_repeat, warmup_steps=20, **kw))
     ev("base", base)
 
     sft = copy.deepcopy(base)
@@ -291,6 +305,10 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: bool, tamper: bool
                                                              max_len=recipe.max_len, seed=seed))
         ev("grpo_lagrangian", m)
 
+    if save is not None:
+        for name, m in (("base", base), ("sft", sft), ("dpo", dpo), ("lagrangian", lag)):
+            save_model(m, tok, save / f"seed{seed}" / name)
+        _log(seed, f"saved base/sft/dpo/lagrangian under {save / f'seed{seed}'}")
     if tamper:
         res["tamper"] = tamper_test(seed, {"sft": sft, "dpo": dpo, "lagrangian": lag}, tok, data, recipe)
     res["seconds"]["total"] = round(time.perf_counter() - t0, 1)
@@ -472,8 +490,8 @@ def plots(results: list[dict], out: Path) -> None:
 
 
 def _worker(args):
-    seed, recipe, out, ablations, tamper = args
-    return run_seed(seed, recipe, out, ablations, tamper)
+    seed, recipe, out, ablations, tamper, save = args
+    return run_seed(seed, recipe, out, ablations, tamper, save)
 
 
 def main(argv=None) -> int:
@@ -483,13 +501,15 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="few steps: checks the plumbing, numbers meaningless")
     ap.add_argument("--no-ablations", action="store_true")
     ap.add_argument("--no-tamper", action="store_true")
+    ap.add_argument("--save", type=Path, default=None, metavar="DIR",
+                    help="also write the first seed's base/sft/dpo/lagrangian checkpoints under DIR/seed<N>/")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="seeds run in parallel processes")
     a = ap.parse_args(argv)
     recipe = Recipe.quick() if a.quick else Recipe()
     a.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    jobs = [(s, recipe, a.out, s == a.seeds[0] and not a.no_ablations, s == a.seeds[0] and not a.no_tamper)
-            for s in a.seeds]
+    jobs = [(s, recipe, a.out, s == a.seeds[0] and not a.no_ablations, s == a.seeds[0] and not a.no_tamper,
+             a.save if s == a.seeds[0] else None) for s in a.seeds]
     if a.jobs > 1 and len(jobs) > 1:
         # The seed with the ablations is the longest: start it first.
         with mp.get_context("spawn").Pool(a.jobs) as pool:
