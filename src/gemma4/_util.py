@@ -7,6 +7,7 @@ import ctypes
 import errno
 import fnmatch
 import functools
+import json
 import os
 import shutil
 import stat
@@ -292,6 +293,27 @@ Progress = Callable[[Iterable[T], str], Iterable[T]]
 
 def no_progress(items: Iterable[T], description: str = "") -> Iterable[T]:
     return items
+
+
+# ----------------------------------------------------------------------------- JSON lines
+def read_jsonl(path: str | os.PathLike, error: type[Exception] = Gemma4Error, what: str = "") -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of a JSON-lines file. A line that is not JSON, or
+    not a JSON object, raises ``error`` naming ``file:line`` (and ``what`` the file should hold)."""
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{p}: no such file" + (f" ({what})" if what else ""))
+    hint = f"; expected {what}" if what else ""
+    with open(p, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{p}:{n}: not valid JSON ({e.msg}){hint}") from None
+            if not isinstance(rec, dict):
+                raise error(f"{p}:{n}: expected a JSON object{hint}")
+            yield n, rec
 
 
 # ----------------------------------------------------------------------------- memory

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from gemma4._util import Gemma4Error, atomic_path, atomic_write_text
+from gemma4._util import Gemma4Error, atomic_path, atomic_write_text, read_jsonl
 from gemma4.io import load_pretrained, save_pretrained
 from gemma4.text import load_tokenizer
 from gemma4.train import Trainer, TrainConfig, make_trainable, pack
@@ -300,23 +300,16 @@ def read_labeled(path: str | Path) -> list[tuple[str, str | None, bool]]:
     if not p.is_file():
         raise ClassifierError(f"{p}: no such file")
     out = []
-    with open(p, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ClassifierError(f"{p}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-                raise ClassifierError(f"{p}:{n}: each line needs a string 'prompt'")
-            resp = rec.get("response")
-            if resp is not None and not isinstance(resp, str):
-                raise ClassifierError(f"{p}:{n}: 'response' must be a string or absent")
-            label = rec.get("label")
-            if label not in (True, False, 0, 1):
-                raise ClassifierError(f"{p}:{n}: 'label' must be true/false (or 1/0)")
-            out.append((rec["prompt"], resp, bool(label)))
+    for n, rec in read_jsonl(p, ClassifierError, 'labeled rows: {"prompt", "response", "label"}'):
+        if not isinstance(rec.get("prompt"), str):
+            raise ClassifierError(f"{p}:{n}: each line needs a string 'prompt'")
+        resp = rec.get("response")
+        if resp is not None and not isinstance(resp, str):
+            raise ClassifierError(f"{p}:{n}: 'response' must be a string or absent")
+        label = rec.get("label")
+        if label not in (True, False, 0, 1):
+            raise ClassifierError(f"{p}:{n}: 'label' must be true/false (or 1/0)")
+        out.append((rec["prompt"], resp, bool(label)))
     if not out:
         raise ClassifierError(f"{p}: no labeled rows")
     return out

@@ -28,7 +28,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from gemma4._util import Gemma4Error, atomic_dir
+from gemma4._util import Gemma4Error, atomic_dir, read_jsonl
 from gemma4.align import sources as _src
 from gemma4.align.judge import REFUSAL, UNSAFE_MARKER
 from gemma4.align.sources import SLOT
@@ -294,16 +294,7 @@ class AlignData:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise AlignDataError(f"missing alignment data file {path}")
-    out = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise AlignDataError(f"{path}:{i}: not JSON: {e}") from None
-    return out
+    return [rec for _, rec in read_jsonl(path, AlignDataError, "a `gemma4 align data` split")]
 
 
 # ----------------------------------------------------------------------------------------- rendering

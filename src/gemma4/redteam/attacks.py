@@ -18,9 +18,9 @@ import codecs
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Sequence
 
-from gemma4._util import Gemma4Error
+from gemma4._util import Gemma4Error, read_jsonl
 
 __all__ = [
     "AttackError", "Request", "Attack", "FAMILIES", "DEFAULT_FAMILIES", "SLOTS", "fill_slot", "plain", "jailbreak",
@@ -310,26 +310,19 @@ def read_requests(path, limit: int | None = None) -> list[Request]:
     ``"category"``. Errors name the file and line."""
     p = Path(path)
     out: list[Request] = []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise AttackError(f"{p}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, Mapping) or not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
-                raise AttackError(f"{p}:{n}: each line needs a non-empty string 'prompt'")
-            if isinstance(rec.get("harmful"), bool):
-                harmful = rec["harmful"]
-            elif rec.get("kind") in ("harmful", "benign", "borderline"):
-                harmful = rec["kind"] == "harmful"
-            else:
-                raise AttackError(f"{p}:{n}: needs 'harmful': true/false (or 'kind': harmful/benign/borderline)")
-            out.append(Request(str(rec.get("id", f"{p.stem}:{n}")), rec["prompt"], harmful,
-                               str(rec.get("category", ""))))
-            if limit is not None and len(out) >= limit:
-                break
+    for n, rec in read_jsonl(p, AttackError, 'requests: {"prompt", "harmful"} per line'):
+        if not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
+            raise AttackError(f"{p}:{n}: each line needs a non-empty string 'prompt'")
+        if isinstance(rec.get("harmful"), bool):
+            harmful = rec["harmful"]
+        elif rec.get("kind") in ("harmful", "benign", "borderline"):
+            harmful = rec["kind"] == "harmful"
+        else:
+            raise AttackError(f"{p}:{n}: needs 'harmful': true/false (or 'kind': harmful/benign/borderline)")
+        out.append(Request(str(rec.get("id", f"{p.stem}:{n}")), rec["prompt"], harmful,
+                           str(rec.get("category", ""))))
+        if limit is not None and len(out) >= limit:
+            break
     if not out:
         raise AttackError(f"{p}: no requests")
     return out
