@@ -135,10 +135,10 @@ def classifier_part(models: Path, data, out: Path, clf_dir: Path, steps: int, lr
 
     def margins(examples):
         items, dropped = fits(clf, triples(spread(examples, per_split)))
-        return sorted_margins(clf, items), [t[2] for t in items], dropped
+        return sorted_margins(clf, items), [t[2] for t in items], dropped, [t[1] is None for t in items]
 
     t = time.perf_counter()
-    val_m, val_y, val_drop = margins(data.splits["val_redteam"])
+    val_m, val_y, val_drop, _ = margins(data.splits["val_redteam"])
     test = {s: margins(data.splits[s]) for s in TEST_SPLITS}
     temp = fit_temperature(val_m, val_y)
     clf.temperature = temp
@@ -146,16 +146,23 @@ def classifier_part(models: Path, data, out: Path, clf_dir: Path, steps: int, lr
         clf.save(clf_dir)
     res: dict = {"train": train_info, "temperature": temp, "val_redteam": {"n": len(val_m), "too_long": val_drop},
                  "splits": {}, "scoring_seconds": None}
-    pooled_m, pooled_y = [], []
-    for s, (m, y, drop) in test.items():
+    pooled_m, pooled_y, pooled_q = [], [], []
+    for s, (m, y, drop, q) in test.items():
         pooled_m += m
         pooled_y += y
+        pooled_q += q
         res["splits"][s] = {"too_long": drop,
                             "before": metrics([probability(x, 1.0) for x in m], y),
                             "after": metrics([probability(x, temp) for x in m], y)}
     res["splits"]["pooled"] = {"too_long": sum(v[2] for v in test.values()),
                                "before": metrics([probability(x, 1.0) for x in pooled_m], pooled_y),
                                "after": metrics([probability(x, temp) for x in pooled_m], pooled_y)}
+    # The same pooled items split by what is judged: the request alone, or a reply to it.
+    for what, want in (("pooled: request only", True), ("pooled: request + reply", False)):
+        m = [x for x, q in zip(pooled_m, pooled_q) if q == want]
+        y = [v for v, q in zip(pooled_y, pooled_q) if q == want]
+        res["splits"][what] = {"too_long": None, "before": metrics([probability(x, 1.0) for x in m], y),
+                               "after": metrics([probability(x, temp) for x in m], y)}
     res["scoring_seconds"] = round(time.perf_counter() - t, 1)
     for when, tt in (("before", 1.0), ("after", temp)):
         cal = calibrate([probability(x, tt) for x in pooled_m], pooled_y)
@@ -404,6 +411,11 @@ def main(argv=None) -> int:
 
     if not args.no_garak:
         res["garak"] = garak_part(models, out)
+        if "summary" in res["garak"]:
+            # garak's probes carry no benign controls: no over-refusal; "errors" = prompts the server rejected.
+            row = comparison_row("lagrangian via garak (gemma4 serve)", res["garak"]["summary"])
+            row["errors"] = sum(f["errors"] for f in res["garak"]["summary"]["families"])
+            res["comparison"].append(row)
 
     res["seconds"] = round(time.perf_counter() - t_all, 1)
     atomic_write_text(out / "summary.json", json.dumps(res, indent=1) + "\n")
