@@ -167,7 +167,7 @@ def classifier_part(models: Path, data, out: Path, clf_dir: Path, steps: int, lr
     for when, tt in (("before", 1.0), ("after", temp)):
         cal = calibrate([probability(x, tt) for x in pooled_m], pooled_y)
         reliability_plot(cal, out / f"reliability_{when}.png",
-                         title=f"classifier on held-out tests, T={tt:.2f}: ECE {cal['ece']:.3f}, n={cal['n']}")
+                         title=f"held-out tests, T={tt:.2f}: ECE {cal['ece']:.3f}, n={cal['n']}")
     p = res["splits"]["pooled"]
     log(f"classifier: T={temp:.3f}; pooled test ECE {p['before']['ece']:.3f} -> {p['after']['ece']:.3f}, "
         f"accuracy {p['after']['accuracy']:.1%} ({res['scoring_seconds']} s scoring)")
@@ -348,7 +348,7 @@ def main(argv=None) -> int:
     ap.add_argument("--classifier-dir", type=Path, default=None, help="default: <models>/classifier")
     ap.add_argument("--reuse-classifier", action="store_true", help="load --classifier-dir instead of training")
     ap.add_argument("--seed", type=int, default=0, help="the align data seed (the models' seed)")
-    ap.add_argument("--clf-steps", type=int, default=150)
+    ap.add_argument("--clf-steps", type=int, default=200)
     ap.add_argument("--clf-lr", type=float, default=1e-3)
     ap.add_argument("--clf-train-len", type=int, default=480, help="longest training prompt (tokens)")
     ap.add_argument("--clf-eval", type=int, default=100, help="examples per val/test split the classifier is "
