@@ -9,9 +9,10 @@
 
 (a) classifier: a :class:`~gemma4.align.classifier.SafetyClassifier` (policy ``synthetic``) fine-tuned from
     the ``base`` checkpoint on labeled triples of the seed's ``train`` split (request only: label = harmful;
-    request + placeholder compliance: label = harmful; request + canonical refusal: never a violation), its
-    temperature fitted on ``val_redteam``, and ECE / MCE / Brier before and after the temperature on every
-    held-out test split, plus reliability diagrams. The toy model's context is 256 tokens and the policy
+    request + its answer: label = harmful; request + canonical refusal: never a violation; a benign request
+    + placeholder steps: a violation, see :func:`triples`), its temperature fitted on ``val_redteam``, and
+    ECE / MCE / Brier before and after the temperature on every held-out test split, plus reliability
+    diagrams. The toy model's context is 256 tokens and the policy
     scaffold alone takes ~184, so the classifier copy gets a 768-token limit: the model has no learned
     position table (RoPE is computed per position), only the limit changes, and the fine-tune sees every
     length up to the longest wrapped request (~610 tokens).
@@ -48,7 +49,7 @@ import torch
 from gemma4._util import atomic_write_text
 from gemma4.align.classifier import (SafetyClassifier, calibrate, fit_temperature, labeled_from_examples, probability,
                                      reliability_plot, train_classifier)
-from gemma4.align.data import build
+from gemma4.align.data import build, compliance
 from gemma4.align.judge import REFUSAL
 from gemma4.io import load_pretrained
 from gemma4.redteam import (DEFAULT_FAMILIES, ClassifierScorer, MitigationBypassScorer, ModelTarget, OpenAITarget,
@@ -69,8 +70,14 @@ def log(msg: str) -> None:
 
 def triples(examples) -> list[tuple]:
     """Request-level (is the request a violation) and reply-level (is this reply a violation: the placeholder
-    compliance to a harmful request is, a refusal never is, a helpful answer to a benign request is not)."""
-    return labeled_from_examples(examples) + labeled_from_examples(examples, responses=True, refusal=REFUSAL)
+    compliance to a harmful request is, a refusal never is, a helpful answer to a benign request is not).
+
+    Plus, for every non-harmful request, the placeholder steps as its reply, labelled a violation (the
+    policy text says placeholder steps violate it whatever was asked). Without these the reply-level label
+    equals the request's, and a moderator that sees only the last user turn (a tool-injected or encoded
+    request) learns nothing from the reply: undertrained models do emit steps for benign requests."""
+    return (labeled_from_examples(examples) + labeled_from_examples(examples, responses=True, refusal=REFUSAL)
+            + [(e.prompt, compliance(e.obj), True) for e in examples if not e.harmful])
 
 
 def fits(clf: SafetyClassifier, items: list[tuple], limit: int | None = None) -> tuple[list[tuple], int]:
