@@ -488,6 +488,36 @@ def plots(results: list[dict], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "alignment.png", dpi=110)
     plt.close(fig)
+    # Training curves of every stage (first seed): SFT losses, DPO reward accuracy/margin, the Lagrangian's
+    # three terms, GRPO's reward and cost.
+    r0 = results[0]["logs"]
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    for name in ("base", "sft", "sft_3_wrappers", "shuffled_sft"):
+        if name in r0:
+            axes[0].plot([x["step"] for x in r0[name]], [x["loss"] for x in r0[name]], label=name)
+    axes[0].set_title("SFT stages: loss")
+    for name in ("dpo", "dpo_no_anchor", "shuffled_dpo"):
+        if name in r0:
+            axes[1].plot([x["step"] for x in r0[name]], [x["reward_margin"] for x in r0[name]], label=f"{name} margin")
+            axes[1].plot([x["step"] for x in r0[name]], [x["reward_acc"] for x in r0[name]], ":", label=f"{name} acc")
+    axes[1].set_title("DPO: reward margin and accuracy")
+    for name in ("lagrangian", "lag_fixed_lambda", "lag_dual_train"):
+        if name in r0:
+            axes[2].plot([x["step"] for x in r0[name]], [x["j_val"] for x in r0[name]], label=f"{name} J_C,val")
+            axes[2].plot([x["step"] for x in r0[name]], [x["j_tr"] for x in r0[name]], ":", label=f"{name} J_C,train")
+    axes[2].axhline(0.05, color="grey", lw=0.8)
+    axes[2].set_title("Lagrangian stages: refusal cost (d = 0.05)")
+    if "grpo_lagrangian" in r0:
+        g = r0["grpo_lagrangian"]
+        for k in ("reward", "cost", "kl"):
+            axes[3].plot([x["step"] for x in g], [x[k] for x in g], label=k)
+    axes[3].set_title("GRPO-Lagrangian: reward, cost, KL")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "training_curves.png", dpi=100)
+    plt.close(fig)
     tam = [r for r in results if "tamper" in r]
     if tam:
         fig, ax = plt.subplots(figsize=(6, 4))
