@@ -546,11 +546,18 @@ def main(argv=None) -> int:
     ap.add_argument("--no-tamper", action="store_true")
     ap.add_argument("--save", type=Path, default=None, metavar="DIR",
                     help="also write the first seed's base/sft/dpo/lagrangian checkpoints under DIR/seed<N>/")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a Recipe field, e.g. --set base_steps=1200 (repeatable)")
     ap.add_argument("--summarize-only", action="store_true",
                     help="rebuild the report from OUT/seed*/result.json without training")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="seeds run in parallel processes")
     a = ap.parse_args(argv)
     recipe = Recipe.quick() if a.quick else Recipe()
+    for item in a.set:
+        key, _, value = item.partition("=")
+        if key not in Recipe.__dataclass_fields__:
+            ap.error(f"--set: unknown Recipe field {key!r}")
+        recipe = replace(recipe, **{key: type(getattr(recipe, key))(value)})
     a.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if a.summarize_only:
