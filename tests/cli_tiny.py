@@ -7,6 +7,13 @@ model, so the chat format's control tokens exist; skipped only where the demo pa
 from __future__ import annotations
 
 import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -62,3 +69,39 @@ def one_error_line(result) -> str:
 
 __all__ = ["HAVE_DEMO", "char_checkpoint", "char_tokenizer", "chat_checkpoint", "no_traceback", "one_error_line",
            "torch"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(args: list[str], port: int, env: dict | None = None, timeout: float = 90.0):
+    """`python -m gemma4 serve ...` as a subprocess (``args`` after ``gemma4``): yields (process, base
+    URL) once /health answers, and stops it with Ctrl-C (then kill) however the test ends."""
+    import httpx
+
+    proc = subprocess.Popen([sys.executable, "-m", "gemma4", *args], env=env or dict(os.environ),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        t0 = time.time()
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() - t0 < timeout, "gemma4 serve did not come up"
+            time.sleep(0.3)
+        yield proc, base
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -4,14 +4,8 @@ Gemma 4 vocabulary, random weights) stands in for the 270M, so the blocks take s
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -22,6 +16,7 @@ import gemma4
 from gemma4.cli import app
 from gemma4.io import assets
 from gemma4.text import load_tokenizer
+from cli_tiny import free_port, running_server
 from test_cache import tiny_model
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -59,35 +54,16 @@ def test_readme_finetune_block(tiny_ckpt, tmp_path, monkeypatch):
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_readme_serve_blocks(tiny_ckpt, capsys):
     pytest.importorskip("uvicorn")
     sh, py = _section_blocks("Serve", "sh"), _section_blocks("Serve", "python")
     lines = " ".join(sh[0].replace("\\\n", " ").splitlines()).split("gemma4 serve", 1)[1]
     serve_cmd, curl = ("gemma4 serve" + lines).split(" curl ", 1)
     serve_argv = shlex.split(serve_cmd.split("#")[0])
-    port = _free_port()
+    port = free_port()
     argv = [str(tiny_ckpt) if a == NAME else (str(port) if a == "8000" else a) for a in serve_argv[1:]]
     assert argv[0] == "serve" and "--port" in argv
-    proc = subprocess.Popen([sys.executable, "-m", "gemma4", *argv, "--threads", "1"], env=dict(os.environ),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        t0 = time.time()
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() - t0 < 90, "gemma4 serve did not come up"
-            time.sleep(0.3)
+    with running_server([*argv, "--threads", "1"], port):
         # The curl line: its URL and JSON body, sent as curl would send them.
         c = shlex.split("curl " + curl)
         url = next(a for a in c if a.startswith("http")).replace("8000", str(port))
@@ -98,10 +74,3 @@ def test_readme_serve_blocks(tiny_ckpt, capsys):
         code = py[0].replace("127.0.0.1:8000", f"127.0.0.1:{port}")
         exec(compile(code, "README.md", "exec"), {})
         assert isinstance(capsys.readouterr().out, str)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
@@ -19,13 +14,8 @@ import gemma4  # noqa: E402
 from gemma4.cli.serve import _loopback  # noqa: E402
 from gemma4.io import assets  # noqa: E402
 from gemma4.text import load_tokenizer  # noqa: E402
+from cli_tiny import free_port, running_server  # noqa: E402
 from test_cache import tiny_model  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_loopback_detection():
@@ -40,23 +30,10 @@ def test_gemma4_serve_subprocess(tmp_path):
     ckpt = tmp_path / "tiny-gemma4"
     gemma4.save_pretrained(model, ckpt)
     tok.save(ckpt / "tokenizer.json")
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, GEMMA4_API_KEY="sk-cli-test")  # the key from the environment, not argv
-    proc = subprocess.Popen([sys.executable, "-m", "gemma4", "serve", str(ckpt), "--port", str(port),
-                             "--max-batch", "2", "--threads", "1"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        t0 = time.time()
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() - t0 < 90, "gemma4 serve did not come up"
-            time.sleep(0.3)
+    with running_server(["serve", str(ckpt), "--port", str(port), "--max-batch", "2", "--threads", "1"], port,
+                        env) as (proc, base):
         listening = [c.laddr for c in psutil.Process(proc.pid).net_connections(kind="inet") if c.status == "LISTEN"]
         assert listening and all(a.ip == "127.0.0.1" for a in listening), listening
         h = {"Authorization": "Bearer sk-cli-test"}
@@ -66,13 +43,6 @@ def test_gemma4_serve_subprocess(tmp_path):
                        json={"model": "tiny-gemma4", "prompt": "Hello", "max_tokens": 3, "temperature": 0,
                              "ignore_eos": True})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_adapter_is_merged_into_a_float_base(tmp_path):
