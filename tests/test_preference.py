@@ -96,8 +96,11 @@ def test_preference_loss_matches_formulas(loss_type, eps):
     pc, pr, rc, rr = _lps()
     beta, gamma = 0.3, 0.4
     nc, nr = torch.tensor([2, 3, 4, 5]), torch.tensor([3, 3, 2, 6])
-    if loss_type == "simpo" and eps:
-        pytest.skip("simpo has no label smoothing")
+    if eps and loss_type in ("ipo", "hinge", "simpo"):  # no smoothed form: refused, never ignored
+        with pytest.raises(PreferenceError, match="label_smoothing applies"):
+            preference_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=eps,
+                            chosen_tokens=nc, rejected_tokens=nr)
+        return
     loss, cr, rj = preference_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=eps,
                                    chosen_tokens=nc, rejected_tokens=nr, simpo_gamma=gamma)
     for i in range(4):

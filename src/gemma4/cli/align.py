@@ -28,7 +28,7 @@ from gemma4.cli._common import CliError, check_model, check_output, dtype_option
 from gemma4.cli._common import progress as cli_progress
 from gemma4.io import load_pretrained, save_pretrained
 from gemma4.text import load_tokenizer
-from gemma4.train.preference import LOSS_TYPES
+from gemma4.train.preference import LOSS_TYPES, check_preference_settings
 
 align_app = typer.Typer(help="Safety alignment: curated data, the SFT / DPO / Lagrangian / GRPO stages on any "
                              "checkpoint, and the exact-judge evaluation.",
@@ -289,6 +289,7 @@ def dpo_cmd(
     OUT/train_log.jsonl."""
     if loss not in LOSS_TYPES:
         raise CliError(f"--loss {loss!r}: use one of {', '.join(LOSS_TYPES)}")
+    check_preference_settings(loss, beta, label_smoothing)  # before any model loads
 
     def run(m, ref, tok, data, on_step):
         return run_dpo(m, ref, tok, data.splits["train"], steps=steps, lr=lr, beta=beta, alpha=alpha, loss_type=loss,

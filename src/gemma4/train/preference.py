@@ -164,6 +164,20 @@ def _rows_logprobs(model, r: Responses) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- losses
+def check_preference_settings(loss_type: str, beta: float, label_smoothing: float = 0.0) -> None:
+    """Raise PreferenceError on a loss type, beta or label smoothing that `preference_loss` cannot honour
+    (callers check before any work: a command line validates before loading models)."""
+    if loss_type not in LOSS_TYPES:
+        raise PreferenceError(f"unknown loss_type {loss_type!r}: use one of {', '.join(LOSS_TYPES)}")
+    if beta <= 0:
+        raise PreferenceError(f"beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise PreferenceError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if label_smoothing and loss_type not in ("sigmoid", "robust"):
+        # Refused rather than ignored: a setting that silently does nothing misleads an ablation.
+        raise PreferenceError(f"label_smoothing applies to the sigmoid and robust losses only, not {loss_type!r}")
+
+
 def preference_loss(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor | None, rr: torch.Tensor | None, *,
                     beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
                     chosen_tokens: torch.Tensor | None = None, rejected_tokens: torch.Tensor | None = None,
@@ -181,12 +195,7 @@ def preference_loss(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor | None,
       needs the token counts)
 
     Rewards are β·(pc - rc) and β·(pr - rr) (simpo: β·pc/|y_c| and β·pr/|y_r|)."""
-    if loss_type not in LOSS_TYPES:
-        raise PreferenceError(f"unknown loss_type {loss_type!r}: use one of {', '.join(LOSS_TYPES)}")
-    if beta <= 0:
-        raise PreferenceError(f"beta must be > 0, got {beta}")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise PreferenceError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    check_preference_settings(loss_type, beta, label_smoothing)
     if loss_type == "simpo":
         if chosen_tokens is None or rejected_tokens is None:
             raise PreferenceError("loss_type 'simpo' needs chosen_tokens and rejected_tokens (response lengths)")
@@ -325,6 +334,7 @@ class DPOObjective:
 
     def __init__(self, pairs: Pairs, *, beta: float = 0.1, alpha: float = 1.0, loss_type: str = "sigmoid",
                  label_smoothing: float = 0.0, simpo_gamma: float = 0.5, batch_size: int = 16, seed: int = 0):
+        check_preference_settings(loss_type, beta, label_smoothing)
         if loss_type != "simpo" and (pairs.ref_chosen is None or pairs.ref_rejected is None):
             raise PreferenceError("DPOObjective needs reference log-probs: call precompute_reference(reference, pairs)")
         self.pairs, self.sampler = pairs, _Sampler(len(pairs), batch_size, seed)
