@@ -54,3 +54,21 @@ def test_cli_progress_is_silent_for_quick_work_in_logs(capsys):
     assert capsys.readouterr().err == ""  # under a second: no lines in a log
     assert list(progress(range(5), "quantize")) == list(range(5))
     assert "quantize: 5/5" in capsys.readouterr().err
+
+
+def test_cli_generate_long_prompt_prefills_in_chunks(tmp_path):
+    """`gemma4 generate` on a prompt spanning several prefill chunks: same text as one-chunk prefill."""
+    from typer.testing import CliRunner
+
+    from cli_tiny import char_checkpoint
+    from gemma4.cli import app
+
+    ckpt = str(char_checkpoint(tmp_path / "m"))
+    prompt = "abcdefgh" * 8  # 64 characters: 8 chunks of 8
+    out = []
+    for chunk in ("8", "512"):
+        r = CliRunner().invoke(app, ["generate", "-m", ckpt, prompt, "-n", "4", "--prefill-chunk", chunk,
+                                     "--no-timings"])
+        assert r.exit_code == 0, r.output
+        out.append(r.stdout)
+    assert out[0] == out[1] and out[0].startswith(prompt)

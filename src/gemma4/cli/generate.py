@@ -13,7 +13,7 @@ from rich.console import Console, Group
 from rich.table import Table
 
 from gemma4.cli._common import (DTYPE_HELP, CliError, check_context, check_device, check_model, check_text,
-                                dtype_option, find_tokenizer, load_model, read_text_arg, timings_line)
+                                dtype_option, find_tokenizer, load_model, read_text_arg, slow_progress, timings_line)
 from gemma4.infer import GenerationError, LatencyMonitor, SamplingError, SamplingParams, stream
 from gemma4.infer.monitor import CATEGORIES
 from gemma4.model.attention import ATTENTION_BACKENDS
