@@ -48,7 +48,7 @@ import torch
 from gemma4._util import atomic_write_text
 from gemma4.align.data import AlignData, Example, build, compliance
 from gemma4.align.judge import REFUSAL, is_refusal, is_unsafe, wilson
-from gemma4.align.stages import (encode_answers, frozen_copy, greedy_answers, is_helpful, run_dpo,
+from gemma4.align.stages import (frozen_copy, greedy_answers, is_helpful, run_dpo,
                                  run_grpo_lagrangian, run_lagrangian, run_sft)
 from gemma4.model import FULL, SLIDING, Gemma4Config, build_model
 from gemma4.text.analysis import train_chat_bpe
@@ -231,7 +231,6 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: bool, tamper: bool
     init_weights_(base, seed=seed)
     n_params = sum(p.numel() for p in base.parameters())
     _log(seed, f"data {({k: len(v) for k, v in data.splits.items()})}, vocab {tok.vocab_size}, {n_params / 1e6:.2f}M params")
-    rng = random.Random(seed)
     res: dict = {"seed": seed, "params": n_params, "vocab": tok.vocab_size, "meta": data.meta, "models": {},
                  "logs": {}, "seconds": {}}
     kw = dict(batch_size=recipe.batch_size, max_len=recipe.max_len, seed=seed)
@@ -451,13 +450,13 @@ def plots(results: list[dict], out: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     ax = axes[0]
+    ax2 = ax.twinx()  # J_C,val (nats/token) beside λ (log scale)
     for r in results:
         log = r["logs"].get("lagrangian", [])
         if not log:
             continue
         steps = [x["step"] for x in log]
         ax.plot(steps, [math.exp(x["log_lambda"]) for x in log], label=f"λ seed {r['seed']}")
-        ax2 = ax.twinx() if r is results[0] else ax2  # noqa: F821
         ax2.plot(steps, [x["j_val"] for x in log], "--", alpha=0.6)
     ax.set_yscale("log")
     ax.set_xlabel("step")

@@ -277,10 +277,8 @@ def load_state_streaming(model: Gemma4ForCausalLM, items, *, dtype: torch.dtype 
     ``progress`` advances once per tensor the model expects. It is driven by hand beside ``items``
     rather than wrapped around them: a progress may list what it wraps to learn the total, and listing
     the loaders would run the file reads past their open handles."""
-    cfg = model.config
     expected = dict(model.state_dict(keep_vars=True))
     seen: set[str] = set()
-    skipped_towers = 0
     ticks = iter((progress or no_progress)(range(len(expected)), f"loading {Path(source).name}"))
     try:
         _assign_all(model, items, expected, seen, dtype, device, source, ticks)
