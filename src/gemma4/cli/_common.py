@@ -189,6 +189,51 @@ def gguf_is_quantized(path: Path) -> bool:
     return any(t.type_name not in _FLOAT_GGUF_TYPES for t in GGUFFile(path).tensors.values() if len(t.shape) == 2)
 
 
+class StepBar:
+    """Progress of a training run, fed one log record per optimizer step (``on_step=bar.step``): a rich bar
+    on a terminal, a plain line every ~10% of the steps elsewhere (logs, CI). Both show the loss, the
+    throughput when logged, and ``fields`` ((record key, label) pairs: a stage's own numbers, e.g. λ);
+    held-out evaluations are printed when they arrive. ``show=False`` (other torchrun ranks) prints nothing."""
+
+    def __init__(self, name: str, total: int, console, fields: tuple[tuple[str, str], ...] = (), show: bool = True):
+        self.name, self.total, self.console, self.fields, self.show = name, total, console, fields, show
+        self.every = max(1, total // 10)
+        self.bar = None
+
+    def _extra(self, rec: dict) -> str:
+        parts = [f"{label} {rec[k]:.4g}" for k, label in self.fields if isinstance(rec.get(k), (int, float))]
+        if isinstance(rec.get("tok_per_s"), (int, float)):
+            parts.append(f"{rec['tok_per_s']:.0f} tok/s")
+        return " ".join(parts)
+
+    def __enter__(self):
+        if self.show and sys.stderr.isatty():
+            self.bar = Progress(TextColumn(f"[bold]{self.name}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[extra]}"),
+                                TimeElapsedColumn(), TextColumn("ETA {task.fields[eta]}"), console=self.console)
+            self.bar.__enter__()
+            self.task = self.bar.add_task(self.name, total=self.total, loss="-", extra="", eta="-")
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def step(self, rec: dict) -> None:
+        if not self.show:
+            return
+        eta = time.strftime("%H:%M:%S", time.gmtime(rec.get("eta_s", 0)))
+        held = f" held-out loss {rec['eval_loss']:.4f} ppl {rec['eval_ppl']:.2f}" if "eval_loss" in rec else ""
+        if self.bar is not None:
+            self.bar.update(self.task, completed=rec["step"], loss=f"{rec['loss']:.4f}", extra=self._extra(rec), eta=eta)
+            if held:
+                self.bar.console.print(f"step {rec['step']}:{held}")
+        elif rec["step"] % self.every == 0 or rec["step"] == self.total or held:
+            grad = f" grad-norm {rec['grad_norm']:.3f}" if isinstance(rec.get("grad_norm"), (int, float)) else ""
+            print(f"{self.name} step {rec['step']}/{self.total} loss {rec['loss']:.4f} lr {rec['lr']:.2e}{grad} "
+                  f"{self._extra(rec)} ETA {eta}{held}", file=sys.stderr, flush=True)
+
+
 def slow_progress(items: Iterable[T], description: str = "") -> Iterable[T]:
     """:func:`progress` for work that is often under a second (loading, prefill): silent in logs unless slow."""
     return progress(items, description, after=1.0)

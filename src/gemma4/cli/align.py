@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -17,14 +16,13 @@ from typing import List, Optional
 import torch
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from gemma4._util import atomic_dir
 from gemma4.align.data import SPLITS, AlignData, build
 from gemma4.align.judge import is_refusal, is_unsafe, wilson
 from gemma4.align.stages import greedy_answers, is_helpful, run_dpo, run_grpo_lagrangian, run_lagrangian, run_sft
-from gemma4.cli._common import CliError, check_model, check_output, dtype_option, find_tokenizer, slow_progress
+from gemma4.cli._common import CliError, StepBar, check_model, check_output, dtype_option, find_tokenizer, slow_progress
 from gemma4.cli._common import progress as cli_progress
 from gemma4.io import load_pretrained, save_pretrained
 from gemma4.text import load_tokenizer
@@ -164,40 +162,6 @@ def _save(model, tok, directory: Path) -> None:
         tok.save(tmp / "tokenizer.json")
 
 
-class _Bar:
-    """Stage progress: a rich bar on a terminal, a plain line every ~10% of the steps elsewhere; both show
-    the loss and the stage's own numbers (λ and J_C,val for the Lagrangian, the reward margin for DPO)."""
-
-    def __init__(self, name: str, total: int, console: Console, fields: tuple[tuple[str, str], ...]):
-        self.name, self.total, self.console, self.fields = name, total, console, fields
-        self.every = max(1, total // 10)
-        self.bar = None
-
-    def _extra(self, rec: dict) -> str:
-        return " ".join(f"{label} {rec[k]:.4g}" for k, label in self.fields if isinstance(rec.get(k), (int, float)))
-
-    def __enter__(self):
-        if sys.stderr.isatty():
-            self.bar = Progress(TextColumn(f"[bold]{self.name}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[extra]}"),
-                                TimeElapsedColumn(), console=self.console)
-            self.bar.__enter__()
-            self.task = self.bar.add_task(self.name, total=self.total, loss="-", extra="")
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-
-    def step(self, rec: dict) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=rec["step"], loss=f"{rec['loss']:.4f}", extra=self._extra(rec))
-        elif rec["step"] % self.every == 0 or rec["step"] == self.total:
-            eta = time.strftime("%H:%M:%S", time.gmtime(rec.get("eta_s", 0)))
-            print(f"{self.name} step {rec['step']}/{self.total} loss {rec['loss']:.4f} {self._extra(rec)} "
-                  f"lr {rec['lr']:.2e} ETA {eta}", file=sys.stderr, flush=True)
-
-
 def _run_stage(name: str, model_spec: str, data_dir: Path, out: Path, tokenizer: Optional[str], steps: int,
                fields: tuple[tuple[str, str], ...], as_json: bool, run, reference: Optional[str] = None,
                summary=None) -> None:
@@ -215,7 +179,7 @@ def _run_stage(name: str, model_spec: str, data_dir: Path, out: Path, tokenizer:
         raise CliError(f"tokenizer has {tok.vocab_size} tokens, model {model_spec} only {model.config.vocab_size}")
     ref = _load_reference(reference, model)
     console = Console(stderr=True, soft_wrap=True)
-    with _Bar(name, steps, console, fields) as bar:
+    with StepBar(name, steps, console, fields) as bar:
         log = run(model, ref, tok, data, bar.step)
     _save(model, tok, out / "model")
     last = log[-1] if log else {}

@@ -8,57 +8,19 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import List, Optional
 
 import torch
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from gemma4.cli._common import CliError, check_model, check_output
+from gemma4.cli._common import CliError, StepBar, check_model, check_output
 
 _DATA_HELP = ("Training data: a .jsonl file (one {\"messages\": [...]} chat or {\"text\": \"...\"} per line), a .txt "
               "file (one document), or a directory of them. Chats learn only the model's turns.")
 _DTYPE_HELP = ("Compute dtype: bfloat16 (default: bf16 autocast over float32 master weights) or float32. float16 "
                "is refused (Gemma 4's backward overflows in fp16).")
-
-
-class _Bar:
-    """The progress display: a rich bar on a terminal, a plain line every ~10% elsewhere (logs, CI)."""
-
-    def __init__(self, total: int, console: Console, show: bool = True):
-        self.total, self.console = total, console
-        self.tty = sys.stderr.isatty() and show
-        self.every = max(1, total // 10)
-        self.progress = None
-
-    def __enter__(self):
-        if self.tty:
-            cols = (TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
-                    TimeElapsedColumn(), TextColumn("ETA {task.fields[eta]}"))
-            self.progress = Progress(*cols, console=self.console, transient=False)
-            self.progress.__enter__()
-            self.task = self.progress.add_task("train", total=self.total, loss="-", tps="-", eta="-")
-        return self
-
-    def __exit__(self, *exc):
-        if self.progress is not None:
-            self.progress.__exit__(*exc)
-
-    def step(self, rec: dict) -> None:
-        eta = time.strftime("%H:%M:%S", time.gmtime(rec.get("eta_s", 0)))
-        extra = f" held-out loss {rec['eval_loss']:.4f} ppl {rec['eval_ppl']:.2f}" if "eval_loss" in rec else ""
-        if self.progress is not None:
-            self.progress.update(self.task, completed=rec["step"], loss=f"{rec['loss']:.4f}",
-                                 tps=f"{rec['tok_per_s']:.0f}", eta=eta)
-            if extra:
-                self.progress.console.print(f"step {rec['step']}:{extra}")
-        elif rec["step"] % self.every == 0 or rec["step"] == self.total or extra:
-            print(f"step {rec['step']}/{self.total} loss {rec['loss']:.4f} lr {rec['lr']:.2e} grad-norm "
-                  f"{rec['grad_norm']:.3f} {rec['tok_per_s']:.0f} tok/s ETA {eta}{extra}", file=sys.stderr, flush=True)
 
 
 def _relaunch(nproc: int | None) -> None:
@@ -176,7 +138,7 @@ def register(app: typer.Typer) -> None:
                         max_grad_norm=grad_clip, eval_every=eval_every, save_every=save_every,
                         gradient_checkpointing=checkpointing)
         console = Console(stderr=True, soft_wrap=True)
-        with _Bar(steps, console, _rank0()) as bar:
+        with StepBar("train", steps, console, show=_rank0()) as bar:
             result = pretrain(config, data, out, tokenizer=tokenizer, opts=opts, eval_data=eval_data, resume=resume,
                               on_step=bar.step, on_report=_report(console))
         _summary(console, result, out, out / "model", json_out)
@@ -228,7 +190,7 @@ def register(app: typer.Typer) -> None:
                         gradient_checkpointing=checkpointing, lora_rank=lora_rank, lora_alpha=lora_alpha,
                         lora_dropout=lora_dropout, targets=targets, quant=quant, group_size=group_size)
         console = Console(stderr=True, soft_wrap=True)
-        with _Bar(steps, console, _rank0()) as bar:
+        with StepBar("train", steps, console, show=_rank0()) as bar:
             result = finetune(model, data, out, tokenizer=tokenizer, opts=opts, eval_data=eval_data, resume=resume,
                               on_step=bar.step, on_report=_report(console))
         _summary(console, result, out, out / ("adapter" if lora_rank else "model"), json_out)
