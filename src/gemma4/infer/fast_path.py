@@ -68,10 +68,13 @@ def _onednn_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) 
 
 
 class PackedLinear(nn.Module):
-    """A bias-optional linear layer whose weight lives in oneDNN's blocked layout (CPU only)."""
+    """A bias-optional linear layer whose weight lives in oneDNN's blocked layout (CPU only).
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, pack: bool = True,
-                 original: nn.Module | None = None):
+    The weight is a plain attribute, not a buffer: a oneDNN tensor cannot take part in ``.to()``,
+    ``.float()`` or ``state_dict``. A fast-path model is an inference form of the model on this CPU;
+    :func:`plain_path` gives back modules that can be moved, saved or trained (:meth:`restore`)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, pack: bool = True):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         w = weight.detach()
@@ -79,12 +82,23 @@ class PackedLinear(nn.Module):
         self.w = torch.ops.mkldnn._reorder_linear_weight(w, 1) if pack else w
         self.b = None if bias is None else bias.detach()
         self.dtype = w.dtype
-        # Kept only to restore the model on unpack (a module reference, not a second weight copy
-        # once the original's parameter is dropped below).
-        self._original = [original] if original is not None else []
+        self.one_row_mv = not pack and bias is None and w.dtype == torch.bfloat16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.one_row_mv and x.numel() == self.in_features:
+            # One bf16 row against a plain weight (the tied head while decoding): torch.mv streams the
+            # matrix at ~11 GB/s here against ~7-8 GB/s for oneDNN or F.linear on the 262144 x 640 head
+            # (cold cache, one thread, AVX512-BF16 CPU); fp32 is bandwidth-bound either way.
+            return torch.mv(self.w, x.reshape(self.in_features)).view(*x.shape[:-1], self.out_features)
         return _onednn_linear(x, self.w, self.b)
+
+    def restore(self) -> nn.Linear:
+        """A plain ``nn.Linear`` with this layer's weight (dense again) and bias, frozen like the loaded model."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.b is not None, device="meta")
+        lin.weight = nn.Parameter(_dense(self.w).contiguous(), requires_grad=False)
+        if self.b is not None:
+            lin.bias = nn.Parameter(self.b, requires_grad=False)
+        return lin
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.dtype}"
@@ -100,10 +114,12 @@ class PackedMLP(nn.Module):
         self.down = PackedLinear(mlp.down_proj.weight)
         for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
             lin.weight = None  # free the plain weights: the packed copies replace them
-        self._original = [mlp]
 
-    def restore(self) -> nn.Module:
-        mlp = self._original[0]
+    def restore(self) -> MLP:
+        """A plain :class:`gemma4.model.MLP` with the same weights (gate and up split again)."""
+        hidden = self.down.out_features
+        with torch.device("meta"):
+            mlp = MLP(hidden, self.inter)
         gate, up = _dense(self.gate_up.w).split(self.inter)
         for lin, w in ((mlp.gate_proj, gate), (mlp.up_proj, up), (mlp.down_proj, _dense(self.down.w))):
             lin.weight = nn.Parameter(w.contiguous(), requires_grad=False)
@@ -120,11 +136,19 @@ class FastRMSNorm(nn.Module):
 
     def __init__(self, norm: RMSNorm):
         super().__init__()
-        self.eps = norm.eps
-        self.weight = norm.weight  # shared, for code that reads it
+        self.eps, self.offset = norm.eps, norm.offset
+        self.weight = norm.weight  # the same parameter: state_dict and code that reads it see no change
         w = None if norm.weight is None else norm.weight.detach().float()
-        self.scale = None if w is None else (w + norm.offset if norm.offset else w)
-        self._original = [norm]
+        self.register_buffer("scale", None if w is None else (w + norm.offset if norm.offset else w),
+                             persistent=False)
+
+    def restore(self) -> RMSNorm:
+        """A plain :class:`gemma4.model.RMSNorm` holding the same weight parameter."""
+        dim = 1 if self.weight is None else self.weight.shape[0]
+        with torch.device("meta"):
+            norm = RMSNorm(dim, self.eps, with_scale=self.weight is not None, offset=self.offset)
+        norm.weight = self.weight
+        return norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
@@ -138,16 +162,27 @@ class QuantPackedLinear(nn.Module):
     """A quantized linear layer reduced to its CPU kernel call (int4: ``_weight_int4pack_mm_for_cpu``,
     int8: ``_weight_int8pack_mm``). The modules in :mod:`gemma4.quant` re-check layout, device and
     dtype and reshape around every call; at one token per step that bookkeeping costs as much as a
-    small matmul, so it is settled once here. Shares the source module's tensors (no copy)."""
+    small matmul, so it is settled once here. Shares the source module's tensors (no copy).
 
-    def __init__(self, src: QuantWeight, original: nn.Module | None = None, upcast: bool = False):
+    ``own``: the source module becomes this module's child ``src`` (so ``state_dict`` and ``.to()`` see
+    it once, and :meth:`restore` gives it back); False for a tied head, whose table belongs to the
+    embedding."""
+
+    def __init__(self, src: QuantWeight, *, upcast: bool = False, own: bool = True):
         super().__init__()
         self.out_features, self.in_features = src.out_features, src.in_features
         self.group_size = getattr(src, "group_size", 0)
+        # Aliases of the source's tensors, not saved: the kernel call reads them without attribute hops.
         self.register_buffer("qweight", src.qweight, persistent=False)
         self.register_buffer("scales", src.scales_zeros if self.group_size else src.scales, persistent=False)
         self.upcast = upcast  # return float32 (the output head: see QuantPackedHead)
-        self._original = [original] if original is not None else []
+        self.src = src if own else None
+
+    def restore(self) -> QuantWeight:
+        """The quantized module this one runs (unchanged: the kernel call shares its tensors)."""
+        if self.src is None:
+            raise RuntimeError("this packed layer does not own its weight (a tied head): restore the head instead")
+        return self.src
 
     @staticmethod
     def supported(src: nn.Module) -> bool:
@@ -180,16 +215,19 @@ class QuantPackedMLP(nn.Module):
     def __init__(self, mlp: nn.Module):
         super().__init__()
         self.inter = mlp.gate_proj.out_features
-        self._fused = [QuantWeight.concat_rows([mlp.gate_proj, mlp.up_proj])]
-        self.gate_up = QuantPackedLinear(self._fused[0])
-        self.down = QuantPackedLinear(mlp.down_proj, original=mlp.down_proj)
+        self.gate_up = QuantPackedLinear(QuantWeight.concat_rows([mlp.gate_proj, mlp.up_proj]))
+        self.down = QuantPackedLinear(mlp.down_proj)
         for lin in (mlp.gate_proj, mlp.up_proj):  # free the separate tables: the fused one replaces them
             lin.release()
-        self._original = [mlp]
+        # Emptied modules (no tensors, so nothing is saved twice) that restore() refills with their rows.
+        self.gate_shell, self.up_shell = mlp.gate_proj, mlp.up_proj
 
-    def restore(self) -> nn.Module:
-        mlp = self._original[0]
-        self._fused[0].split_rows_into([mlp.gate_proj, mlp.up_proj])
+    def restore(self) -> MLP:
+        """A :class:`gemma4.model.MLP` with the original quantized gate, up and down modules."""
+        self.gate_up.src.split_rows_into([self.gate_shell, self.up_shell])
+        with torch.device("meta"):
+            mlp = MLP(self.down.in_features, self.inter)
+        mlp.gate_proj, mlp.up_proj, mlp.down_proj = self.gate_shell, self.up_shell, self.down.restore()
         return mlp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -202,9 +240,10 @@ class QuantPackedHead(nn.Module):
     float32 logits: the kernel writes bf16, and the upcast (~0.04 ms for 262144 logits) pays for
     itself at once, since argmax/softmax over bf16 run ~1 ms slower per step on this CPU."""
 
-    def __init__(self, table: QuantWeight):
+    def __init__(self, table: QuantWeight, tied: bool):
         super().__init__()
-        self.lin = QuantPackedLinear(table, upcast=True)
+        self.tied = tied  # the table is the embedding's (restored as a TiedHead), else the head's own
+        self.lin = QuantPackedLinear(table, upcast=True, own=not tied)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.lin(h)
@@ -216,14 +255,16 @@ class FusedQKVAttention(nn.Module):
     a third of the calls. For layers that compute their own K/V with separate q/k/v projections and
     no bias; the wrapped :class:`gemma4.model.Attention` keeps everything else (o_proj, backend)."""
 
-    def __init__(self, attn: Attention, qkv: nn.Module, originals: list[nn.Module]):
+    def __init__(self, attn: Attention, qkv: QuantPackedLinear):
         super().__init__()
         self.n, self.kh, self.d = attn.n_heads, attn.n_kv, attn.head_dim
-        self.qkv, self.o_proj, self.v_norm = qkv, attn.o_proj, attn.v_norm
+        # The attention keeps its norms, o_proj and backend; its q/k/v modules were emptied (release())
+        # when ``qkv`` took their rows over, so nothing is held or saved twice.
+        self.attn, self.qkv = attn, qkv
         qs, ks = _norm_scale(attn.q_norm), _norm_scale(attn.k_norm)
         self.eps = attn.q_norm.eps
-        self.qk_scale = torch.cat([qs.expand(self.n, self.d), ks.expand(self.kh, self.d)])  # [N+K, D]
-        self._original = [attn, originals]
+        self.register_buffer("qk_scale", torch.cat([qs.expand(self.n, self.d), ks.expand(self.kh, self.d)]),
+                             persistent=False)  # [N+K, D]
 
     @staticmethod
     def applies(attn: nn.Module) -> bool:
@@ -233,10 +274,10 @@ class FusedQKVAttention(nn.Module):
 
     @property
     def backend(self) -> str:
-        return self._original[0].backend
+        return self.attn.backend
 
     def forward(self, x, cos, sin, mask, ctx, cache=None, shared_kv=None):
-        a = self._original[0]
+        a = self.attn
         b, t, _ = x.shape
         n, kh, d = self.n, self.kh, self.d
         qkv = self.qkv(x)  # [B,T,(N+2K)*D]
@@ -247,20 +288,18 @@ class FusedQKVAttention(nn.Module):
         qf = qf * torch.pow(qf.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
         qk = apply_rope((qf * self.qk_scale).type_as(qk), cos, sin)  # [B,T,N+K,D]
         q, k = qk[:, :, :n].transpose(1, 2), qk[:, :, n:].transpose(1, 2)  # [B,N,T,D], [B,K,T,D]
-        v = (self.v_norm(v) if self.v_norm is not None else v).transpose(1, 2)
+        v = (a.v_norm(v) if a.v_norm is not None else v).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v)
         o = ATTENTION_BACKENDS[a.backend](q, k, v, mask, a.scale, a.softcap, ctx)
         o = o.transpose(1, 2).reshape(b, t, n * d)  # [B,T,N*D]
-        return self.o_proj(o), (k, v)
+        return a.o_proj(o), (k, v)
 
     def restore(self) -> Attention:
         """The original attention with its separate (re-filled) q/k/v modules."""
-        attn, (q, k, v) = self._original
-        self._fused.split_rows_into([q, k, v])
-        attn.q_proj, attn.k_proj, attn.v_proj = q, k, v
-        attn.o_proj = self.o_proj
-        return attn
+        a = self.attn
+        self.qkv.src.split_rows_into([a.q_proj, a.k_proj, a.v_proj])
+        return a
 
 
 def _fuse_attention(attn: Attention) -> nn.Module:
@@ -268,8 +307,8 @@ def _fuse_attention(attn: Attention) -> nn.Module:
     if not FusedQKVAttention.applies(attn):
         return attn
     mods = [attn.q_proj, attn.k_proj, attn.v_proj]
-    if all(isinstance(m, QuantPackedLinear) and m._original for m in mods):
-        origs = [m._original[0] for m in mods]
+    if all(isinstance(m, QuantPackedLinear) and m.src is not None for m in mods):
+        origs = [m.src for m in mods]
         if len({(type(o), getattr(o, "group_size", 0)) for o in origs}) != 1:
             return attn
         f = QuantWeight.concat_rows(origs)
@@ -277,9 +316,8 @@ def _fuse_attention(attn: Attention) -> nn.Module:
             return attn
         for o in origs:
             o.release()
-        fused = FusedQKVAttention(attn, QuantPackedLinear(f), origs)
-        fused._fused = f
-        return fused
+        attn.q_proj, attn.k_proj, attn.v_proj = origs  # the emptied modules, refilled by restore()
+        return FusedQKVAttention(attn, QuantPackedLinear(f))
     # Float layers keep separate packed q/k/v (oneDNN's matmuls of these sizes gained nothing measurable).
     return attn
 
@@ -324,27 +362,28 @@ def use_fast_path(model, head: str = "auto"):
             elif _quant_mlp(child):
                 setattr(mod, child_name, QuantPackedMLP(child))
             elif isinstance(child, (Int4Linear, Int8Linear)) and QuantPackedLinear.supported(child):
-                setattr(mod, child_name, QuantPackedLinear(child, original=child))
+                setattr(mod, child_name, QuantPackedLinear(child))
             elif type(child) is RMSNorm:
                 setattr(mod, child_name, FastRMSNorm(child))
             elif type(child) is nn.Linear and child.weight is not None and child.weight.dtype == dtype:
-                packed = PackedLinear(child.weight, child.bias, original=child)
-                child.weight = None  # free the plain weight: the packed copy replaces it
-                setattr(mod, child_name, packed)
+                setattr(mod, child_name, PackedLinear(child.weight, child.bias))
     for layer in model.model.layers:  # after the projections are packed: fuse q/k/v
         layer.self_attn = _fuse_attention(layer.self_attn)
-    model._gemma4_head_before_pack = model.lm_head
-    quant_head = model.lm_head.table if isinstance(model.lm_head, TiedHead) else model.lm_head
+    tied = isinstance(model.lm_head, TiedHead)
+    quant_head = model.lm_head.table if tied else model.lm_head
     if isinstance(quant_head, QuantWeight):
         if head != "none" and QuantPackedLinear.supported(quant_head):
-            model.lm_head = QuantPackedHead(quant_head)
+            model.lm_head = QuantPackedHead(quant_head, tied=tied)
     elif head != "none":
-        w = model.lm_head.weight if model.lm_head is not None else model.model.embed_tokens.weight
+        tied = model.lm_head is None
+        w = model.model.embed_tokens.weight if tied else model.lm_head.weight
         if head == "no-copy":  # pack only a head of its own; a tied head reads the embedding table as is
-            mode = "plain" if model.lm_head is None else "pack"
+            mode = "plain" if tied else "pack"
         else:
             mode = ("pack" if dtype == torch.bfloat16 else "plain") if head == "auto" else head
-        model.lm_head = PackedLinear(w, getattr(model.lm_head, "bias", None), pack=(mode == "pack"))
+        packed = PackedLinear(w, getattr(model.lm_head, "bias", None), pack=(mode == "pack"))
+        packed.tied = tied  # restored as no head at all (the model multiplies by the embedding)
+        model.lm_head = packed
     model.fast_path = True
     return model
 
@@ -376,17 +415,12 @@ def use_plain_path(model):
             layer.self_attn = layer.self_attn.restore()
     for mod in list(model.model.modules()):
         for child_name, child in list(mod.named_children()):
-            if isinstance(child, PackedLinear) and child._original:
-                orig = child._original[0]
-                orig.weight = nn.Parameter(_dense(child.w).contiguous(), requires_grad=False)
-                setattr(mod, child_name, orig)
-            elif isinstance(child, QuantPackedLinear) and child._original:
-                setattr(mod, child_name, child._original[0])
-            elif isinstance(child, (PackedMLP, QuantPackedMLP)):
+            if isinstance(child, (PackedLinear, QuantPackedLinear, PackedMLP, QuantPackedMLP, FastRMSNorm)):
                 setattr(mod, child_name, child.restore())
-            elif isinstance(child, FastRMSNorm):
-                setattr(mod, child_name, child._original[0])
-    model.lm_head = model._gemma4_head_before_pack
-    del model._gemma4_head_before_pack
+    h = model.lm_head
+    if isinstance(h, PackedLinear):
+        model.lm_head = None if h.tied else h.restore()
+    elif isinstance(h, QuantPackedHead):
+        model.lm_head = TiedHead(model.model.embed_tokens) if h.tied else h.lin.restore()
     model.fast_path = False
     return model

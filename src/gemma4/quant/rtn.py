@@ -295,6 +295,33 @@ class QuantWeight(nn.Module):
             if name != "weight":
                 self._buffers[name] = None
 
+    # -- filling a weight row by row (a loader streaming a file into a meta-built model)
+    def allocate(self, device: str | torch.device = "cpu") -> None:
+        """Replace every meta-device buffer (a model built on the meta device, then
+        :func:`prepare_quantized`) by an uninitialised one of the same shape and dtype on ``device``,
+        for :meth:`fill_rows` to write. Untouched pages of a fresh buffer cost no memory until written."""
+        for name, b in self._buffers.items():
+            if b is not None and b.is_meta:
+                self._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=device)
+
+    def quantize_rows(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float rows [rows, K] -> (codes, scales) as :meth:`set_from_float` stores them. Every row (int8)
+        or group of a row (int4) is rounded on its own, so rows quantized in chunks give the same bits
+        as the whole table at once."""
+        raise NotImplementedError
+
+    def fill_rows(self, start: int, q: torch.Tensor, s: torch.Tensor, index: int | None = None) -> None:
+        """Write rows ``start .. start + len(q)`` (of expert ``index`` for a stacked weight) from
+        :meth:`quantize_rows`-style tensors, into buffers made by :meth:`allocate`."""
+        raise NotImplementedError
+
+    def _check_rows(self, start: int, q: torch.Tensor, s: torch.Tensor, want_s: tuple[int, ...]) -> None:
+        n = q.shape[0] if q.dim() == 2 else -1
+        if q.dim() != 2 or q.shape[1] != self.in_features or not 0 <= start <= self.out_features - n \
+                or tuple(s.shape) != want_s:
+            raise QuantizationError(f"rows {list(q.shape)} / scales {list(s.shape)} at row {start} do not fit a "
+                                    f"[{self.out_features}, {self.in_features}] {self.scheme} weight")
+
 
 class Int8Weight(QuantWeight):
     scheme = "int8"
@@ -320,6 +347,15 @@ class Int8Weight(QuantWeight):
 
     def row_tensors(self, start=0, stop=None):
         return self.qweight[start:stop].clone(), self.scales[start:stop].clone()
+
+    def quantize_rows(self, w):
+        return quantize_int8_tensor(w)
+
+    def fill_rows(self, start, q, s, index=None):
+        qw, sc = (self.qweight, self.scales) if index is None else (self.qweight[index], self.scales[index])
+        self._check_rows(start, q, s, (q.shape[0],))
+        qw[start:start + q.shape[0]].copy_(q)
+        sc[start:start + q.shape[0]].copy_(s)
 
     def set_rows(self, q, s) -> None:
         self._buffers["qweight"], self._buffers["scales"] = q, s
@@ -391,6 +427,22 @@ class Int4Weight(QuantWeight):
         self._packed = None
         self._ensure_ready()
 
+    def allocate(self, device="cpu") -> None:
+        super().allocate(device)
+        self._packed = None  # filled in the portable order; _ensure_ready / to_kernel_layout repacks
+
+    def quantize_rows(self, w):
+        return quantize_int4_tensor(w, self.group_size)
+
+    def fill_rows(self, start, codes, sz, index=None):
+        if self._packed is not None:
+            raise QuantizationError("fill_rows writes portable codes; this weight is already in the kernel layout")
+        qw, szt = (self.qweight, self.scales_zeros) if index is None else (self.qweight[index], self.scales_zeros[index])
+        n = codes.shape[0]
+        self._check_rows(start, codes, sz, (self.in_features // self.group_size, n, 2))
+        qw[start:start + n].copy_(pack_nibbles(codes))
+        szt[:, start:start + n].copy_(sz)  # scales_zeros is [K/g, N, 2]: rows are its middle dim
+
     # -- layouts
     def _kernel_usable(self) -> bool:
         return (self.kernel_layout and self.qweight.device.type == "cpu" and not self.qweight.is_meta
@@ -457,7 +509,7 @@ class Int4Weight(QuantWeight):
     # -- state dict: always the portable nibble order
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self._packed is not None:
+        if self._packed is not None and self.qweight is not None:  # a released module saves nothing
             destination[prefix + "qweight"] = pack_nibbles(self.codes())
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -594,6 +646,13 @@ def _targets(model: Gemma4ForCausalLM, embeddings: bool, skip: Iterable[str]) ->
         elif isinstance(mod, nn.Embedding) and embeddings:
             out.append((name, "ple" if name.endswith("embed_tokens_per_layer") else "embedding", mod))
     return out
+
+
+def quantization_targets(model: Gemma4ForCausalLM, embeddings: bool = True,
+                         skip: Iterable[str] = DEFAULT_SKIP) -> list[str]:
+    """Names of the modules :func:`quantize` / :func:`prepare_quantized` replace (linear layers, the
+    embedding tables, expert stacks), for a caller planning per-module overrides."""
+    return [name for name, _, _ in _targets(model, embeddings, skip)]
 
 
 def _shape(kind: str, mod: nn.Module) -> list[tuple[str, int, int]]:
