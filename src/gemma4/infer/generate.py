@@ -402,9 +402,9 @@ def stream(
     if fast:
         for m in (model, draft_model):
             if m is not None and _inference_only(m):
-                # A no-op off CPU, where oneDNN cannot run the dtype, or if done already; no-copy: the
-                # weights are never held twice (a tied bf16 head is not given a packed copy).
-                use_fast_path(m, head="no-copy")
+                # A no-op off CPU, where oneDNN cannot run the dtype, or if done already; the head keeps
+                # its plain weight, so nothing is held twice.
+                use_fast_path(m)
     stops = _stop_setup(model, stop_token_ids, stop_strings, tokenizer)
     if draft_model is not None or drafter is not None:
         return SpeculativeGeneration(model, prompts, max_new_tokens, p, stops=stops, draft_model=draft_model,
