@@ -86,10 +86,11 @@ class PackedLinear(nn.Module):
         self.one_row_mv = not pack and bias is None and w.dtype == torch.bfloat16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.one_row_mv and x.numel() == self.in_features:
+        if self.one_row_mv and x.numel() == self.in_features and torch.get_num_threads() == 1:
             # One bf16 row against a plain weight (the tied head while decoding): torch.mv streams the
             # matrix at ~11 GB/s here against ~7-8 GB/s for oneDNN or F.linear on the 262144 x 640 head
-            # (cold cache, one thread, AVX512-BF16 CPU); fp32 is bandwidth-bound either way.
+            # (cold cache, one thread, AVX512-BF16 CPU); fp32 is bandwidth-bound either way. torch.mv
+            # runs on one thread only, so with more threads oneDNN (which splits the rows) is faster.
             return torch.mv(self.w, x.reshape(self.in_features)).view(*x.shape[:-1], self.out_features)
         return _onednn_linear(x, self.w, self.b)
 
