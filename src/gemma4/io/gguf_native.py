@@ -17,25 +17,54 @@ Other GGUF types have no exact int4-g32 image (Q5_0: 5-bit, Q6_K: 6-bit with 16-
 (default int8 per output channel). In llama.cpp's Q4_K_M file of Gemma 3 270M only the 1024- and
 2048-wide matrices (attn_output, most ffn_down) are Q4_K: 640-wide rows are not whole 256-blocks, so
 q/k/v/gate/up fall back to Q5_0/Q8_0 there. :func:`gguf_native_types` reports the split.
+
+Loading streams the file into a model built on the meta device with its quantized modules already in
+place: each tensor is read with plain file reads (a memory map's touched pages would count as resident
+memory until it is closed) in row chunks of ~1M weights, dequantized to bf16 and rounded into the
+module's preallocated codes. No float copy of the model, or of a whole table, ever exists, so the peak
+is the quantized model plus a few MiB of scratch (benchmarks/memory_gguf.py).
 """
 
 from __future__ import annotations
 
+import math
+import mmap
 import os
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from gemma4._util import Progress, release_free_heap
-from gemma4.io.gguf import GGUFError, GGUFFile, gguf_to_hf, load_gguf
-from gemma4.model import Gemma4ForCausalLM
-from gemma4.quant import quantize
+from gemma4._util import Progress, no_progress, release_free_heap
+from gemma4.io.checkpoint import _set_tensor, map_key
+from gemma4.io.gguf import GGUFError, GGUFFile, TensorInfo, _check_types, _norm_shift, config_from_gguf, dequantize, gguf_to_hf
+from gemma4.model import Gemma4ForCausalLM, build_model
+from gemma4.quant import QuantWeight, prepare_quantized, to_kernel_layout
+from gemma4.quant.rtn import DEFAULT_SKIP, FORMAT_VERSION, quantization_targets
 
 __all__ = ["Q4_K", "q4k_blocks", "q4k_to_int4", "gguf_native_types", "gguf_native_model"]
 
 Q4_K = 12  # gguf.GGMLQuantizationType.Q4_K
 _Q4K_BYTES, _QK = 144, 256  # bytes per block, weights per block
+# Weights per row chunk while streaming: the bf16 chunk is 512 KiB and the int4 quantizer's float32
+# scratch a few times 1 MiB, whatever the table's size.
+_CHUNK_ELEMS = 1 << 18
+# Buffers from this size up get a memory mapping of their own (see _own_mapping).
+_OWN_MAPPING_BYTES = 64 << 10
+
+
+def _own_mapping(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor in an anonymous private memory mapping of its own, freed (unmapped) the
+    moment the tensor dies. Why: the first generate packs the model for the CPU fast path, which fuses
+    q/k/v and gate/up into new tensors and frees the separate ones. From the C heap (torch.empty; glibc
+    serves blocks up to its raised mmap threshold, 32 MiB, from the heap) the freed ones stay as holes
+    the fused copies do not fit in: +45 MiB resident on Gemma 3 270M, 2.5 MiB per layer. Page aligned."""
+    n = math.prod(shape) * dtype.itemsize
+    if n < _OWN_MAPPING_BYTES:
+        return torch.empty(shape, dtype=dtype)
+    mm = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(mm, dtype=torch.uint8).view(dtype).reshape(shape)  # the tensor keeps mm alive
 
 
 def q4k_blocks(raw: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -86,42 +115,145 @@ def gguf_native_types(path: str | os.PathLike) -> dict[str, list[str]]:
     return out
 
 
+def _plan(tensors: dict[str, TensorInfo], targets: set[str]) -> list[str]:
+    """Modules whose GGUF tensor is a Q4_K matrix they can keep (2-D, and a module being quantized)."""
+    out = []
+    for name, t in tensors.items():
+        mod = _module_name(name) if t.qtype == Q4_K else None
+        if mod is not None and mod in targets and len(t.shape) == 2:
+            out.append(mod)
+    return out
+
+
+def _read_rows(fh, path: Path, t: TensorInfo, row_bytes: int, r0: int, r1: int) -> np.ndarray:
+    """Stored bytes of rows r0..r1 (flattened over leading dims) of ``t``, read into fresh memory."""
+    n = (r1 - r0) * row_bytes
+    buf = np.empty(n, dtype=np.uint8)
+    fh.seek(t.offset + r0 * row_bytes)
+    if fh.readinto(buf) != n:
+        raise GGUFError(f"{path}: tensor {t.name!r} ends early (file truncated while loading?)")
+    return buf
+
+
+def _fill_quantized(fh, path: Path, t: TensorInfo, mod: QuantWeight, keep_q4k: bool) -> None:
+    """Stream one GGUF tensor into a quantized module: ``keep_q4k``: its Q4_K codes as int4-g32; otherwise
+    dequantized to bf16 and rounded by the module's own quantizer, chunk by chunk."""
+    want = (*mod.lead, mod.out_features, mod.in_features)
+    if tuple(t.shape) != want:
+        raise GGUFError(f"{path}: tensor {t.name!r} has shape {list(t.shape)} but the config expects {list(want)}")
+    mod.allocate(empty=_own_mapping)
+    k, n = mod.in_features, mod.out_features
+    rows = math.prod(t.shape[:-1])
+    row_bytes = t.nbytes // rows  # GGUFFile checked that rows are whole blocks
+    step = max(1, _CHUNK_ELEMS // k)
+    for e in range(math.prod(mod.lead)):  # one pass for a 2-D weight; per expert for a stack
+        index = e if mod.lead else None
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            raw = _read_rows(fh, path, t, row_bytes, e * n + r0, e * n + r1)
+            if keep_q4k:
+                q, s = q4k_to_int4(torch.from_numpy(raw), (r1 - r0, k))
+            else:
+                w = dequantize(raw, t.qtype, (r1 - r0, k), torch.bfloat16, what=f"tensor {t.name!r} in {path}")
+                q, s = mod.quantize_rows(w)
+            mod.fill_rows(r0, q, s, index)
+
+
 def gguf_native_model(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, rest: str = "int8",
                       embedding: str | None = None, progress: Progress | None = None) -> Gemma4ForCausalLM:
     """Load a GGUF with its Q4_K matrices kept as int4-g32 (same codes; see the module docstring) and every
-    other matrix quantized from its dequantized values by :func:`gemma4.quant.quantize`.
+    other matrix quantized from its dequantized (bf16) values by the RTN quantizer of :mod:`gemma4.quant`.
 
     ``rest``: scheme of the non-Q4_K linear layers ("int8" per channel, or "int4" = int4-g32 RTN).
     ``embedding``: scheme of the token embedding / tied head (default: ``rest``). ``dtype``: the float
-    tensors (norms) and activations. The result is an ordinary quantized model (mixed schemes are
-    recorded in ``config.quantization["overrides"]``): ``save_pretrained`` / ``load_pretrained`` /
-    ``use_fast_path`` work on it. ``progress`` advances per tensor read, then per matrix quantized."""
+    tensors (norms: read as bf16, then cast) and activations. The result is an ordinary quantized model
+    (mixed schemes are recorded in ``config.quantization["overrides"]``): ``save_pretrained`` /
+    ``load_pretrained`` / ``use_fast_path`` work on it. ``progress`` advances once per tensor.
+
+    Tensors are streamed straight into the quantized modules (see the module docstring): the peak is the
+    quantized model plus a few MiB, never a float copy of it."""
     for what, sc in (("rest", rest), ("embedding", embedding)):
         if sc not in ("int8", "int4") and not (what == "embedding" and sc is None):
             raise ValueError(f"{what} must be 'int8' or 'int4', got {sc!r}")
     embedding = embedding or rest
     g = GGUFFile(path)
-    # Every tensor is dequantized, then the Q4_K ones are replaced and the rest re-rounded to int8/int4.
-    # bfloat16 rather than float32 halves the transient (the 270M file: ~1.1 GB -> ~0.55 GB): the int8 grid
-    # (amax/127 per row) is 2^-1 .. 2^-7 of a value, far coarser than bf16's 2^-9 relative rounding, and
-    # the output distribution moves as little (KL to the float32 model 0.0056 vs 0.0065 nats, 9 tokens).
-    model = load_gguf(path, dtype=torch.bfloat16, progress=progress)
-    names = {n for n, _ in model.named_modules()}
-    precomputed, overrides = {}, {}
-    for name, t in g.tensors.items():
-        mod = _module_name(name) if t.qtype == Q4_K else None
-        if mod is None or mod not in names or len(t.shape) != 2:
-            continue
-        precomputed[mod] = q4k_to_int4(g.raw(name), t.shape)
-        if rest != "int4":
-            overrides[mod] = {"scheme": "int4", "group_size": 32}
+    path = g.path
+    if "token_embd.weight" not in g.tensors:
+        raise GGUFError(f"{path}: no token_embd.weight tensor: there are no weights to load")
+    cfg = config_from_gguf(g)
+    hf_names = {name: _hf_name(path, name) for name in g.tensors}
+    _check_types(g, [n for n, hf in hf_names.items() if hf is not None])
+    tensors = dict(g.tensors)
+    types = dict(Counter(t.type_name for t in tensors.values()))
+    del g  # the header (a 262k-entry vocabulary as Python objects) and its memory map go before the weights come
+
+    # The module structure quantize() gave the dequantized model, built without weights: Q4_K matrices
+    # int4-g32, the others in `rest`, the token embedding in `embedding`, recorded in the config the same way.
+    model = build_model(cfg, dtype=dtype, device="meta")
+    kept = _plan(tensors, set(quantization_targets(model)))
+    overrides = {m: {"scheme": "int4", "group_size": 32} for m in kept} if rest != "int4" else {}
     emb = "model.embed_tokens"
-    if embedding != rest and emb not in precomputed:
+    if embedding != rest and emb not in kept:
         overrides[emb] = {"scheme": embedding, "group_size": 32 if embedding == "int4" else None}
-    quantize(model, rest, 32 if rest == "int4" else None, precomputed=precomputed, overrides=overrides,
-             progress=progress)
-    model = model.to(dtype)
-    model.gguf_native = {"q4k_int4": sorted(precomputed), "types": dict(Counter(t.type_name for t in g.tensors.values())),
-                         "rest": rest, "embedding": embedding}
-    release_free_heap()  # the dequantized float weights are gone: give their heap back to the OS
+    qcfg = {"format": FORMAT_VERSION, "scheme": rest, "group_size": 32 if rest == "int4" else None,
+            "embeddings": True, "skip": list(DEFAULT_SKIP)}
+    if overrides:
+        qcfg["overrides"] = overrides
+    prepare_quantized(model, qcfg)
+
+    qmods = {n: m for n, m in model.named_modules() if isinstance(m, QuantWeight)}
+    floats = dict(model.state_dict(keep_vars=True))
+    kept_set, seen = set(kept), set()
+    ticks = iter((progress or no_progress)(range(len(tensors)), f"loading {path.name}"))
+    with open(path, "rb") as fh:
+        for name, t in tensors.items():
+            key = map_key(hf_names[name], cfg) if hf_names[name] is not None else None
+            if key is not None:
+                if key in seen:
+                    raise GGUFError(f"{path}: two tensors load into {key!r} (the second: {name!r})")
+                seen.add(key)
+                mod = key[: -len(".weight")] if key.endswith(".weight") else key  # experts: the stack's own name
+                if mod in qmods:
+                    _fill_quantized(fh, path, t, qmods[mod], keep_q4k=mod in kept_set)
+                    # Its int4 codes were written here and are held by nothing else: repack them over
+                    # themselves now, and hand the chunks' scratch back to the OS (tensors of other
+                    # widths would leave it as holes in the heap: +13 MiB by the end of the 270M file).
+                    to_kernel_layout(qmods[mod], in_place=True)
+                elif key in floats:
+                    _set_tensor(model, key, _read_float(fh, path, t, key, floats[key], cfg, dtype))
+                else:
+                    raise GGUFError(f"{path}: unexpected tensor {name!r}: the config builds no {key!r}")
+            next(ticks, None)
+    for _ in ticks:
+        pass
+    missing = sorted(n for n, x in [*model.named_parameters(), *model.named_buffers()] if x.is_meta)
+    if missing:
+        more = f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""
+        raise GGUFError(f"missing tensor(s) in {path}: {', '.join(missing[:8])}{more}")
+    model.gguf_native = {"q4k_int4": sorted(kept), "types": types, "rest": rest, "embedding": embedding}
     return model.eval()
+
+
+def _hf_name(path: Path, name: str) -> str | None:
+    """Our name for a GGUF tensor (None: derived from the config, never loaded)."""
+    try:
+        return gguf_to_hf(name)
+    except KeyError:
+        raise GGUFError(f"{path}: tensor {name!r} has no place in a Gemma text model") from None
+
+
+def _read_float(fh, path: Path, t: TensorInfo, key: str, want: torch.Tensor, cfg, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor that stays in float (norms, scalars, the router): read as bf16, as the dequantized model
+    held it (Gemma 3's stored 1 + w undone in float32 first), then cast to ``dtype``."""
+    if tuple(t.shape) != tuple(want.shape):
+        raise GGUFError(f"{path}: tensor {t.name!r} has shape {list(t.shape)} but the config expects {list(want.shape)}")
+    if not want.is_floating_point():
+        raise GGUFError(f"{path}: tensor {t.name!r} loads into {key!r}, which is not a float tensor")
+    raw = _read_rows(fh, path, t, t.nbytes, 0, 1)
+    what = f"tensor {t.name!r} in {path}"
+    shift = _norm_shift(key, cfg)
+    if shift:
+        x = (dequantize(raw, t.qtype, t.shape, torch.float32, what=what) - shift).to(torch.bfloat16)
+    else:
+        x = dequantize(raw, t.qtype, t.shape, torch.bfloat16, what=what)
+    return x.to(dtype)

@@ -18,7 +18,8 @@ from gemma4.model import PRESETS, Gemma4Config, Gemma4ForCausalLM
 
 
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                    *, trainable: bool = False, progress: Progress | None = None) -> Gemma4ForCausalLM:
+                    *, trainable: bool = False, progress: Progress | None = None,
+                    map_ple: bool = True) -> Gemma4ForCausalLM:
     """Load a checkpoint directory (config.json + safetensors), a ``.gguf`` file, a short name or a hub id.
 
     ``dtype=None`` keeps the checkpoint's own floating dtype.
@@ -28,14 +29,19 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
     weights reordered once for oneDNN's kernels, the same memory, ~2x the decode speed of plain
     ``F.linear``). ``trainable=True`` gives ordinary trainable modules: parameters with ``requires_grad``
     and train mode, which generation never repacks. :func:`save_pretrained` accepts either. ``progress``
-    (a :data:`gemma4._util.Progress`) advances per tensor read (and dequantized)."""
+    (a :data:`gemma4._util.Progress`) advances per tensor read (and dequantized).
+
+    The PLE table of a safetensors checkpoint (E2B/E4B: 2.3B of E2B's 5.1B parameters) is read through a
+    copy-on-write memory map when it is stored in the dtype asked for: only the rows of tokens seen
+    become resident (:func:`gemma4.io.checkpoint.load_safetensors_dir`). ``map_ple=False`` reads it into
+    memory like every other tensor."""
     p = resolve_path(path)
     if p.is_file() and p.suffix == ".gguf":
         model = load_gguf(p, dtype=dtype, device=device, progress=progress)
     elif p.is_file():
         raise CheckpointError(f"{p} is neither a checkpoint directory nor a .gguf file (pickle files are never loaded)")
     else:
-        model = load_safetensors_dir(p, dtype=dtype, device=device, progress=progress)
+        model = load_safetensors_dir(p, dtype=dtype, device=device, progress=progress, map_ple=map_ple)
     if trainable:
         for prm in model.parameters():
             prm.requires_grad_(prm.is_floating_point())

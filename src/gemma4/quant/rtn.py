@@ -296,13 +296,16 @@ class QuantWeight(nn.Module):
                 self._buffers[name] = None
 
     # -- filling a weight row by row (a loader streaming a file into a meta-built model)
-    def allocate(self, device: str | torch.device = "cpu") -> None:
+    def allocate(self, device: str | torch.device = "cpu", empty=None) -> None:
         """Replace every meta-device buffer (a model built on the meta device, then
         :func:`prepare_quantized`) by an uninitialised one of the same shape and dtype on ``device``,
-        for :meth:`fill_rows` to write. Untouched pages of a fresh buffer cost no memory until written."""
+        for :meth:`fill_rows` to write. Untouched pages of a fresh buffer cost no memory until written.
+        ``empty(shape, dtype)``: makes each buffer instead of ``torch.empty`` (a loader choosing where
+        the memory comes from)."""
         for name, b in self._buffers.items():
             if b is not None and b.is_meta:
-                self._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=device)
+                self._buffers[name] = (empty(tuple(b.shape), b.dtype) if empty is not None
+                                       else torch.empty(b.shape, dtype=b.dtype, device=device))
 
     def quantize_rows(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Float rows [rows, K] -> (codes, scales) as :meth:`set_from_float` stores them. Every row (int8)
@@ -427,8 +430,8 @@ class Int4Weight(QuantWeight):
         self._packed = None
         self._ensure_ready()
 
-    def allocate(self, device="cpu") -> None:
-        super().allocate(device)
+    def allocate(self, device="cpu", empty=None) -> None:
+        super().allocate(device, empty)
         self._packed = None  # filled in the portable order; _ensure_ready / to_kernel_layout repacks
 
     def quantize_rows(self, w):
