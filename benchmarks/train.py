@@ -24,11 +24,13 @@ kernel's counter is reset, /proc/self/clear_refs).
 
     python benchmarks/train.py                       # LoRA and full, 2 rounds, 6 steps of 1 x 256 tokens
     python benchmarks/train.py --modes lora --steps 8 --rounds 3
+    python benchmarks/train.py --modes lora --steps 3 --profile ours   # torch.profiler over step 2, in-process
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -116,6 +118,16 @@ def make_rows(model_dir: Path, seq_len: int, n_rows: int) -> list[list[int]]:
 # ------------------------------------------------------------------------------------------------ workers
 
 
+def _step_profiler(args, i: int):
+    """torch.profiler around step 2 (index 1; the first warms up) when ``--profile`` is given, else nothing."""
+    if not getattr(args, "profile", None) or i != min(1, args.steps - 1):
+        return contextlib.nullcontext()
+    import torch.profiler as tp
+
+    args.prof = tp.profile(activities=[tp.ProfilerActivity.CPU], record_shapes=True, profile_memory=True)
+    return args.prof
+
+
 def _batches(rows, batch: int, steps: int):
     import torch
 
@@ -152,9 +164,10 @@ def worker_ours(model_dir: Path, mode: str, rows, args) -> dict:
         perm = trainer.stream._permutation().tolist()
         reset = _reset_hwm()
         times, losses = [], []
-        for _ in range(args.steps):
+        for i in range(args.steps):
             s = time.perf_counter()
-            rec = trainer.train_step()
+            with _step_profiler(args, i):
+                rec = trainer.train_step()
             times.append(time.perf_counter() - s)
             losses.append(rec["loss"])
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -183,15 +196,16 @@ def worker_hf(model_dir: Path, mode: str, rows, args, order) -> dict:
     rss_loaded = _settle()
     reset = _reset_hwm()
     times, losses = [], []
-    for batch in _batches(ordered, args.batch, args.steps):
+    for i, batch in enumerate(_batches(ordered, args.batch, args.steps)):
         s = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        with _step_profiler(args, i):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
         times.append(time.perf_counter() - s)
     return {"load_s": load_s, "load_peak_mb": load_peak, "train_peak_mb": _hwm_mb() if reset else None,
             "rss_loaded_mb": rss_loaded, "times": times, "losses": losses, "trainable": sum(p.numel() for p in params)}
@@ -212,16 +226,52 @@ def worker_main(args) -> None:
     print("RESULT " + json.dumps(res), flush=True)
 
 
+def profile_main(args) -> int:
+    """One engine in this process with torch.profiler over its second step: the ops' self CPU time
+    (with and without input shapes), printed and written to benchmarks/results/train_profile_<engine>_<mode>.json."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    model_dir = converted_dir()
+    rows = make_rows(model_dir, args.seq_len, args.steps * args.batch)
+    mode = args.modes.split(",")[0].strip()
+    if args.profile == "ours":
+        res = worker_ours(model_dir, mode, rows, args)
+    else:
+        res = worker_hf(model_dir, mode, rows, args, list(range(len(rows))))
+    prof = args.prof
+    print(f"{args.profile} {mode}: step times {', '.join(f'{t:.2f}' for t in res['times'])} s, "
+          f"losses {', '.join(f'{x:.3f}' for x in res['losses'])}, peak RSS {_hwm_mb():.0f} MB")
+    ka = prof.key_averages()
+    print(ka.table(sort_by="self_cpu_time_total", row_limit=30))
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=20,
+                                                              max_name_column_width=40, max_shapes_column_width=60))
+    top = sorted(ka, key=lambda e: -e.self_cpu_time_total)[:40]
+    out = {"engine": args.profile, "mode": mode, "seq_len": args.seq_len, "times_s": res["times"],
+           "ops": [{"name": e.key, "count": e.count, "self_ms": round(e.self_cpu_time_total / 1e3, 2),
+                    "total_ms": round(e.cpu_time_total / 1e3, 2)} for e in top]}
+    path = HERE / "results" / f"train_profile_{args.profile}_{mode}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------- driver
 
 
 def run_one(engine: str, mode: str, model_dir: Path, rows_file: Path, args, order=None) -> dict:
+    """One (engine, mode) in a fresh subprocess. engine "ours-baseline" is ours imported from
+    ``--baseline-src`` (an older source tree), for before/after comparisons within one run."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
+    if engine == "ours-baseline":
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(args.baseline_src) / "src"), env.get("PYTHONPATH", "")])
+        engine = "ours"
     cmd = [sys.executable, __file__, "--worker", engine, "--mode", mode, "--model-dir", str(model_dir),
            "--rows", str(rows_file), "--steps", str(args.steps), "--batch", str(args.batch), "--rank", str(args.rank),
            "--threads", str(args.threads)]
     if order is not None:
         cmd += ["--order", json.dumps(order)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t
@@ -251,10 +301,16 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="Interleaved rounds; the best of each is kept.")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=HERE / "results" / "train.json")
+    ap.add_argument("--baseline-src", help="Also run ours from this source tree (its src/ first on PYTHONPATH), "
+                    "e.g. `git archive HEAD src | tar -x -C DIR`: engine ours-baseline.")
+    ap.add_argument("--profile", choices=("ours", "hf"), help="Profile one engine's step 2 in this process "
+                    "(first of --modes) instead of benchmarking.")
     args = ap.parse_args(argv)
     if args.worker:
         worker_main(args)
         return 0
+    if args.profile:
+        return profile_main(args)
     model_dir = converted_dir()
     rows = make_rows(model_dir, args.seq_len, args.steps * args.batch)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -265,8 +321,12 @@ def main(argv=None) -> int:
         for r in range(args.rounds):
             for mode in modes:
                 ours = run_one("ours", mode, model_dir, rows_file, args)
+                done = [("ours", ours)]
+                if args.baseline_src:
+                    done.append(("ours-baseline", run_one("ours-baseline", mode, model_dir, rows_file, args)))
                 hf = run_one("hf", mode, model_dir, rows_file, args, order=ours["order"])
-                for eng, res in (("ours", ours), ("transformers+peft" if mode == "lora" else "transformers", hf)):
+                done.append(("transformers+peft" if mode == "lora" else "transformers", hf))
+                for eng, res in done:
                     runs.setdefault((mode, eng), []).append(res)
                     print(f"round {r + 1} {mode:4s} {eng:18s} {res['tok_per_s']:7.1f} tok/s  step {res['step_s']:.2f} s  "
                           f"peak {res['peak_mb']:.0f} MB (training {res['train_peak_mb'] or 0:.0f} MB)  "
@@ -289,17 +349,23 @@ def main(argv=None) -> int:
     ratios = {}
     for mode in modes:
         o = next(x for x in table if x["mode"] == mode and x["engine"] == "ours")
-        h = next(x for x in table if x["mode"] == mode and x["engine"] != "ours")
+        h = next(x for x in table if x["mode"] == mode and x["engine"].startswith("transformers"))
         ratios[mode] = {"speed_x": round(o["tok_per_s"] / h["tok_per_s"], 3),
                         "peak_rss_x": round(o["peak_rss_mb"] / h["peak_rss_mb"], 3),
                         "train_peak_rss_x": round(o["train_peak_rss_mb"] / max(1, h["train_peak_rss_mb"]), 3)}
         print(f"{mode}: ours/transformers speed {ratios[mode]['speed_x']:.2f}x (goal >= 1.5x), peak RSS "
               f"{ratios[mode]['peak_rss_x']:.2f}x, training peak RSS {ratios[mode]['train_peak_rss_x']:.2f}x (goal <= 0.6x)")
+        base = next((x for x in table if x["mode"] == mode and x["engine"] == "ours-baseline"), None)
+        if base is not None:
+            ratios[mode]["baseline_speed_x"] = round(base["tok_per_s"] / h["tok_per_s"], 3)
+            ratios[mode]["baseline_peak_rss_x"] = round(base["peak_rss_mb"] / h["peak_rss_mb"], 3)
+            print(f"{mode}: baseline/transformers speed {ratios[mode]['baseline_speed_x']:.2f}x, "
+                  f"peak RSS {ratios[mode]['baseline_peak_rss_x']:.2f}x")
     import torch
     import transformers
 
     out = {"settings": {k: v for k, v in vars(args).items() if k in ("steps", "batch", "seq_len", "rank", "rounds",
-                                                                     "threads", "modes")},
+                                                                     "threads", "modes", "baseline_src")},
            "torch": torch.__version__, "transformers": transformers.__version__, "rows": table, "ratios": ratios,
            "note": "1 thread on a 2-core machine shared with other jobs: timings are noisy"}
     args.json.parent.mkdir(parents=True, exist_ok=True)
