@@ -142,7 +142,8 @@ def e2b_checkpoint(cache: Path) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--new-tokens", default="4,16",
+                    help="greedy tokens generated after the GGUF loads, comma-separated: one gguf-native run each")
     ap.add_argument("--e2b-new-tokens", type=int, default=4)
     ap.add_argument("--skip-e2b", action="store_true")
     ap.add_argument("--skip-fp32", action="store_true", help="skip the dequantized float32 GGUF load")
@@ -156,9 +157,10 @@ def main() -> None:
     rows = []
     gguf = gemma3_270m_gguf()
     size = gguf.stat().st_size
-    modes = ["gguf-native"] + ([] if args.skip_fp32 else ["gguf-fp32"])
-    for mode in modes:
-        r = run_child(mode, gguf, args.new_tokens)
+    news = [int(x) for x in args.new_tokens.split(",")]
+    runs = [("gguf-native", n) for n in news] + ([] if args.skip_fp32 else [("gguf-fp32", news[-1])])
+    for mode, n in runs:
+        r = run_child(mode, gguf, n)
         r.update(file=str(gguf), file_bytes=size)
         rows.append(r)
     if not args.skip_e2b:
@@ -170,7 +172,7 @@ def main() -> None:
             r.update(file=str(d), file_bytes=size_e2b)
             rows.append(r)
 
-    print(f"{'configuration':14} {'file MiB':>9} {'base MiB':>9} {'held MiB':>9} {'peak load':>10} "
+    print(f"{'configuration':14} {'new':>4} {'file MiB':>9} {'base MiB':>9} {'held MiB':>9} {'peak load':>10} "
           f"{'peak +gen':>10} {'peak/file':>9} {'end RSS':>8} {'end file':>9} {'load s':>7} {'gen s':>6}")
     for r in rows:
         b = r["base"]["VmRSS"]
@@ -181,12 +183,14 @@ def main() -> None:
                         "end_rss_mib": (r["end"]["VmRSS"] - b) / mib,
                         # mapped file pages resident at the end, beyond the shared libraries already mapped at baseline
                         "end_file_mib": (r["end"]["RssFile"] - r["base"]["RssFile"]) / mib}
-        print(f"{r['mode']:14} {r['file_bytes'] / mib:9.0f} {b / mib:9.0f} {held:9.0f} {pl:10.0f} {pg:10.0f} "
+        print(f"{r['mode']:14} {r['new_tokens']:4d} {r['file_bytes'] / mib:9.0f} {b / mib:9.0f} {held:9.0f} {pl:10.0f} {pg:10.0f} "
               f"{r['summary']['peak_over_file']:9.2f} {r['summary']['end_rss_mib']:8.0f} "
               f"{r['summary']['end_file_mib']:9.0f} {r['load_s']:7.1f} {r['gen_s']:6.1f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"threads": 1, "rows": rows}, indent=2) + "\n")
+    out.write_text(json.dumps({"threads": 1, "goal": "gguf-native peak above baseline <= 1.25 x file size",
+                               "goal_mib": 1.25 * size / mib, "rows": rows}, indent=2) + "\n")
+    print(f"goal for gguf-native: peak above baseline <= 1.25 x {size / mib:.0f} MiB = {1.25 * size / mib:.1f} MiB")
     print(f"wrote {out}")
 
 
