@@ -186,6 +186,7 @@ def gguf_native_model(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat
     tensors = dict(g.tensors)
     types = dict(Counter(t.type_name for t in tensors.values()))
     del g  # the header (a 262k-entry vocabulary as Python objects) and its memory map go before the weights come
+    release_free_heap()
 
     # The module structure quantize() gave the dequantized model, built without weights: Q4_K matrices
     # int4-g32, the others in `rest`, the token embedding in `embedding`, recorded in the config the same way.
