@@ -179,11 +179,13 @@ def main() -> None:
         held = (r["loaded"]["VmRSS"] - b) / mib
         pl = (r["loaded"]["VmHWM"] - b) / mib
         pg = (r["end"]["VmHWM"] - b) / mib
-        r["summary"] = {"held_mib": held, "peak_load_mib": pl, "peak_mib": pg, "peak_over_file": pg * mib / r["file_bytes"],
+        r["summary"] = {"held_mib": held, "peak_load_mib": pl, "peak_mib": pg,
+                        "peak_over_file": pg * mib / r["file_bytes"],
                         "end_rss_mib": (r["end"]["VmRSS"] - b) / mib,
                         # mapped file pages resident at the end, beyond the shared libraries already mapped at baseline
                         "end_file_mib": (r["end"]["RssFile"] - r["base"]["RssFile"]) / mib}
-        print(f"{r['mode']:14} {r['new_tokens']:4d} {r['file_bytes'] / mib:9.0f} {b / mib:9.0f} {held:9.0f} {pl:10.0f} {pg:10.0f} "
+        print(f"{r['mode']:14} {r['new_tokens']:4d} {r['file_bytes'] / mib:9.0f} {b / mib:9.0f} {held:9.0f} "
+              f"{pl:10.0f} {pg:10.0f} "
               f"{r['summary']['peak_over_file']:9.2f} {r['summary']['end_rss_mib']:8.0f} "
               f"{r['summary']['end_file_mib']:9.0f} {r['load_s']:7.1f} {r['gen_s']:6.1f}")
     out = Path(args.out)

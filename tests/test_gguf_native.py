@@ -14,7 +14,8 @@ from gemma4.infer import use_fast_path
 from gemma4.io import gguf_native, load_pretrained, save_pretrained
 from gemma4.io.gguf import GGUFError, GGUFFile, dequantize, gguf_to_hf, load_gguf, save_gguf
 from gemma4.io.gguf_native import Q4_K, gguf_native_model, q4k_blocks, q4k_to_int4
-from gemma4.quant.rtn import Int4Embedding, Int4Linear, Int8Linear, QuantExperts, QuantizationError, int4_dequant, quantize
+from gemma4.quant.rtn import (Int4Embedding, Int4Linear, Int8Linear, QuantExperts, QuantizationError, int4_dequant,
+                              quantize)
 
 TOP5 = [506, 496, 9079, 886, 3224]  # fp32 reference after "The capital of France is" (test_real_model.py)
 
@@ -193,7 +194,8 @@ def _reference(path, dtype=torch.bfloat16, rest="int8", embedding=None):
     ("ple", "int8", "int4", torch.bfloat16),
     ("moe", "int8", None, torch.bfloat16),
 ])
-def test_streamed_load_is_bit_identical_to_dequantize_then_quantize(kind, rest, embedding, dtype, tmp_path, monkeypatch):
+def test_streamed_load_is_bit_identical_to_dequantize_then_quantize(kind, rest, embedding, dtype, tmp_path,
+                                                                     monkeypatch):
     path = _tiny_gguf(kind, tmp_path / f"{kind}.gguf")
     ref = _reference(path, dtype, rest, embedding)
     # Chunks of 3 rows of 256 (7 of 64): every table is read in many pieces, the last one short.
@@ -243,7 +245,8 @@ def test_streamed_load_refuses_incomplete_and_misshapen_files(tmp_path):
             v = cfg["intermediate_size"] if k == "gemma3.feed_forward_length" else v
             w.add_key_value(k, v, gguf.GGUFValueType(vt), sub_type=gguf.GGUFValueType(et) if et is not None else None)
     for name, t in g.tensors.items():
-        w.add_tensor(name, np.array(g.raw(name)).reshape(*t.shape[:-1], -1), raw_dtype=gguf.GGMLQuantizationType(t.qtype))
+        raw = np.array(g.raw(name)).reshape(*t.shape[:-1], -1)
+        w.add_tensor(name, raw, raw_dtype=gguf.GGMLQuantizationType(t.qtype))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -38,7 +38,8 @@ import torch
 
 from gemma4._util import Progress, no_progress, release_free_heap
 from gemma4.io.checkpoint import _set_tensor, map_key
-from gemma4.io.gguf import GGUFError, GGUFFile, TensorInfo, _check_types, _norm_shift, config_from_gguf, dequantize, gguf_to_hf
+from gemma4.io.gguf import (GGUFError, GGUFFile, TensorInfo, _check_types, _norm_shift, config_from_gguf, dequantize,
+                            gguf_to_hf)
 from gemma4.model import Gemma4ForCausalLM, build_model
 from gemma4.quant import QuantWeight, prepare_quantized, to_kernel_layout
 from gemma4.quant.rtn import DEFAULT_SKIP, FORMAT_VERSION, quantization_targets
@@ -247,7 +248,8 @@ def _read_float(fh, path: Path, t: TensorInfo, key: str, want: torch.Tensor, cfg
     """A tensor that stays in float (norms, scalars, the router): read as bf16, as the dequantized model
     held it (Gemma 3's stored 1 + w undone in float32 first), then cast to ``dtype``."""
     if tuple(t.shape) != tuple(want.shape):
-        raise GGUFError(f"{path}: tensor {t.name!r} has shape {list(t.shape)} but the config expects {list(want.shape)}")
+        raise GGUFError(f"{path}: tensor {t.name!r} has shape {list(t.shape)} but the config expects "
+                        f"{list(want.shape)}")
     if not want.is_floating_point():
         raise GGUFError(f"{path}: tensor {t.name!r} loads into {key!r}, which is not a float tensor")
     raw = _read_rows(fh, path, t, t.nbytes, 0, 1)
