@@ -371,6 +371,9 @@ def use_fast_path(model, head: str = "auto"):
                 setattr(mod, child_name, FastRMSNorm(child))
             elif type(child) is nn.Linear and child.weight is not None and child.weight.dtype == dtype:
                 setattr(mod, child_name, PackedLinear(child.weight, child.bias))
+                # The loop's module list still holds the dropped layer: free its plain weight now, or
+                # every layer's would live until the end (twice the model's memory at the peak).
+                child.weight = None
     for layer in model.model.layers:  # after the projections are packed: fuse q/k/v
         layer.self_attn = _fuse_attention(layer.self_attn)
     tied = isinstance(model.lm_head, TiedHead)
