@@ -142,7 +142,11 @@ class Trainer:
         # The optimizer's parameter order is the groups' order: keep names in that order too.
         order = {id(p): n for n, p in self.named}
         self.names = [order[id(p)] for g in groups for p in g["params"]]
-        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+        # The fused AdamW: one pass over each parameter instead of one per op (lerp, mul, addcmul, sqrt,
+        # addcdiv...), 4.2 s of a 12.8 s full fine-tuning step of the 270M on one CPU thread otherwise.
+        # transformers' Trainer defaults to it too. Sharded (FSDP) parameters keep the per-op version.
+        fused = dist is None and all(p.device.type in ("cpu", "cuda") for _, p in self.named)
+        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True if fused else None)
         # Under torchrun each stream item is a global micro-batch (batch_size rows per rank).
         self.world = dist.world if dist is not None else 1
         self.stream = BatchStream(train, cfg.batch_size * self.world, seed=cfg.seed) if objective is None else None
