@@ -16,7 +16,7 @@ import gemma4
 
 torch.set_num_threads(1)
 out_path = sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/greedy_270m.json"
-model = gemma4.load_pretrained("gemma3-270m")
+model = gemma4.load_pretrained("gemma3-270m", dtype=torch.float32)  # the dequantized model, as recorded
 tok = gemma4.load_tokenizer("gemma3-270m")
 out = {}
 for p in ["The capital of France is", "Once upon a time", "def fibonacci(n):"]:

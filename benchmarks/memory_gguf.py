@@ -44,7 +44,7 @@ if mode == "gguf-native":
     from gemma4.io import gguf_native_model
     m = gguf_native_model(path, dtype=torch.bfloat16)
 elif mode == "gguf-fp32":
-    m = gemma4.load_pretrained(path)
+    m = gemma4.load_pretrained(path, dtype=torch.float32)
 elif mode == "ple-mmap":
     m = gemma4.load_pretrained(path)
 elif mode == "ple-full":

@@ -10,9 +10,11 @@ subprocess's own, shown beside its baseline after imports (interpreter + torch, 
 
 Engines:
   llama.cpp   ``llama_cpp.Llama(path, n_threads=n)``, greedy (temp 0), timed per yielded token
-  ours-api    the default Python API: ``gemma4.load_pretrained(path)`` + ``gemma4.stream``
-  ours-cli    the CLI's path: ``gemma4.cli._common.load_model(path)`` (a quantized GGUF runs in its
-              quantized form, ``gemma4.io.gguf_native_model``) + ``gemma4.stream``
+  ours-api    the default Python API: ``gemma4.load_pretrained(path)`` + ``gemma4.stream`` (a quantized
+              GGUF runs in its quantized form, ``gemma4.io.gguf_native_model``, since this session's
+              change; before it, the API dequantized to float32)
+  ours-cli    the CLI's path: ``gemma4.cli._common.load_model(path)`` + ``gemma4.stream`` (the same
+              loading rule as the API since then)
 
 Also measured: the memory-bandwidth bound (bytes of weights streamed per decoded token / a measured
 read bandwidth: the best of a numpy sum and a torch copy over 1 GiB) and quality at equal bits:

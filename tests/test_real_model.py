@@ -25,7 +25,7 @@ CONTINUATION = " the capital of the country of France. It is the largest city in
 
 @pytest.fixture(scope="module")
 def model():
-    return gemma4.load_pretrained("gemma3-270m")
+    return gemma4.load_pretrained("gemma3-270m", dtype=torch.float32)  # the dequantized reference
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def tokenizer():
 
 def test_config_read_from_llama_cpp_keys(model):
     cfg, ref = model.config, gemma4.Gemma4Config.from_preset("gemma3-270m")
-    assert model.dtype == torch.float32  # a quantized file dequantizes to float32 by default
+    assert model.dtype == torch.float32  # dtype=float32 dequantizes the quantized file
     for f in ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
               "num_attention_heads", "num_key_value_heads", "head_dim", "sliding_window", "layer_types",
               "query_pre_attn_scalar", "rms_norm_eps", "max_position_embeddings", "eos_token_id",
@@ -43,6 +43,18 @@ def test_config_read_from_llama_cpp_keys(model):
         assert getattr(cfg, f) == getattr(ref, f), f
     for t in set(cfg.layer_types):
         assert cfg.rope(t) == ref.rope(t)
+
+
+def test_default_load_runs_the_file_quantized(model, tokenizer):
+    """Like llama.cpp, the plain call keeps the file's quantized form (Q4_K as int4, the rest int8) and
+    agrees with the dequantized float32 model on the next token."""
+    from gemma4.quant import QuantWeight
+
+    q = gemma4.load_pretrained("gemma3-270m")
+    assert q.dtype == torch.bfloat16 and any(isinstance(m, QuantWeight) for m in q.modules())
+    ids = torch.tensor([tokenizer.encode(PROMPT)])
+    with torch.no_grad():
+        assert q(ids, keep_last=1)[0, -1].argmax() == model(ids, keep_last=1)[0, -1].argmax()
 
 
 def test_tokenizer_from_the_gguf_vocab(tokenizer):

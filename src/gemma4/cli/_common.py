@@ -179,16 +179,6 @@ def find_tokenizer(model_path: str) -> Tokenizer | None:
 
 
 # ----------------------------------------------------------------------------- loading a model to run
-_FLOAT_GGUF_TYPES = {"F32", "F16", "BF16"}
-
-
-def gguf_is_quantized(path: Path) -> bool:
-    """Whether a GGUF stores any 2-D matrix in a quantized type (then it runs in quantized form by default)."""
-    from gemma4.io import GGUFFile
-
-    return any(t.type_name not in _FLOAT_GGUF_TYPES for t in GGUFFile(path).tensors.values() if len(t.shape) == 2)
-
-
 class StepBar:
     """Progress of a training run, fed one log record per optimizer step (``on_step=bar.step``): a rich bar
     on a terminal, a plain line every ~10% of the steps elsewhere (logs, CI). Both show the loss, the
@@ -248,19 +238,17 @@ def load_model(spec: str, *, dtype: torch.dtype | None = None, device: str = "cp
     (:func:`gemma4.io.gguf_native_model`): about a third of the memory of the dequantized model and
     faster decoding. ``--dtype`` asks for the full-precision (dequantized) model instead."""
     from gemma4.infer import use_fast_path
-    from gemma4.io import gguf_native_model, load_pretrained
+    from gemma4.io import load_pretrained
+    from gemma4.io.load import quantized_form
 
     t0 = time.perf_counter()
     p = resolve_path(spec)
     how = "as stored"
-    if (p.is_file() and p.suffix == ".gguf" and dtype is None and torch.device(device).type == "cpu"
-            and gguf_is_quantized(p)):
-        model = gguf_native_model(p, dtype=torch.bfloat16, progress=slow_progress)
+    if p.is_file() and quantized_form(p, dtype, device, trainable=False):
         how = "quantized (GGUF Q4_K kept as int4, other matrices int8; --dtype float32 for full precision)"
-    else:
-        model = load_pretrained(p, dtype=dtype, device=device, progress=slow_progress)
-        if dtype is not None:
-            how = str(dtype).removeprefix("torch.")
+    elif dtype is not None:
+        how = str(dtype).removeprefix("torch.")
+    model = load_pretrained(p, dtype=dtype, device=device, progress=slow_progress)
     if attn is not None:
         model.set_attention_backend(attn)
     if pack:

@@ -10,11 +10,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gemma4.cli._common import (CliError, dtype_option, check_model, check_output, find_tokenizer, gguf_is_quantized, need_matplotlib,
+from gemma4.cli._common import (CliError, dtype_option, check_model, check_output, find_tokenizer, need_matplotlib,
                                 progress, read_text_arg)
 from gemma4.cli.convert import carry_tokenizer
 from gemma4.infer import use_plain_path
-from gemma4.io import gguf_native_model, load_config, load_pretrained, resolve_path, save_pretrained
+from gemma4.io import gguf_is_quantized, gguf_native_model, load_config, load_pretrained, resolve_path, save_pretrained
 from gemma4.model import FULL, PRESETS, SLIDING, Gemma4Config, estimate_memory
 from gemma4.model.size import TOWER_PARAMS, count_parameters, parse_tokens, published_comparison
 from gemma4.quant import QuantizationError, calibration_ids, gptq_quantize, model_nbytes, quantize

@@ -107,6 +107,14 @@ def _module_name(gguf_name: str) -> str | None:
     return hf[: -len(".weight")] if hf and hf.endswith(".weight") else None
 
 
+_FLOAT_TYPES = {"F32", "F16", "BF16"}
+
+
+def gguf_is_quantized(path: str | os.PathLike) -> bool:
+    """Whether a GGUF stores any 2-D matrix in a quantized type (then it runs in quantized form by default)."""
+    return any(t.type_name not in _FLOAT_TYPES for t in GGUFFile(path).tensors.values() if len(t.shape) == 2)
+
+
 def gguf_native_types(path: str | os.PathLike) -> dict[str, list[str]]:
     """GGUF tensor type name -> the tensors of that type (GGUF names), for reporting what stays 4-bit."""
     g = GGUFFile(path)
