@@ -53,7 +53,7 @@ VARIANTS = {
 
 def build(base, name, calib):
     from gemma4.quant.gptq import awq_scale, gptq_quantize
-    from gemma4.quant.rtn import Int8Embedding, TiedHead, quantize
+    from gemma4.quant.rtn import Int8Embedding, quantize
 
     method, scheme, gs, extra = VARIANTS[name]
     m = copy.deepcopy(base)
@@ -67,7 +67,7 @@ def build(base, name, calib):
         e = m.model.embed_tokens
         new = Int8Embedding(e.num_embeddings, e.embedding_dim)
         new.set_from_float(e.weight)
-        m.model.embed_tokens, m.lm_head = new, TiedHead(new)
+        m.model.embed_tokens = new  # tied: lm_head stays None, the table serves the head
     elif method == "gptq":
         gptq_quantize(m, scheme, gs, calib_ids=calib, **extra)
     if extra.get("dtype") == "float32":  # the unquantized reference itself

@@ -34,12 +34,9 @@ def test_packed_quantized_matches_and_unpacks(kind, scheme, group):
 
 def _hidden_modules(model: torch.nn.Module) -> list[str]:
     """Attributes that hold a module (or a list of modules) outside ``_modules``: invisible to
-    ``.to()``, ``state_dict`` and FSDP. TiedHead's embedding is the one, documented exception
-    (its table has one owner: the embedding)."""
+    ``.to()``, ``state_dict`` and FSDP."""
     found = []
     for name, mod in model.named_modules():
-        if type(mod).__name__ == "TiedHead":
-            continue
         for attr, val in vars(mod).items():
             vals = val if isinstance(val, (list, tuple)) else [val]
             if attr != "_modules" and any(isinstance(v, torch.nn.Module) for v in vals):

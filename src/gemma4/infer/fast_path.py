@@ -26,7 +26,7 @@ from torch import nn
 
 from gemma4.model.attention import ATTENTION_BACKENDS
 from gemma4.model.decoder import MLP, Attention, RMSNorm, apply_rope, gelu_tanh
-from gemma4.quant import Int4Linear, Int8Linear, QuantWeight, TiedHead
+from gemma4.quant import Int4Linear, Int8Linear, QuantWeight
 
 _DTYPES = (torch.float32, torch.bfloat16)
 ONEDNN_CACHE_CAPACITY = 64
@@ -244,7 +244,7 @@ class QuantPackedHead(nn.Module):
 
     def __init__(self, table: QuantWeight, tied: bool):
         super().__init__()
-        self.tied = tied  # the table is the embedding's (restored as a TiedHead), else the head's own
+        self.tied = tied  # the table is the embedding's (restored as no head at all), else the head's own
         self.lin = QuantPackedLinear(table, upcast=True, own=not tied)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -376,8 +376,8 @@ def use_fast_path(model, head: str = "auto"):
                 child.weight = None
     for layer in model.model.layers:  # after the projections are packed: fuse q/k/v
         layer.self_attn = _fuse_attention(layer.self_attn)
-    tied = isinstance(model.lm_head, TiedHead)
-    quant_head = model.lm_head.table if tied else model.lm_head
+    tied = model.lm_head is None and isinstance(model.model.embed_tokens, QuantWeight)
+    quant_head = model.model.embed_tokens if tied else model.lm_head
     if isinstance(quant_head, QuantWeight):
         if head != "none" and QuantPackedLinear.supported(quant_head):
             model.lm_head = QuantPackedHead(quant_head, tied=tied)
@@ -424,6 +424,6 @@ def use_plain_path(model):
     if isinstance(h, PackedLinear):
         model.lm_head = None if h.tied else h.restore()
     elif isinstance(h, QuantPackedHead):
-        model.lm_head = TiedHead(model.model.embed_tokens) if h.tied else h.lin.restore()
+        model.lm_head = None if h.tied else h.lin.restore()
     model.fast_path = False
     return model

@@ -432,9 +432,17 @@ class Gemma4ForCausalLM(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        x = self.lm_head(h) if self.lm_head is not None else F.linear(h, self.model.embed_tokens.weight)
+        x = self.lm_head(h) if self.lm_head is not None else self.tied_head(h)
         c = self.config.final_logit_softcapping
         return torch.tanh(x / c) * c if c else x
+
+    def tied_head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits of a tied model (no ``lm_head``), before the soft-cap: the embedding table used as the
+        output matrix. A quantized table (:mod:`gemma4.quant`) brings its own ``head`` matmul, so the
+        table has one owner and no float copy."""
+        emb = self.model.embed_tokens
+        head = getattr(emb, "head", None)
+        return head(h) if head is not None else F.linear(h, emb.weight)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, keep_last: int = 0,
                 segment_ids=None):

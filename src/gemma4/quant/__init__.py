@@ -3,7 +3,7 @@
 
 from gemma4.quant.rtn import (
     DEFAULT_SKIP, GROUP_SIZES, SCHEMES, Int4Embedding, Int4Linear, Int4Weight, Int8Embedding, Int8Linear, Int8Weight,
-    QuantExperts, QuantizationError, QuantWeight, TiedHead, dequantize_model, int4_dequant, int8_dequant,
+    QuantExperts, QuantizationError, QuantWeight, dequantize_model, int4_dequant, int8_dequant,
     kernels_available, model_nbytes, pack_nibbles, prepare_quantized, quantize, quantize_int4_tensor,
     quantize_int8_tensor, to_kernel_layout, unpack_nibbles,
 )
@@ -11,7 +11,7 @@ from gemma4.quant.gptq import awq_scale, calibration_ids, default_calibration_te
 
 __all__ = [
     "DEFAULT_SKIP", "GROUP_SIZES", "SCHEMES", "Int4Embedding", "Int4Linear", "Int4Weight", "Int8Embedding",
-    "Int8Linear", "Int8Weight", "QuantExperts", "QuantizationError", "QuantWeight", "TiedHead", "dequantize_model",
+    "Int8Linear", "Int8Weight", "QuantExperts", "QuantizationError", "QuantWeight", "dequantize_model",
     "int4_dequant", "int8_dequant", "kernels_available", "model_nbytes", "pack_nibbles", "prepare_quantized",
     "quantize", "quantize_int4_tensor", "quantize_int8_tensor", "to_kernel_layout", "unpack_nibbles",
     "awq_scale", "calibration_ids", "default_calibration_text", "gptq_matrix", "gptq_quantize",

@@ -3,8 +3,9 @@
 ``quantize(model, "int8" | "int4", group_size=32)`` replaces, in place:
 
 * every ``nn.Linear`` (attention, MLP, PLE gates/projections) by :class:`Int8Linear` / :class:`Int4Linear`;
-* the token embedding by a quantized table that serves both the lookup and, through
-  :class:`TiedHead`, the tied output head (one copy of the table);
+* the token embedding by a quantized table that serves both the lookup and the tied output head (one
+  copy of the table: a tied model keeps ``lm_head = None`` and its logits come from the table's own
+  ``head`` matmul, :meth:`gemma4.model.Gemma4ForCausalLM.tied_head`);
 * the PLE table (a lookup only) and the MoE expert stacks.
 
 The router (top-k selection is sensitive, and the matrix is tiny) and norms stay in float.
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 from typing import Any, Iterable
 
 import torch
@@ -589,23 +589,6 @@ class Int4Embedding(_EmbeddingMixin, Int4Weight):
         self._init_witness(dtype, device)
 
 
-class TiedHead(nn.Module):
-    """The output head of a tied model: the quantized embedding table used as a matmul. Holds no
-    tensors of its own (so nothing is saved twice); the table is read from the embedding module."""
-
-    def __init__(self, embedding: _EmbeddingMixin):
-        super().__init__()
-        object.__setattr__(self, "_embedding", embedding)  # not a submodule: one owner in the state dict
-
-    def forward(self, h):
-        return self._embedding.head(h)
-
-    @property
-    def table(self) -> "QuantWeight":
-        """The quantized embedding table this head reads."""
-        return self._embedding
-
-
 class QuantExperts(Experts):
     """MoE expert stacks [E, 2I, H] / [E, H, I] quantized per expert; routing code is inherited."""
 
@@ -724,7 +707,7 @@ def _build(kind: str, mod: nn.Module, scheme: str, group_size: int | None, dtype
 
 
 def _is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, (QuantWeight, QuantExperts, TiedHead)) for m in model.modules())
+    return any(isinstance(m, (QuantWeight, QuantExperts)) for m in model.modules())
 
 
 def quantize(model: Gemma4ForCausalLM, scheme: str = "int4", group_size: int | None = None, *,
@@ -762,7 +745,6 @@ def quantize(model: Gemma4ForCausalLM, scheme: str = "int4", group_size: int | N
                 raise QuantizationError(f"{name} has dtype {p.dtype}; quantize float32/bfloat16/float16 weights")
     plan = _plan_overrides(targets, overrides)
     _check_divisible(targets, group_size, plan)
-    tied = model.lm_head is None
     with torch.no_grad():
         # pop as we go: each float weight is freed once its quantized copy exists
         for _ in (progress or no_progress)(range(len(targets)), f"quantize {scheme}"):
@@ -776,8 +758,6 @@ def quantize(model: Gemma4ForCausalLM, scheme: str = "int4", group_size: int | N
                 new.set_from_float(mod.weight) if name not in (precomputed or {}) else _set_precomputed(new, *precomputed[name])
             _set_module(model, name, new)
             del mod, new
-    if tied and isinstance(model.model.embed_tokens, _EmbeddingMixin):
-        model.lm_head = TiedHead(model.model.embed_tokens)
     _record(model, scheme, group_size, embeddings, skip, plan)
     return model
 
@@ -830,8 +810,6 @@ def prepare_quantized(model: Gemma4ForCausalLM, qcfg: dict[str, Any]) -> Gemma4F
     for name, kind, mod in targets:
         dev = next(mod.parameters()).device
         _set_module(model, name, _build(kind, mod, *plan.get(name, (scheme, group_size)), dtype, dev))
-    if model.lm_head is None and isinstance(model.model.embed_tokens, _EmbeddingMixin):
-        model.lm_head = TiedHead(model.model.embed_tokens)
     _record(model, scheme, group_size, embeddings, skip, plan)
     return model
 
@@ -868,8 +846,6 @@ def dequantize_model(model: Gemma4ForCausalLM, dtype: torch.dtype | None = None)
             ex.gate_up_proj = nn.Parameter(mod.gate_up_proj.dequantize(dtype), requires_grad=False)
             ex.down_proj = nn.Parameter(mod.down_proj.dequantize(dtype), requires_grad=False)
             _set_module(model, name, ex)
-    if isinstance(model.lm_head, TiedHead):
-        model.lm_head = None
     cfg = model.config.replace(quantization=None)
     model.config = model.model.config = cfg
     return model

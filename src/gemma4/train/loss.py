@@ -259,9 +259,8 @@ def hidden_loss_sum(model, h: torch.Tensor, targets: torch.Tensor, chunk: int | 
 def _head_logits(model, h: torch.Tensor) -> torch.Tensor:
     """model.logits(h), with a gradient for h through a quantized head (QLoRA): the integer kernels
     have no derivative, so the quantized table goes through `frozen_quant_linear`."""
-    head = model.lm_head
-    table = getattr(head, "table", None) if head is not None else None  # TiedHead over a quantized table
-    qmod = table if table is not None else (head if isinstance(head, QuantWeight) else None)
+    head = model.lm_head if model.lm_head is not None else model.model.embed_tokens  # tied: the table
+    qmod = head if isinstance(head, QuantWeight) else None
     if qmod is None:
         return model.logits(h)
     x = frozen_quant_linear(h, qmod)
