@@ -349,8 +349,6 @@ def use_fast_path(model, head: str = "auto"):
     if model.device.type != "cpu" or not available(dtype) or model.fast_path:
         return model
     configure_onednn()
-    if head == "no-copy":  # the earlier name of today's "auto"
-        head = "auto"
     if head not in ("auto", "pack", "plain", "none"):
         raise ValueError(f"head must be 'auto', 'pack', 'plain' or 'none', got {head!r}")
     replaced: set[int] = set()  # modules swapped out: their children are not visited
