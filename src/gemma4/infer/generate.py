@@ -30,7 +30,7 @@ log = logging.getLogger("gemma4")
 
 __all__ = [
     "GenerationError", "NonFiniteLogitsError", "prepare_prompts", "prefill", "decode_step",
-    "find_nonfinite_module", "Generation", "stream", "generate", "register",
+    "find_nonfinite_module", "Generation", "stream", "generate",
 ]
 
 

@@ -9,9 +9,6 @@ K key/value heads, D head dim, P per-layer-embedding dim, L layers, E experts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
