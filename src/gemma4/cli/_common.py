@@ -239,16 +239,16 @@ def load_model(spec: str, *, dtype: torch.dtype | None = None, device: str = "cp
     faster decoding. ``--dtype`` asks for the full-precision (dequantized) model instead."""
     from gemma4.infer import use_fast_path
     from gemma4.io import load_pretrained
-    from gemma4.io.load import quantized_form
 
     t0 = time.perf_counter()
     p = resolve_path(spec)
+    model = load_pretrained(p, dtype=dtype, device=device, progress=slow_progress)
     how = "as stored"
-    if p.is_file() and quantized_form(p, dtype, device, trainable=False):
+    # Read off the loaded model rather than asking io.load.quantized_form again (each call parses the GGUF header again, ~0.5 s).
+    if dtype is None and p.suffix == ".gguf" and model.config.quantization:
         how = "quantized (GGUF Q4_K kept as int4, other matrices int8; --dtype float32 for full precision)"
     elif dtype is not None:
         how = str(dtype).removeprefix("torch.")
-    model = load_pretrained(p, dtype=dtype, device=device, progress=slow_progress)
     if attn is not None:
         model.set_attention_backend(attn)
     if pack:
