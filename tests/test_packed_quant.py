@@ -23,9 +23,10 @@ def test_packed_quantized_matches_and_unpacks(kind, scheme, group):
     if m.config.final_logit_softcapping:
         # Packed quantized heads return float32 logits, so the soft-cap is applied before bf16 rounding.
         assert (out - ref).abs().max().item() <= 0.05
-        assert torch.equal(out.argmax(-1), ref.argmax(-1))
-    else:
-        assert torch.equal(out, ref)
+        # same top token, up to ties that the plain path's bf16 logits cannot break
+        assert torch.equal(ref.gather(-1, out.argmax(-1, keepdim=True)), ref.amax(-1, keepdim=True))
+    else:  # the packed head may return float32 where the plain one rounds to the model's bf16
+        assert torch.equal(out.to(torch.bfloat16).float(), ref)
     use_plain_path(m)
     after = m.state_dict()
     assert before.keys() == after.keys()

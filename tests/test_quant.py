@@ -40,7 +40,8 @@ def test_tensor_formats_and_errors():
 
 
 @pytest.mark.skipif(int4_cpu_layout() is None, reason="no int4 CPU kernel in this torch build")
-def test_int4_cpu_layout_unpack_and_row_gather():
+def test_int4_cpu_layout_unpack_and_row_gather(monkeypatch):
+    monkeypatch.setenv("GEMMA4_NATIVE", "0")  # PyTorch's int4 kernel layout
     layout = int4_cpu_layout()
     g = torch.Generator().manual_seed(1)
     for n in (208, 64, 16):  # full blocks + a partial one, a single block, a lone partial block
@@ -58,7 +59,8 @@ def test_int4_cpu_layout_unpack_and_row_gather():
 
 
 @pytest.mark.skipif(int4_cpu_layout() is None, reason="no int4 CPU kernel in this torch build")
-def test_int4_repack_in_place_and_at_load(tmp_path):
+def test_int4_repack_in_place_and_at_load(tmp_path, monkeypatch):
+    monkeypatch.setenv("GEMMA4_NATIVE", "0")  # PyTorch's int4 kernel layout
     g = torch.Generator().manual_seed(3)
     lin = Int4Linear(2048 + 80, 64, 32)  # several repack chunks, the last with a partial kernel block
     lin.set_from_float(torch.randn(2048 + 80, 64, generator=g))
@@ -111,10 +113,11 @@ def test_quantized_linear_matches_its_dequantized_weight(cls, kw):
 def test_kernels_are_used_here():
     # The speed claims rest on these; a CPU torch 2.13 build has both.
     avail = kernels_available()
-    assert all(avail.values()), f"kernels unavailable: {avail}"
+    assert avail["int8"] and avail["int4"], f"kernels unavailable: {avail}"
     lin = Int4Linear(64, 64, 32)
     lin.set_from_float(torch.randn(64, 64))
-    assert lin._packed is not None
+    assert lin.kernel_ready() and lin.kernel_tensors()[0] == avail["native"]
+    assert (lin._packed is None) == avail["native"]  # native: the codes stay in the portable order
 
 
 @pytest.mark.parametrize("kind", list(quant_tiny.KINDS))
@@ -129,9 +132,10 @@ def test_model_quantization_accuracy(kind):
             m = quantize(quant_tiny.model(kind), scheme, gs)
             assert m.lm_head is None and m.config.quantization["scheme"] == scheme
             y = m(ids)
-            # the quantized modules compute their own dequantized weights (up to bf16 activations)
+            # the quantized modules compute their own dequantized weights (up to bf16 or int8 activations:
+            # these random-weight models amplify any rounding, see the bf16 bound below)
             yd = dequantize_model(copy.deepcopy(m))(ids)
-            assert rel(y, yd) < 0.1
+            assert rel(y, yd) < 0.12
             if scheme == "int8":
                 # int8 costs about what bf16 costs on these (chaotic, random-weight) models
                 assert rel(y, ref) < 3 * bf16_err + 0.05

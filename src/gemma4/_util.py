@@ -57,6 +57,13 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+# ----------------------------------------------------------------------------- the cache
+def cache_dir() -> Path:
+    """The cache (downloads, built assets, compiled kernels): `$GEMMA4_CACHE`, else `~/.cache/gemma4`."""
+    env = os.environ.get("GEMMA4_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "gemma4"
+
+
 # ----------------------------------------------------------------------------- atomic writes
 class WriteError(Gemma4Error, OSError):
     """A destination that cannot be written as asked (a file where a directory is needed, ...)."""

@@ -8,14 +8,13 @@ from Python's ``readline`` where the platform has it; no other dependency."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from gemma4._util import atomic_write_text
+from gemma4._util import atomic_write_text, cache_dir
 from gemma4.cli._common import (DTYPE_HELP, CliError, check_device, check_model, check_text, dtype_option,
                                 find_tokenizer, load_model, timings_line)
 from gemma4.cli.generate import ATTN_HELP, NO_TOKENIZER, chat_style, encode_chat, sampling_params, stream_chat_reply
@@ -32,8 +31,7 @@ COMMANDS = {
 
 
 def _history_file() -> Path:
-    root = Path(os.environ.get("GEMMA4_CACHE", Path.home() / ".cache" / "gemma4"))
-    return root / "chat_history"
+    return cache_dir() / "chat_history"
 
 
 def _setup_readline() -> None:

@@ -26,7 +26,7 @@ from torch import nn
 
 from gemma4.model.attention import ATTENTION_BACKENDS
 from gemma4.model.decoder import MLP, Attention, RMSNorm, apply_rope, gelu_tanh
-from gemma4.quant import Int4Linear, Int8Linear, QuantWeight
+from gemma4.quant import Int4Linear, Int8Linear, QuantWeight, native
 
 _DTYPES = (torch.float32, torch.bfloat16)
 ONEDNN_CACHE_CAPACITY = 64
@@ -161,8 +161,9 @@ class FastRMSNorm(nn.Module):
 
 
 class QuantPackedLinear(nn.Module):
-    """A quantized linear layer reduced to its CPU kernel call (int4: ``_weight_int4pack_mm_for_cpu``,
-    int8: ``_weight_int8pack_mm``). The modules in :mod:`gemma4.quant` re-check layout, device and
+    """A quantized linear layer reduced to its CPU kernel call (:mod:`gemma4.quant.native`'s int8-activation
+    kernels where they built here, else int4: ``_weight_int4pack_mm_for_cpu``, int8:
+    ``_weight_int8pack_mm``). The modules in :mod:`gemma4.quant` re-check layout, device and
     dtype and reshape around every call; at one token per step that bookkeeping costs as much as a
     small matmul, so it is settled once here. Shares the source module's tensors (no copy).
 
@@ -175,8 +176,9 @@ class QuantPackedLinear(nn.Module):
         self.out_features, self.in_features = src.out_features, src.in_features
         self.group_size = getattr(src, "group_size", 0)
         # Aliases of the source's tensors, not saved: the kernel call reads them without attribute hops.
-        self.register_buffer("qweight", src.qweight, persistent=False)
-        self.register_buffer("scales", src.scales_zeros if self.group_size else src.scales, persistent=False)
+        self.native, qweight, scales = src.kernel_tensors()
+        self.register_buffer("qweight", qweight, persistent=False)
+        self.register_buffer("scales", scales, persistent=False)
         self.upcast = upcast  # return float32 (the output head: see QuantPackedHead)
         self.src = src if own else None
 
@@ -194,7 +196,13 @@ class QuantPackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x2.dtype != torch.bfloat16:  # the kernels take bf16 activations only
+        if self.native:  # reads float32/bf16 rows as they are, writes the dtype asked for
+            out = torch.float32 if self.upcast else None
+            y = (native.int4_matmul(x2, self.qweight, self.scales, self.group_size, out_dtype=out) if self.group_size
+                 else native.int8_matmul(x2, self.qweight, self.scales, out_dtype=out))
+            y = y.view(*shape[:-1], self.out_features)
+            return y if self.upcast or y.dtype == x.dtype else y.to(x.dtype)
+        if x2.dtype != torch.bfloat16:  # PyTorch's kernels take bf16 activations only
             x2 = x2.to(torch.bfloat16)
         x2 = x2.contiguous()
         if self.group_size:

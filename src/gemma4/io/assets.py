@@ -21,7 +21,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from gemma4._util import Gemma4Error, atomic_path, atomic_write_stream
+from gemma4._util import Gemma4Error, atomic_path, atomic_write_stream, cache_dir
 
 __all__ = [
     "AssetError",
@@ -54,12 +54,6 @@ class AssetError(Gemma4Error, RuntimeError):
 
 def _log(msg: str) -> None:
     print(f"gemma4: {msg}", file=sys.stderr, flush=True)
-
-
-def cache_dir() -> Path:
-    """The download cache: `$GEMMA4_CACHE`, else `~/.cache/gemma4` (created on demand)."""
-    env = os.environ.get("GEMMA4_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "gemma4"
 
 
 def shared_data_dir() -> Path | None:

@@ -21,9 +21,12 @@ Formats (all scales in bf16, the dtype the CPU kernels take):
   repacked into the kernel's own layout, which depends on the CPU's vector width (AVX-512, AVX2 or
   none), and unpacked again when saved.
 
-Matmuls use ``torch._weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu`` with bf16 activations (on
-this CPU both are 10-30x slower with float32 activations than with bf16) and fall back to
-dequantize-then-matmul elsewhere (other devices, shapes the kernels reject).
+Matmuls on CPU use the compiled int8-activation kernels of :mod:`gemma4.quant.native` when they built
+and passed their self-check here (they read these same formats; int4 codes then stay in the portable
+order, with a row-ordered copy of the small (scale, zero) table). Otherwise
+``torch._weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu`` with bf16 activations (on this CPU both
+are 10-30x slower with float32 activations than with bf16), and dequantize-then-matmul elsewhere
+(other devices, shapes the kernels reject).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from torch import nn
 
 from gemma4._util import Gemma4Error, Progress, no_progress, release_free_heap
 from gemma4.model import Experts, Gemma4ForCausalLM
+from gemma4.quant import native
 
 log = logging.getLogger("gemma4")
 
@@ -155,7 +159,8 @@ def int4_cpu_layout() -> tuple[str, int] | None:
 
 
 def kernels_available() -> dict[str, bool]:
-    return {"int8": int8_kernel_ok(), "int4": int4_cpu_layout() is not None}
+    nat = native.available()
+    return {"int8": nat or int8_kernel_ok(), "int4": nat or int4_cpu_layout() is not None, "native": nat}
 
 
 # ----------------------------------------------------------------------------- quantize / dequantize
@@ -264,6 +269,11 @@ class QuantWeight(nn.Module):
         the kernel can run it here (2-D, on CPU, a layout/shape the kernel accepts)."""
         raise NotImplementedError
 
+    def kernel_tensors(self) -> tuple[bool, torch.Tensor, torch.Tensor]:
+        """After :meth:`kernel_ready`: (native, codes, scales) as the CPU kernel reads them — native True
+        for :mod:`gemma4.quant.native`'s kernels, False for PyTorch's."""
+        raise NotImplementedError
+
     def row_tensors(self, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(portable codes or int8 values [rows, K], scales in the module's own layout) of a row range."""
         raise NotImplementedError
@@ -346,7 +356,11 @@ class Int8Weight(QuantWeight):
 
     def kernel_ready(self) -> bool:
         return (not self.lead and self.qweight is not None and self.qweight.device.type == "cpu"
-                and not self.qweight.is_meta and int8_shape_ok(self.in_features) and int8_kernel_ok())
+                and not self.qweight.is_meta and int8_shape_ok(self.in_features)
+                and (native.available() or int8_kernel_ok()))
+
+    def kernel_tensors(self):
+        return native.available(), self.qweight, self.scales
 
     def row_tensors(self, start=0, stop=None):
         return self.qweight[start:stop].clone(), self.scales[start:stop].clone()
@@ -378,6 +392,9 @@ class Int8Weight(QuantWeight):
         self._ensure_ready()
         q = self.qweight if index is None else self.qweight[index]
         s = self.scales if index is None else self.scales[index]
+        if x.device.type == "cpu" and q.device.type == "cpu" and int8_shape_ok(self.in_features) and native.available():
+            y = native.int8_matmul(x.reshape(-1, self.in_features), q, s)
+            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)  # no-op for float32/bf16
         if x.device.type == "cpu" and int8_shape_ok(self.in_features) and int8_kernel_ok():
             x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
             y = torch._weight_int8pack_mm(x2, q, s.to(torch.bfloat16))
@@ -400,6 +417,16 @@ class Int4Weight(QuantWeight):
         self.register_buffer("qweight", torch.empty(*lead, n, k // 2, dtype=torch.uint8, device=device))
         self.register_buffer("scales_zeros", torch.empty(*lead, k // group_size, n, 2, dtype=torch.bfloat16, device=device))
         self._packed: tuple[str, int] | None = None  # the CPU layout qweight is in, None = portable
+        # For the native kernels (codes stay portable): scales_zeros in row order [.., N, K/g, 2], a
+        # derived copy (not saved), dropped whenever the codes or scales change.
+        self._sz_rows: torch.Tensor | None = None
+
+    def _reset_layout(self) -> None:
+        self._packed, self._sz_rows = None, None
+
+    def _apply(self, fn, recurse=True):
+        self._sz_rows = None  # a device move or cast: re-derived on the next use
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", group_size={self.group_size}"
@@ -407,7 +434,7 @@ class Int4Weight(QuantWeight):
     def set_from_float(self, w: torch.Tensor) -> None:
         codes, sz = _chunked(w, functools.partial(quantize_int4_tensor, group_size=self.group_size), sz_dim=-2)
         self.qweight, self.scales_zeros = pack_nibbles(codes), sz
-        self._packed = None
+        self._reset_layout()
         self._ensure_ready()
 
     scale_row_dim = -2  # scales_zeros is [K/g, N, 2]
@@ -419,7 +446,12 @@ class Int4Weight(QuantWeight):
         if self.lead or self.qweight is None or self.qweight.device.type != "cpu" or self.qweight.is_meta:
             return False
         self._ensure_ready()
-        return self._packed is not None
+        return self._packed is not None or self._sz_rows is not None
+
+    def kernel_tensors(self):
+        if self._sz_rows is not None:
+            return True, self.qweight, self._sz_rows
+        return False, self.qweight, self.scales_zeros
 
     def row_tensors(self, start=0, stop=None):
         # Through the portable nibble order, so a fused weight is packed exactly as the kernel packs it.
@@ -427,12 +459,12 @@ class Int4Weight(QuantWeight):
 
     def set_rows(self, codes, sz) -> None:
         self._buffers["qweight"], self._buffers["scales_zeros"] = pack_nibbles(codes), sz
-        self._packed = None
+        self._reset_layout()
         self._ensure_ready()
 
     def allocate(self, device="cpu", empty=None) -> None:
         super().allocate(device, empty)
-        self._packed = None  # filled in the portable order; _ensure_ready / to_kernel_layout repacks
+        self._reset_layout()  # filled in the portable order; _ensure_ready / to_kernel_layout repacks
 
     def quantize_rows(self, w):
         return quantize_int4_tensor(w, self.group_size)
@@ -440,6 +472,7 @@ class Int4Weight(QuantWeight):
     def fill_rows(self, start, codes, sz, index=None):
         if self._packed is not None:
             raise QuantizationError("fill_rows writes portable codes; this weight is already in the kernel layout")
+        self._sz_rows = None
         qw, szt = (self.qweight, self.scales_zeros) if index is None else (self.qweight[index], self.scales_zeros[index])
         n = codes.shape[0]
         self._check_rows(start, codes, sz, (self.in_features // self.group_size, n, 2))
@@ -452,6 +485,15 @@ class Int4Weight(QuantWeight):
                 and self.out_features % 16 == 0 and self.group_size in GROUP_SIZES
                 and int4_cpu_layout() is not None)
 
+    def release(self) -> None:
+        super().release()
+        self._reset_layout()
+
+    def _native_usable(self) -> bool:
+        return (self.kernel_layout and self.qweight is not None and self.qweight.device.type == "cpu"
+                and not self.qweight.is_meta and self.in_features % 32 == 0 and self.group_size % 32 == 0
+                and native.available())
+
     def _ensure_ready(self, in_place: bool = False) -> None:
         """After loading (portable codes, maybe float32 scales): repack for the kernel, scales to bf16.
 
@@ -460,7 +502,10 @@ class Int4Weight(QuantWeight):
         be rewritten under it."""
         if self.scales_zeros.dtype != torch.bfloat16 and not self.scales_zeros.is_meta:
             self._buffers["scales_zeros"] = self.scales_zeros.to(torch.bfloat16)
-        if self._packed is None and self._kernel_usable():
+        if self._packed is None and self._sz_rows is None and self._native_usable():
+            self._sz_rows = self.scales_zeros.transpose(-3, -2).contiguous()  # [.., N, K/g, 2]
+            return
+        if self._packed is None and self._sz_rows is None and self._kernel_usable():
             layout = int4_cpu_layout()
             src = self.qweight.reshape(-1, self.out_features, self.in_features // 2)
             # Same size in both layouts. A second table would double the load's peak for a moment, and
@@ -491,6 +536,11 @@ class Int4Weight(QuantWeight):
 
     def matmul(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
         self._ensure_ready()
+        if self._sz_rows is not None and x.device.type == "cpu":
+            q = self.qweight if index is None else self.qweight[index]
+            sz = self._sz_rows if index is None else self._sz_rows[index]
+            y = native.int4_matmul(x.reshape(-1, self.in_features), q, sz, self.group_size)
+            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         if self._packed is not None and x.device.type == "cpu":
             q = self.qweight if index is None else self.qweight[index]
             sz = self.scales_zeros if index is None else self.scales_zeros[index]
@@ -517,7 +567,7 @@ class Int4Weight(QuantWeight):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._packed = None  # the loaded codes are in file order: repack on first use
+        self._reset_layout()  # the loaded codes are in file order: repack on first use
 
 
 def _chunked(w: torch.Tensor, fn, sz_dim: int | None = None):
@@ -769,7 +819,8 @@ def _set_precomputed(new: nn.Module, q: torch.Tensor, s: torch.Tensor) -> None:
     if (tuple(q.shape), tuple(s.shape)) != tuple(map(tuple, want)):
         raise QuantizationError(f"precomputed shapes {list(q.shape)}, {list(s.shape)} do not match {want}")
     if isinstance(new, Int4Weight):
-        new.qweight, new.scales_zeros, new._packed = pack_nibbles(q.to(torch.uint8)), s.to(torch.bfloat16), None
+        new.qweight, new.scales_zeros = pack_nibbles(q.to(torch.uint8)), s.to(torch.bfloat16)
+        new._reset_layout()
     else:
         new.qweight, new.scales = q.to(torch.int8), s.to(torch.bfloat16)
     new._ensure_ready()

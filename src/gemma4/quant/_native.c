@@ -1,0 +1,352 @@
+/* Optional decode kernels for gemma4's int8 and int4 weights (see gemma4/quant/native.py).
+
+Why this exists: PyTorch's weight-only CPU kernels (_weight_int8pack_mm, _weight_int4pack_mm_for_cpu)
+convert every weight to float before multiplying, so at one token per step they are compute-bound at
+~5 GB/s of weights, well under the memory bandwidth. Here the activations are quantized to int8 in
+32-input blocks (one float scale per block, the scheme of llama.cpp's Q8_0 activations) and the dot
+products are integer: AVX512-VNNI vpdpbusd does 64 multiply-adds per instruction, so streaming the
+weights, not arithmetic, bounds a step.
+
+Compiled on the user's machine by native.py (cc -O3 -march=native -fopenmp); the ISA path is picked at
+compile time (AVX512-VNNI, AVX2 or portable C). Every path computes the same integer block sums, so
+results differ from each other only in float summation order.
+
+Layouts (all row-major):
+  int8 weights  W  int8 [N, K], one bf16 scale per row: w = q * ws[n].
+  int4 weights  W  uint8 [N, K/2], input 2i in the low nibble of byte i, input 2i+1 in the high one;
+                SZ bf16 [N, K/g, 2] (scale, zero) per g inputs of a row: w = (q - 8) * scale + zero.
+  activations   quantized per 32-input block: x ~= d_b * a, a int8 in [-127, 127].
+*/
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define G4_VNNI 1
+#include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__)
+#define G4_AVX2 1
+#include <immintrin.h>
+#endif
+
+#ifndef G4_PREFETCH
+#define G4_PREFETCH 4096
+#endif
+
+int g4_isa(void) {
+#if defined(G4_VNNI)
+    return 2;
+#elif defined(G4_AVX2)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+static inline float bf16_to_f(uint16_t h) {
+    union { uint32_t u; float f; } v;
+    v.u = (uint32_t)h << 16;
+    return v.f;
+}
+
+static inline uint16_t f_to_bf16(float f) { /* round to nearest even, as torch's .to(torch.bfloat16) */
+    union { float f; uint32_t u; } v;
+    v.f = f;
+    if (f != f) return 0x7FC0;
+    return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+static inline void store_out(void *y, int ybf16, int64_t i, float v) {
+    if (ybf16)
+        ((uint16_t *)y)[i] = f_to_bf16(v);
+    else
+        ((float *)y)[i] = v;
+}
+
+/* One 32-input block (n <= 32 valid inputs, the rest zero) of a float32 or bf16 row: int8 codes,
+   scale, code sum, float sum. */
+static void quant_block(const void *xrow, int xbf16, int64_t k0, int n, int8_t *q, float *d_out, int32_t *asum,
+                        float *xsum) {
+    float x[32], amax = 0.f, xs = 0.f;
+    for (int i = 0; i < n; i++) {
+        x[i] = xbf16 ? bf16_to_f(((const uint16_t *)xrow)[k0 + i]) : ((const float *)xrow)[k0 + i];
+        float v = fabsf(x[i]);
+        amax = v > amax ? v : amax;
+        xs += x[i];
+    }
+    float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+    int32_t s = 0;
+    for (int i = 0; i < 32; i++) {
+        int v = 0;
+        if (i < n) {
+            v = (int)nearbyintf(x[i] * id);
+            v = v > 127 ? 127 : (v < -127 ? -127 : v);
+        }
+        q[i] = (int8_t)v;
+        s += v;
+    }
+    *d_out = d;
+    *asum = s;
+    *xsum = xs;
+}
+
+/* ------------------------------------------------------------------------------------------- int8 */
+/* x [M, K] (float32, or bf16 when xbf16) -> a int8 [M, Kp] (Kp = K rounded up to 64, zero padded), dl float [M, Kp/64, 16]
+   (lanes 0-7 the scale of block 2c, lanes 8-15 of block 2c+1: one 8-lane run per block, which both the
+   AVX2 and the VNNI loop read), corr float [M] = 128 * sum_b d_b * A_b (VNNI multiplies w + 128). */
+void g4_quant_act_i8(const void *x, int xbf16, int64_t M, int64_t K, int8_t *a, float *dl, float *corr) {
+    int64_t Kp = (K + 63) / 64 * 64, nb = Kp / 32;
+    for (int64_t m = 0; m < M; m++) {
+        double c = 0.0;
+        for (int64_t b = 0; b < nb; b++) {
+            int64_t k0 = b * 32;
+            int n = k0 < K ? (int)(K - k0 < 32 ? K - k0 : 32) : 0;
+            float d, xs;
+            int32_t s;
+            quant_block((const char *)x + m * K * (xbf16 ? 2 : 4), xbf16, k0, n, a + m * Kp + k0, &d, &s, &xs);
+            for (int l = 0; l < 8; l++) dl[m * nb * 8 + b * 8 + l] = d;
+            c += (double)d * s;
+        }
+        corr[m] = (float)(128.0 * c);
+    }
+}
+
+#if defined(G4_VNNI)
+/* R rows of W (R <= 4) against one activation row: the activation and its scales are loaded once per
+   64 bytes for all R rows, and the R accumulator chains run independently. vpdpbusd multiplies
+   unsigned by signed bytes, so each weight goes in as w + 128 (its sign bit flipped) and 128 * sum(a)
+   comes off at the end (corr). */
+static inline __attribute__((always_inline)) void i8_rows_vnni(int R, const int8_t *w, int64_t ldw,
+                                                               const int8_t *a, const float *dl, int64_t K,
+                                                               float corr, float *out) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    int64_t c = 0;
+    for (int64_t k = 0; k < K; k += 64, c++) {
+        __mmask64 mk = K - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (K - k)) - 1);
+        __m512i av = _mm512_loadu_si512(a + k); /* zero padded to 64 */
+        __m512 dv = _mm512_loadu_ps(dl + c * 16);
+        for (int r = 0; r < R; r++) {
+            /* masked-off weight bytes become 0x80 after the flip; their activations are zero padding */
+            _mm_prefetch((const char *)(w + r * ldw + k + G4_PREFETCH), _MM_HINT_T0);
+            __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, w + r * ldw + k), flip);
+            __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, av);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), dv, acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]) - corr;
+}
+#endif
+
+#if defined(G4_AVX2)
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+static inline float i8_row_avx2(const int8_t *w, const int8_t *a, const float *dl, int64_t K) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 32) { /* K % 32 == 0 */
+        __m256i wv = _mm256_loadu_si256((const __m256i *)(w + k));
+        __m256i av = _mm256_loadu_si256((const __m256i *)(a + k));
+        /* maddubs wants unsigned x signed: |w| times a with w's sign (no int16 overflow: 2 * 127 * 127) */
+        __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(av, wv)), ones);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_loadu_ps(dl + k / 32 * 8), acc);
+    }
+    return hsum256(acc);
+}
+#endif
+
+static inline float i8_row_ref(const int8_t *w, const int8_t *a, const float *dl, int64_t K) {
+    float acc = 0.f;
+    for (int64_t k = 0; k < K; k += 32) {
+        int32_t s = 0;
+        for (int i = 0; i < 32; i++) s += (int32_t)w[k + i] * a[k + i];
+        acc += dl[k / 32 * 8] * (float)s;
+    }
+    return acc;
+}
+
+/* y [M, N] (float32, or bf16 when ybf16) = (x quantized as a, dl, corr) @ (W int8 [N, K] * ws bf16 [N])^T; K % 32 == 0. */
+void g4_gemv_i8(const int8_t *a, const float *dl, const float *corr, int64_t M, int64_t K, const int8_t *W,
+                const uint16_t *ws, int64_t N, void *y, int ybf16, int nthreads) {
+    int64_t Kp = (K + 63) / 64 * 64, tiles = (N + 3) / 4;
+    (void)corr;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
+    for (int64_t t = 0; t < tiles; t++) {
+        int64_t n0 = t * 4;
+        int R = N - n0 < 4 ? (int)(N - n0) : 4;
+        for (int64_t m = 0; m < M; m++) {
+            const int8_t *am = a + m * Kp;
+            const float *dm = dl + m * (Kp / 32) * 8;
+            float v[4];
+#if defined(G4_VNNI)
+            if (R == 4)
+                i8_rows_vnni(4, W + n0 * K, K, am, dm, K, corr[m], v);
+            else
+                for (int r = 0; r < R; r++) i8_rows_vnni(1, W + (n0 + r) * K, K, am, dm, K, corr[m], v + r);
+#else
+            for (int r = 0; r < R; r++) {
+#if defined(G4_AVX2)
+                v[r] = i8_row_avx2(W + (n0 + r) * K, am, dm, K);
+#else
+                v[r] = i8_row_ref(W + (n0 + r) * K, am, dm, K);
+#endif
+            }
+#endif
+            for (int r = 0; r < R; r++) store_out(y, ybf16, m * N + n0 + r, bf16_to_f(ws[n0 + r]) * v[r]);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------- int4 */
+/* x [M, K] (float32 or bf16; K % 32 == 0) -> a int8 [M, Kp] with Kp = K rounded up to 128, in chunks of 128 inputs
+   (four blocks): the chunk's first 64 bytes are the even inputs of its blocks (16 per block, in block
+   order), the next 64 the odd ones, so one 64-byte load of codes lines up with the activations: its low
+   nibbles with the evens, its high nibbles with the odds. Per chunk, 16-lane vectors (four lanes per
+   block): dl = d_b, el = -8 * d_b * A_b / 4 and xl = X_b / 4 (X_b the block's float sum), so that the lane
+   sums over a block give d_b * (dot - 8 A_b) and X_b. Padding blocks are all zero. */
+void g4_quant_act_i4(const void *x, int xbf16, int64_t M, int64_t K, int8_t *a, float *dl, float *el, float *xl) {
+    int64_t Kp = (K + 127) / 128 * 128, nc = Kp / 128;
+    int8_t q[32];
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t c = 0; c < nc; c++) {
+            int8_t *ac = a + m * Kp + c * 128;
+            float *dc = dl + (m * nc + c) * 16, *ec = el + (m * nc + c) * 16, *xc = xl + (m * nc + c) * 16;
+            for (int j = 0; j < 4; j++) {
+                int64_t k0 = c * 128 + j * 32;
+                int n = k0 < K ? 32 : 0;
+                float d, xs;
+                int32_t s;
+                quant_block((const char *)x + m * K * (xbf16 ? 2 : 4), xbf16, k0, n, q, &d, &s, &xs);
+                for (int i = 0; i < 16; i++) {
+                    ac[j * 16 + i] = q[2 * i];
+                    ac[64 + j * 16 + i] = q[2 * i + 1];
+                }
+                for (int l = 0; l < 4; l++) {
+                    dc[j * 4 + l] = d;
+                    ec[j * 4 + l] = -8.f * d * (float)s * 0.25f;
+                    xc[j * 4 + l] = xs * 0.25f;
+                }
+            }
+        }
+    }
+}
+
+#if defined(G4_VNNI)
+/* R rows (R <= 4) of int4 codes against one activation row, sharing the activation loads. */
+static inline __attribute__((always_inline)) void i4_rows_vnni(int R, const uint8_t *w, const uint32_t *sz,
+                                                               const int8_t *a, const float *dl, const float *el,
+                                                               const float *xl, int64_t K, int64_t g, __m512i idx,
+                                                               float *out) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    const __m512i hi16 = _mm512_set1_epi32((int)0xFFFF0000u);
+    const int64_t K2 = K / 2, G = K / g;
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t k = 0, c = 0; k < K; k += 128, c++) {
+        int64_t nbytes = (K - k) / 2 < 64 ? (K - k) / 2 : 64;
+        __mmask64 mk = nbytes == 64 ? ~(__mmask64)0 : (((__mmask64)1 << nbytes) - 1);
+        __m512i ae = _mm512_loadu_si512(a + k), ao = _mm512_loadu_si512(a + k + 64);
+        __m512 dv = _mm512_loadu_ps(dl + c * 16), ev = _mm512_loadu_ps(el + c * 16), xv = _mm512_loadu_ps(xl + c * 16);
+        /* (scale, zero) pairs of the groups this chunk spans: one pair per 32-bit word, spread to lanes */
+        int64_t j0 = k / g, ng = G - j0 < 4 ? G - j0 : 4;
+        __mmask8 mg = (__mmask8)((1u << ng) - 1);
+        for (int r = 0; r < R; r++) {
+            const uint8_t *wr = w + r * K2;
+            _mm_prefetch((const char *)(wr + k / 2 + G4_PREFETCH), _MM_HINT_T0);
+            __m512i codes = _mm512_maskz_loadu_epi8(mk, wr + k / 2);
+            __m512i lo = _mm512_and_si512(codes, low4);
+            __m512i hi = _mm512_and_si512(_mm512_srli_epi16(codes, 4), low4);
+            __m512i p = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, ae), hi, ao);
+            __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), dv, ev);
+            __m128i pr = _mm_maskz_loadu_epi32(mg, sz + r * G + j0);
+            __m512i v = _mm512_permutexvar_epi32(idx, _mm512_castsi128_si512(pr));
+            acc[r] = _mm512_fmadd_ps(t, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), acc[r]);
+            acc[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(v, hi16)), xv, acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+#endif
+
+#if defined(G4_AVX2)
+static inline float i4_row_avx2(const uint8_t *w, const uint16_t *sz, const int8_t *a, const float *dl,
+                                const float *el, const float *xl, int64_t K, int64_t g) {
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    const __m256i ones = _mm256_set1_epi16(1);
+    float tail = 0.f;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 32) {
+        int64_t c = k / 128, j = (k % 128) / 32, grp = k / g;
+        const int8_t *ac = a + c * 128 + j * 16;
+        __m128i cb = _mm_loadu_si128((const __m128i *)(w + k / 2));
+        __m256i wv = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(cb, 4), low4), _mm_and_si128(cb, low4));
+        __m256i av = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(ac + 64)), _mm_loadu_si128((const __m128i *)ac));
+        __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, av), ones); /* codes <= 15: no overflow */
+        float s = bf16_to_f(sz[2 * grp]), z = bf16_to_f(sz[2 * grp + 1]);
+        float d = dl[c * 16 + j * 4];
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s * d), acc);
+        tail += s * 4.f * el[c * 16 + j * 4] + z * 4.f * xl[c * 16 + j * 4];
+    }
+    return hsum256(acc) + tail;
+}
+#endif
+
+static inline float i4_row_ref(const uint8_t *w, const uint16_t *sz, const int8_t *a, const float *dl,
+                               const float *el, const float *xl, int64_t K, int64_t g) {
+    float acc = 0.f;
+    for (int64_t k = 0; k < K; k += 32) {
+        int64_t c = k / 128, j = (k % 128) / 32, grp = k / g;
+        const int8_t *ac = a + c * 128 + j * 16;
+        int32_t s = 0;
+        for (int i = 0; i < 16; i++) s += (int32_t)(w[k / 2 + i] & 15) * ac[i] + (int32_t)(w[k / 2 + i] >> 4) * ac[64 + i];
+        float sc = bf16_to_f(sz[2 * grp]), z = bf16_to_f(sz[2 * grp + 1]);
+        acc += sc * (dl[c * 16 + j * 4] * (float)s + 4.f * el[c * 16 + j * 4]) + z * 4.f * xl[c * 16 + j * 4];
+    }
+    return acc;
+}
+
+/* y [M, N] (float32 or bf16) = x @ (int4 W)^T with W's (scale, zero) in row order SZ bf16 [N, K/g, 2];
+   K % 32 == 0, g a multiple of 32 dividing K. */
+void g4_gemv_i4(const int8_t *a, const float *dl, const float *el, const float *xl, int64_t M, int64_t K,
+                const uint8_t *W, const uint16_t *SZ, int64_t g, int64_t N, void *y, int ybf16, int nthreads) {
+    int64_t Kp = (K + 127) / 128 * 128, nc = Kp / 128, G = K / g;
+#if defined(G4_VNNI)
+    /* lane l belongs to block l / 4 of a chunk, which is group (32 * (l / 4)) / g past the chunk's first
+       (chunks start on group boundaries, or halfway into a 256-group, where that quotient is 0 too) */
+    int32_t lanes[16];
+    for (int l = 0; l < 16; l++) lanes[l] = (int32_t)((32 * (l / 4)) / g);
+    __m512i idx = _mm512_loadu_si512(lanes);
+#endif
+    int64_t tiles = (N + 3) / 4;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
+    for (int64_t t = 0; t < tiles; t++) {
+        int64_t n0 = t * 4;
+        int R = N - n0 < 4 ? (int)(N - n0) : 4;
+        const uint8_t *w = W + n0 * (K / 2);
+        const uint16_t *sz = SZ + n0 * G * 2;
+        for (int64_t m = 0; m < M; m++) {
+            const int8_t *am = a + m * Kp;
+            const float *dm = dl + m * nc * 16, *em = el + m * nc * 16, *xm = xl + m * nc * 16;
+            float v[4];
+#if defined(G4_VNNI)
+            if (R == 4)
+                i4_rows_vnni(4, w, (const uint32_t *)sz, am, dm, em, xm, K, g, idx, v);
+            else
+                for (int r = 0; r < R; r++)
+                    i4_rows_vnni(1, w + r * (K / 2), (const uint32_t *)(sz + r * G * 2), am, dm, em, xm, K, g, idx, v + r);
+#else
+            for (int r = 0; r < R; r++) {
+#if defined(G4_AVX2)
+                v[r] = i4_row_avx2(w + r * (K / 2), sz + r * G * 2, am, dm, em, xm, K, g);
+#else
+                v[r] = i4_row_ref(w + r * (K / 2), sz + r * G * 2, am, dm, em, xm, K, g);
+#endif
+            }
+#endif
+            for (int r = 0; r < R; r++) store_out(y, ybf16, m * N + n0 + r, v[r]);
+        }
+    }
+}

@@ -1,0 +1,230 @@
+"""Optional compiled decode kernels for int8 and int4 weights, with the pure-PyTorch path as fallback.
+
+PyTorch's weight-only CPU kernels turn every weight into a float before multiplying, so one decode
+step is compute-bound (~5 GB/s of weights on one core) instead of bound by memory bandwidth. The
+kernels in ``_native.c`` quantize the few activation rows of a decode step to int8 in 32-input blocks
+(llama.cpp's scheme for its Q8_0 activations) and multiply integers (AVX512-VNNI ``vpdpbusd``, or AVX2
+``pmaddubsw``, or portable C), reading the weights in the formats :mod:`gemma4.quant.rtn` already keeps:
+int8 per output row, and int4 in the portable nibble order with its (scale, zero) pairs.
+
+The C file is compiled on first use with the system C compiler (``cc -O3 -march=native -fopenmp``)
+into the cache (``$GEMMA4_CACHE/native``) and loaded with ctypes; ctypes releases the GIL during the
+call. A self-check against the float reference runs once per process before the kernels are used. No
+compiler, a failed build or a failed check leaves :func:`available` False and every caller on PyTorch's
+kernels. ``GEMMA4_NATIVE=0`` turns the kernels off.
+
+Numerics: int8 activations add a rounding error of at most half a step of each 32-input block's
+scale (amax / 127) per input, the price llama.cpp pays too; sums are exact integers within a block and
+float across blocks. Only the decode shapes take this path (:data:`MAX_ROWS` rows or fewer); prefill
+stays on PyTorch's kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from gemma4._util import cache_dir
+
+log = logging.getLogger("gemma4")
+
+__all__ = ["available", "isa", "int8_matmul", "int4_matmul", "MAX_ROWS", "build"]
+
+_SRC = Path(__file__).with_name("_native.c")
+# Rows (tokens) up to which the kernels beat PyTorch's: they re-stream the weights from cache for every
+# row, while oneDNN's GEMMs block over rows (benchmarks/vs_llamacpp.py --kernels measures the crossover).
+MAX_ROWS = 4
+ISAS = {"native": ["-march=native"], "avx2": ["-mavx2", "-mfma", "-mf16c"], "generic": []}
+_ISA_NAMES = {0: "portable C", 1: "AVX2", 2: "AVX512-VNNI"}
+_LIBS: dict[str, ctypes.CDLL | None] = {}
+_CHECKED: dict[str, bool] = {}
+
+
+def _cpu_tag() -> str:
+    """What -march=native compiles for: the CPU's flags (a cache built on another CPU is not reused)."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        pass
+    return hashlib.sha256((platform.machine() + flags).encode()).hexdigest()[:12]
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def build(variant: str = "native") -> Path | None:
+    """Compile ``_native.c`` for ``variant`` (a key of :data:`ISAS`) into the cache, once; returns the
+    shared library's path, or None (no compiler, or the build failed: logged)."""
+    cc = _compiler()
+    if cc is None:
+        log.info("gemma4.quant.native: no C compiler; using PyTorch's kernels")
+        return None
+    src = _SRC.read_bytes()
+    key = hashlib.sha256(src + " ".join([cc, *ISAS[variant]]).encode()).hexdigest()[:16]
+    tag = _cpu_tag() if variant == "native" else platform.machine()
+    out = cache_dir() / "native" / f"g4native-{variant}-{tag}-{key}.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Built under a temporary name and renamed: two processes building at once never load half a file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    cmd = [cc, "-O3", "-fPIC", "-shared", "-fopenmp", *ISAS[variant], str(_SRC), "-o", tmp, "-lm"]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        os.unlink(tmp)
+        log.info("gemma4.quant.native: %s failed (%s); using PyTorch's kernels", cc, e)
+        return None
+    if r.returncode != 0:
+        os.unlink(tmp)
+        log.info("gemma4.quant.native: build failed; using PyTorch's kernels:\n%s", r.stderr[-2000:])
+        return None
+    os.replace(tmp, out)
+    return out
+
+
+def _load(variant: str) -> ctypes.CDLL | None:
+    if variant in _LIBS:
+        return _LIBS[variant]
+    lib = None
+    path = build(variant)
+    if path is not None:
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as e:
+            log.info("gemma4.quant.native: cannot load %s (%s)", path, e)
+    if lib is not None:
+        p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        lib.g4_isa.restype = c_int
+        lib.g4_quant_act_i8.argtypes = [p, c_int, i64, i64, p, p, p]
+        lib.g4_gemv_i8.argtypes = [p, p, p, i64, i64, p, p, i64, p, c_int, c_int]
+        lib.g4_quant_act_i4.argtypes = [p, c_int, i64, i64, p, p, p, p]
+        lib.g4_gemv_i4.argtypes = [p, p, p, p, i64, i64, p, p, i64, i64, p, c_int, c_int]
+        for f in (lib.g4_quant_act_i8, lib.g4_gemv_i8, lib.g4_quant_act_i4, lib.g4_gemv_i4):
+            f.restype = None
+    _LIBS[variant] = lib
+    return lib
+
+
+def _enabled() -> bool:
+    return os.environ.get("GEMMA4_NATIVE", "1").lower() not in ("0", "false", "no", "off")
+
+
+def isa(variant: str = "native") -> str | None:
+    """The instruction set the compiled kernels use ("AVX512-VNNI", "AVX2", "portable C"), or None."""
+    lib = _load(variant)
+    return None if lib is None else _ISA_NAMES.get(lib.g4_isa(), "?")
+
+
+def _self_check(variant: str) -> bool:
+    """Both kernels against the float reference on a small random case: a miscompiled or misdetected
+    build must never reach a model."""
+    g = torch.Generator().manual_seed(0)
+    n, k = 48, 160  # a 32-input tail past the 128-input chunks; rows not a multiple of 4
+    x = torch.randn(2, k, generator=g)
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    s = (torch.rand(n, generator=g) * 0.01 + 1e-3).to(torch.bfloat16)
+    ref = x @ (q.float() * s.float()[:, None]).T
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    sz = (torch.randn(n, k // 32, 2, generator=g) * 0.01).to(torch.bfloat16)
+    w4 = (codes.float().reshape(n, k // 32, 32) - 8) * sz[..., :1].float() + sz[..., 1:].float()
+    ref4 = x @ w4.reshape(n, k).T
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+    y = int8_matmul(x, q, s, variant=variant, checked=True)
+    y4 = int4_matmul(x, packed, sz, 32, variant=variant, checked=True)
+    ok = all(bool(torch.isfinite(v).all()) and float((v - r).norm() / r.norm()) < 0.02 for v, r in ((y, ref), (y4, ref4)))
+    if not ok:
+        log.warning("gemma4.quant.native: self-check failed for the %s build; using PyTorch's kernels", variant)
+    return ok
+
+
+def available(variant: str = "native") -> bool:
+    """True when the compiled kernels are built, loaded and checked (and not turned off)."""
+    if not _enabled():
+        return False
+    if variant not in _CHECKED:
+        _CHECKED[variant] = False  # a failure inside the check leaves it off
+        _CHECKED[variant] = _load(variant) is not None and _self_check(variant)
+    return _CHECKED[variant]
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def _io(x: torch.Tensor, out_dtype: torch.dtype | None) -> tuple[torch.Tensor, int, torch.dtype]:
+    """The kernels read float32 or bf16 rows as they are (no converted copy) and write either."""
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        x = x.float()
+    out = out_dtype or x.dtype
+    if out not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"native kernels write float32 or bfloat16, not {out}")
+    return x.contiguous(), int(x.dtype == torch.bfloat16), out
+
+
+def _ready(variant: str, checked: bool) -> ctypes.CDLL:
+    if not checked and not available(variant):
+        raise RuntimeError("gemma4.quant.native: kernels unavailable")
+    lib = _load(variant)
+    assert lib is not None
+    return lib
+
+
+def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, *, out_dtype: torch.dtype | None = None,
+                threads: int | None = None, variant: str = "native", checked: bool = False) -> torch.Tensor:
+    """x [M, K] @ (q int8 [N, K] * scales bf16 [N])^T -> [M, N] in ``out_dtype`` (default x's: float32 or
+    bf16); K % 32 == 0. Scratch besides the output: ~2 bytes per input element."""
+    lib = _ready(variant, checked)
+    m, k = x.shape
+    n = q.shape[0]
+    if k % 32 or q.shape[1] != k or scales.dtype != torch.bfloat16 or q.dtype != torch.int8:
+        raise ValueError(f"int8_matmul: unsupported shapes/dtypes x {tuple(x.shape)} q {tuple(q.shape)} {q.dtype}")
+    x, xbf16, out = _io(x, out_dtype)
+    q, scales = q.contiguous(), scales.contiguous()
+    kp = (k + 63) // 64 * 64
+    a = torch.empty(m, kp, dtype=torch.int8)
+    dl = torch.empty(m, kp // 32 * 8)
+    corr = torch.empty(m)
+    lib.g4_quant_act_i8(_ptr(x), xbf16, m, k, _ptr(a), _ptr(dl), _ptr(corr))
+    y = torch.empty(m, n, dtype=out)
+    lib.g4_gemv_i8(_ptr(a), _ptr(dl), _ptr(corr), m, k, _ptr(q), _ptr(scales), n, _ptr(y), int(out == torch.bfloat16),
+                   threads or torch.get_num_threads())
+    return y
+
+
+def int4_matmul(x: torch.Tensor, codes: torch.Tensor, sz_rows: torch.Tensor, group_size: int, *,
+                out_dtype: torch.dtype | None = None, threads: int | None = None, variant: str = "native",
+                checked: bool = False) -> torch.Tensor:
+    """x [M, K] @ W^T -> [M, N] in ``out_dtype`` (default x's: float32 or bf16) for int4 W: ``codes`` uint8 [N, K/2] in the portable nibble
+    order (input 2i low, 2i+1 high), ``sz_rows`` bf16 [N, K/g, 2] (scale, zero), w = (q - 8) * scale + zero.
+    K % 32 == 0 and group_size a multiple of 32."""
+    lib = _ready(variant, checked)
+    m, k = x.shape
+    n = codes.shape[0]
+    if (k % 32 or group_size % 32 or k % group_size or tuple(codes.shape) != (n, k // 2)
+            or tuple(sz_rows.shape) != (n, k // group_size, 2) or sz_rows.dtype != torch.bfloat16):
+        raise ValueError(f"int4_matmul: unsupported shapes x {tuple(x.shape)} codes {tuple(codes.shape)} "
+                         f"scales {tuple(sz_rows.shape)} group {group_size}")
+    x, xbf16, out = _io(x, out_dtype)
+    codes, sz_rows = codes.contiguous(), sz_rows.contiguous()
+    kp = (k + 127) // 128 * 128
+    a = torch.empty(m, kp, dtype=torch.int8)
+    dl, el, xl = (torch.empty(m, kp // 128 * 16) for _ in range(3))
+    lib.g4_quant_act_i4(_ptr(x), xbf16, m, k, _ptr(a), _ptr(dl), _ptr(el), _ptr(xl))
+    y = torch.empty(m, n, dtype=out)
+    lib.g4_gemv_i4(_ptr(a), _ptr(dl), _ptr(el), _ptr(xl), m, k, _ptr(codes), _ptr(sz_rows), group_size, n,
+                   _ptr(y), int(out == torch.bfloat16), threads or torch.get_num_threads())
+    return y

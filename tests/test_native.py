@@ -1,0 +1,135 @@
+"""The optional compiled kernels (gemma4.quant.native): every ISA path this CPU can run against an exact
+model of what they compute (activations rounded to int8 per 32-input block), odd shapes, threads; the
+switch that turns them off; and a quantized model that runs them."""
+
+import platform
+
+import pytest
+import torch
+
+import quant_tiny
+from gemma4.quant import native
+from gemma4.quant.rtn import Int4Linear, Int8Linear, quantize
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((ln for ln in f if ln.startswith("flags")), "").split())
+    except OSError:
+        return set()
+
+
+def _variants() -> list[str]:
+    out = ["native", "generic"]
+    if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= _cpu_flags():
+        out.append("avx2")
+    return out
+
+
+def _built(variant: str) -> None:
+    if native.isa(variant) is None:
+        pytest.skip(f"no C compiler or the {variant} build failed here")
+
+
+def _act_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (int8 values [M, K/32, 32] as float64, block scales [M, K/32, 1]), as the C code rounds."""
+    xb = x.reshape(x.shape[0], -1, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    # float32 127 / amax as the C code divides (torch's scalar / tensor rounds differently: reciprocal first)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0).div(amax), torch.zeros_like(amax))
+    a = torch.round(xb * inv).clamp(-127, 127)
+    return a.double(), (amax / 127.0).double()
+
+
+def _ref_int8(x, q, s):
+    a, d = _act_blocks(x)
+    w = q.double().reshape(q.shape[0], -1, 32)
+    dots = torch.einsum("mbk,nbk->mnb", a, w)  # exact integers
+    return (dots * d.squeeze(-1)[:, None, :]).sum(-1) * s.double()[None]
+
+
+def _ref_int4(x, codes, sz, g):
+    a, d = _act_blocks(x)
+    n, k = codes.shape
+    s = sz[..., 0].double().repeat_interleave(g // 32, 1)  # [N, K/32] per block
+    z = sz[..., 1].double().repeat_interleave(g // 32, 1)
+    qc = codes.double().reshape(n, -1, 32) - 8.0
+    dots = torch.einsum("mbk,nbk->mnb", a, qc)
+    xs = x.double().reshape(x.shape[0], -1, 32).sum(-1)  # [M, K/32]
+    return (dots * d.squeeze(-1)[:, None, :] * s[None]).sum(-1) + xs @ z.T
+
+
+@pytest.mark.parametrize("variant", _variants())
+@pytest.mark.parametrize("m,n,k,g", [(1, 64, 640, 32), (3, 37, 160, 32), (9, 21, 2112, 64), (2, 8, 1152, 128),
+                                     (1, 5, 512, 256), (4, 130, 96, 32)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernels_compute_int8_activation_dot_products_exactly(variant, m, n, k, g, threads):
+    _built(variant)
+    gen = torch.Generator().manual_seed(n * k + m)
+    x = torch.randn(m, k, generator=gen) * torch.rand(1, k, generator=gen) * 3  # uneven blocks
+    x[0, :32] = 0.0  # an all-zero block
+    q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    s = (torch.rand(n, generator=gen) * 0.01 + 1e-4).to(torch.bfloat16)
+    y = native.int8_matmul(x, q, s, variant=variant, threads=threads, checked=True)
+    ref = _ref_int8(x, q, s)
+    assert y.dtype == torch.float32 and y.shape == (m, n)
+    assert float((y.double() - ref).norm() / ref.norm()) < 1e-5
+    # bf16 rows in and out, no converted copies: the float32 result of the rounded input, rounded
+    xb = x.to(torch.bfloat16)
+    yb = native.int8_matmul(xb, q, s, variant=variant, threads=threads, checked=True)
+    assert yb.dtype == torch.bfloat16
+    assert torch.equal(yb, native.int8_matmul(xb.float(), q, s, variant=variant, checked=True).to(torch.bfloat16))
+    assert native.int8_matmul(xb, q, s, out_dtype=torch.float32, variant=variant, checked=True).dtype == torch.float32
+    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    sz = (torch.randn(n, k // g, 2, generator=gen) * 0.02).to(torch.bfloat16)
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()  # the portable nibble order
+    y4 = native.int4_matmul(x, packed, sz, g, variant=variant, threads=threads, checked=True)
+    ref4 = _ref_int4(x, codes, sz, g)
+    # float32 sums of terms that largely cancel (the -8 offset of the codes against the zeros): bound the
+    # error by the size of the terms, not of the result
+    terms = _ref_int4(x.abs(), torch.full_like(codes, 15), sz.abs(), g).abs()
+    assert float(((y4.double() - ref4).abs() / terms).max()) < 1e-5
+    y4b = native.int4_matmul(xb, packed, sz, g, variant=variant, threads=threads, checked=True)
+    assert torch.equal(y4b, native.int4_matmul(xb.float(), packed, sz, g, variant=variant, checked=True).to(torch.bfloat16))
+
+
+def test_kernels_reject_shapes_they_cannot_run():
+    _built("native")
+    with pytest.raises(ValueError, match="int8_matmul"):
+        native.int8_matmul(torch.randn(1, 48), torch.zeros(4, 48, dtype=torch.int8), torch.ones(4, dtype=torch.bfloat16),
+                           checked=True)
+    with pytest.raises(ValueError, match="int4_matmul"):
+        native.int4_matmul(torch.randn(1, 64), torch.zeros(4, 32, dtype=torch.uint8),
+                           torch.ones(4, 1, 2, dtype=torch.bfloat16), 48, checked=True)
+
+
+def test_switch_off_falls_back_to_pytorch(monkeypatch):
+    monkeypatch.setenv("GEMMA4_NATIVE", "0")
+    assert not native.available()
+    lin = Int4Linear(64, 64, 32)
+    lin.set_from_float(torch.randn(64, 64))
+    assert not lin.kernel_tensors()[0]
+    x = torch.randn(2, 64)
+    assert torch.allclose(lin(x), x @ lin.dequantize().T, rtol=0.05, atol=0.05)
+
+
+def test_quantized_layers_and_model_use_the_kernels_when_built():
+    if not native.available():
+        pytest.skip("native kernels unavailable here")
+    torch.manual_seed(0)
+    x = torch.randn(3, 640)
+    for lin in (Int8Linear(96, 640), Int4Linear(96, 640, 32)):
+        lin.set_from_float(torch.randn(96, 640) * 0.05)
+        assert lin.kernel_ready() and lin.kernel_tensors()[0]
+        w = lin.dequantize()
+        assert float((lin(x) - x @ w.T).norm() / (x @ w.T).norm()) < 0.01  # the int8 activation rounding
+    # A model: cached decode equals the full forward, and the top tokens match the float weights'.
+    ids = torch.randint(0, 320, (1, 10), generator=torch.Generator().manual_seed(0))
+    for scheme, gs in (("int8", None), ("int4", 32)):
+        m = quantize(quant_tiny.model("ple"), scheme, gs)
+        with torch.no_grad():
+            y = m(ids)
+            cache = m.new_cache()
+            steps = [m(ids[:, :6], cache=cache)] + [m(ids[:, t:t + 1], cache=cache) for t in range(6, 10)]
+        assert float((torch.cat(steps, 1) - y).norm() / y.norm()) < 1e-5
