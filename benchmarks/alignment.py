@@ -84,6 +84,10 @@ class Recipe:
     tamper_lr: float = 1e-3
     max_new_tokens: int = 40
     eval_per_split: int = 0  # 0 = every example of a test split
+    # Model size (run 4: more data repetition no longer helped the 0.97M model on held-out objects).
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_layers: int = 4  # sliding and full layers alternate
 
     @staticmethod
     def quick() -> "Recipe":
@@ -91,11 +95,14 @@ class Recipe:
                       eval_per_split=24, max_new_tokens=24)
 
 
-def tiny_config(vocab_size: int) -> Gemma4Config:
-    """A ~0.9M-parameter Gemma 4 (the house model's architecture, narrower and shallower)."""
+def tiny_config(vocab_size: int, hidden_size: int = 128, intermediate_size: int = 256,
+                num_layers: int = 4) -> Gemma4Config:
+    """A small Gemma 4 (the house model's architecture, narrower and shallower): ~0.97M parameters at the
+    defaults."""
     return Gemma4Config.from_dict(dict(
-        model_type="gemma4_text", vocab_size=vocab_size, hidden_size=128, intermediate_size=256,
-        num_hidden_layers=4, layer_types=[SLIDING, FULL, SLIDING, FULL], num_attention_heads=4,
+        model_type="gemma4_text", vocab_size=vocab_size, hidden_size=hidden_size,
+        intermediate_size=intermediate_size, num_hidden_layers=num_layers,
+        layer_types=[(SLIDING, FULL)[i % 2] for i in range(num_layers)], num_attention_heads=4,
         num_key_value_heads=1, head_dim=32, global_head_dim=64, num_global_key_value_heads=1,
         attention_k_eq_v=True, sliding_window=64, max_position_embeddings=256, hidden_size_per_layer_input=8,
         vocab_size_per_layer_input=vocab_size, final_logit_softcapping=30.0, tie_word_embeddings=True,
@@ -226,7 +233,7 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: bool, tamper: bool
     train, val = data.splits["train"], data.splits["val_redteam"]
     corpus = data.knowledge_train + [e.prompt for e in train] + [e.helpful for e in train] + [REFUSAL] * 50
     tok = train_chat_bpe(corpus, recipe.vocab_size, sdir / "tokenizer.json")
-    cfg = tiny_config(tok.vocab_size)
+    cfg = tiny_config(tok.vocab_size, recipe.hidden_size, recipe.intermediate_size, recipe.num_layers)
     base = build_model(cfg)
     init_weights_(base, seed=seed)
     n_params = sum(p.numel() for p in base.parameters())
