@@ -95,17 +95,8 @@ def test_quantized_matmuls_allocate_only_their_output(cls, kw):
     lin(x)  # first call: one-time kernel checks
     with NewStorage() as seen:
         y = lin(x)
-    assert y.dtype == torch.bfloat16
-    if kernels_available()["native"]:
-        # gemma4.quant.native: the output in bf16 and, freed at return, the int8 copy of the input with its
-        # block scales (at most 3 bytes per input element, the row padded to 128, against the bf16 input's
-        # 2): nothing weight-sized.
-        assert y.numel() * 2 in seen.nbytes
-        scratch = sum(seen.nbytes) - y.numel() * 2
-        padded = x.numel() // x.shape[-1] * -(-x.shape[-1] // 128) * 128
-        assert scratch <= 3 * padded + 256, seen.nbytes
-    else:
-        assert seen.nbytes == [y.numel() * 2]
+    # (gemma4.quant.native quantizes the input into scratch memory of its own, freed before it returns)
+    assert y.dtype == torch.bfloat16 and seen.nbytes == [y.numel() * 2]
 
 
 def test_onednn_cache_caps_set_by_the_fast_path_not_on_import_and_user_values_win():

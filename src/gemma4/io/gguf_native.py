@@ -41,7 +41,7 @@ from gemma4.io.checkpoint import _set_tensor, map_key
 from gemma4.io.gguf import (GGUFError, GGUFFile, TensorInfo, _check_types, _norm_shift, config_from_gguf, dequantize,
                             gguf_to_hf)
 from gemma4.model import Gemma4ForCausalLM, build_model
-from gemma4.quant import QuantWeight, prepare_quantized, to_kernel_layout
+from gemma4.quant import QuantWeight, native, prepare_quantized, to_kernel_layout
 from gemma4.quant.rtn import DEFAULT_SKIP, FORMAT_VERSION, quantization_targets
 
 __all__ = ["Q4_K", "q4k_blocks", "q4k_to_int4", "gguf_native_types", "gguf_native_model"]
@@ -168,14 +168,15 @@ def _fill_quantized(fh, path: Path, t: TensorInfo, mod: QuantWeight, keep_q4k: b
             mod.fill_rows(r0, q, s, index)
 
 
-def gguf_native_model(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, rest: str = "int8",
+def gguf_native_model(path: str | os.PathLike, dtype: torch.dtype | None = None, rest: str = "int8",
                       embedding: str | None = None, progress: Progress | None = None) -> Gemma4ForCausalLM:
     """Load a GGUF with its Q4_K matrices kept as int4-g32 (same codes; see the module docstring) and every
     other matrix quantized from its dequantized (bf16) values by the RTN quantizer of :mod:`gemma4.quant`.
 
     ``rest``: scheme of the non-Q4_K linear layers ("int8" per channel, or "int4" = int4-g32 RTN).
     ``embedding``: scheme of the token embedding / tied head (default: ``rest``). ``dtype``: the float
-    tensors (norms: read as bf16, then cast) and activations. The result is an ordinary quantized model
+    tensors (norms: read as bf16, then cast) and activations; default
+    :func:`gemma4.quant.native.activation_dtype` (float32 with the compiled kernels, else bf16). The result is an ordinary quantized model
     (mixed schemes are recorded in ``config.quantization["overrides"]``): ``save_pretrained`` /
     ``load_pretrained`` / ``use_fast_path`` work on it. ``progress`` advances once per tensor.
 
@@ -185,6 +186,7 @@ def gguf_native_model(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat
         if sc not in ("int8", "int4") and not (what == "embedding" and sc is None):
             raise ValueError(f"{what} must be 'int8' or 'int4', got {sc!r}")
     embedding = embedding or rest
+    dtype = dtype or native.activation_dtype()
     g = GGUFFile(path)
     path = g.path
     if "token_embd.weight" not in g.tensors:

@@ -25,9 +25,9 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
 
     ``dtype=None`` keeps the checkpoint's own floating dtype. A quantized GGUF (Q4_K_M, Q8_0, ...) with
     ``dtype=None`` on the CPU, for inference, runs in its quantized form, as llama.cpp runs it: Q4_K
-    matrices kept as int4 (same codes), the rest int8, bf16 activations
-    (:func:`gemma4.io.gguf_native_model`; about a quarter of the float32 model's memory and twice its
-    decode speed). Pass a ``dtype`` (e.g. ``torch.float32``) for the dequantized model.
+    matrices kept as int4 (same codes), the rest int8, float32 activations with the compiled kernels of
+    :mod:`gemma4.quant.native` (bf16 without them) (:func:`gemma4.io.gguf_native_model`; about a quarter
+    of the float32 model's memory and more than twice its decode speed). Pass a ``dtype`` (e.g. ``torch.float32``) for the dequantized model.
 
     For inference (the default) the model comes back in eval mode with gradients off; its first
     ``generate``/``stream`` call on CPU moves it to the fast path (:func:`gemma4.infer.use_fast_path`:

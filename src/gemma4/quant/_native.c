@@ -19,6 +19,7 @@ Layouts (all row-major):
 */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
 #define G4_VNNI 1
@@ -93,7 +94,7 @@ static void quant_block(const void *xrow, int xbf16, int64_t k0, int n, int8_t *
 /* x [M, K] (float32, or bf16 when xbf16) -> a int8 [M, Kp] (Kp = K rounded up to 64, zero padded), dl float [M, Kp/64, 16]
    (lanes 0-7 the scale of block 2c, lanes 8-15 of block 2c+1: one 8-lane run per block, which both the
    AVX2 and the VNNI loop read), corr float [M] = 128 * sum_b d_b * A_b (VNNI multiplies w + 128). */
-void g4_quant_act_i8(const void *x, int xbf16, int64_t M, int64_t K, int8_t *a, float *dl, float *corr) {
+static void g4_quant_act_i8(const void *x, int xbf16, int64_t M, int64_t K, int8_t *a, float *dl, float *corr) {
     int64_t Kp = (K + 63) / 64 * 64, nb = Kp / 32;
     for (int64_t m = 0; m < M; m++) {
         double c = 0.0;
@@ -170,7 +171,7 @@ static inline float i8_row_ref(const int8_t *w, const int8_t *a, const float *dl
 }
 
 /* y [M, N] (float32, or bf16 when ybf16) = (x quantized as a, dl, corr) @ (W int8 [N, K] * ws bf16 [N])^T; K % 32 == 0. */
-void g4_gemv_i8(const int8_t *a, const float *dl, const float *corr, int64_t M, int64_t K, const int8_t *W,
+static void g4_gemv_i8(const int8_t *a, const float *dl, const float *corr, int64_t M, int64_t K, const int8_t *W,
                 const uint16_t *ws, int64_t N, void *y, int ybf16, int nthreads) {
     int64_t Kp = (K + 63) / 64 * 64, tiles = (N + 3) / 4;
     (void)corr;
@@ -208,7 +209,7 @@ void g4_gemv_i8(const int8_t *a, const float *dl, const float *corr, int64_t M, 
    nibbles with the evens, its high nibbles with the odds. Per chunk, 16-lane vectors (four lanes per
    block): dl = d_b, el = -8 * d_b * A_b / 4 and xl = X_b / 4 (X_b the block's float sum), so that the lane
    sums over a block give d_b * (dot - 8 A_b) and X_b. Padding blocks are all zero. */
-void g4_quant_act_i4(const void *x, int xbf16, int64_t M, int64_t K, int8_t *a, float *dl, float *el, float *xl) {
+static void g4_quant_act_i4(const void *x, int xbf16, int64_t M, int64_t K, int8_t *a, float *dl, float *el, float *xl) {
     int64_t Kp = (K + 127) / 128 * 128, nc = Kp / 128;
     int8_t q[32];
     for (int64_t m = 0; m < M; m++) {
@@ -310,7 +311,7 @@ static inline float i4_row_ref(const uint8_t *w, const uint16_t *sz, const int8_
 
 /* y [M, N] (float32 or bf16) = x @ (int4 W)^T with W's (scale, zero) in row order SZ bf16 [N, K/g, 2];
    K % 32 == 0, g a multiple of 32 dividing K. */
-void g4_gemv_i4(const int8_t *a, const float *dl, const float *el, const float *xl, int64_t M, int64_t K,
+static void g4_gemv_i4(const int8_t *a, const float *dl, const float *el, const float *xl, int64_t M, int64_t K,
                 const uint8_t *W, const uint16_t *SZ, int64_t g, int64_t N, void *y, int ybf16, int nthreads) {
     int64_t Kp = (K + 127) / 128 * 128, nc = Kp / 128, G = K / g;
 #if defined(G4_VNNI)
@@ -349,4 +350,35 @@ void g4_gemv_i4(const int8_t *a, const float *dl, const float *el, const float *
             for (int r = 0; r < R; r++) store_out(y, ybf16, m * N + n0 + r, v[r]);
         }
     }
+}
+
+/* ------------------------------------------------------------------------------------ entry points */
+/* One call per linear layer (each ctypes call costs microseconds): quantize the activation rows into
+   scratch memory of our own, multiply, free. Return 0, or -1 when the scratch cannot be allocated. */
+int g4_linear_i8(const void *x, int xbf16, int64_t M, int64_t K, const int8_t *W, const uint16_t *ws, int64_t N,
+                 void *y, int ybf16, int nthreads) {
+    int64_t Kp = (K + 63) / 64 * 64;
+    size_t bytes_a = (size_t)(M * Kp + 63) / 64 * 64;
+    char *buf = malloc(bytes_a + (size_t)M * (Kp / 32) * 8 * sizeof(float) + (size_t)M * sizeof(float));
+    if (!buf) return -1;
+    int8_t *a = (int8_t *)buf;
+    float *dl = (float *)(buf + bytes_a), *corr = dl + M * (Kp / 32) * 8;
+    g4_quant_act_i8(x, xbf16, M, K, a, dl, corr);
+    g4_gemv_i8(a, dl, corr, M, K, W, ws, N, y, ybf16, nthreads);
+    free(buf);
+    return 0;
+}
+
+int g4_linear_i4(const void *x, int xbf16, int64_t M, int64_t K, const uint8_t *W, const uint16_t *SZ, int64_t g,
+                 int64_t N, void *y, int ybf16, int nthreads) {
+    int64_t Kp = (K + 127) / 128 * 128, nl = M * (Kp / 128) * 16;
+    size_t bytes_a = (size_t)(M * Kp + 63) / 64 * 64;
+    char *buf = malloc(bytes_a + 3 * (size_t)nl * sizeof(float));
+    if (!buf) return -1;
+    int8_t *a = (int8_t *)buf;
+    float *dl = (float *)(buf + bytes_a), *el = dl + nl, *xl = el + nl;
+    g4_quant_act_i4(x, xbf16, M, K, a, dl, el, xl);
+    g4_gemv_i4(a, dl, el, xl, M, K, W, SZ, g, N, y, ybf16, nthreads);
+    free(buf);
+    return 0;
 }

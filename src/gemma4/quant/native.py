@@ -15,8 +15,8 @@ kernels. ``GEMMA4_NATIVE=0`` turns the kernels off.
 
 Numerics: int8 activations add a rounding error of at most half a step of each 32-input block's
 scale (amax / 127) per input, the price llama.cpp pays too; sums are exact integers within a block and
-float across blocks. Only the decode shapes take this path (:data:`MAX_ROWS` rows or fewer); prefill
-stays on PyTorch's kernels.
+float across blocks. Prefill takes this path too: each row of weights is reused from L1 for every token,
+which beat PyTorch's int8/int4 kernels at every row count measured here (1-128 tokens, AVX512-VNNI).
 """
 
 from __future__ import annotations
@@ -37,12 +37,9 @@ from gemma4._util import cache_dir
 
 log = logging.getLogger("gemma4")
 
-__all__ = ["available", "isa", "int8_matmul", "int4_matmul", "MAX_ROWS", "build"]
+__all__ = ["available", "activation_dtype", "isa", "int8_matmul", "int4_matmul", "build"]
 
 _SRC = Path(__file__).with_name("_native.c")
-# Rows (tokens) up to which the kernels beat PyTorch's: they re-stream the weights from cache for every
-# row, while oneDNN's GEMMs block over rows (benchmarks/vs_llamacpp.py --kernels measures the crossover).
-MAX_ROWS = 4
 ISAS = {"native": ["-march=native"], "avx2": ["-mavx2", "-mfma", "-mf16c"], "generic": []}
 _ISA_NAMES = {0: "portable C", 1: "AVX2", 2: "AVX512-VNNI"}
 _LIBS: dict[str, ctypes.CDLL | None] = {}
@@ -109,12 +106,9 @@ def _load(variant: str) -> ctypes.CDLL | None:
     if lib is not None:
         p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         lib.g4_isa.restype = c_int
-        lib.g4_quant_act_i8.argtypes = [p, c_int, i64, i64, p, p, p]
-        lib.g4_gemv_i8.argtypes = [p, p, p, i64, i64, p, p, i64, p, c_int, c_int]
-        lib.g4_quant_act_i4.argtypes = [p, c_int, i64, i64, p, p, p, p]
-        lib.g4_gemv_i4.argtypes = [p, p, p, p, i64, i64, p, p, i64, i64, p, c_int, c_int]
-        for f in (lib.g4_quant_act_i8, lib.g4_gemv_i8, lib.g4_quant_act_i4, lib.g4_gemv_i4):
-            f.restype = None
+        lib.g4_linear_i8.argtypes = [p, c_int, i64, i64, p, p, i64, p, c_int, c_int]
+        lib.g4_linear_i4.argtypes = [p, c_int, i64, i64, p, p, i64, i64, p, c_int, c_int]
+        lib.g4_linear_i8.restype = lib.g4_linear_i4.restype = c_int
     _LIBS[variant] = lib
     return lib
 
@@ -153,7 +147,7 @@ def _self_check(variant: str) -> bool:
 
 def available(variant: str = "native") -> bool:
     """True when the compiled kernels are built, loaded and checked (and not turned off)."""
-    if not _enabled():
+    if "GEMMA4_NATIVE" in os.environ and not _enabled():
         return False
     if variant not in _CHECKED:
         _CHECKED[variant] = False  # a failure inside the check leaves it off
@@ -161,8 +155,16 @@ def available(variant: str = "native") -> bool:
     return _CHECKED[variant]
 
 
-def _ptr(t: torch.Tensor) -> int:
-    return t.data_ptr()
+def activation_dtype() -> torch.dtype:
+    """The float dtype a quantized model computes in on the CPU by default (a quantized GGUF loaded by
+    ``load_pretrained``): float32 with these kernels, bf16 without.
+
+    Why float32 here: the kernels read float32 rows as they are, so the activations between the matmuls
+    (norms, RoPE, attention, residuals) can keep the reference's precision for free, and the eager
+    attention then runs on float32 GEMMs, which decode faster here than bf16 ones (oneDNN builds a new
+    bf16 primitive, and caches it, for every new key length). PyTorch's weight-only kernels take bf16
+    activations only (float32 ones are 10-30x slower), hence bf16 without these kernels."""
+    return torch.float32 if available() else torch.bfloat16
 
 
 def _io(x: torch.Tensor, out_dtype: torch.dtype | None) -> tuple[torch.Tensor, int, torch.dtype]:
@@ -186,7 +188,7 @@ def _ready(variant: str, checked: bool) -> ctypes.CDLL:
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, *, out_dtype: torch.dtype | None = None,
                 threads: int | None = None, variant: str = "native", checked: bool = False) -> torch.Tensor:
     """x [M, K] @ (q int8 [N, K] * scales bf16 [N])^T -> [M, N] in ``out_dtype`` (default x's: float32 or
-    bf16); K % 32 == 0. Scratch besides the output: ~2 bytes per input element."""
+    bf16); K % 32 == 0. The quantized input (~2 bytes per element) lives in scratch memory freed on return."""
     lib = _ready(variant, checked)
     m, k = x.shape
     n = q.shape[0]
@@ -194,14 +196,11 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, *, out_d
         raise ValueError(f"int8_matmul: unsupported shapes/dtypes x {tuple(x.shape)} q {tuple(q.shape)} {q.dtype}")
     x, xbf16, out = _io(x, out_dtype)
     q, scales = q.contiguous(), scales.contiguous()
-    kp = (k + 63) // 64 * 64
-    a = torch.empty(m, kp, dtype=torch.int8)
-    dl = torch.empty(m, kp // 32 * 8)
-    corr = torch.empty(m)
-    lib.g4_quant_act_i8(_ptr(x), xbf16, m, k, _ptr(a), _ptr(dl), _ptr(corr))
     y = torch.empty(m, n, dtype=out)
-    lib.g4_gemv_i8(_ptr(a), _ptr(dl), _ptr(corr), m, k, _ptr(q), _ptr(scales), n, _ptr(y), int(out == torch.bfloat16),
-                   threads or torch.get_num_threads())
+    rc = lib.g4_linear_i8(x.data_ptr(), xbf16, m, k, q.data_ptr(), scales.data_ptr(), n, y.data_ptr(),
+                          int(out == torch.bfloat16), threads or torch.get_num_threads())
+    if rc:
+        raise MemoryError(f"int8_matmul: no memory for the quantized activations ({m} x {k})")
     return y
 
 
@@ -220,11 +219,9 @@ def int4_matmul(x: torch.Tensor, codes: torch.Tensor, sz_rows: torch.Tensor, gro
                          f"scales {tuple(sz_rows.shape)} group {group_size}")
     x, xbf16, out = _io(x, out_dtype)
     codes, sz_rows = codes.contiguous(), sz_rows.contiguous()
-    kp = (k + 127) // 128 * 128
-    a = torch.empty(m, kp, dtype=torch.int8)
-    dl, el, xl = (torch.empty(m, kp // 128 * 16) for _ in range(3))
-    lib.g4_quant_act_i4(_ptr(x), xbf16, m, k, _ptr(a), _ptr(dl), _ptr(el), _ptr(xl))
     y = torch.empty(m, n, dtype=out)
-    lib.g4_gemv_i4(_ptr(a), _ptr(dl), _ptr(el), _ptr(xl), m, k, _ptr(codes), _ptr(sz_rows), group_size, n,
-                   _ptr(y), int(out == torch.bfloat16), threads or torch.get_num_threads())
+    rc = lib.g4_linear_i4(x.data_ptr(), xbf16, m, k, codes.data_ptr(), sz_rows.data_ptr(), group_size, n,
+                          y.data_ptr(), int(out == torch.bfloat16), threads or torch.get_num_threads())
+    if rc:
+        raise MemoryError(f"int4_matmul: no memory for the quantized activations ({m} x {k})")
     return y
