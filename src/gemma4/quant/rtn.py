@@ -503,7 +503,11 @@ class Int4Weight(QuantWeight):
         if self.scales_zeros.dtype != torch.bfloat16 and not self.scales_zeros.is_meta:
             self._buffers["scales_zeros"] = self.scales_zeros.to(torch.bfloat16)
         if self._packed is None and self._sz_rows is None and self._native_usable():
-            self._sz_rows = self.scales_zeros.transpose(-3, -2).contiguous()  # [.., N, K/g, 2]
+            # The native kernels read (scale, zero) in row order [.., N, K/g, 2]. The buffer becomes a
+            # strided view of that one copy (same [.., K/g, N, 2] shape and values), not a second table.
+            rows = self.scales_zeros.transpose(-3, -2).contiguous()  # no copy when already in row order
+            self._buffers["scales_zeros"] = rows.transpose(-3, -2)
+            self._sz_rows = rows
             return
         if self._packed is None and self._sz_rows is None and self._kernel_usable():
             layout = int4_cpu_layout()
