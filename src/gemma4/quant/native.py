@@ -2,8 +2,8 @@
 
 PyTorch's weight-only CPU kernels turn every weight into a float before multiplying, so one decode
 step is compute-bound (~5 GB/s of weights on one core) instead of bound by memory bandwidth. The
-kernels in ``_native.c`` quantize the few activation rows of a decode step to int8 in 32-input blocks
-(llama.cpp's scheme for its Q8_0 activations) and multiply integers (AVX512-VNNI ``vpdpbusd``, or AVX2
+kernels in ``_native.c`` round the activation rows to int8 in 32-input blocks (llama.cpp's scheme for its
+Q8_0 activations, here in two passes: the value, then its residual) and multiply integers (AVX512-VNNI ``vpdpbusd``, or AVX2
 ``pmaddubsw``, or portable C), reading the weights in the formats :mod:`gemma4.quant.rtn` already keeps:
 int8 per output row, and int4 in the portable nibble order with its (scale, zero) pairs.
 
@@ -13,9 +13,11 @@ call. A self-check against the float reference runs once per process before the 
 compiler, a failed build or a failed check leaves :func:`available` False and every caller on PyTorch's
 kernels. ``GEMMA4_NATIVE=0`` turns the kernels off.
 
-Numerics: int8 activations add a rounding error of at most half a step of each 32-input block's
-scale (amax / 127) per input, the price llama.cpp pays too; sums are exact integers within a block and
-float across blocks. Prefill takes this path too: each row of weights is reused from L1 for every token,
+Numerics: each 32-input block of activations is x ~= d1 * q1 + d2 * q2 (q1 int8 with scale amax / 127, q2
+the int8 rounding of the residual), ~15 bits relative to the block's largest input, where one pass keeps
+~7: on the 112-position top-1 measure of Gemma 3 270M (benchmarks/vs_llamacpp.py) int8 weights score 102
+with one pass and 104 with two, as with bf16 activations. Products are exact integers within a block and
+float32 across blocks. Prefill takes this path too: each row of weights is reused from L1 for every token,
 which beat PyTorch's int8/int4 kernels at every row count measured here (1-128 tokens, AVX512-VNNI).
 """
 
@@ -37,11 +39,12 @@ from gemma4._util import cache_dir
 
 log = logging.getLogger("gemma4")
 
-__all__ = ["available", "activation_dtype", "isa", "int8_matmul", "int4_matmul", "build"]
+__all__ = ["available", "activation_dtype", "isa", "int8_matmul", "int4_matmul", "bf16_matmul", "build"]
 
 _SRC = Path(__file__).with_name("_native.c")
 ISAS = {"native": ["-march=native"], "avx2": ["-mavx2", "-mfma", "-mf16c"], "generic": []}
 _ISA_NAMES = {0: "portable C", 1: "AVX2", 2: "AVX512-VNNI"}
+_FLAGS_VERSION = "2"  # bump when the compile command changes (part of the cached library's name)
 _LIBS: dict[str, ctypes.CDLL | None] = {}
 _CHECKED: dict[str, bool] = {}
 
@@ -69,7 +72,7 @@ def build(variant: str = "native") -> Path | None:
         log.info("gemma4.quant.native: no C compiler; using PyTorch's kernels")
         return None
     src = _SRC.read_bytes()
-    key = hashlib.sha256(src + " ".join([cc, *ISAS[variant]]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(src + " ".join([cc, *ISAS[variant], _FLAGS_VERSION]).encode()).hexdigest()[:16]
     tag = _cpu_tag() if variant == "native" else platform.machine()
     out = cache_dir() / "native" / f"g4native-{variant}-{tag}-{key}.so"
     if out.is_file():
@@ -78,7 +81,9 @@ def build(variant: str = "native") -> Path | None:
     # Built under a temporary name and renamed: two processes building at once never load half a file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    cmd = [cc, "-O3", "-fPIC", "-shared", "-fopenmp", *ISAS[variant], str(_SRC), "-o", tmp, "-lm"]
+    # -ffp-contract=off: the scalar rounding of the activations must not fuse into FMAs (every ISA path,
+    # and the tests' reference, then round identically); the vector loops use FMAs explicitly.
+    cmd = [cc, "-O3", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp", *ISAS[variant], str(_SRC), "-o", tmp, "-lm"]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -108,7 +113,8 @@ def _load(variant: str) -> ctypes.CDLL | None:
         lib.g4_isa.restype = c_int
         lib.g4_linear_i8.argtypes = [p, c_int, i64, i64, p, p, i64, p, c_int, c_int]
         lib.g4_linear_i4.argtypes = [p, c_int, i64, i64, p, p, i64, i64, p, c_int, c_int]
-        lib.g4_linear_i8.restype = lib.g4_linear_i4.restype = c_int
+        lib.g4_linear_bf16.argtypes = [p, c_int, i64, i64, p, i64, p, c_int, c_int]
+        lib.g4_linear_i8.restype = lib.g4_linear_i4.restype = lib.g4_linear_bf16.restype = c_int
     _LIBS[variant] = lib
     return lib
 
@@ -224,4 +230,23 @@ def int4_matmul(x: torch.Tensor, codes: torch.Tensor, sz_rows: torch.Tensor, gro
                           y.data_ptr(), int(out == torch.bfloat16), threads or torch.get_num_threads())
     if rc:
         raise MemoryError(f"int4_matmul: no memory for the quantized activations ({m} x {k})")
+    return y
+
+
+def bf16_matmul(x: torch.Tensor, w: torch.Tensor, *, out_dtype: torch.dtype | None = None,
+                threads: int | None = None, variant: str = "native", checked: bool = False) -> torch.Tensor:
+    """x [M, K] (float32 or bf16) @ w^T for bf16 w [N, K] -> [M, N] in ``out_dtype`` (default x's), every
+    product and sum in float32. Meant for a few rows (decode): it does not block over rows."""
+    lib = _ready(variant, checked)
+    m, k = x.shape
+    n = w.shape[0]
+    if w.dtype != torch.bfloat16 or w.dim() != 2 or w.shape[1] != k:
+        raise ValueError(f"bf16_matmul: unsupported x {tuple(x.shape)} w {tuple(w.shape)} {w.dtype}")
+    x, xbf16, out = _io(x, out_dtype)
+    w = w.contiguous()
+    y = torch.empty(m, n, dtype=out)
+    rc = lib.g4_linear_bf16(x.data_ptr(), xbf16, m, k, w.data_ptr(), n, y.data_ptr(), int(out == torch.bfloat16),
+                            threads or torch.get_num_threads())
+    if rc:
+        raise MemoryError(f"bf16_matmul: no memory for the float32 input ({m} x {k})")
     return y
