@@ -287,11 +287,25 @@ def worker_quality(engine: str, files: dict[str, str], prompt: list[int], ref_pa
     # activations); held as float32 here, so twice the memory and the fp32 speed.
     out["ours BF16 file as float32 (bf16 weights, fp32 activations)"] = agree(
         gemma4.load_pretrained(files["BF16"], dtype=torch.float32))
-    for scheme, gs in (("int8", None), ("int4", 32)):
-        m = gemma4.load_pretrained(files["Q4_K_M"], dtype=torch.float32)
-        gemma4.quantize(m, scheme, gs)
-        out[f"ours {scheme}{'-g32' if gs else ''} (RTN of fp32, bf16 activations)"] = agree(m.to(torch.bfloat16))
-        del m
+    from gemma4.quant import native
+
+    # Two kernel paths: the compiled ones (float32 activations rounded to int8 per 32-input block inside
+    # each matmul, what runs by default where they build) and PyTorch's (bf16 activations).
+    for label, env in (("native kernels: fp32 activations, two int8 passes per 32-block in matmuls", None),
+                       ("PyTorch kernels, bf16 activations", "0")):
+        if env is None:
+            os.environ.pop("GEMMA4_NATIVE", None)
+        else:
+            os.environ["GEMMA4_NATIVE"] = env
+        if env is None and not native.available():
+            continue
+        for scheme, gs in (("int8", None), ("int4", 32)):
+            m = gemma4.load_pretrained(files["Q4_K_M"], dtype=torch.float32)
+            gemma4.quantize(m, scheme, gs)
+            out[f"ours {scheme}{'-g32' if gs else ''} (RTN of fp32, {label})"] = agree(
+                m if env is None else m.to(torch.bfloat16))
+            del m
+    os.environ.pop("GEMMA4_NATIVE", None)
     from gemma4.cli._common import load_model
 
     for name in ("Q8_0", "Q4_K_M"):

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 from gemma4.model.attention import ATTENTION_BACKENDS
 from gemma4.model.decoder import MLP, Attention, RMSNorm, apply_rope, gelu_tanh
@@ -62,6 +63,9 @@ def _dense(w: torch.Tensor) -> torch.Tensor:
     return w.to_dense() if w.is_mkldnn else w
 
 
+_NATIVE_ROWS = 4  # tokens up to which a bf16 linear takes the native GEMV (it does not block over rows)
+
+
 def _onednn_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     shape = x.shape
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]), w, bias, "none", [], "")
@@ -79,13 +83,25 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         w = weight.detach()
+        # bf16 weights decode through gemma4.quant.native's GEMV where it built: float32 products streamed
+        # at memory bandwidth (~2x oneDNN's packed bf16 linears at one token, measured on Gemma 3 270M).
+        # It reads the plain weight, so the weight stays plain and prefill runs F.linear on it (~1.3x
+        # slower than packed at 128 tokens; still AMX).
+        self.native = bias is None and w.dtype == torch.bfloat16 and w.device.type == "cpu" and native.available()
+        pack = pack and not self.native
         # Reordered for a batch of 1 (decode); measured as fast as other hints for 128-token prefill.
         self.w = torch.ops.mkldnn._reorder_linear_weight(w, 1) if pack else w
+        self.packed = pack
         self.b = None if bias is None else bias.detach()
         self.dtype = w.dtype
         self.one_row_mv = not pack and bias is None and w.dtype == torch.bfloat16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native and x.numel() <= _NATIVE_ROWS * self.in_features:
+            y = native.bf16_matmul(x.reshape(-1, self.in_features), self.w)
+            return y.view(*x.shape[:-1], self.out_features)
+        if not self.packed and self.native:
+            return F.linear(x, self.w)
         if self.one_row_mv and x.numel() == self.in_features and torch.get_num_threads() == 1:
             # One bf16 row against a plain weight (the tied head while decoding): torch.mv streams the
             # matrix at ~11 GB/s here against ~7-8 GB/s for oneDNN or F.linear on the 262144 x 640 head
