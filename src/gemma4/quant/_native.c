@@ -73,7 +73,7 @@ static inline int round_clamp(float v) {
    x ~= d1 * q1 + d2 * q2, q2 the rounded residual of the first pass. Why two: one int8 pass keeps ~7 bits
    relative to the block's largest input, and Gemma's activations have outlier channels that make that
    largest input large; the residual pass brings it to ~15 bits (on Gemma 3 270M's 112-position top-1
-   measure int8 weights went from 102 to the 104 of bf16 activations). It costs a second vpdpbusd per
+   measure int8 weights went from 102 to 106; bf16 activations give 104). It costs a second vpdpbusd per
    weight load, and decode stays bound by reading the weights. Also the code sums and the float sum. */
 static void quant_block(const void *xrow, int xbf16, int64_t k0, int n, int8_t *q1, int8_t *q2, float *d1,
                         float *d2, int32_t *s1, int32_t *s2, float *xsum) {

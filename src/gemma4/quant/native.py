@@ -16,9 +16,10 @@ kernels. ``GEMMA4_NATIVE=0`` turns the kernels off.
 Numerics: each 32-input block of activations is x ~= d1 * q1 + d2 * q2 (q1 int8 with scale amax / 127, q2
 the int8 rounding of the residual), ~15 bits relative to the block's largest input, where one pass keeps
 ~7: on the 112-position top-1 measure of Gemma 3 270M (benchmarks/vs_llamacpp.py) int8 weights score 102
-with one pass and 104 with two, as with bf16 activations. Products are exact integers within a block and
-float32 across blocks. Prefill takes this path too: each row of weights is reused from L1 for every token,
-which beat PyTorch's int8/int4 kernels at every row count measured here (1-128 tokens, AVX512-VNNI).
+with one pass and 106 with two (104 with bf16 activations through PyTorch's kernels). Products are exact
+integers within a block and float32 across blocks. Prefill takes this path too; it does not block over rows,
+so at 128 tokens it is about as fast as PyTorch's kernels on one thread and slower on two
+(benchmarks/native_kernels.py).
 """
 
 from __future__ import annotations
