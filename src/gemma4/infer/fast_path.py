@@ -98,7 +98,7 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.native and x.numel() <= _NATIVE_ROWS * self.in_features:
-            y = native.bf16_matmul(x.reshape(-1, self.in_features), self.w)
+            y = native.bf16_matmul(x.reshape(-1, self.in_features), self.w, checked=True)  # checked at packing
             return y.view(*x.shape[:-1], self.out_features)
         if not self.packed and self.native:
             return F.linear(x, self.w)
@@ -214,8 +214,9 @@ class QuantPackedLinear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         if self.native:  # reads float32/bf16 rows as they are, writes the dtype asked for
             out = torch.float32 if self.upcast else None
-            y = (native.int4_matmul(x2, self.qweight, self.scales, self.group_size, out_dtype=out) if self.group_size
-                 else native.int8_matmul(x2, self.qweight, self.scales, out_dtype=out))
+            # checked: the kernels were found available when this layer was packed (no per-call re-check)
+            y = (native.int4_matmul(x2, self.qweight, self.scales, self.group_size, out_dtype=out, checked=True)
+                 if self.group_size else native.int8_matmul(x2, self.qweight, self.scales, out_dtype=out, checked=True))
             y = y.view(*shape[:-1], self.out_features)
             return y if self.upcast or y.dtype == x.dtype else y.to(x.dtype)
         if x2.dtype != torch.bfloat16:  # PyTorch's kernels take bf16 activations only

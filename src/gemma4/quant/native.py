@@ -185,6 +185,8 @@ def _io(x: torch.Tensor, out_dtype: torch.dtype | None) -> tuple[torch.Tensor, i
 
 
 def _ready(variant: str, checked: bool) -> ctypes.CDLL:
+    """The loaded library. ``checked=True``: the caller already knows :func:`available` (a layer packed for
+    these kernels, or the self-check itself), so the per-call check is skipped."""
     if not checked and not available(variant):
         raise RuntimeError("gemma4.quant.native: kernels unavailable")
     lib = _load(variant)
