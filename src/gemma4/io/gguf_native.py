@@ -176,8 +176,8 @@ def gguf_native_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
     ``rest``: scheme of the non-Q4_K linear layers ("int8" per channel, or "int4" = int4-g32 RTN).
     ``embedding``: scheme of the token embedding / tied head (default: ``rest``). ``dtype``: the float
     tensors (norms: read as bf16, then cast) and activations; default
-    :func:`gemma4.quant.native.activation_dtype` (float32 with the compiled kernels, else bf16). The result is an ordinary quantized model
-    (mixed schemes are recorded in ``config.quantization["overrides"]``): ``save_pretrained`` /
+    :func:`gemma4.quant.native.activation_dtype` (float32 with the compiled kernels, else bf16). The
+    result is an ordinary quantized model (mixed schemes are recorded in ``config.quantization["overrides"]``): ``save_pretrained`` /
     ``load_pretrained`` / ``use_fast_path`` work on it. ``progress`` advances once per tensor.
 
     Tensors are streamed straight into the quantized modules (see the module docstring): the peak is the

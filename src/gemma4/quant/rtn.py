@@ -23,7 +23,7 @@ Formats (all scales in bf16, the dtype the CPU kernels take):
 
 Matmuls on CPU use the compiled int8-activation kernels of :mod:`gemma4.quant.native` when they built
 and passed their self-check here (they read these same formats; int4 codes then stay in the portable
-order, with a row-ordered copy of the small (scale, zero) table). Otherwise
+order, and the small (scale, zero) table is stored in row order, ``scales_zeros`` a strided view of it). Otherwise
 ``torch._weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu`` with bf16 activations (on this CPU both
 are 10-30x slower with float32 activations than with bf16), and dequantize-then-matmul elsewhere
 (other devices, shapes the kernels reject).
