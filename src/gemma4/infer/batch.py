@@ -44,7 +44,7 @@ from typing import Callable, Sequence
 import torch
 
 from gemma4.infer.generate import GenerationError, prepare_prompts
-from gemma4.infer.sampling import SamplingParams, sample_next
+from gemma4.infer.sampling import SamplingParams, argmax, sample_next
 from gemma4.model.cache import LayerCache
 from gemma4.model.config import FULL, SLIDING
 from gemma4.model.decoder import AttnContext
@@ -785,7 +785,7 @@ class BatchEngine:
         if plain:
             # One argmax for every plain greedy row (no copy of the [n, V] logits when all rows are).
             rows = logits if len(plain) == len(reqs) else logits.index_select(0, torch.tensor(plain, device=logits.device))
-            for i, t in zip(plain, rows.argmax(-1).tolist()):
+            for i, t in zip(plain, argmax(rows).tolist()):
                 out[i] = t
         for i, r in enumerate(reqs):
             if not finite[i]:

@@ -66,6 +66,14 @@ def _dense(w: torch.Tensor) -> torch.Tensor:
 _NATIVE_ROWS = 4  # tokens up to which a bf16 linear takes the native GEMV (it does not block over rows)
 
 
+def _native_f32(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """Whether the fused float32 ops of :mod:`gemma4.quant.native` may take ``x`` (and the float tensors
+    that go with it): float32 on the CPU, outside autograd (they have no backward). A model computing
+    in bf16 keeps PyTorch's ops, bit-identical to the plain path."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and not x.requires_grad
+            and all(o is None or o.dtype == torch.float32 for o in others))
+
+
 def _onednn_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     shape = x.shape
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]), w, bias, "none", [], "")
@@ -129,6 +137,7 @@ class PackedMLP(nn.Module):
         super().__init__()
         self.inter = mlp.gate_proj.out_features
         self.gate_up = PackedLinear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach())
+        self.native = native.available()
         self.down = PackedLinear(mlp.down_proj.weight)
         for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
             lin.weight = None  # free the plain weights: the packed copies replace them
@@ -144,8 +153,15 @@ class PackedMLP(nn.Module):
         return mlp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g, u = self.gate_up(x).split(self.inter, dim=-1)
-        return self.down(gelu_tanh(g) * u)
+        return self.down(_gelu_mul(self.gate_up(x), self.inter, self.native))
+
+
+def _gelu_mul(gu: torch.Tensor, inter: int, use_native: bool) -> torch.Tensor:
+    """gelu_tanh(gate) * up of a fused gate/up projection's output [..., 2 * inter]."""
+    if use_native and _native_f32(gu):
+        return native.gelu_mul(gu, inter, checked=True)
+    g, u = gu.split(inter, dim=-1)
+    return gelu_tanh(g) * u
 
 
 class FastRMSNorm(nn.Module):
@@ -159,6 +175,7 @@ class FastRMSNorm(nn.Module):
         w = None if norm.weight is None else norm.weight.detach().float()
         self.register_buffer("scale", None if w is None else (w + norm.offset if norm.offset else w),
                              persistent=False)
+        self.native = native.available()
 
     def restore(self) -> RMSNorm:
         """A plain :class:`gemma4.model.RMSNorm` holding the same weight parameter."""
@@ -169,6 +186,8 @@ class FastRMSNorm(nn.Module):
         return norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native and _native_f32(x, self.scale):  # one C call instead of seven tensor ops
+            return native.rmsnorm(x, self.scale, self.eps, checked=True)
         xf = x.float()
         xf = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
         if self.scale is not None:
@@ -243,6 +262,7 @@ class QuantPackedMLP(nn.Module):
         super().__init__()
         self.inter = mlp.gate_proj.out_features
         self.gate_up = QuantPackedLinear(QuantWeight.concat_rows([mlp.gate_proj, mlp.up_proj]))
+        self.native = native.available()
         self.down = QuantPackedLinear(mlp.down_proj)
         for lin in (mlp.gate_proj, mlp.up_proj):  # free the separate tables: the fused one replaces them
             lin.release()
@@ -258,8 +278,7 @@ class QuantPackedMLP(nn.Module):
         return mlp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g, u = self.gate_up(x).split(self.inter, dim=-1)
-        return self.down(gelu_tanh(g) * u)
+        return self.down(_gelu_mul(self.gate_up(x), self.inter, self.native))
 
 
 class QuantPackedHead(nn.Module):
@@ -292,6 +311,7 @@ class FusedQKVAttention(nn.Module):
         self.eps = attn.q_norm.eps
         self.register_buffer("qk_scale", torch.cat([qs.expand(self.n, self.d), ks.expand(self.kh, self.d)]),
                              persistent=False)  # [N+K, D]
+        self.native = native.available() and self.d <= native.MAX_HEAD_DIM and self.d % 2 == 0
 
     @staticmethod
     def applies(attn: nn.Module) -> bool:
@@ -308,6 +328,8 @@ class FusedQKVAttention(nn.Module):
         b, t, _ = x.shape
         n, kh, d = self.n, self.kh, self.d
         qkv = self.qkv(x)  # [B,T,(N+2K)*D]
+        if self.native and _native_f32(qkv, cos):
+            return self._forward_native(qkv, cos, sin, mask, ctx, cache)
         qk = qkv[..., : (n + kh) * d].view(b, t, n + kh, d)
         v = qkv[..., (n + kh) * d :].view(b, t, kh, d)
         # RMSNorm (float32, as gemma4.model.RMSNorm) of every q and k head at once.
@@ -322,11 +344,36 @@ class FusedQKVAttention(nn.Module):
         o = o.transpose(1, 2).reshape(b, t, n * d)  # [B,T,N*D]
         return a.o_proj(o), (k, v)
 
+    def _forward_native(self, qkv, cos, sin, mask, ctx, cache):
+        """float32: q/k norms, RoPE and the value norm in one C call on the projection's output (in place),
+        and, for one new token under an exact backend, attention in another (eager's math, one query
+        row against the cache)."""
+        a = self.attn
+        b, t, w = qkv.shape
+        n, kh, d = self.n, self.kh, self.d
+        rows = qkv.view(b * t, w)  # [B*T,(N+2K)*D], a view: the kernel writes into qkv
+        v_eps = a.v_norm.eps if a.v_norm is not None else None
+        native.qk_norm_rope_(rows, n + kh, kh, d, self.qk_scale, self.eps, cos.reshape(b * t, d),
+                             sin.reshape(b * t, d), v_eps, checked=True)
+        q = qkv[..., : n * d].view(b, t, n, d).transpose(1, 2)  # [B,N,T,D]
+        k = qkv[..., n * d : (n + kh) * d].view(b, t, kh, d).transpose(1, 2)  # [B,K,T,D]
+        v = qkv[..., (n + kh) * d :].view(b, t, kh, d).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        if t == 1 and a.backend in _EXACT_BACKENDS:
+            o = native.attention_decode(rows[:, : n * d].view(b, n, d), k, v, mask, a.scale, a.softcap, checked=True)
+            return a.o_proj(o.view(b, 1, n * d)), (k, v)
+        o = ATTENTION_BACKENDS[a.backend](q, k, v, mask, a.scale, a.softcap, ctx)
+        return a.o_proj(o.transpose(1, 2).reshape(b, t, n * d)), (k, v)
+
     def restore(self) -> Attention:
         """The original attention with its separate (re-filled) q/k/v modules."""
         a = self.attn
         self.qkv.src.split_rows_into([a.q_proj, a.k_proj, a.v_proj])
         return a
+
+
+_EXACT_BACKENDS = ("eager", "sdpa")  # backends computing exact attention (the native decode kernel's function)
 
 
 def _fuse_attention(attn: Attention) -> nn.Module:

@@ -120,6 +120,27 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return torch.softmax(filter_logits(x, params), dim=-1).reshape(logits.shape)
 
 
+_ARGMAX_BLOCK = 512
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(-1)`` for [..., V] floats, the same index (the first maximum; NaN counts as the maximum).
+
+    Why not argmax itself: on the CPU, argmax over a 262,144-wide row takes ~1.2 ms here (a scalar loop
+    carrying an index) while amax takes ~35 us, about 2-3% of a decode step. So: the largest value of each
+    block of 512, the first block holding the overall maximum (argmax over the block maxima), then the
+    first maximum inside that block."""
+    v = x.shape[-1]
+    if x.device.type != "cpu" or v < 4 * _ARGMAX_BLOCK or v % _ARGMAX_BLOCK:
+        return x.argmax(dim=-1)
+    blocks = x.reshape(-1, v // _ARGMAX_BLOCK, _ARGMAX_BLOCK)  # [N, V/512, 512]
+    # amax propagates NaN, so a block holding a NaN is "the maximum", as argmax counts it.
+    best = blocks.amax(-1).argmax(-1)  # [N]
+    rows = torch.arange(blocks.shape[0])
+    inner = blocks[rows, best].argmax(-1)  # [N]
+    return (best * _ARGMAX_BLOCK + inner).reshape(x.shape[:-1])
+
+
 def sample_next(
     logits: torch.Tensor,
     params: SamplingParams,
@@ -141,7 +162,7 @@ def sample_next(
         seen = history if history.dtype == torch.bool else seen_mask(history, x.shape[-1])
         x = apply_repetition_penalty(x, seen, params.repetition_penalty)
     if params.greedy:
-        return x.argmax(dim=-1)
+        return argmax(x)
     x = filter_logits(x, params)
     probs = torch.softmax(x, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

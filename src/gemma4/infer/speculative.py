@@ -26,7 +26,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from gemma4.infer.sampling import SamplingError, SamplingParams, probabilities
+from gemma4.infer.sampling import SamplingError, SamplingParams, argmax, probabilities
 from gemma4.model.config import FULL, SLIDING
 
 __all__ = ["SpeculativeStats", "SpeculativeResult", "speculative_generate", "greedy_decode"]
@@ -105,20 +105,20 @@ class _Picker:
     def first(self, logits: torch.Tensor) -> int:
         """The token after the prompt: the target's own choice (nothing to verify yet)."""
         if self.greedy:
-            return int(logits.argmax())
+            return int(argmax(logits))
         return self._sample(probabilities(logits, self.params))
 
     def draft(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
         """logits [V] -> (token, its proposal distribution q or None when greedy)."""
         if self.greedy:
-            return int(logits.argmax()), None
+            return int(argmax(logits)), None
         q = probabilities(logits, self.params)
         return self._sample(q), q
 
     def verify(self, target_logits: torch.Tensor, drafts: list[int], qs: list) -> tuple[int, int]:
         """target_logits [k+1, V] (row i scores the token after candidate i) -> (accepted n, next token)."""
         if self.greedy:
-            best = target_logits.argmax(-1).tolist()
+            best = argmax(target_logits).tolist()
             n = 0
             while n < len(drafts) and drafts[n] == best[n]:
                 n += 1
@@ -164,7 +164,7 @@ def greedy_decode(model, prompt, max_new_tokens: int, stop_token_ids: Sequence[i
     stop = set(stop_token_ids)
     while True:
         _check_finite(logits, "target")
-        tok = int(logits.argmax())
+        tok = int(argmax(logits))
         out.append(tok)
         if tok in stop or len(out) >= max_new_tokens:
             return out
