@@ -31,6 +31,8 @@ Layouts (all row-major):
 #include <immintrin.h>
 #endif
 
+#include <omp.h>
+
 #ifndef G4_PREFETCH
 #define G4_PREFETCH 4096
 #endif
@@ -44,6 +46,37 @@ int g4_isa(void) {
     return 0;
 #endif
 }
+
+/* -------------------------------------------------------------------------------- busy-core guard */
+/* With two threads on a two-core machine whose other core is busy (another process), every parallel
+   region ends waiting for the thread that shares that core until the scheduler runs it again,
+   milliseconds later: decode at two threads fell to half its one-thread speed (benchmarks/RESULTS.md).
+   So the matmul loops hand out their tiles in chunks (a thread that has not started leaves its share to
+   the others), the calling thread notes when it ran out of work and when the team had finished, and if
+   it then waited longer than it worked (and over 50 us), the next G4_SOLO_CALLS calls run on one thread;
+   after them a call tries the team again. */
+#ifndef G4_SOLO_CALLS
+#define G4_SOLO_CALLS 256
+#endif
+static int g4_solo_left; /* calls still to run on one thread (relaxed atomics: any thread may call) */
+
+static inline int g4_team(int nthreads) {
+    if (nthreads <= 1) return 1;
+    int left = __atomic_load_n(&g4_solo_left, __ATOMIC_RELAXED);
+    if (left > 0) {
+        __atomic_store_n(&g4_solo_left, left - 1, __ATOMIC_RELAXED);
+        return 1;
+    }
+    return nthreads;
+}
+
+static inline void g4_team_done(int team, double start, double own_done, double all_done) {
+    double waited = all_done - own_done;
+    if (team > 1 && waited > 50e-6 && waited > own_done - start)
+        __atomic_store_n(&g4_solo_left, G4_SOLO_CALLS, __ATOMIC_RELAXED);
+}
+
+int g4_solo_calls_left(void) { return __atomic_load_n(&g4_solo_left, __ATOMIC_RELAXED); }
 
 static inline float bf16_to_f(uint16_t h) {
     union { uint32_t u; float f; } v;
@@ -210,7 +243,12 @@ static void g4_gemv_i8(const int8_t *a, const float *dl, const float *corr, int6
                 const uint16_t *ws, int64_t N, void *y, int ybf16, int nthreads) {
     int64_t Kp = (K + 63) / 64 * 64, tiles = (N + 3) / 4;
     (void)corr;
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
+    int team = g4_team(nthreads);
+    int64_t chunk = tiles / (8 * team) + 1;
+    double start = omp_get_wtime(), own_done = start;
+#pragma omp parallel num_threads(team) if (team > 1)
+    {
+#pragma omp for schedule(dynamic, chunk) nowait
     for (int64_t t = 0; t < tiles; t++) {
         int64_t n0 = t * 4;
         int R = N - n0 < 4 ? (int)(N - n0) : 4;
@@ -235,6 +273,9 @@ static void g4_gemv_i8(const int8_t *a, const float *dl, const float *corr, int6
             for (int r = 0; r < R; r++) store_out(y, ybf16, m * N + n0 + r, bf16_to_f(ws[n0 + r]) * v[r]);
         }
     }
+        if (omp_get_thread_num() == 0) own_done = omp_get_wtime();
+    }
+    g4_team_done(team, start, own_done, omp_get_wtime());
 }
 
 /* ------------------------------------------------------------------------------------------- int4 */
@@ -376,7 +417,12 @@ static void g4_gemv_i4(const int8_t *a, const float *dl, const float *el, const 
     __m512i idx = _mm512_loadu_si512(lanes);
 #endif
     int64_t tiles = (N + 3) / 4;
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
+    int team = g4_team(nthreads);
+    int64_t chunk = tiles / (8 * team) + 1;
+    double start = omp_get_wtime(), own_done = start;
+#pragma omp parallel num_threads(team) if (team > 1)
+    {
+#pragma omp for schedule(dynamic, chunk) nowait
     for (int64_t t = 0; t < tiles; t++) {
         int64_t n0 = t * 4;
         int R = N - n0 < 4 ? (int)(N - n0) : 4;
@@ -405,6 +451,9 @@ static void g4_gemv_i4(const int8_t *a, const float *dl, const float *el, const 
             for (int r = 0; r < R; r++) store_out(y, ybf16, m * N + n0 + r, v[r]);
         }
     }
+        if (omp_get_thread_num() == 0) own_done = omp_get_wtime();
+    }
+    g4_team_done(team, start, own_done, omp_get_wtime());
 }
 
 /* ------------------------------------------------------------------------------------------- bf16 */
@@ -457,7 +506,12 @@ int g4_linear_bf16(const void *x, int xbf16, int64_t M, int64_t K, const uint16_
         xf = buf;
     }
     int64_t tiles = (N + 3) / 4;
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
+    int team = g4_team(nthreads);
+    int64_t chunk = tiles / (8 * team) + 1;
+    double start = omp_get_wtime(), own_done = start;
+#pragma omp parallel num_threads(team) if (team > 1)
+    {
+#pragma omp for schedule(dynamic, chunk) nowait
     for (int64_t t = 0; t < tiles; t++) {
         int64_t n0 = t * 4;
         int R = N - n0 < 4 ? (int)(N - n0) : 4;
@@ -474,6 +528,9 @@ int g4_linear_bf16(const void *x, int xbf16, int64_t M, int64_t K, const uint16_
             for (int r = 0; r < R; r++) store_out(y, ybf16, m * N + n0 + r, v[r]);
         }
     }
+        if (omp_get_thread_num() == 0) own_done = omp_get_wtime();
+    }
+    g4_team_done(team, start, own_done, omp_get_wtime());
     free(buf);
     return 0;
 }
