@@ -66,12 +66,12 @@ def _dense(w: torch.Tensor) -> torch.Tensor:
 _NATIVE_ROWS = 4  # tokens up to which a bf16 linear takes the native GEMV (it does not block over rows)
 
 
-def _native_f32(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
+def _native_f32(x: torch.Tensor, other: torch.Tensor | None = None) -> bool:
     """Whether the fused float32 ops of :mod:`gemma4.quant.native` may take ``x`` (and the float tensors
     that go with it): float32 on the CPU, outside autograd (they have no backward). A model computing
     in bf16 keeps PyTorch's ops, bit-identical to the plain path."""
     return (x.dtype == torch.float32 and x.device.type == "cpu" and not x.requires_grad
-            and all(o is None or o.dtype == torch.float32 for o in others))
+            and (other is None or other.dtype == torch.float32))
 
 
 def _onednn_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -355,7 +355,6 @@ class FusedQKVAttention(nn.Module):
         v_eps = a.v_norm.eps if a.v_norm is not None else None
         native.qk_norm_rope_(rows, n + kh, kh, d, self.qk_scale, self.eps, cos.reshape(b * t, d),
                              sin.reshape(b * t, d), v_eps, checked=True)
-        q = qkv[..., : n * d].view(b, t, n, d).transpose(1, 2)  # [B,N,T,D]
         k = qkv[..., n * d : (n + kh) * d].view(b, t, kh, d).transpose(1, 2)  # [B,K,T,D]
         v = qkv[..., (n + kh) * d :].view(b, t, kh, d).transpose(1, 2)
         if cache is not None:
@@ -363,6 +362,7 @@ class FusedQKVAttention(nn.Module):
         if t == 1 and a.backend in _EXACT_BACKENDS:
             o = native.attention_decode(rows[:, : n * d].view(b, n, d), k, v, mask, a.scale, a.softcap, checked=True)
             return a.o_proj(o.view(b, 1, n * d)), (k, v)
+        q = qkv[..., : n * d].view(b, t, n, d).transpose(1, 2)  # [B,N,T,D]
         o = ATTENTION_BACKENDS[a.backend](q, k, v, mask, a.scale, a.softcap, ctx)
         return a.o_proj(o.transpose(1, 2).reshape(b, t, n * d)), (k, v)
 
