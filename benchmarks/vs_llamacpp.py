@@ -308,7 +308,7 @@ def worker_quality(engine: str, files: dict[str, str], prompt: list[int], ref_pa
     os.environ.pop("GEMMA4_NATIVE", None)
     from gemma4.cli._common import load_model
 
-    for name in ("Q8_0", "Q4_K_M"):
+    for name in ("BF16", "Q8_0", "Q4_K_M"):  # BF16: bf16 weights, float32 activations (gemma4.quant's "bf16")
         m, _, _ = load_model(files[name])
         out[f"ours {name} file, CLI default (gguf-native)"] = agree(m)
         del m

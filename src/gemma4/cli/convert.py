@@ -12,7 +12,8 @@ import typer
 
 from gemma4.cli._common import check_model, check_output, dtype_option, progress
 from gemma4.infer import use_plain_path
-from gemma4.io import FILE_TYPES, GGUFError, GGUFFile, load_pretrained, resolve_path, save_gguf, save_pretrained
+from gemma4.io import (FILE_TYPES, GGUFError, GGUFFile, gguf_is_bf16, load_pretrained, resolve_path, save_gguf,
+                       save_pretrained)
 from gemma4.text import load_tokenizer
 
 log = logging.getLogger("gemma4")
@@ -42,6 +43,10 @@ def register(app: typer.Typer) -> None:
         check_model(src)
         src_path = resolve_path(src)
         check_output(dst, src_path, kind="file" if to_gguf else "dir")
+        if torch_dtype is None and src_path.suffix == ".gguf" and gguf_is_bf16(src_path):
+            # As stored: a plain bf16 model (load_pretrained's default would be its bf16-weight, float32
+            # compute form, which saves as a "bf16" quantized checkpoint other tools do not read).
+            torch_dtype = torch.bfloat16
         t0 = time.perf_counter()
         model = use_plain_path(load_pretrained(src_path, dtype=torch_dtype))
         t1 = time.perf_counter()

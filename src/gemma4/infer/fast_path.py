@@ -27,9 +27,10 @@ import torch.nn.functional as F
 
 from gemma4.model.attention import ATTENTION_BACKENDS
 from gemma4.model.decoder import MLP, Attention, RMSNorm, apply_rope, gelu_tanh
-from gemma4.quant import Int4Linear, Int8Linear, QuantWeight, native
+from gemma4.quant import Bf16Linear, Int4Linear, Int8Linear, QuantWeight, native
 
 _DTYPES = (torch.float32, torch.bfloat16)
+_QUANT_LINEARS = (Int4Linear, Int8Linear, Bf16Linear)
 ONEDNN_CACHE_CAPACITY = 64
 
 
@@ -210,6 +211,7 @@ class QuantPackedLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = src.out_features, src.in_features
         self.group_size = getattr(src, "group_size", 0)
+        self.bf16 = src.scheme == "bf16"  # bf16 weights: the native float32 GEMM, any number of rows
         # Aliases of the source's tensors, not saved: the kernel call reads them without attribute hops.
         self.native, qweight, scales = src.kernel_tensors()
         self.register_buffer("qweight", qweight, persistent=False)
@@ -234,8 +236,12 @@ class QuantPackedLinear(nn.Module):
         if self.native:  # reads float32/bf16 rows as they are, writes the dtype asked for
             out = torch.float32 if self.upcast else None
             # checked: the kernels were found available when this layer was packed (no per-call re-check)
-            y = (native.int4_matmul(x2, self.qweight, self.scales, self.group_size, out_dtype=out, checked=True)
-                 if self.group_size else native.int8_matmul(x2, self.qweight, self.scales, out_dtype=out, checked=True))
+            if self.bf16:
+                y = native.bf16_matmul(x2, self.qweight, out_dtype=out, checked=True)
+            elif self.group_size:
+                y = native.int4_matmul(x2, self.qweight, self.scales, self.group_size, out_dtype=out, checked=True)
+            else:
+                y = native.int8_matmul(x2, self.qweight, self.scales, out_dtype=out, checked=True)
             y = y.view(*shape[:-1], self.out_features)
             return y if self.upcast or y.dtype == x.dtype else y.to(x.dtype)
         if x2.dtype != torch.bfloat16:  # PyTorch's kernels take bf16 activations only
@@ -251,7 +257,7 @@ class QuantPackedLinear(nn.Module):
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:
-        kind = f"int4, group_size={self.group_size}" if self.group_size else "int8"
+        kind = "bf16" if self.bf16 else f"int4, group_size={self.group_size}" if self.group_size else "int8"
         return f"in_features={self.in_features}, out_features={self.out_features}, {kind}"
 
 
@@ -407,7 +413,7 @@ def _norm_scale(norm: nn.Module) -> torch.Tensor | None:
 
 
 def _quant_mlp(child: nn.Module) -> bool:
-    return type(child) is MLP and all(isinstance(c, (Int4Linear, Int8Linear)) for c in child.children()) \
+    return type(child) is MLP and all(isinstance(c, _QUANT_LINEARS) for c in child.children()) \
         and type(child.gate_proj) is type(child.up_proj) and all(QuantPackedLinear.supported(c) for c in child.children())
 
 
@@ -429,13 +435,13 @@ def use_fast_path(model, head: str = "auto"):
             replaced.update(id(c) for c in mod.children())
             continue
         for child_name, child in list(mod.named_children()):
-            if type(child) in (MLP, Int4Linear, Int8Linear):
+            if type(child) in (MLP, *_QUANT_LINEARS):
                 replaced.add(id(child))
             if type(child) is MLP and all(type(c) is nn.Linear for c in child.children()):
                 setattr(mod, child_name, PackedMLP(child))
             elif _quant_mlp(child):
                 setattr(mod, child_name, QuantPackedMLP(child))
-            elif isinstance(child, (Int4Linear, Int8Linear)) and QuantPackedLinear.supported(child):
+            elif isinstance(child, _QUANT_LINEARS) and QuantPackedLinear.supported(child):
                 setattr(mod, child_name, QuantPackedLinear(child))
             elif type(child) is RMSNorm:
                 setattr(mod, child_name, FastRMSNorm(child))

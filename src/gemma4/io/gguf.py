@@ -723,7 +723,7 @@ def _encode(t: torch.Tensor, qtype: int) -> np.ndarray:
 # dequantized values instead (Q8_0's own rounding).
 _Q4_1 = 3
 _Q4_1_BYTES = 20  # fp16 d, fp16 m, 16 bytes of nibbles per 32 weights
-_FILE_TYPE_OF = {_Q4_1: 3, _Q8_0: 7}  # llama.cpp general.file_type: MOSTLY_Q4_1, MOSTLY_Q8_0
+_FILE_TYPE_OF = {_Q4_1: 3, _Q8_0: 7, _BF16: 32}  # llama.cpp general.file_type: MOSTLY_Q4_1, MOSTLY_Q8_0, MOSTLY_BF16
 
 
 def _encode_q4_1(mod) -> np.ndarray:
@@ -764,6 +764,8 @@ def _quantized_modules(model) -> dict[str, Any]:
 
 def _quant_type(mod) -> int | None:
     """The GGUF type a quantized module is written as, or None (written dequantized in the file type)."""
+    if mod.scheme == "bf16":
+        return _BF16  # the values it holds, as they are
     if mod.in_features % 32:
         return None
     if mod.scheme == "int4":

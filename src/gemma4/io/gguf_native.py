@@ -44,7 +44,7 @@ from gemma4.model import Gemma4ForCausalLM, build_model
 from gemma4.quant import QuantWeight, native, prepare_quantized, to_kernel_layout
 from gemma4.quant.rtn import DEFAULT_SKIP, FORMAT_VERSION, quantization_targets
 
-__all__ = ["Q4_K", "q4k_blocks", "q4k_to_int4", "gguf_native_types", "gguf_native_model"]
+__all__ = ["Q4_K", "q4k_blocks", "q4k_to_int4", "gguf_is_bf16", "gguf_native_types", "gguf_native_model"]
 
 Q4_K = 12  # gguf.GGMLQuantizationType.Q4_K
 _Q4K_BYTES, _QK = 144, 256  # bytes per block, weights per block
@@ -115,6 +115,13 @@ def gguf_is_quantized(path: str | os.PathLike) -> bool:
     return any(t.type_name not in _FLOAT_TYPES for t in GGUFFile(path).tensors.values() if len(t.shape) == 2)
 
 
+def gguf_is_bf16(path: str | os.PathLike) -> bool:
+    """Whether every 2-D matrix of a GGUF is stored as BF16 (then, with the compiled kernels, it runs as
+    bf16 weights with float32 activations: :func:`gguf_native_model` with ``rest="bf16"``)."""
+    mats = [t for t in GGUFFile(path).tensors.values() if len(t.shape) == 2]
+    return bool(mats) and all(t.type_name == "BF16" for t in mats)
+
+
 def gguf_native_types(path: str | os.PathLike) -> dict[str, list[str]]:
     """GGUF tensor type name -> the tensors of that type (GGUF names), for reporting what stays 4-bit."""
     g = GGUFFile(path)
@@ -173,7 +180,8 @@ def gguf_native_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
     """Load a GGUF with its Q4_K matrices kept as int4-g32 (same codes; see the module docstring) and every
     other matrix quantized from its dequantized (bf16) values by the RTN quantizer of :mod:`gemma4.quant`.
 
-    ``rest``: scheme of the non-Q4_K linear layers ("int8" per channel, or "int4" = int4-g32 RTN).
+    ``rest``: scheme of the non-Q4_K linear layers ("int8" per channel, "int4" = int4-g32 RTN, or "bf16":
+    the matrices' values rounded to bf16, exact for a BF16 file, with its other floats read in float32).
     ``embedding``: scheme of the token embedding / tied head (default: ``rest``). ``dtype``: the float
     tensors (norms: read as bf16, then cast) and activations; default
     :func:`gemma4.quant.native.activation_dtype` (float32 with the compiled kernels, else bf16). The
@@ -183,8 +191,8 @@ def gguf_native_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
     Tensors are streamed straight into the quantized modules (see the module docstring): the peak is the
     quantized model plus a few MiB, never a float copy of it."""
     for what, sc in (("rest", rest), ("embedding", embedding)):
-        if sc not in ("int8", "int4") and not (what == "embedding" and sc is None):
-            raise ValueError(f"{what} must be 'int8' or 'int4', got {sc!r}")
+        if sc not in ("int8", "int4", "bf16") and not (what == "embedding" and sc is None):
+            raise ValueError(f"{what} must be 'int8', 'int4' or 'bf16', got {sc!r}")
     embedding = embedding or rest
     dtype = dtype or native.activation_dtype()
     g = GGUFFile(path)
@@ -232,7 +240,8 @@ def gguf_native_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
                     # widths would leave it as holes in the heap: +13 MiB by the end of the 270M file).
                     to_kernel_layout(qmods[mod], in_place=True)
                 elif key in floats:
-                    _set_tensor(model, key, _read_float(fh, path, t, key, floats[key], cfg, dtype))
+                    _set_tensor(model, key, _read_float(fh, path, t, key, floats[key], cfg, dtype,
+                                                        through_bf16=rest != "bf16"))
                 else:
                     raise GGUFError(f"{path}: unexpected tensor {name!r}: the config builds no {key!r}")
             next(ticks, None)
@@ -254,9 +263,11 @@ def _hf_name(path: Path, name: str) -> str | None:
         raise GGUFError(f"{path}: tensor {name!r} has no place in a Gemma text model") from None
 
 
-def _read_float(fh, path: Path, t: TensorInfo, key: str, want: torch.Tensor, cfg, dtype: torch.dtype) -> torch.Tensor:
+def _read_float(fh, path: Path, t: TensorInfo, key: str, want: torch.Tensor, cfg, dtype: torch.dtype,
+                through_bf16: bool = True) -> torch.Tensor:
     """A tensor that stays in float (norms, scalars, the router): read as bf16, as the dequantized model
-    held it (Gemma 3's stored 1 + w undone in float32 first), then cast to ``dtype``."""
+    held it (Gemma 3's stored 1 + w undone in float32 first), then cast to ``dtype``. ``through_bf16=False``
+    (a BF16 file's bf16 form): read in float32, the file's values as they are."""
     if tuple(t.shape) != tuple(want.shape):
         raise GGUFError(f"{path}: tensor {t.name!r} has shape {list(t.shape)} but the config expects "
                         f"{list(want.shape)}")
@@ -265,6 +276,8 @@ def _read_float(fh, path: Path, t: TensorInfo, key: str, want: torch.Tensor, cfg
     raw = _read_rows(fh, path, t, t.nbytes, 0, 1)
     what = f"tensor {t.name!r} in {path}"
     shift = _norm_shift(key, cfg)
+    if not through_bf16:
+        return (dequantize(raw, t.qtype, t.shape, torch.float32, what=what) - shift).to(dtype)
     if shift:
         x = (dequantize(raw, t.qtype, t.shape, torch.float32, what=what) - shift).to(torch.bfloat16)
     else:

@@ -13,9 +13,10 @@ from gemma4.infer import plain_path
 from gemma4.io import checkpoint
 from gemma4.io.checkpoint import CheckpointError, load_safetensors_dir
 from gemma4.io.gguf import GGUFFile, config_from_gguf, load_gguf
-from gemma4.io.gguf_native import gguf_is_quantized, gguf_native_model
+from gemma4.io.gguf_native import gguf_is_bf16, gguf_is_quantized, gguf_native_model
 from gemma4.io.hub import resolve_path
 from gemma4.model import PRESETS, Gemma4Config, Gemma4ForCausalLM
+from gemma4.quant import native
 
 
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
@@ -27,7 +28,9 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
     ``dtype=None`` on the CPU, for inference, runs in its quantized form, as llama.cpp runs it: Q4_K
     matrices kept as int4 (same codes), the rest int8, float32 activations with the compiled kernels of
     :mod:`gemma4.quant.native` (bf16 without them) (:func:`gemma4.io.gguf_native_model`; about a quarter
-    of the float32 model's memory and more than twice its decode speed). Pass a ``dtype`` (e.g. ``torch.float32``) for the dequantized model.
+    of the float32 model's memory and more than twice its decode speed). Likewise a GGUF of BF16 matrices, where
+    those kernels built, keeps its bf16 weights and computes in float32 (llama.cpp's BF16 numerics; the float32
+    model's function at half its memory). Pass a ``dtype`` (e.g. ``torch.float32``) for the dequantized model.
 
     For inference (the default) the model comes back in eval mode with gradients off; its first
     ``generate``/``stream`` call on CPU moves it to the fast path (:func:`gemma4.infer.use_fast_path`:
@@ -44,6 +47,8 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
     if p.is_file() and p.suffix == ".gguf":
         if quantized_form(p, dtype, device, trainable):
             model = gguf_native_model(p, progress=progress)
+        elif bf16_form(p, dtype, device, trainable):
+            model = gguf_native_model(p, rest="bf16", progress=progress)
         else:
             model = load_gguf(p, dtype=dtype, device=device, progress=progress)
     elif p.is_file():
@@ -61,6 +66,12 @@ def quantized_form(path: Path, dtype: torch.dtype | None, device: str | torch.de
     """Whether :func:`load_pretrained` runs ``path`` in its quantized form (see there)."""
     return (path.suffix == ".gguf" and dtype is None and torch.device(device).type == "cpu" and not trainable
             and gguf_is_quantized(path))
+
+
+def bf16_form(path: Path, dtype: torch.dtype | None, device: str | torch.device, trainable: bool) -> bool:
+    """Whether :func:`load_pretrained` runs a BF16 GGUF as bf16 weights with float32 activations (see there)."""
+    return (path.suffix == ".gguf" and dtype is None and torch.device(device).type == "cpu" and not trainable
+            and native.available() and gguf_is_bf16(path))
 
 
 def save_pretrained(model: Gemma4ForCausalLM, directory: str | os.PathLike, **kw) -> Path:

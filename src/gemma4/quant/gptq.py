@@ -393,6 +393,8 @@ def gptq_quantize(model: Gemma4ForCausalLM, scheme: str = "int4", group_size: in
     Q4_K_M keeps attn_v at higher precision; recorded as overrides, so the model saves and loads.
     """
     group_size = validate_request(scheme, group_size)
+    if scheme == "bf16":
+        raise QuantizationError("bf16 keeps the weights' values (nothing to calibrate): use quantize(model, 'bf16')")
     if head not in ("gptq", "rtn"):
         raise QuantizationError(f"head must be 'gptq' or 'rtn', got {head!r}")
     if embedding_scheme not in (None, scheme, "int8"):

@@ -1,6 +1,7 @@
-"""Weight-only quantization by module swapping: int8 per output channel, int4 group-wise.
+"""Weight-only quantization by module swapping: int8 per output channel, int4 group-wise, and bf16
+storage with float32 compute.
 
-``quantize(model, "int8" | "int4", group_size=32)`` replaces, in place:
+``quantize(model, "int8" | "int4" | "bf16", group_size=32)`` replaces, in place:
 
 * every ``nn.Linear`` (attention, MLP, PLE gates/projections) by :class:`Int8Linear` / :class:`Int4Linear`;
 * the token embedding by a quantized table that serves both the lookup and the tied output head (one
@@ -14,6 +15,8 @@ Formats (all scales in bf16, the dtype the CPU kernels take):
 
 * int8: ``w ≈ q * scale``, q int8 in [-127, 127], one scale per output row (symmetric; the scale is
   rounded *up* to bf16 so no weight clips).
+* bf16: the weight rounded to bf16 (exact for a bf16 checkpoint), multiplied in the activations' dtype
+  (:class:`Bf16Weight`: a BF16 GGUF's default form, float32 activations as llama.cpp computes it).
 * int4: ``w ≈ (q - 8) * scale + zero``, q in [0, 15], one (scale, zero) pair per ``group_size``
   inputs of a row (asymmetric min/max). ``scales_zeros`` is stored as ``[.., K/g, N, 2]`` — the layout
   ``torch._weight_int4pack_mm_for_cpu`` reads — and the codes as uint8 ``[.., N, K/2]`` with the even
@@ -45,7 +48,7 @@ from gemma4.quant import native
 
 log = logging.getLogger("gemma4")
 
-SCHEMES = ("int8", "int4")
+SCHEMES = ("int8", "int4", "bf16")
 GROUP_SIZES = (32, 64, 128, 256)
 FORMAT_VERSION = 1
 DEFAULT_SKIP = ("router",)
@@ -574,6 +577,74 @@ class Int4Weight(QuantWeight):
         self._reset_layout()  # the loaded codes are in file order: repack on first use
 
 
+class Bf16Weight(QuantWeight):
+    """Weights stored as bf16 and multiplied in the activations' dtype (float32 by default): the form a
+    BF16 GGUF runs in (:func:`gemma4.io.gguf_native_model`). Half the memory of float32 weights, and,
+    unlike a model cast to bf16, every activation (norms, attention, residuals, the matmuls' inputs and
+    sums) keeps float32: llama.cpp's BF16 numerics, and for a bf16 checkpoint the float32 model's function.
+
+    ``qweight`` is the bf16 table itself (no scales: ``row_tensors`` gives an empty [rows, 0] second
+    tensor, so the fusing code of the CPU fast path treats it like the other schemes)."""
+
+    scheme = "bf16"
+    _fixed_dtype = ("qweight",)  # a model cast to float32 keeps its weights in bf16: that is the form
+    scale_row_dim = 0
+
+    def __init__(self, n, k, lead=(), device=None):
+        super().__init__(n, k, lead)
+        self.register_buffer("qweight", torch.empty(*lead, n, k, dtype=torch.bfloat16, device=device))
+
+    def set_from_float(self, w: torch.Tensor) -> None:
+        self.qweight = w.detach().to(torch.bfloat16).contiguous()
+
+    def empty_like(self, n: int) -> "Bf16Weight":
+        return Bf16Weight(n, self.in_features)
+
+    def kernel_ready(self) -> bool:
+        return (not self.lead and self.qweight is not None and self.qweight.device.type == "cpu"
+                and not self.qweight.is_meta and native.available())
+
+    def kernel_tensors(self):
+        return True, self.qweight, None
+
+    def row_tensors(self, start=0, stop=None):
+        q = self.qweight[start:stop]
+        return q.clone(), q.new_empty(q.shape[0], 0)
+
+    def quantize_rows(self, w):
+        return w.to(torch.bfloat16), w.new_empty(w.shape[0], 0, dtype=torch.bfloat16)
+
+    def fill_rows(self, start, q, s, index=None):
+        qw = self.qweight if index is None else self.qweight[index]
+        self._check_rows(start, q, s, (q.shape[0], 0))
+        qw[start:start + q.shape[0]].copy_(q)
+
+    def set_rows(self, q, s) -> None:
+        self._buffers["qweight"] = q.to(torch.bfloat16)
+
+    def _ensure_ready(self, in_place: bool = False) -> None:
+        """After loading in another float dtype: back to bf16 (exact for values that were bf16)."""
+        if self.qweight is not None and self.qweight.dtype != torch.bfloat16 and not self.qweight.is_meta:
+            self._buffers["qweight"] = self.qweight.to(torch.bfloat16)
+
+    def dequantize(self, dtype=torch.float32, index: int | None = None) -> torch.Tensor:
+        return (self.qweight if index is None else self.qweight[index]).to(dtype)
+
+    def matmul(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
+        """x [.., K] -> x @ W[index]^T [.., N] in x's dtype, products and sums in float32 (native kernel)
+        or in x's dtype (``F.linear`` on the widened weight, elsewhere)."""
+        self._ensure_ready()
+        w = self.qweight if index is None else self.qweight[index]
+        if x.device.type == "cpu" and w.device.type == "cpu" and native.available():
+            y = native.bf16_matmul(x.reshape(-1, self.in_features), w)
+            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return F.linear(x, w.to(x.dtype))
+
+    def rows(self, ids: torch.Tensor, dtype) -> torch.Tensor:
+        self._ensure_ready()
+        return self.qweight[ids].to(dtype)
+
+
 def _chunked(w: torch.Tensor, fn, sz_dim: int | None = None):
     """Run a quantizer over row chunks of a 2-D table (bounded temporaries for 262144-row tables)."""
     if w.dim() != 2 or w.shape[0] <= _ROWS_PER_CHUNK:
@@ -602,6 +673,13 @@ class Int8Linear(Int8Weight):
 
 class Int4Linear(Int4Weight):
     """nn.Linear (no bias) with int4 group-wise weights."""
+
+    def forward(self, x):
+        return self.matmul(x)
+
+
+class Bf16Linear(Bf16Weight):
+    """nn.Linear (no bias) with bf16 weights, computed in the activations' dtype."""
 
     def forward(self, x):
         return self.matmul(x)
@@ -643,6 +721,12 @@ class Int4Embedding(_EmbeddingMixin, Int4Weight):
         self._init_witness(dtype, device)
 
 
+class Bf16Embedding(_EmbeddingMixin, Bf16Weight):
+    def __init__(self, v, h, dtype=torch.float32, device=None):
+        Bf16Weight.__init__(self, v, h, device=device)
+        self._init_witness(dtype, device)
+
+
 class QuantExperts(Experts):
     """MoE expert stacks [E, 2I, H] / [E, H, I] quantized per expert; routing code is inherited."""
 
@@ -661,9 +745,10 @@ class QuantExperts(Experts):
 def validate_request(scheme: str, group_size: int | None) -> int | None:
     if scheme not in SCHEMES:
         raise QuantizationError(f"unknown quantization scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
-    if scheme == "int8":
+    if scheme in ("int8", "bf16"):
         if group_size not in (None, 0):
-            raise QuantizationError("int8 is per-output-channel: group_size must be None")
+            what = "is per-output-channel" if scheme == "int8" else "stores each weight as it is"
+            raise QuantizationError(f"{scheme} {what}: group_size must be None")
         return None
     if group_size is None:
         group_size = 32
@@ -746,6 +831,8 @@ def _build(kind: str, mod: nn.Module, scheme: str, group_size: int | None, dtype
     def make(n, k, lead=(), kernel_layout=True):
         if scheme == "int8":
             return Int8Weight(n, k, lead, device=device)
+        if scheme == "bf16":
+            return Bf16Weight(n, k, lead, device=device)
         return Int4Weight(n, k, group_size, lead, device=device, kernel_layout=kernel_layout)
 
     if kind == "experts":
@@ -753,9 +840,13 @@ def _build(kind: str, mod: nn.Module, scheme: str, group_size: int | None, dtype
         return QuantExperts(e, h, two_i // 2, make)
     n, k = mod.weight.shape
     if kind == "linear":
+        if scheme == "bf16":
+            return Bf16Linear(n, k, device=device)
         return Int8Linear(n, k, device=device) if scheme == "int8" else Int4Linear(n, k, group_size, device=device)
     if scheme == "int8":
         return Int8Embedding(n, k, dtype=dtype, device=device)
+    if scheme == "bf16":
+        return Bf16Embedding(n, k, dtype=dtype, device=device)
     # The PLE table is only gathered from: keep it in the portable order (no kernel repack).
     return Int4Embedding(n, k, group_size, dtype=dtype, device=device, kernel_layout=(kind == "embedding"))
 
@@ -876,7 +967,7 @@ def to_kernel_layout(model: nn.Module, in_place: bool = False) -> nn.Module:
     ``Int4Weight._ensure_ready`` — only for weights whose tensors no one else holds."""
 
     for m in model.modules():
-        if isinstance(m, (Int4Weight, Int8Weight)):
+        if isinstance(m, (Int4Weight, Int8Weight, Bf16Weight)):
             m._ensure_ready(in_place=in_place)
     release_free_heap()
     return model
@@ -886,11 +977,11 @@ def dequantize_model(model: Gemma4ForCausalLM, dtype: torch.dtype | None = None)
     """Float copy of every quantized weight back into ordinary modules (for comparisons/exports)."""
     dtype = dtype or model.dtype
     for name, mod in list(model.named_modules()):
-        if isinstance(mod, (Int8Linear, Int4Linear)):
+        if isinstance(mod, (Int8Linear, Int4Linear, Bf16Linear)):
             lin = nn.Linear(mod.in_features, mod.out_features, bias=False, device=mod.qweight.device, dtype=dtype)
             lin.weight = nn.Parameter(mod.dequantize(dtype), requires_grad=False)
             _set_module(model, name, lin)
-        elif isinstance(mod, (Int8Embedding, Int4Embedding)):
+        elif isinstance(mod, (Int8Embedding, Int4Embedding, Bf16Embedding)):
             emb = nn.Embedding(mod.out_features, mod.in_features, device=mod.qweight.device, dtype=dtype)
             emb.weight = nn.Parameter(mod.dequantize(dtype), requires_grad=False)
             _set_module(model, name, emb)
