@@ -27,18 +27,27 @@ def _rounded(kind):
 
 @needs_cc
 @pytest.mark.parametrize("variant", _variants())
-@pytest.mark.parametrize("m, n, k", [(13, 10, 37), (6, 8, 640), (12, 4, 16), (7, 12, 1024), (1, 5, 48)])
+@pytest.mark.parametrize("m, n, k", [(13, 10, 37), (6, 8, 640), (8, 32, 16), (30, 70, 100), (7, 12, 1024),
+                                     (25, 33, 2048), (1, 5, 48)])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_bf16_matmul_blocks_rows_with_the_bits_of_one_row_at_a_time(variant, m, n, k, threads):
-    """Six rows share each widened weight vector (prefill), with the same FMAs in the same order per row as
-    the one-row decode path: the bits match, and both are float32 sums of exact products."""
+def test_bf16_matmul_rows_and_blocks(variant, m, n, k, threads):
+    """Float32 sums of exact products (bf16 weight x float32 activation) for every row count: the one-row
+    (decode) path below 8 rows, where each row gives the bits it gives alone; the packed GEMM (prefill,
+    AVX-512) from 8, with partial panels and row blocks, and bf16 output the float32 result rounded."""
     g = torch.Generator().manual_seed(m * n + k)
     x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g).to(torch.bfloat16)
     y = native.bf16_matmul(x, w, threads=threads, variant=variant)
-    rows = torch.cat([native.bf16_matmul(x[i : i + 1], w, threads=threads, variant=variant) for i in range(m)])
-    assert torch.equal(y, rows)
     ref = x.double() @ w.double().T
-    torch.testing.assert_close(y.double(), ref, rtol=0, atol=1e-5 * k ** 0.5)
+    # float32 rounding of a k-term sum of terms ~1 (|ref| up to ~4 sqrt(k)): well under 1e-6 * k
+    torch.testing.assert_close(y.double(), ref, rtol=0, atol=1e-6 * k)
+    if m < 8:
+        rows = torch.cat([native.bf16_matmul(x[i : i + 1], w, threads=threads, variant=variant) for i in range(m)])
+        assert torch.equal(y, rows)
+    yb = native.bf16_matmul(x, w, threads=threads, variant=variant, out_dtype=torch.bfloat16)
+    assert torch.equal(yb, y.to(torch.bfloat16))
+    xb = x.to(torch.bfloat16)  # bf16 rows in: the same as their float32 values
+    assert torch.equal(native.bf16_matmul(xb, w, threads=threads, variant=variant, out_dtype=torch.float32),
+                       native.bf16_matmul(xb.float(), w, threads=threads, variant=variant))
 
 
 @pytest.mark.parametrize("kind", ["gemma3", "ple", "moe", "dense"])

@@ -168,7 +168,11 @@ def _self_check(variant: str) -> bool:
     q3, kv = torch.randn(2, 4, 32, generator=g), torch.randn(2, 2, 7, 32, generator=g)
     p = torch.softmax((q3.view(2, 2, 2, 32) @ kv.transpose(-1, -2)) * 0.25, dim=-1)  # [B,K,G,S]
     aref = (p @ kv).view(2, 4, 32)
-    fused = ((rmsnorm(x, w, 1e-6, variant=variant, checked=True), xr),
+    wb = torch.randn(n + 5, k, generator=g).to(torch.bfloat16)  # a partial panel of 32 rows
+    xb = torch.randn(9, k, generator=g)  # 9 rows: the GEMM (prefill) path; 2 rows: the one-row path
+    fused = ((bf16_matmul(x, wb, variant=variant, checked=True), x @ wb.float().T),
+             (bf16_matmul(xb, wb, variant=variant, checked=True), xb @ wb.float().T),
+             (rmsnorm(x, w, 1e-6, variant=variant, checked=True), xr),
              (gelu_mul(gu, k, variant=variant, checked=True), gref),
              (attention_decode(q3, kv, kv, None, 0.25, None, variant=variant, checked=True), aref))
     ok = ok and all(float((v - r).abs().max()) <= 1e-4 * float(r.abs().max()) for v, r in fused)
@@ -264,7 +268,8 @@ def int4_matmul(x: torch.Tensor, codes: torch.Tensor, sz_rows: torch.Tensor, gro
 def bf16_matmul(x: torch.Tensor, w: torch.Tensor, *, out_dtype: torch.dtype | None = None,
                 threads: int | None = None, variant: str = "native", checked: bool = False) -> torch.Tensor:
     """x [M, K] (float32 or bf16) @ w^T for bf16 w [N, K] -> [M, N] in ``out_dtype`` (default x's), every
-    product and sum in float32. Meant for a few rows (decode): it does not block over rows."""
+    product and sum in float32. Below 8 rows (decode) each row streams the weights on its own; from 8 rows
+    (prefill) an AVX-512 build runs a packed GEMM (panels of 32 weight rows widened once)."""
     lib = _ready(variant, checked)
     m, k = x.shape
     n = w.shape[0]
