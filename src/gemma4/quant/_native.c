@@ -53,27 +53,45 @@ int g4_isa(void) {
    milliseconds later: decode at two threads fell to half its one-thread speed (benchmarks/RESULTS.md).
    So the matmul loops hand out their tiles in chunks (a thread that has not started leaves its share to
    the others), the calling thread notes when it ran out of work and when the team had finished, and if
-   it then waited longer than it worked (and over 50 us), the next G4_SOLO_CALLS calls run on one thread;
-   after them a call tries the team again. */
-#ifndef G4_SOLO_CALLS
-#define G4_SOLO_CALLS 256
+   it then waited longer than it worked (and over 50 us), the next calls run on one thread; after them
+   the team is tried again. The solo run is short (G4_SOLO_MIN calls, a fraction of a decode step) unless
+   the wait came within G4_SOLO_MIN team calls of the last one's end, then twice the last, up to
+   G4_SOLO_MAX: a one-off delay (a virtual machine's core descheduled for a few ms, measured several times
+   a minute on this quiet machine) costs a few calls on one thread, and a core that stays busy is tried
+   rarely. */
+#ifndef G4_SOLO_MIN
+#define G4_SOLO_MIN 32
 #endif
-static int g4_solo_left; /* calls still to run on one thread (relaxed atomics: any thread may call) */
+#ifndef G4_SOLO_MAX
+#define G4_SOLO_MAX 2048
+#endif
+/* Relaxed atomics: a heuristic shared by whichever threads call; a lost update costs speed, never results. */
+static int g4_solo_left;              /* calls still to run on one thread */
+static int g4_solo_len = G4_SOLO_MIN; /* length of the last solo run */
+static int g4_team_calls;             /* team calls since the last solo run ended */
 
 static inline int g4_team(int nthreads) {
     if (nthreads <= 1) return 1;
     int left = __atomic_load_n(&g4_solo_left, __ATOMIC_RELAXED);
     if (left > 0) {
         __atomic_store_n(&g4_solo_left, left - 1, __ATOMIC_RELAXED);
+        if (left == 1) __atomic_store_n(&g4_team_calls, 0, __ATOMIC_RELAXED);
         return 1;
     }
     return nthreads;
 }
 
 static inline void g4_team_done(int team, double start, double own_done, double all_done) {
+    if (team <= 1) return;
     double waited = all_done - own_done;
-    if (team > 1 && waited > 50e-6 && waited > own_done - start)
-        __atomic_store_n(&g4_solo_left, G4_SOLO_CALLS, __ATOMIC_RELAXED);
+    int calls = __atomic_add_fetch(&g4_team_calls, 1, __ATOMIC_RELAXED);
+    if (waited > 50e-6 && waited > own_done - start) {
+        /* soon after the last solo run (the core is still busy): twice as long; else a short run */
+        int len = __atomic_load_n(&g4_solo_len, __ATOMIC_RELAXED);
+        len = calls <= G4_SOLO_MIN ? (2 * len < G4_SOLO_MAX ? 2 * len : G4_SOLO_MAX) : G4_SOLO_MIN;
+        __atomic_store_n(&g4_solo_len, len, __ATOMIC_RELAXED);
+        __atomic_store_n(&g4_solo_left, len, __ATOMIC_RELAXED);
+    }
 }
 
 int g4_solo_calls_left(void) { return __atomic_load_n(&g4_solo_left, __ATOMIC_RELAXED); }
