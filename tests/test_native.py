@@ -9,7 +9,7 @@ import torch
 
 import quant_tiny
 from gemma4.quant import native
-from gemma4.quant.rtn import Int4Linear, Int8Linear, quantize
+from gemma4.quant.rtn import Int4Linear, Int8Linear, int4_dequant, int8_dequant, quantize
 
 
 def _cpu_flags() -> set[str]:
@@ -107,6 +107,37 @@ def test_kernels_compute_int8_activation_dot_products_exactly(variant, m, n, k, 
     assert float(((y4.double() - ref4).abs() / terms).max()) < 1e-5
     y4b = native.int4_matmul(xb, packed, sz, g, variant=variant, threads=threads, checked=True)
     assert torch.equal(y4b, native.int4_matmul(xb.float(), packed, sz, g, variant=variant, checked=True).to(torch.bfloat16))
+
+
+@needs_cc
+@pytest.mark.parametrize("variant", _variants())
+@pytest.mark.parametrize("m,n,k,g", [(16, 37, 160, 32), (29, 70, 640, 64), (40, 33, 1024, 256)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_prefill_rows_multiply_float32_activations_by_the_dequantized_weights(variant, m, n, k, g, threads):
+    """From 16 rows an AVX-512 build runs the packed float32 GEMM (prefill): the activations as they are,
+    against exactly the weights dequantize() gives; the other builds keep the int8-activation rows."""
+    _built(variant)
+    gen = torch.Generator().manual_seed(n * k + m)
+    x = torch.randn(m, k, generator=gen)
+    q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    s = (torch.rand(n, generator=gen) * 0.01 + 1e-4).to(torch.bfloat16)
+    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    sz = (torch.randn(n, k // g, 2, generator=gen) * 0.02).to(torch.bfloat16)
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+    y8 = native.int8_matmul(x, q, s, variant=variant, threads=threads, checked=True)
+    y4 = native.int4_matmul(x, packed, sz, g, variant=variant, threads=threads, checked=True)
+    if native.isa(variant) != "AVX512-VNNI":
+        assert float((y8.double() - _ref_int8(x, q, s)).norm() / _ref_int8(x, q, s).norm()) < 1e-5
+        return
+    w8 = int8_dequant(q, s, torch.float32)
+    w4 = int4_dequant(codes, sz.transpose(0, 1), g, torch.float32)  # the module layout [K/g, N, 2]
+    for y, w in ((y8, w8), (y4, w4)):
+        ref = x.double() @ w.double().T
+        terms = x.double().abs() @ w.double().abs().T  # float32 rounding of k terms: bounded by their size
+        assert float(((y.double() - ref).abs() / terms).max()) < 1e-6 * k ** 0.5
+    xb = x.to(torch.bfloat16)
+    assert torch.equal(native.int8_matmul(xb, q, s, variant=variant, threads=threads, checked=True),
+                       native.int8_matmul(xb.float(), q, s, variant=variant, checked=True).to(torch.bfloat16))
 
 
 @needs_cc

@@ -383,6 +383,9 @@ static inline __attribute__((always_inline)) void i4_rows_vnni(int R, const uint
 #define G4_NR 32
 #define G4_MR 12
 #define G4_GEMM_ROWS 8 /* rows from which the GEMM runs (below: the one-row path, no packing) */
+#ifndef G4_GEMM_ROWS_Q
+#define G4_GEMM_ROWS_Q 16 /* the same for int8/int4 weights, whose one-row path multiplies integers */
+#endif
 
 /* 16 x 16 float32 transpose in registers: r[i] holds row i; afterwards r[j] holds column j. */
 static inline __attribute__((always_inline)) void transpose16(__m512 r[16]) {
@@ -411,8 +414,22 @@ static inline __attribute__((always_inline)) void transpose16(__m512 r[16]) {
     }
 }
 
-/* bp [K, 32] = float32 of W rows n0 .. n0 + nr (nr <= 32; missing rows are zeros), transposed. */
-static void bf16_pack_panel(const uint16_t *W, int64_t K, int64_t n0, int nr, float *bp) {
+/* Panel packing: bp [K, 32] = the float32 values of weight rows n0 .. n0 + nr (nr <= 32; missing rows are
+   zeros), transposed, 16 x 16 blocks at a time. One packer per weight format, each giving exactly the
+   values its PyTorch dequantization gives: bf16 widened; int8 q * scale; int4 (q - 8) * scale + zero, a
+   multiply and an add, each rounded (no FMA). The GEMM then computes the float32 matmul of the
+   activations with those weights (prefill); the one-row paths keep their own numerics (decode). */
+typedef void (*g4_pack_fn)(const void *W, const uint16_t *aux, int64_t g, int64_t K, int64_t n0, int nr, float *bp);
+
+static inline __attribute__((always_inline)) void pack_store(__m512 r[16], int64_t K, int64_t k, int h, float *bp) {
+    transpose16(r);
+    int64_t kn = K - k < 16 ? K - k : 16;
+    for (int j = 0; j < kn; j++) _mm512_storeu_ps(bp + (k + j) * G4_NR + h * 16, r[j]);
+}
+
+static void pack_bf16(const void *W_, const uint16_t *aux, int64_t g, int64_t K, int64_t n0, int nr, float *bp) {
+    const uint16_t *W = (const uint16_t *)W_;
+    (void)aux, (void)g;
     for (int h = 0; h < 2; h++) /* two 16-row halves */
         for (int64_t k = 0; k < K; k += 16) {
             __mmask16 mk = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
@@ -423,14 +440,58 @@ static void bf16_pack_panel(const uint16_t *W, int64_t K, int64_t n0, int nr, fl
                                       _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, W + (n0 + row) * K + k)), 16))
                                 : _mm512_setzero_ps();
             }
-            transpose16(r);
-            int64_t kn = K - k < 16 ? K - k : 16;
-            for (int j = 0; j < kn; j++) _mm512_storeu_ps(bp + (k + j) * G4_NR + h * 16, r[j]);
+            pack_store(r, K, k, h, bp);
+        }
+}
+
+/* int8 W [N, K] (K % 32 == 0), aux = the bf16 row scales [N]. */
+static void pack_i8(const void *W_, const uint16_t *ws, int64_t g, int64_t K, int64_t n0, int nr, float *bp) {
+    const int8_t *W = (const int8_t *)W_;
+    (void)g;
+    for (int h = 0; h < 2; h++)
+        for (int64_t k = 0; k < K; k += 16) {
+            __m512 r[16];
+            for (int i = 0; i < 16; i++) {
+                int64_t row = n0 + h * 16 + i;
+                r[i] = h * 16 + i < nr
+                           ? _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                               _mm_loadu_si128((const __m128i *)(W + row * K + k)))),
+                                           _mm512_set1_ps(bf16_to_f(ws[row])))
+                           : _mm512_setzero_ps();
+            }
+            pack_store(r, K, k, h, bp);
+        }
+}
+
+/* int4 codes [N, K/2] (portable order: input 2j in the low nibble of byte j; K % g == 0, g % 32 == 0),
+   aux = (scale, zero) bf16 pairs in row order [N, K/g, 2]. */
+static void pack_i4(const void *W_, const uint16_t *sz, int64_t g, int64_t K, int64_t n0, int nr, float *bp) {
+    const uint8_t *W = (const uint8_t *)W_;
+    const __m128i low4 = _mm_set1_epi16(15);
+    const __m512 eight = _mm512_set1_ps(8.f);
+    int64_t G = K / g;
+    for (int h = 0; h < 2; h++)
+        for (int64_t k = 0; k < K; k += 16) {
+            __m512 r[16];
+            for (int i = 0; i < 16; i++) {
+                int64_t row = n0 + h * 16 + i;
+                if (h * 16 + i >= nr) {
+                    r[i] = _mm512_setzero_ps();
+                    continue;
+                }
+                /* 8 code bytes -> 16 bytes lo0 hi0 lo1 hi1 ... (inputs in order) -> 16 floats */
+                __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(W + row * (K / 2) + k / 2)));
+                __m128i q = _mm_or_si128(_mm_and_si128(b, low4), _mm_slli_epi16(_mm_srli_epi16(b, 4), 8));
+                const uint16_t *p = sz + (row * G + k / g) * 2;
+                __m512 v = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q)), eight);
+                r[i] = _mm512_add_ps(_mm512_mul_ps(v, _mm512_set1_ps(bf16_to_f(p[0]))), _mm512_set1_ps(bf16_to_f(p[1])));
+            }
+            pack_store(r, K, k, h, bp);
         }
 }
 
 /* MR rows of x (stride K) against a packed panel: y rows (stride N) columns n0 .. n0 + nr. */
-static inline __attribute__((always_inline)) void bf16_gemm_block(int MR, const float *x, int64_t K, const float *bp,
+static inline __attribute__((always_inline)) void gemm_block(int MR, const float *x, int64_t K, const float *bp,
                                                                   void *y, int ybf16, int64_t N, int64_t m0,
                                                                   int64_t n0, int nr) {
     __m512 acc[G4_MR][2];
@@ -457,12 +518,12 @@ static inline __attribute__((always_inline)) void bf16_gemm_block(int MR, const 
     }
 }
 
-static void bf16_gemm_panel(const float *x, int64_t M, int64_t K, const float *bp, void *y, int ybf16, int64_t N,
+static void gemm_rows(const float *x, int64_t M, int64_t K, const float *bp, void *y, int ybf16, int64_t N,
                             int64_t n0, int nr) {
     int64_t m = 0;
-    for (; m + G4_MR <= M; m += G4_MR) bf16_gemm_block(G4_MR, x + m * K, K, bp, y, ybf16, N, m, n0, nr);
-    for (; m + 4 <= M; m += 4) bf16_gemm_block(4, x + m * K, K, bp, y, ybf16, N, m, n0, nr);
-    for (; m < M; m++) bf16_gemm_block(1, x + m * K, K, bp, y, ybf16, N, m, n0, nr);
+    for (; m + G4_MR <= M; m += G4_MR) gemm_block(G4_MR, x + m * K, K, bp, y, ybf16, N, m, n0, nr);
+    for (; m + 4 <= M; m += 4) gemm_block(4, x + m * K, K, bp, y, ybf16, N, m, n0, nr);
+    for (; m < M; m++) gemm_block(1, x + m * K, K, bp, y, ybf16, N, m, n0, nr);
 }
 #endif
 
@@ -603,46 +664,61 @@ static inline float bf16_row_ref(const uint16_t *w, const float *x, int64_t K) {
     return acc;
 }
 
+#if defined(G4_VNNI)
+/* y [M, N] = xf [M, K] (float32) @ W^T by the packed GEMM, panels of 32 weight rows shared out among the
+   team's threads (each packs its panel into its own scratch). Returns -1 when scratch cannot be allocated. */
+static int g4_gemm(const float *xf, int64_t M, int64_t K, int64_t N, void *y, int ybf16, int team, g4_pack_fn pack,
+                   const void *W, const uint16_t *aux, int64_t g) {
+    int64_t panels = (N + G4_NR - 1) / G4_NR;
+    int failed = 0;
+    double start = omp_get_wtime(), own_done = start;
+#pragma omp parallel num_threads(team) if (team > 1)
+    {
+        float *bp = malloc((size_t)(K * G4_NR) * sizeof(float));
+        if (!bp) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1) nowait
+        for (int64_t p = 0; p < panels; p++) {
+            if (!bp) continue;
+            int64_t n0 = p * G4_NR;
+            int nr = N - n0 < G4_NR ? (int)(N - n0) : G4_NR;
+            pack(W, aux, g, K, n0, nr, bp);
+            gemm_rows(xf, M, K, bp, y, ybf16, N, n0, nr);
+        }
+        free(bp);
+        if (omp_get_thread_num() == 0) own_done = omp_get_wtime();
+    }
+    g4_team_done(team, start, own_done, omp_get_wtime());
+    return failed ? -1 : 0;
+}
+
+#endif
+
+/* x (float32 or bf16) as float32 rows: x itself, or a converted copy in *buf (NULL when out of memory). */
+static const float *f32_rows(const void *x, int xbf16, int64_t n, float **buf) {
+    *buf = NULL;
+    if (!xbf16) return (const float *)x;
+    if (!(*buf = malloc((size_t)n * sizeof(float)))) return NULL;
+    for (int64_t i = 0; i < n; i++) (*buf)[i] = bf16_to_f(((const uint16_t *)x)[i]);
+    return *buf;
+}
 /* y [M, N] = x [M, K] @ W^T, W bf16 [N, K]; x and y float32 or bf16. From G4_GEMM_ROWS rows on (AVX-512):
    the packed GEMM above, panels of 32 weight rows shared out among the threads. Returns -1 when scratch
    memory cannot be allocated. */
 int g4_linear_bf16(const void *x, int xbf16, int64_t M, int64_t K, const uint16_t *W, int64_t N, void *y, int ybf16,
                    int nthreads) {
-    const float *xf = (const float *)x;
-    float *buf = NULL;
-    if (xbf16) {
-        buf = malloc((size_t)(M * K) * sizeof(float));
-        if (!buf) return -1;
-        for (int64_t i = 0; i < M * K; i++) buf[i] = bf16_to_f(((const uint16_t *)x)[i]);
-        xf = buf;
-    }
+    float *buf;
+    const float *xf = f32_rows(x, xbf16, M * K, &buf);
+    if (!xf) return -1;
     int team = g4_team(nthreads);
     double start = omp_get_wtime(), own_done = start;
-    int failed = 0;
 #if defined(G4_VNNI)
     if (M >= G4_GEMM_ROWS) {
-        int64_t panels = (N + G4_NR - 1) / G4_NR;
-#pragma omp parallel num_threads(team) if (team > 1)
-        {
-            float *bp = malloc((size_t)(K * G4_NR) * sizeof(float));
-            if (!bp) {
-#pragma omp atomic write
-                failed = 1;
-            }
-#pragma omp for schedule(dynamic, 1) nowait
-            for (int64_t p = 0; p < panels; p++) {
-                if (!bp) continue;
-                int64_t n0 = p * G4_NR;
-                int nr = N - n0 < G4_NR ? (int)(N - n0) : G4_NR;
-                bf16_pack_panel(W, K, n0, nr, bp);
-                bf16_gemm_panel(xf, M, K, bp, y, ybf16, N, n0, nr);
-            }
-            free(bp);
-            if (omp_get_thread_num() == 0) own_done = omp_get_wtime();
-        }
-        g4_team_done(team, start, own_done, omp_get_wtime());
+        int rc = g4_gemm(xf, M, K, N, y, ybf16, team, pack_bf16, W, NULL, 0);
         free(buf);
-        return failed ? -1 : 0;
+        return rc;
     }
 #endif
     int64_t tiles = (N + 3) / 4;
@@ -670,7 +746,7 @@ int g4_linear_bf16(const void *x, int xbf16, int64_t M, int64_t K, const uint16_
     }
     g4_team_done(team, start, own_done, omp_get_wtime());
     free(buf);
-    return failed;
+    return 0;
 }
 
 /* ------------------------------------------------------------------------------------ entry points */
@@ -678,6 +754,15 @@ int g4_linear_bf16(const void *x, int xbf16, int64_t M, int64_t K, const uint16_
    scratch memory of our own, multiply, free. Return 0, or -1 when the scratch cannot be allocated. */
 int g4_linear_i8(const void *x, int xbf16, int64_t M, int64_t K, const int8_t *W, const uint16_t *ws, int64_t N,
                  void *y, int ybf16, int nthreads) {
+#if defined(G4_VNNI)
+    if (M >= G4_GEMM_ROWS_Q) { /* prefill: float32 activations against the dequantized weights */
+        float *xb;
+        const float *xf = f32_rows(x, xbf16, M * K, &xb);
+        int rc = xf ? g4_gemm(xf, M, K, N, y, ybf16, g4_team(nthreads), pack_i8, W, ws, 0) : -1;
+        free(xb);
+        return rc;
+    }
+#endif
     int64_t Kp = (K + 63) / 64 * 64;
     size_t bytes_a = (size_t)(2 * M * Kp + 63) / 64 * 64;
     char *buf = malloc(bytes_a + (size_t)2 * M * (Kp / 32) * 8 * sizeof(float) + (size_t)M * sizeof(float));
@@ -692,6 +777,15 @@ int g4_linear_i8(const void *x, int xbf16, int64_t M, int64_t K, const int8_t *W
 
 int g4_linear_i4(const void *x, int xbf16, int64_t M, int64_t K, const uint8_t *W, const uint16_t *SZ, int64_t g,
                  int64_t N, void *y, int ybf16, int nthreads) {
+#if defined(G4_VNNI)
+    if (M >= G4_GEMM_ROWS_Q) {
+        float *xb;
+        const float *xf = f32_rows(x, xbf16, M * K, &xb);
+        int rc = xf ? g4_gemm(xf, M, K, N, y, ybf16, g4_team(nthreads), pack_i4, W, SZ, g) : -1;
+        free(xb);
+        return rc;
+    }
+#endif
     int64_t Kp = (K + 127) / 128 * 128, nl = M * (Kp / 128) * 16;
     size_t bytes_a = (size_t)(2 * M * Kp + 63) / 64 * 64;
     char *buf = malloc(bytes_a + 4 * (size_t)nl * sizeof(float));

@@ -19,9 +19,11 @@ Numerics: each 32-input block of activations is x ~= d1 * q1 + d2 * q2 (q1 int8 
 the int8 rounding of the residual), ~15 bits relative to the block's largest input, where one pass keeps
 ~7: on the 112-position top-1 measure of Gemma 3 270M (benchmarks/vs_llamacpp.py) int8 weights score 102
 with one pass and 106 with two (104 with bf16 activations through PyTorch's kernels). Products are exact
-integers within a block and float32 across blocks. Prefill takes this path too; it does not block over rows,
-so at 128 tokens it is about as fast as PyTorch's kernels on one thread and slower on two
-(benchmarks/native_kernels.py).
+integers within a block and float32 across blocks. That is the decode path (one row at a time, bound by
+reading the weights). Prefill (16 rows and more; bf16 weights from 8) on an AVX-512 build is compute-bound
+instead: a packed float32 GEMM dequantizes a panel of 32 weight rows once (exactly the values
+:func:`gemma4.quant.rtn.int8_dequant` / ``int4_dequant`` give) and multiplies the activations as they are,
+~1.7x the integer rows at 128 tokens here, and the reference's numerics (float32 activations).
 """
 
 from __future__ import annotations
@@ -159,7 +161,12 @@ def _self_check(variant: str) -> bool:
     packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
     y = int8_matmul(x, q, s, variant=variant, checked=True)
     y4 = int4_matmul(x, packed, sz, 32, variant=variant, checked=True)
-    ok = all(bool(torch.isfinite(v).all()) and float((v - r).norm() / r.norm()) < 0.02 for v, r in ((y, ref), (y4, ref4)))
+    xg = torch.randn(17, k, generator=g)  # 17 rows: the prefill GEMM of an AVX-512 build
+    yg = int8_matmul(xg, q, s, variant=variant, checked=True)
+    y4g = int4_matmul(xg, packed, sz, 32, variant=variant, checked=True)
+    refg, ref4g = xg @ (q.float() * s.float()[:, None]).T, xg @ w4.reshape(n, k).T
+    ok = all(bool(torch.isfinite(v).all()) and float((v - r).norm() / r.norm()) < 0.02
+             for v, r in ((y, ref), (y4, ref4), (yg, refg), (y4g, ref4g)))
     # The fused float32 ops: no rounding of their own, so a tight bound.
     w = torch.randn(k, generator=g)
     xr = x * torch.pow(x.pow(2).mean(-1, keepdim=True) + 1e-6, -0.5) * w
@@ -226,7 +233,8 @@ def _ready(variant: str, checked: bool) -> ctypes.CDLL:
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, *, out_dtype: torch.dtype | None = None,
                 threads: int | None = None, variant: str = "native", checked: bool = False) -> torch.Tensor:
     """x [M, K] @ (q int8 [N, K] * scales bf16 [N])^T -> [M, N] in ``out_dtype`` (default x's: float32 or
-    bf16); K % 32 == 0. The quantized input (~2 bytes per element) lives in scratch memory freed on return."""
+    bf16); K % 32 == 0. The quantized input (~2 bytes per element) lives in scratch memory freed on return.
+    From 16 rows (AVX-512 builds) the float32 GEMM of the dequantized weights instead (module docstring)."""
     lib = _ready(variant, checked)
     m, k = x.shape
     n = q.shape[0]
