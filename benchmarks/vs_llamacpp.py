@@ -289,9 +289,11 @@ def worker_quality(engine: str, files: dict[str, str], prompt: list[int], ref_pa
         gemma4.load_pretrained(files["BF16"], dtype=torch.float32))
     from gemma4.quant import native
 
-    # Two kernel paths: the compiled ones (float32 activations rounded to int8 per 32-input block inside
-    # each matmul, what runs by default where they build) and PyTorch's (bf16 activations).
-    for label, env in (("native kernels: fp32 activations, two int8 passes per 32-block in matmuls", None),
+    # Two kernel paths: the compiled ones (what runs by default where they build; this measure is one
+    # 128-token forward, so on an AVX-512 build it runs their prefill GEMM: float32 activations times the
+    # dequantized weights; decode rounds activations to int8 in two passes per 32-block) and PyTorch's
+    # (bf16 activations).
+    for label, env in (("native kernels: fp32 activations", None),
                        ("PyTorch kernels, bf16 activations", "0")):
         if env is None:
             os.environ.pop("GEMMA4_NATIVE", None)

@@ -729,7 +729,7 @@ _FILE_TYPE_OF = {_Q4_1: 3, _Q8_0: 7, _BF16: 32}  # llama.cpp general.file_type: 
 def _encode_q4_1(mod) -> np.ndarray:
     """An :class:`~gemma4.quant.Int4Weight` [*lead, N, K] as Q4_1 blocks, row by row (its own codes)."""
     codes = mod.codes()  # [*lead, N, K] uint8 in 0..15
-    k, g = mod.in_features, mod.group_size
+    g = mod.group_size
     sz = mod.scales_zeros.float()  # [*lead, K/g, N, 2]
     sz = sz.movedim(-3, -2)  # [*lead, N, K/g, 2]
     reps = g // 32
