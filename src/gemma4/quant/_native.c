@@ -54,12 +54,15 @@ int g4_isa(void) {
    the wait came within G4_SOLO_MIN team calls of the last one's end, then twice the last, up to
    G4_SOLO_MAX: a one-off delay (a virtual machine's core descheduled for a few ms, measured several times
    a minute on this quiet machine) costs a few calls on one thread, and a core that stays busy is tried
-   rarely. */
+   rarely. A call that follows a pause in team calls is not judged (the other thread was asleep). */
 #ifndef G4_SOLO_MIN
 #define G4_SOLO_MIN 32
 #endif
 #ifndef G4_SOLO_MAX
 #define G4_SOLO_MAX 2048
+#endif
+#ifndef G4_IDLE_GAP
+#define G4_IDLE_GAP 200e-6
 #endif
 /* Relaxed atomics: a heuristic shared by whichever threads call; a lost update costs speed, never results. */
 static int g4_solo_left;              /* calls still to run on one thread */
@@ -77,10 +80,17 @@ static inline int g4_team(int nthreads) {
     return nthreads;
 }
 
+static double g4_last_end;            /* when the last team call ended */
+
 static inline void g4_team_done(int team, double start, double own_done, double all_done) {
     if (team <= 1) return;
-    double waited = all_done - own_done;
+    double waited = all_done - own_done, last;
+    __atomic_load(&g4_last_end, &last, __ATOMIC_RELAXED);
+    __atomic_store(&g4_last_end, &all_done, __ATOMIC_RELAXED);
     int calls = __atomic_add_fetch(&g4_team_calls, 1, __ATOMIC_RELAXED);
+    /* After a pause in team calls (a solo run, the sampler between steps) the other thread has gone to
+       sleep, and waking it costs 0.3-1.3 ms on this VM: not a busy core, so such a call is not judged. */
+    if (start - last > G4_IDLE_GAP) return;
     if (waited > 50e-6 && waited > own_done - start) {
         /* soon after the last solo run (the core is still busy): twice as long; else a short run */
         int len = __atomic_load_n(&g4_solo_len, __ATOMIC_RELAXED);
