@@ -12,7 +12,8 @@ import quant_tiny
 from gemma4 import load_pretrained, load_tokenizer, save_pretrained
 from gemma4.infer import fast_path
 from gemma4.io.gguf import GGUFFile, save_gguf
-from gemma4.io.gguf_native import gguf_is_bf16, gguf_is_quantized
+from gemma4.io.gguf_native import gguf_is_bf16, gguf_is_quantized, gguf_weight_form
+from gemma4.io.load import gguf_form
 from gemma4.quant import Bf16Embedding, Bf16Linear, QuantExperts, QuantizationError, gptq_quantize, native, quantize
 from test_native import _variants, needs_cc
 
@@ -125,7 +126,8 @@ def test_bf16_gguf_loads_as_bf16_weights_with_float32_activations(kind, tmp_path
     the float32 load of the same file."""
     src = quant_tiny.model(kind)
     path = save_gguf(src, tmp_path / "m-bf16.gguf", ftype="bf16")
-    assert gguf_is_bf16(path) and not gguf_is_quantized(path)
+    assert gguf_is_bf16(path) and not gguf_is_quantized(path) and gguf_weight_form(path) == "bf16"
+    assert gguf_form(path, None, "cpu", False) == "bf16" and gguf_form(path, None, "cpu", True) is None
     m = load_pretrained(path)
     assert m.config.quantization["scheme"] == "bf16" and m.dtype == torch.float32
     assert m.model.embed_tokens.qweight.dtype == torch.bfloat16

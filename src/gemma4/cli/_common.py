@@ -244,8 +244,11 @@ def load_model(spec: str, *, dtype: torch.dtype | None = None, device: str = "cp
     p = resolve_path(spec)
     model = load_pretrained(p, dtype=dtype, device=device, progress=slow_progress)
     how = "as stored"
-    # Read off the loaded model rather than asking io.load.quantized_form again (each call parses the GGUF header again, ~0.5 s).
-    if dtype is None and p.suffix == ".gguf" and model.config.quantization:
+    # Read off the loaded model rather than asking io.load.gguf_form again (each call parses the GGUF header again, ~0.5 s).
+    scheme = (model.config.quantization or {}).get("scheme")
+    if dtype is None and p.suffix == ".gguf" and scheme == "bf16":
+        how = "bf16 weights, float32 activations (--dtype bfloat16 for a bf16 model)"
+    elif dtype is None and p.suffix == ".gguf" and scheme:
         how = "quantized (GGUF Q4_K kept as int4, other matrices int8; --dtype float32 for full precision)"
     elif dtype is not None:
         how = str(dtype).removeprefix("torch.")
