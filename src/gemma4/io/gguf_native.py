@@ -44,7 +44,7 @@ from gemma4.model import Gemma4ForCausalLM, build_model
 from gemma4.quant import QuantWeight, native, prepare_quantized, to_kernel_layout
 from gemma4.quant.rtn import DEFAULT_SKIP, FORMAT_VERSION, quantization_targets
 
-__all__ = ["Q4_K", "q4k_blocks", "q4k_to_int4", "gguf_is_bf16", "gguf_is_quantized", "gguf_matrix_types", "gguf_weight_form",
+__all__ = ["Q4_K", "q4k_blocks", "q4k_to_int4", "gguf_is_bf16", "gguf_is_quantized", "gguf_weight_form",
            "gguf_native_types", "gguf_native_model"]
 
 Q4_K = 12  # gguf.GGMLQuantizationType.Q4_K
@@ -111,24 +111,18 @@ def _module_name(gguf_name: str) -> str | None:
 _FLOAT_TYPES = {"F32", "F16", "BF16"}
 
 
-def gguf_matrix_types(path: str | os.PathLike | GGUFFile) -> set[str]:
-    """The GGUF type names of a file's 2-D matrices (one header parse; pass a :class:`GGUFFile` to reuse one)."""
-    g = path if isinstance(path, GGUFFile) else GGUFFile(path)
-    return {t.type_name for t in g.tensors.values() if len(t.shape) == 2}
-
-
-def gguf_weight_form(path: str | os.PathLike | GGUFFile) -> str:
+def gguf_weight_form(path: str | os.PathLike) -> str:
     """"quantized" (some matrix in a quantized type), "bf16" (every matrix BF16) or "float" (one header parse)."""
-    types = gguf_matrix_types(path)
+    types = {t.type_name for t in GGUFFile(path).tensors.values() if len(t.shape) == 2}
     return "quantized" if types - _FLOAT_TYPES else "bf16" if types == {"BF16"} else "float"
 
 
-def gguf_is_quantized(path: str | os.PathLike | GGUFFile) -> bool:
+def gguf_is_quantized(path: str | os.PathLike) -> bool:
     """Whether a GGUF stores any 2-D matrix in a quantized type (then it runs in quantized form by default)."""
     return gguf_weight_form(path) == "quantized"
 
 
-def gguf_is_bf16(path: str | os.PathLike | GGUFFile) -> bool:
+def gguf_is_bf16(path: str | os.PathLike) -> bool:
     """Whether every 2-D matrix of a GGUF is stored as BF16 (then, with the compiled kernels, it runs as
     bf16 weights with float32 activations: :func:`gguf_native_model` with ``rest="bf16"``)."""
     return gguf_weight_form(path) == "bf16"

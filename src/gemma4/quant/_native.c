@@ -498,8 +498,8 @@ static void pack_i4(const void *W_, const uint16_t *sz, int64_t g, int64_t K, in
 
 /* MR rows of x (stride K) against a packed panel: y rows (stride N) columns n0 .. n0 + nr. */
 static inline __attribute__((always_inline)) void gemm_block(int MR, const float *x, int64_t K, const float *bp,
-                                                                  void *y, int ybf16, int64_t N, int64_t m0,
-                                                                  int64_t n0, int nr) {
+                                                            void *y, int ybf16, int64_t N, int64_t m0, int64_t n0,
+                                                            int nr) {
     __m512 acc[G4_MR][2];
     for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k++) {
@@ -525,7 +525,7 @@ static inline __attribute__((always_inline)) void gemm_block(int MR, const float
 }
 
 static void gemm_rows(const float *x, int64_t M, int64_t K, const float *bp, void *y, int ybf16, int64_t N,
-                            int64_t n0, int nr) {
+                      int64_t n0, int nr) {
     int64_t m = 0;
     for (; m + G4_MR <= M; m += G4_MR) gemm_block(G4_MR, x + m * K, K, bp, y, ybf16, N, m, n0, nr);
     for (; m + 4 <= M; m += 4) gemm_block(4, x + m * K, K, bp, y, ybf16, N, m, n0, nr);
@@ -701,7 +701,6 @@ static int g4_gemm(const float *xf, int64_t M, int64_t K, int64_t N, void *y, in
     g4_team_done(team, start, own_done, omp_get_wtime());
     return failed ? -1 : 0;
 }
-
 #endif
 
 /* x (float32 or bf16) as float32 rows: x itself, or a converted copy in *buf (NULL when out of memory). */
@@ -712,23 +711,32 @@ static const float *f32_rows(const void *x, int xbf16, int64_t n, float **buf) {
     for (int64_t i = 0; i < n; i++) (*buf)[i] = bf16_to_f(((const uint16_t *)x)[i]);
     return *buf;
 }
+
+#if defined(G4_VNNI)
+/* The prefill entry of the three linear kernels: x (float32 or bf16) as float32 rows, then g4_gemm. */
+static int g4_gemm_rows_in(const void *x, int xbf16, int64_t M, int64_t K, int64_t N, void *y, int ybf16,
+                           int nthreads, g4_pack_fn pack, const void *W, const uint16_t *aux, int64_t g) {
+    float *buf;
+    const float *xf = f32_rows(x, xbf16, M * K, &buf);
+    int rc = xf ? g4_gemm(xf, M, K, N, y, ybf16, g4_team(nthreads), pack, W, aux, g) : -1;
+    free(buf);
+    return rc;
+}
+#endif
+
 /* y [M, N] = x [M, K] @ W^T, W bf16 [N, K]; x and y float32 or bf16. From G4_GEMM_ROWS rows on (AVX-512):
    the packed GEMM above, panels of 32 weight rows shared out among the threads. Returns -1 when scratch
    memory cannot be allocated. */
 int g4_linear_bf16(const void *x, int xbf16, int64_t M, int64_t K, const uint16_t *W, int64_t N, void *y, int ybf16,
                    int nthreads) {
+#if defined(G4_VNNI)
+    if (M >= G4_GEMM_ROWS) return g4_gemm_rows_in(x, xbf16, M, K, N, y, ybf16, nthreads, pack_bf16, W, NULL, 0);
+#endif
     float *buf;
     const float *xf = f32_rows(x, xbf16, M * K, &buf);
     if (!xf) return -1;
     int team = g4_team(nthreads);
     double start = omp_get_wtime(), own_done = start;
-#if defined(G4_VNNI)
-    if (M >= G4_GEMM_ROWS) {
-        int rc = g4_gemm(xf, M, K, N, y, ybf16, team, pack_bf16, W, NULL, 0);
-        free(buf);
-        return rc;
-    }
-#endif
     int64_t tiles = (N + 3) / 4;
     int64_t chunk = tiles / (8 * team) + 1;
 #pragma omp parallel num_threads(team) if (team > 1)
@@ -763,13 +771,8 @@ int g4_linear_bf16(const void *x, int xbf16, int64_t M, int64_t K, const uint16_
 int g4_linear_i8(const void *x, int xbf16, int64_t M, int64_t K, const int8_t *W, const uint16_t *ws, int64_t N,
                  void *y, int ybf16, int nthreads) {
 #if defined(G4_VNNI)
-    if (M >= G4_GEMM_ROWS_Q) { /* prefill: float32 activations against the dequantized weights */
-        float *xb;
-        const float *xf = f32_rows(x, xbf16, M * K, &xb);
-        int rc = xf ? g4_gemm(xf, M, K, N, y, ybf16, g4_team(nthreads), pack_i8, W, ws, 0) : -1;
-        free(xb);
-        return rc;
-    }
+    if (M >= G4_GEMM_ROWS_Q) /* prefill: float32 activations against the dequantized weights */
+        return g4_gemm_rows_in(x, xbf16, M, K, N, y, ybf16, nthreads, pack_i8, W, ws, 0);
 #endif
     int64_t Kp = (K + 63) / 64 * 64;
     size_t bytes_a = (size_t)(2 * M * Kp + 63) / 64 * 64;
@@ -786,13 +789,7 @@ int g4_linear_i8(const void *x, int xbf16, int64_t M, int64_t K, const int8_t *W
 int g4_linear_i4(const void *x, int xbf16, int64_t M, int64_t K, const uint8_t *W, const uint16_t *SZ, int64_t g,
                  int64_t N, void *y, int ybf16, int nthreads) {
 #if defined(G4_VNNI)
-    if (M >= G4_GEMM_ROWS_Q) {
-        float *xb;
-        const float *xf = f32_rows(x, xbf16, M * K, &xb);
-        int rc = xf ? g4_gemm(xf, M, K, N, y, ybf16, g4_team(nthreads), pack_i4, W, SZ, g) : -1;
-        free(xb);
-        return rc;
-    }
+    if (M >= G4_GEMM_ROWS_Q) return g4_gemm_rows_in(x, xbf16, M, K, N, y, ybf16, nthreads, pack_i4, W, SZ, g);
 #endif
     int64_t Kp = (K + 127) / 128 * 128, nl = M * (Kp / 128) * 16;
     size_t bytes_a = (size_t)(2 * M * Kp + 63) / 64 * 64;
