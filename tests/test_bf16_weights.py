@@ -14,7 +14,9 @@ from gemma4.infer import fast_path
 from gemma4.io.gguf import GGUFFile, save_gguf
 from gemma4.io.gguf_native import gguf_is_bf16, gguf_is_quantized, gguf_weight_form
 from gemma4.io.load import gguf_form
-from gemma4.quant import Bf16Embedding, Bf16Linear, QuantExperts, QuantizationError, gptq_quantize, native, quantize
+from gemma4.quant import (Bf16Embedding, Bf16Linear, QuantExperts, QuantizationError, dequantize_model, gptq_quantize,
+                          native, quantize)
+from gemma4.quant.rtn import quantization_targets
 from test_native import _variants, needs_cc
 
 IDS = torch.randint(0, 320, (2, 14), generator=torch.Generator().manual_seed(5))
@@ -23,7 +25,12 @@ IDS = torch.randint(0, 320, (2, 14), generator=torch.Generator().manual_seed(5))
 def _rounded(kind):
     """A float32 tiny model, and a copy whose weights were rounded to bf16 (what the bf16 scheme holds)."""
     m = quant_tiny.model(kind)
-    return m, m.to(torch.bfloat16).float()
+    ref = copy.deepcopy(m)
+    with torch.no_grad():  # the matrices and tables the scheme stores (quantization_targets); norms stay float32
+        for name in quantization_targets(ref):
+            for p in ref.get_submodule(name).parameters():
+                p.copy_(p.to(torch.bfloat16))
+    return m, ref
 
 
 @needs_cc
@@ -102,6 +109,10 @@ def test_bf16_scheme_saves_loads_and_exports(tmp_path):
     assert back.model.layers[1].self_attn.q_proj.qweight.dtype == torch.bfloat16
     with torch.no_grad():
         torch.testing.assert_close(back(IDS), m(IDS), rtol=0, atol=1e-5)
+    plain = dequantize_model(copy.deepcopy(m))  # back to ordinary modules: the rounded weights themselves
+    assert plain.config.quantization is None
+    for k, v in ref.state_dict().items():
+        assert torch.equal(plain.state_dict()[k], v), k
     # Written to GGUF as BF16 matrices, the values as they are; read back as a float32 model.
     save_gguf(m, tmp_path / "m.gguf", ftype="f32")
     g = GGUFFile(tmp_path / "m.gguf")

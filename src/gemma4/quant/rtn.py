@@ -302,6 +302,9 @@ class QuantWeight(nn.Module):
             t.set_rows(*self.row_tensors(start, start + t.out_features))
             start += t.out_features
 
+    def _ensure_ready(self, in_place: bool = False) -> None:
+        """Bring the tensors into the form the kernels read after a load or cast (see the subclasses)."""
+
     def release(self) -> None:
         """Drop the tensors (after a fused copy took them over); :meth:`set_rows` refills."""
         for name in list(self._buffers):
@@ -967,7 +970,7 @@ def to_kernel_layout(model: nn.Module, in_place: bool = False) -> nn.Module:
     ``Int4Weight._ensure_ready`` — only for weights whose tensors no one else holds."""
 
     for m in model.modules():
-        if isinstance(m, (Int4Weight, Int8Weight, Bf16Weight)):
+        if isinstance(m, QuantWeight):
             m._ensure_ready(in_place=in_place)
     release_free_heap()
     return model
