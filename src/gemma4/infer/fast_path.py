@@ -18,6 +18,7 @@ cannot be saved or trained while packed.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from contextlib import contextmanager
 
@@ -26,7 +27,8 @@ from torch import nn
 import torch.nn.functional as F
 
 from gemma4.model.attention import ATTENTION_BACKENDS
-from gemma4.model.decoder import MLP, Attention, RMSNorm, apply_rope, gelu_tanh
+from gemma4.model.cache import FullCache, SlidingCache
+from gemma4.model.decoder import MLP, Attention, DecoderLayer, RMSNorm, apply_rope, gelu_tanh
 from gemma4.quant import Bf16Linear, Int4Linear, Int8Linear, QuantWeight, native
 
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -329,6 +331,10 @@ class FusedQKVAttention(nn.Module):
     def backend(self) -> str:
         return self.attn.backend
 
+    @backend.setter
+    def backend(self, name: str) -> None:  # set_attention_backend on a fast-path model
+        self.attn.backend = name
+
     def forward(self, x, cos, sin, mask, ctx, cache=None, shared_kv=None):
         a = self.attn
         b, t, _ = x.shape
@@ -417,6 +423,104 @@ def _quant_mlp(child: nn.Module) -> bool:
         and type(child.gate_proj) is type(child.up_proj) and all(QuantPackedLinear.supported(c) for c in child.children())
 
 
+class DecodeStack:
+    """Every decoder layer of one decoded token in one native call (:func:`gemma4.quant.native.decode_layers`).
+
+    Why: the fast path's modules call one C kernel per op, ~10 per layer, and the Python and ctypes work
+    around each call (~5-15 us) added up to ~4-5 ms of a ~25 ms bf16 decode step of Gemma 3 270M here,
+    as much as one layer's weights take to stream. The C side runs the same kernels in the same order,
+    so its results are bit-identical to the modules'. Built by :func:`use_fast_path` when every layer has
+    the Gemma 3 shape on native kernels (fused q/k/v, a quantized or bf16 gated MLP, no MoE, no per-layer
+    inputs, no KV-sharing consumer); other models keep the modules. A step it cannot take (several new
+    tokens, a non-float32 or grad-tracking input, another cache kind, a non-exact attention backend)
+    returns None and the modules run it."""
+
+    def __init__(self, model, layers: ctypes.Array, keep: list):
+        self.layers, self._keep = layers, keep  # keep: the tensors the structs point into
+        self.attn = [layer.self_attn.attn for layer in model.model.layers]
+        types = model.config.layer_types
+        self.types = sorted(set(types))
+        self.type_of = [self.types.index(lt) for lt in types]
+        self.shapes = [(a.n_kv, a.head_dim) for a in self.attn]
+
+    @staticmethod
+    def _linear(m: QuantPackedLinear) -> native.G4Linear:
+        kind = "bf16" if m.bf16 else "int4" if m.group_size else "int8"
+        return native.G4Linear(m.qweight.data_ptr(), None if m.bf16 else m.scales.data_ptr(), m.out_features,
+                               m.in_features, m.group_size, native.G4Linear.KINDS[kind])
+
+    @classmethod
+    def build(cls, model) -> "DecodeStack | None":
+        """The stack for a fast-path model whose layers all qualify, else None."""
+        if not native.available():
+            return None
+        layers = model.model.layers
+        structs, keep = (native.G4Layer * len(layers))(), []
+        for layer, st in zip(layers, structs):
+            if type(layer) is not DecoderLayer or layer.enable_moe or layer.ple_dim:
+                return None
+            fa, mlp = layer.self_attn, layer.mlp
+            if not (isinstance(fa, FusedQKVAttention) and fa.native and isinstance(mlp, QuantPackedMLP)
+                    and isinstance(fa.attn.o_proj, QuantPackedLinear)):
+                return None
+            lins = (fa.qkv, fa.attn.o_proj, mlp.gate_up, mlp.down)
+            norms = (layer.input_layernorm, layer.post_attention_layernorm, layer.pre_feedforward_layernorm,
+                     layer.post_feedforward_layernorm)
+            if not all(m.native and m.qweight.is_contiguous() and (m.bf16 or m.scales.is_contiguous()) for m in lins):
+                return None
+            if not all(isinstance(n, FastRMSNorm) and n.eps == norms[0].eps
+                       and (n.scale is None or (n.scale.dtype == torch.float32 and n.scale.is_contiguous()))
+                       for n in norms):
+                return None
+            sc = layer.layer_scalar
+            if sc is not None and (sc.dtype != torch.float32 or sc.numel() != 1):
+                return None
+            a = fa.attn
+            st.qkv, st.o, st.gate_up, st.down = (cls._linear(m) for m in lins)
+            for j, n in enumerate(norms):
+                st.norm[j] = None if n.scale is None else n.scale.data_ptr()
+            st.qk_scale, st.scalar = fa.qk_scale.data_ptr(), None if sc is None else sc.data_ptr()
+            st.heads, st.kv_heads, st.head_dim, st.inter = fa.n, fa.kh, fa.d, mlp.inter
+            st.eps, st.qk_eps = norms[0].eps, fa.eps
+            st.v_eps = a.v_norm.eps if a.v_norm is not None else -1.0
+            st.scale, st.softcap = a.scale, float(a.softcap or 0.0)
+            keep += [*(n.scale for n in norms), fa.qk_scale, sc]
+        return cls(model, structs, keep)
+
+    def __call__(self, h: torch.Tensor, rope: dict, masks: dict, cache) -> torch.Tensor | None:
+        b, t, hidden = h.shape
+        if t != 1 or not _native_f32(h) or not h.is_contiguous():
+            return None
+        if any(a.backend not in _EXACT_BACKENDS for a in self.attn):
+            return None
+        caches = cache.layers
+        for c in caches:  # checked before any slot is taken: a refusal leaves every cache as it was
+            if (type(c) not in (FullCache, SlidingCache) or (c.k is not None and (c.k.dtype != torch.float32
+                    or c.k.shape[0] != b)) or (type(c) is SlidingCache and c.capacity == 0)):
+                return None
+        per_type = []
+        for lt in self.types:
+            cos, sin = rope[lt]
+            m = masks[lt]
+            if cos.dtype != torch.float32 or (m is not None and m.dtype != torch.bool):
+                return None
+            if m is not None:
+                m = m.reshape(m.shape[0], m.shape[-1]).contiguous()  # [B|1, S]
+            per_type.append((cos.contiguous(), sin.contiguous(), m))
+        st_layers = self.layers
+        for i, c in enumerate(caches):
+            st = st_layers[i]
+            cos, sin, m = per_type[self.type_of[i]]
+            kh, d = self.shapes[i]
+            kb, vb, slot, keys = c.decode_slot(b, kh, d, d, torch.float32, h.device)
+            st.k_cache, st.v_cache, st.cap, st.slot, st.keys = kb.data_ptr(), vb.data_ptr(), kb.shape[2], slot, keys
+            st.mask, st.mask_stride = (None, 0) if m is None else (m.data_ptr(), keys if m.shape[0] > 1 else 0)
+            st.cos, st.sin = cos.data_ptr(), sin.data_ptr()
+        x = h.view(b, hidden)
+        native.decode_layers(st_layers, x, checked=True)  # the tensors above live until it returns
+        return h
+
+
 def use_fast_path(model, head: str = "auto"):
     """Repack ``model`` (in place) for fast CPU decoding; returns it. No-op off CPU or where oneDNN
     cannot run the model's dtype. ``head``: "auto" or "plain" (the plain weight, no copy: oneDNN for
@@ -452,6 +556,7 @@ def use_fast_path(model, head: str = "auto"):
                 child.weight = None
     for layer in model.model.layers:  # after the projections are packed: fuse q/k/v
         layer.self_attn = _fuse_attention(layer.self_attn)
+    model.model.decode_stack = DecodeStack.build(model)
     tied = model.lm_head is None and isinstance(model.model.embed_tokens, QuantWeight)
     quant_head = model.model.embed_tokens if tied else model.lm_head
     if isinstance(quant_head, QuantWeight):
@@ -489,6 +594,7 @@ def use_plain_path(model):
     """Undo :func:`use_fast_path` (in place); returns the model."""
     if not model.fast_path:
         return model
+    model.model.decode_stack = None
     for layer in model.model.layers:
         if isinstance(layer.self_attn, FusedQKVAttention):
             layer.self_attn = layer.self_attn.restore()

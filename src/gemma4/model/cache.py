@@ -36,6 +36,14 @@ class LayerCache:
         slot): then it needs no mask. Decided from bookkeeping, never from tensor values."""
         return False
 
+    def decode_slot(self, b: int, heads: int, dk: int, dv: int, dtype: torch.dtype, device) -> tuple:
+        """Room for one new token, for code that writes it itself (the CPU fast path's one-call decode step):
+        returns (k, v, slot, keys) with k/v the buffers [B, heads, capacity, d], ``slot`` the index the new
+        key/value go to, and ``keys`` how many leading slots ``update`` would have returned (what the
+        token attends over, ordered as ``key_slots``). Counts the token as written. None where this
+        cache cannot say (then use ``update``)."""
+        return None
+
     def rollback(self, n: int) -> None:
         raise NotImplementedError
 
@@ -56,7 +64,7 @@ class FullCache(LayerCache):
     def key_slots(self, t: int, device: torch.device) -> torch.Tensor:
         return torch.arange(self.length + t, device=device)
 
-    def _reserve(self, k: torch.Tensor, v: torch.Tensor, need: int) -> None:
+    def _reserve(self, b: int, h: int, dk: int, dv: int, dtype, device, need: int) -> None:
         cap = 0 if self.k is None else self.k.shape[2]
         if need <= cap:
             return
@@ -64,17 +72,21 @@ class FullCache(LayerCache):
         new_cap = -(-need // self.chunk) * self.chunk
         if self.max_length is not None:
             new_cap = min(max(new_cap, need), max(self.max_length, need))
-        b, h, _, d = k.shape
-        nk = k.new_empty(b, h, new_cap, d)
-        nv = v.new_empty(b, h, new_cap, v.shape[-1])
+        nk = torch.empty(b, h, new_cap, dk, dtype=dtype, device=device)
+        nv = torch.empty(b, h, new_cap, dv, dtype=dtype, device=device)
         if self.k is not None:
             nk[:, :, : self.length] = self.k[:, :, : self.length]
             nv[:, :, : self.length] = self.v[:, :, : self.length]
         self.k, self.v = nk, nv
 
+    def decode_slot(self, b, heads, dk, dv, dtype, device):
+        self._reserve(b, heads, dk, dv, dtype, device, self.length + 1)
+        self.length += 1
+        return self.k, self.v, self.length - 1, self.length
+
     def update(self, k, v):
-        t = k.shape[2]
-        self._reserve(k, v, self.length + t)
+        b, h, t, d = k.shape
+        self._reserve(b, h, d, v.shape[-1], k.dtype, k.device, self.length + t)
         self.k[:, :, self.length : self.length + t] = k
         self.v[:, :, self.length : self.length + t] = v
         self.length += t
@@ -126,19 +138,29 @@ class SlidingCache(LayerCache):
         kept = min(self.length, self.capacity)
         return torch.arange(self.length - kept, self.length + t, device=device)
 
+    def _alloc(self, b: int, h: int, dk: int, dv: int, dtype, device) -> None:
+        if self.k is None:
+            self.k = torch.zeros(b, h, max(self.capacity, 1), dk, dtype=dtype, device=device)
+            self.v = torch.zeros(b, h, max(self.capacity, 1), dv, dtype=dtype, device=device)
+
+    def decode_slot(self, b, heads, dk, dv, dtype, device):
+        if self.capacity == 0:
+            return None
+        self._alloc(b, heads, dk, dv, dtype, device)
+        # The new token goes into the ring first and then attends over it: the filled prefix until the
+        # ring wraps, the whole ring after.
+        j = self.length % self.capacity
+        self.length += 1
+        return self.k, self.v, j, min(self.length, self.capacity)
+
     def update(self, k, v):
         b, h, t, d = k.shape
-        if self.k is None:
-            self.k = k.new_zeros(b, h, max(self.capacity, 1), d)
-            self.v = v.new_zeros(b, h, max(self.capacity, 1), v.shape[-1])
+        self._alloc(b, h, d, v.shape[-1], k.dtype, k.device)
         if t == 1 and self.capacity > 0:
-            j = self.length % self.capacity
-            self.k[:, :, j] = k[:, :, 0]
-            self.v[:, :, j] = v[:, :, 0]
-            self.length += 1
-            if self.length <= self.capacity:
-                return self.k[:, :, : self.length], self.v[:, :, : self.length]
-            return self.k, self.v
+            kb, vb, j, keys = self.decode_slot(b, h, d, v.shape[-1], k.dtype, k.device)
+            kb[:, :, j] = k[:, :, 0]
+            vb[:, :, j] = v[:, :, 0]
+            return kb[:, :, :keys], vb[:, :, :keys]
         kept = min(self.length, self.capacity)
         order = torch.remainder(torch.arange(self.length - kept, self.length, device=k.device), max(self.capacity, 1))
         k_all = torch.cat([self.k[:, :, order], k], dim=2)

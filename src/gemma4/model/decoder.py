@@ -254,6 +254,10 @@ class Gemma4TextModel(nn.Module):
         self._inv_freq = {t: rope_inv_freq(cfg.rope(t), self._type_head_dim(t)) for t in set(cfg.layer_types)}
         self._inv_freq_dev: dict = {}
         self.gradient_checkpointing = False
+        # Optional: a callable that runs every layer for one decoded token in one go, set by an inference
+        # fast path that swapped the layers' modules (gemma4.infer.fast_path.DecodeStack). It takes
+        # (h, rope, masks, cache) and returns the new h, or None when it cannot take this step.
+        self.decode_stack = None
 
     def _type_head_dim(self, t: str) -> int:
         return next(self.config.layer_head_dim(i) for i, lt in enumerate(self.config.layer_types) if lt == t)
@@ -343,6 +347,10 @@ class Gemma4TextModel(nn.Module):
         shared: dict[str, tuple] = {}
         modes = cfg.kv_sharing_modes
         ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
+        if self.decode_stack is not None and t == 1 and cache is not None and not export_kv and not ckpt:
+            out = self.decode_stack(h, rope, masks, cache)
+            if out is not None:
+                return self.norm(out), shared
         for i, layer in enumerate(self.layers):
             if keep_last and i == cfg.first_kv_shared_layer and 0 < keep_last < t:
                 h, ple, rope, masks, ctxs = self.kv_sharing_cut(keep_last, h, ple, rope, masks, ctxs)

@@ -45,7 +45,8 @@ from gemma4._util import cache_dir
 log = logging.getLogger("gemma4")
 
 __all__ = ["available", "activation_dtype", "isa", "int8_matmul", "int4_matmul", "bf16_matmul", "build",
-           "rmsnorm", "qk_norm_rope_", "attention_decode", "gelu_mul", "MAX_HEAD_DIM"]
+           "rmsnorm", "qk_norm_rope_", "attention_decode", "gelu_mul", "MAX_HEAD_DIM",
+           "G4Linear", "G4Layer", "decode_layers"]
 
 _SRC = Path(__file__).with_name("_native.c")
 ISAS = {"native": ["-march=native"], "avx2": ["-mavx2", "-mfma", "-mf16c"], "generic": []}
@@ -131,6 +132,8 @@ def _load(variant: str) -> ctypes.CDLL | None:
         lib.g4_attn_decode.restype = c_int
         lib.g4_gelu_mul.argtypes = [p, i64, i64, p]
         lib.g4_gelu_mul.restype = None
+        lib.g4_decode_layers.argtypes = [p, i64, p, i64, i64, c_int]
+        lib.g4_decode_layers.restype = c_int
     _LIBS[variant] = lib
     return lib
 
@@ -391,3 +394,41 @@ def gelu_mul(gu: torch.Tensor, inter: int, *, variant: str = "native", checked: 
     out = gu.new_empty(*gu.shape[:-1], inter)
     lib.g4_gelu_mul(gu.data_ptr(), gu.numel() // (2 * inter), inter, out.data_ptr())
     return out
+
+
+# ----------------------------------------------------------------------------- one decode step in one call
+class G4Linear(ctypes.Structure):
+    """A linear layer's weights as ``g4_decode_layers`` reads them (mirrors ``g4_lin`` in _native.c)."""
+    _fields_ = [("w", ctypes.c_void_p), ("aux", ctypes.c_void_p), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
+                ("group", ctypes.c_int64), ("kind", ctypes.c_int64)]
+    KINDS = {"bf16": 0, "int8": 1, "int4": 2}
+
+
+class G4Layer(ctypes.Structure):
+    """One decoder layer for ``g4_decode_layers`` (mirrors ``g4_layer`` in _native.c): weights, norm scales
+    and shapes fixed when built; the cache slot, mask and RoPE rows set before every step."""
+    _fields_ = [("qkv", G4Linear), ("o", G4Linear), ("gate_up", G4Linear), ("down", G4Linear),
+                ("norm", ctypes.c_void_p * 4), ("qk_scale", ctypes.c_void_p), ("scalar", ctypes.c_void_p),
+                ("heads", ctypes.c_int64), ("kv_heads", ctypes.c_int64), ("head_dim", ctypes.c_int64),
+                ("inter", ctypes.c_int64),
+                ("eps", ctypes.c_float), ("qk_eps", ctypes.c_float), ("v_eps", ctypes.c_float),
+                ("scale", ctypes.c_float), ("softcap", ctypes.c_float), ("_pad", ctypes.c_float),
+                ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p), ("cap", ctypes.c_int64),
+                ("slot", ctypes.c_int64), ("keys", ctypes.c_int64), ("mask", ctypes.c_void_p),
+                ("mask_stride", ctypes.c_int64), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p)]
+
+
+def decode_layers(layers: ctypes.Array, h: torch.Tensor, *, threads: int | None = None, variant: str = "native",
+                  checked: bool = False) -> None:
+    """Run the decoder layers ``layers`` (an array of :class:`G4Layer`) on ``h`` [B, H] (float32, contiguous;
+    updated in place) for one decoded token: the ops of the fast path's modules, in their order, in one call.
+    The caller (:class:`gemma4.infer.fast_path.DecodeStack`) fills the structs from modules it checked and
+    points every layer at its cache slot; nothing here can re-check those pointers."""
+    lib = _ready(variant, checked)
+    if not checked:
+        _f32("decode_layers", h)
+        if h.dim() != 2 or not h.is_contiguous():
+            raise ValueError(f"decode_layers: h must be a contiguous [B, H] tensor, got {tuple(h.shape)}")
+    if lib.g4_decode_layers(ctypes.addressof(layers), len(layers), h.data_ptr(), h.shape[0], h.shape[1],
+                            threads or torch.get_num_threads()):
+        raise MemoryError(f"decode_layers: no memory for the scratch of {h.shape[0]} rows")
