@@ -1,6 +1,8 @@
 """Memory estimates against what our modules and caches actually allocate (tiny configs)."""
 
 import os
+import platform
+import sys
 
 import pytest
 import torch
@@ -112,6 +114,20 @@ def test_onednn_cache_caps_set_by_the_fast_path_not_on_import_and_user_values_wi
     out = subprocess.run([sys.executable, "-c", code], env={**env, "LRU_CACHE_CAPACITY": "8"}, capture_output=True,
                          text=True, check=True).stdout
     assert out.split() == ["None", "64", "8"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_malloc_threshold_held_by_the_fast_path_unless_the_user_set_it():
+    import subprocess
+
+    code = ("from gemma4.infer.fast_path import configure_malloc;"
+            "print(configure_malloc(), configure_malloc())")
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "True"]
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "MALLOC_MMAP_THRESHOLD_": "65536"},
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]  # glibc follows the user's setting
 
 
 def test_bad_input_and_token_parsing():

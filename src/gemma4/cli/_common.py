@@ -234,8 +234,8 @@ def load_model(spec: str, *, dtype: torch.dtype | None = None, device: str = "cp
     """Load a model to run, the way the CLI runs it. Returns (model, seconds, how).
 
     A quantized GGUF (the demo's Q4_K_M) on the CPU with no ``--dtype`` runs in its quantized form:
-    Q4_K matrices kept as int4 (same codes), the rest int8, bf16 activations
-    (:func:`gemma4.io.gguf_native_model`): about a third of the memory of the dequantized model and
+    Q4_K matrices kept as int4 (same codes), the rest int8, float32 activations where the native kernels
+    built (else bf16; :func:`gemma4.io.gguf_native_model`): about a third of the memory of the dequantized model and
     faster decoding. ``--dtype`` asks for the full-precision (dequantized) model instead."""
     from gemma4.infer import use_fast_path
     from gemma4.io import load_pretrained
@@ -249,7 +249,11 @@ def load_model(spec: str, *, dtype: torch.dtype | None = None, device: str = "cp
     if dtype is None and p.suffix == ".gguf" and scheme == "bf16":
         how = "bf16 weights, float32 activations (--dtype bfloat16 for a bf16 model)"
     elif dtype is None and p.suffix == ".gguf" and scheme:
-        how = "quantized (GGUF Q4_K kept as int4, other matrices int8; --dtype float32 for full precision)"
+        overrides = (model.config.quantization.get("overrides") or {}).values()
+        kinds = {scheme} | {o.get("scheme") for o in overrides}
+        form = ("Q4_K matrices kept as int4, the others int8" if kinds == {"int4", "int8"}
+                else f"{'/'.join(sorted(k for k in kinds if k))} matrices")
+        how = f"quantized ({form}; --dtype float32 for full precision)"
     elif dtype is not None:
         how = str(dtype).removeprefix("torch.")
     if attn is not None:
