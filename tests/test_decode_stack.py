@@ -19,7 +19,7 @@ from test_native import needs_cc
 
 pytestmark = needs_cc
 
-SCHEMES = [("int8", None), ("int4", 32), ("bf16", None)]
+SCHEMES = [("int8", None), ("int8", 32), ("int4", 32), ("bf16", None)]
 
 
 def _gemma4_sliding_and_full(seed=0):

@@ -13,8 +13,8 @@ from gemma4 import Gemma4Config, build_model, init_random_
 from gemma4.infer import use_fast_path
 from gemma4.io import gguf_native, load_pretrained, save_pretrained
 from gemma4.io.gguf import GGUFError, GGUFFile, dequantize, gguf_to_hf, load_gguf, save_gguf
-from gemma4.io.gguf_native import Q4_K, gguf_native_model, q4k_blocks, q4k_to_int4
-from gemma4.quant.rtn import (Int4Embedding, Int4Linear, Int8Linear, QuantExperts, QuantizationError, int4_dequant,
+from gemma4.io.gguf_native import Q4_K, Q8_0, gguf_native_model, q4k_blocks, q4k_to_int4, q8_0_to_int8
+from gemma4.quant.rtn import (Int4Embedding, Int4Linear, Int8Linear, Int8Weight, QuantExperts, QuantizationError, int4_dequant,
                               quantize)
 
 TOP5 = [506, 496, 9079, 886, 3224]  # fp32 reference after "The capital of France is" (test_real_model.py)
@@ -183,9 +183,25 @@ def _reference(path, dtype=torch.bfloat16, rest="int8", embedding=None):
         if rest != "int4":
             overrides[mod] = {"scheme": "int4", "group_size": 32}
     if embedding != rest and "model.embed_tokens" not in precomputed:
-        overrides["model.embed_tokens"] = {"scheme": embedding, "group_size": 32 if embedding == "int4" else None}
-    quantize(model, rest, 32 if rest == "int4" else None, precomputed=precomputed, overrides=overrides)
-    return model.to(dtype).eval()
+        overrides["model.embed_tokens"] = {"scheme": embedding, "group_size": 32}
+    quantize(model, rest, 32, precomputed=precomputed, overrides=overrides)
+    for name, t in g.tensors.items():  # Q8_0 tensors: grouped int8 holds their codes and scales as stored
+        hf = gguf_to_hf(name)
+        if t.qtype != Q8_0 or hf is None:
+            continue
+        mod = model.get_submodule(hf[: -len(".weight")] if hf.endswith(".weight") else hf)
+        if isinstance(mod, Int8Weight) and mod.group_size == 32:
+            q, sc = q8_0_to_int8(g.raw(name), (mod.qweight.numel() // t.shape[-1], t.shape[-1]))
+            mod.qweight.copy_(q.view(mod.qweight.shape))
+            mod.scales.copy_(sc.view(mod.scales.shape))
+    model = model.to(dtype).eval()
+    # Tensors that stay in float (norms, scalars, the router) are read in float32 and cast once.
+    floats = load_gguf(path, dtype=torch.float32).state_dict()
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if k in floats and v.is_floating_point() and v.shape == floats[k].shape:
+                v.copy_(floats[k])
+    return model
 
 
 @pytest.mark.parametrize("kind,rest,embedding,dtype", [

@@ -140,12 +140,57 @@ def test_prefill_rows_multiply_float32_activations_by_the_dequantized_weights(va
                        native.int8_matmul(xb.float(), q, s, variant=variant, checked=True).to(torch.bfloat16))
 
 
+def _ref_int8_grouped(x, q, sg):
+    """As _ref_int8, with a float16 weight scale per 32-input block: each block's sum scaled by it."""
+    w = q.double().reshape(q.shape[0], -1, 32)
+    out = 0
+    for a, d in _act_blocks(x):
+        dots = torch.einsum("mbk,nbk->mnb", a, w)
+        out = out + (dots * d.squeeze(-1)[:, None, :] * sg.double()[None]).sum(-1)
+    return out
+
+
+@needs_cc
+@pytest.mark.parametrize("variant", _variants())
+@pytest.mark.parametrize("m,n,k", [(1, 64, 640), (3, 37, 160), (2, 21, 96), (17, 33, 160), (40, 70, 640)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_grouped_int8_kernels(variant, m, n, k, threads):
+    """int8 codes with a float16 scale per 32 inputs (GGUF's Q8_0 layout): decode rows are the block-exact
+    integer sums times both scales (K = 160 and 96: a last 64-input chunk with one block, whose neighbour's
+    scale must not be read); from 16 rows an AVX-512 build multiplies the dequantized weights in float32."""
+    _built(variant)
+    gen = torch.Generator().manual_seed(n * k + m + 1)
+    x = torch.randn(m, k, generator=gen) * torch.rand(1, k, generator=gen) * 3
+    x[0, :32] = 0.0
+    q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    sg = (torch.rand(n, k // 32, generator=gen) * 0.01 + 1e-4).to(torch.float16)
+    sg[0, -1] = 0.0  # an all-zero block scale
+    y = native.int8_matmul(x, q, sg, variant=variant, threads=threads, checked=True)
+    assert y.dtype == torch.float32 and y.shape == (m, n)
+    w = int8_dequant(q, sg, torch.float32)
+    assert torch.equal(w, (q.float().view(n, -1, 32) * sg.float()[..., None]).view(n, k))
+    if m >= 16 and native.isa(variant) == "AVX512-VNNI":
+        ref = x.double() @ w.double().T
+        terms = x.double().abs() @ w.double().abs().T
+        assert float(((y.double() - ref).abs() / terms).max()) < 1e-6 * k ** 0.5
+    else:
+        ref = _ref_int8_grouped(x, q, sg)
+        assert float((y.double() - ref).norm() / ref.norm()) < 1e-5
+    xb = x.to(torch.bfloat16)
+    assert torch.equal(native.int8_matmul(xb, q, sg, variant=variant, threads=threads, checked=True),
+                       native.int8_matmul(xb.float(), q, sg, variant=variant, checked=True).to(torch.bfloat16))
+
+
 @needs_cc
 def test_kernels_reject_shapes_they_cannot_run():
     _built("native")
     with pytest.raises(ValueError, match="int8_matmul"):
         native.int8_matmul(torch.randn(1, 48), torch.zeros(4, 48, dtype=torch.int8), torch.ones(4, dtype=torch.bfloat16),
                            checked=True)
+    for bad in (torch.ones(4, 2, dtype=torch.bfloat16), torch.ones(4, 3, dtype=torch.float16),
+                torch.ones(4, dtype=torch.float16)):  # grouped scales are float16 [N, K/32]; row scales bf16 [N]
+        with pytest.raises(ValueError, match="int8_matmul"):
+            native.int8_matmul(torch.randn(1, 64), torch.zeros(4, 64, dtype=torch.int8), bad, checked=True)
     with pytest.raises(ValueError, match="int4_matmul"):
         native.int4_matmul(torch.randn(1, 64), torch.zeros(4, 32, dtype=torch.uint8),
                            torch.ones(4, 1, 2, dtype=torch.bfloat16), 48, checked=True)

@@ -239,8 +239,10 @@ class QuantPackedLinear(nn.Module):
     def __init__(self, src: QuantWeight, *, upcast: bool = False, own: bool = True):
         super().__init__()
         self.out_features, self.in_features = src.out_features, src.in_features
-        self.group_size = getattr(src, "group_size", 0)
+        self.scheme = src.scheme
+        self.group_size = getattr(src, "group_size", None) or 0  # int4's; int8: 32 = float16 block scales
         self.bf16 = src.scheme == "bf16"  # bf16 weights: the native float32 GEMM, any number of rows
+        self.int4 = src.scheme == "int4"
         # Aliases of the source's tensors, not saved: the kernel call reads them without attribute hops.
         self.native, qweight, scales = src.kernel_tensors()
         self.register_buffer("qweight", qweight, persistent=False)
@@ -267,7 +269,7 @@ class QuantPackedLinear(nn.Module):
             # checked: the kernels were found available when this layer was packed (no per-call re-check)
             if self.bf16:
                 y = native.bf16_matmul(x2, self.qweight, out_dtype=out, checked=True)
-            elif self.group_size:
+            elif self.int4:
                 y = native.int4_matmul(x2, self.qweight, self.scales, self.group_size, out_dtype=out, checked=True)
             else:
                 y = native.int8_matmul(x2, self.qweight, self.scales, out_dtype=out, checked=True)
@@ -276,7 +278,7 @@ class QuantPackedLinear(nn.Module):
         if x2.dtype != torch.bfloat16:  # PyTorch's kernels take bf16 activations only
             x2 = x2.to(torch.bfloat16)
         x2 = x2.contiguous()
-        if self.group_size:
+        if self.int4:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, self.scales)
         else:
             y = torch._weight_int8pack_mm(x2, self.qweight, self.scales)
@@ -286,7 +288,7 @@ class QuantPackedLinear(nn.Module):
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:
-        kind = "bf16" if self.bf16 else f"int4, group_size={self.group_size}" if self.group_size else "int8"
+        kind = "bf16" if self.bf16 else f"{self.scheme}, group_size={self.group_size}" if self.group_size else "int8"
         return f"in_features={self.in_features}, out_features={self.out_features}, {kind}"
 
 
@@ -472,9 +474,8 @@ class DecodeStack:
 
     @staticmethod
     def _linear(m: QuantPackedLinear) -> native.G4Linear:
-        kind = "bf16" if m.bf16 else "int4" if m.group_size else "int8"
         return native.G4Linear(m.qweight.data_ptr(), None if m.bf16 else m.scales.data_ptr(), m.out_features,
-                               m.in_features, m.group_size, native.G4Linear.KINDS[kind])
+                               m.in_features, m.group_size, native.G4Linear.KINDS[m.scheme])
 
     @classmethod
     def build(cls, model) -> "DecodeStack | None":

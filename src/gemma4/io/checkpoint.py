@@ -328,9 +328,16 @@ def load_state_streaming(model: Gemma4ForCausalLM, items, *, dtype: torch.dtype 
         raise CheckpointError(f"missing tensor(s) in {source}: {', '.join(missing[:8])}{more}")
 
 
+def _fixed_dtype_names(model) -> set[str]:
+    """Buffers whose dtype is part of their format (a quantized weight's scales: float16 for grouped int8,
+    bf16 otherwise): loaded in that dtype whatever the model's float dtype, never rounded through it."""
+    return {f"{name}.{buf}" for name, m in model.named_modules() for buf in getattr(m, "_fixed_dtype", ())}
+
+
 def _assign_all(model, items, expected: dict, seen: set, dtype, device, source: str, ticks) -> None:
     cfg = model.config
     skipped_towers = 0
+    fixed = _fixed_dtype_names(model)
     for key, load in items:
         name = map_key(key, cfg)
         if name is None:
@@ -352,7 +359,7 @@ def _assign_all(model, items, expected: dict, seen: set, dtype, device, source: 
                 # something to convert value by value.
                 raise CheckpointError(f"tensor {key!r} in {source} has integer dtype {t.dtype}; a floating "
                                       f"point weight ({want.dtype}) is expected")
-            t = t.to(device=device, dtype=dtype or want.dtype)
+            t = t.to(device=device, dtype=want.dtype if name in fixed else (dtype or want.dtype))
         else:
             if t.dtype != want.dtype:
                 raise CheckpointError(f"tensor {key!r} has dtype {t.dtype} but {want.dtype} is expected")

@@ -745,9 +745,14 @@ _F16_TINY = 2.0 ** -14  # smallest normal fp16
 
 
 def _encode_q8_0_rows(mod) -> np.ndarray | None:
-    """An :class:`~gemma4.quant.Int8Weight` [*lead, N, K] as Q8_0 blocks holding its own codes, or None
-    where a row scale is too small for fp16 (then the caller re-rounds)."""
-    q, s = mod.qweight, mod.scales.float()  # [*lead, N, K] int8, [*lead, N]
+    """An :class:`~gemma4.quant.Int8Weight` [*lead, N, K] as Q8_0 blocks holding its own codes (and, grouped,
+    its own scales), or None where a row scale is too small for fp16 (then the caller re-rounds)."""
+    q = mod.qweight
+    if mod.group_size:  # grouped int8 is Q8_0's own layout: codes and float16 scales as they are
+        blocks = q.reshape(-1, 32)  # [B, 32]
+        d = mod.scales.reshape(-1, 1).contiguous()  # [B, 1] float16
+        return torch.cat([d.view(torch.uint8), blocks.view(torch.uint8)], -1).reshape(-1).numpy()
+    s = mod.scales.float()  # [*lead, N, K] int8, [*lead, N]
     live = q.abs().amax(-1) > 0  # all-zero rows carry a placeholder scale; any d reproduces them
     if bool(((s < _F16_TINY) & live).any()) or bool((s > 65504).any()):
         return None

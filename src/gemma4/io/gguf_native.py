@@ -12,9 +12,11 @@ per weight at most ``|q - 8| * |Δscale| + |Δzero| <= (8 |scale| + |zero|) * 2^
 significant bits). Re-quantizing the dequantized weights with our own quantizer instead picks a new
 grid and rounds a second time.
 
-Other GGUF types have no exact int4-g32 image (Q5_0: 5-bit, Q6_K: 6-bit with 16-weight scales, Q8_0:
-8-bit) and are quantized from their dequantized values with our RTN quantizer, in the scheme asked for
-(default int8 per output channel). In llama.cpp's Q4_K_M file of Gemma 3 270M only the 1024- and
+A Q8_0 block (34 bytes) is an fp16 scale and 32 int8 codes: grouped int8 (``group_size=32``, float16
+scales) holds it exactly, codes and scales as stored. Other GGUF types (Q5_0: 5-bit, Q6_K: 6-bit with
+16-weight scales, ...) have no exact image and are quantized from their dequantized values with our RTN
+quantizer, in the scheme asked for (default int8 with a float16 scale per 32 inputs, which keeps them
+within Q8_0's rounding). In llama.cpp's Q4_K_M file of Gemma 3 270M only the 1024- and
 2048-wide matrices (attn_output, most ffn_down) are Q4_K: 640-wide rows are not whole 256-blocks, so
 q/k/v/gate/up fall back to Q5_0/Q8_0 there. :func:`gguf_native_types` reports the split.
 
@@ -48,6 +50,7 @@ __all__ = ["Q4_K", "q4k_blocks", "q4k_to_int4", "gguf_is_bf16", "gguf_is_quantiz
            "gguf_native_types", "gguf_native_model"]
 
 Q4_K = 12  # gguf.GGMLQuantizationType.Q4_K
+Q8_0 = 8  # gguf.GGMLQuantizationType.Q8_0
 _Q4K_BYTES, _QK = 144, 256  # bytes per block, weights per block
 # Weights per row chunk while streaming: the bf16 chunk is 512 KiB and the int4 quantizer's float32
 # scratch a few times 1 MiB, whatever the table's size.
@@ -157,9 +160,19 @@ def _read_rows(fh, path: Path, t: TensorInfo, row_bytes: int, r0: int, r1: int) 
     return buf
 
 
+def q8_0_to_int8(raw: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw Q8_0 bytes of ``shape`` [N, K] -> (codes int8 [N, K], scales float16 [N, K/32]), as stored."""
+    n, k = shape
+    if not isinstance(raw, torch.Tensor):  # a GGUFFile's (read-only) memory map
+        raw = torch.from_numpy(np.array(raw, dtype=np.uint8, copy=True))
+    blocks = raw.reshape(n * (k // 32), 34)
+    return blocks[:, 2:].contiguous().view(torch.int8).view(n, k), blocks[:, :2].contiguous().view(torch.float16).view(n, k // 32)
+
+
 def _fill_quantized(fh, path: Path, t: TensorInfo, mod: QuantWeight, keep_q4k: bool) -> None:
-    """Stream one GGUF tensor into a quantized module: ``keep_q4k``: its Q4_K codes as int4-g32; otherwise
-    dequantized to bf16 and rounded by the module's own quantizer, chunk by chunk."""
+    """Stream one GGUF tensor into a quantized module: ``keep_q4k``: its Q4_K codes as int4-g32; a Q8_0
+    tensor into grouped int8, codes and scales as stored; otherwise dequantized to bf16 and rounded by
+    the module's own quantizer, chunk by chunk."""
     want = (*mod.lead, mod.out_features, mod.in_features)
     if tuple(t.shape) != want:
         raise GGUFError(f"{path}: tensor {t.name!r} has shape {list(t.shape)} but the config expects {list(want)}")
@@ -175,6 +188,8 @@ def _fill_quantized(fh, path: Path, t: TensorInfo, mod: QuantWeight, keep_q4k: b
             raw = _read_rows(fh, path, t, row_bytes, e * n + r0, e * n + r1)
             if keep_q4k:
                 q, s = q4k_to_int4(torch.from_numpy(raw), (r1 - r0, k))
+            elif t.qtype == Q8_0 and mod.scheme == "int8" and mod.group_size == 32:
+                q, s = q8_0_to_int8(torch.from_numpy(raw), (r1 - r0, k))
             else:
                 w = dequantize(raw, t.qtype, (r1 - r0, k), torch.bfloat16, what=f"tensor {t.name!r} in {path}")
                 q, s = mod.quantize_rows(w)
@@ -186,10 +201,11 @@ def gguf_native_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
     """Load a GGUF with its Q4_K matrices kept as int4-g32 (same codes; see the module docstring) and every
     other matrix quantized from its dequantized (bf16) values by the RTN quantizer of :mod:`gemma4.quant`.
 
-    ``rest``: scheme of the non-Q4_K linear layers ("int8" per channel, "int4" = int4-g32 RTN, or "bf16":
-    the matrices' values rounded to bf16, exact for a BF16 file, with its other floats read in float32).
+    ``rest``: scheme of the non-Q4_K linear layers ("int8": int8 with a float16 scale per 32 inputs, Q8_0
+    tensors kept exactly and others rounded to that grid; "int4" = int4-g32 RTN; or "bf16": the matrices'
+    values rounded to bf16, exact for a BF16 file, with its other floats read in float32).
     ``embedding``: scheme of the token embedding / tied head (default: ``rest``). ``dtype``: the float
-    tensors (norms: read as bf16, then cast) and activations; default
+    tensors (norms: read in float32, then cast) and activations; default
     :func:`gemma4.quant.native.activation_dtype` (float32 with the compiled kernels, else bf16). The
     result is an ordinary quantized model (mixed schemes are recorded in ``config.quantization["overrides"]``): ``save_pretrained`` /
     ``load_pretrained`` / ``use_fast_path`` work on it. ``progress`` advances once per tensor.
@@ -220,8 +236,8 @@ def gguf_native_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
     overrides = {m: {"scheme": "int4", "group_size": 32} for m in kept} if rest != "int4" else {}
     emb = "model.embed_tokens"
     if embedding != rest and emb not in kept:
-        overrides[emb] = {"scheme": embedding, "group_size": 32 if embedding == "int4" else None}
-    qcfg = {"format": FORMAT_VERSION, "scheme": rest, "group_size": 32 if rest == "int4" else None,
+        overrides[emb] = {"scheme": embedding, "group_size": 32 if embedding != "bf16" else None}
+    qcfg = {"format": FORMAT_VERSION, "scheme": rest, "group_size": 32 if rest != "bf16" else None,
             "embeddings": True, "skip": list(DEFAULT_SKIP)}
     if overrides:
         qcfg["overrides"] = overrides
@@ -246,8 +262,7 @@ def gguf_native_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
                     # widths would leave it as holes in the heap: +13 MiB by the end of the 270M file).
                     to_kernel_layout(qmods[mod], in_place=True)
                 elif key in floats:
-                    _set_tensor(model, key, _read_float(fh, path, t, key, floats[key], cfg, dtype,
-                                                        through_bf16=rest != "bf16"))
+                    _set_tensor(model, key, _read_float(fh, path, t, key, floats[key], cfg, dtype))
                 else:
                     raise GGUFError(f"{path}: unexpected tensor {name!r}: the config builds no {key!r}")
             next(ticks, None)
@@ -269,23 +284,14 @@ def _hf_name(path: Path, name: str) -> str | None:
         raise GGUFError(f"{path}: tensor {name!r} has no place in a Gemma text model") from None
 
 
-def _read_float(fh, path: Path, t: TensorInfo, key: str, want: torch.Tensor, cfg, dtype: torch.dtype,
-                through_bf16: bool = True) -> torch.Tensor:
-    """A tensor that stays in float (norms, scalars, the router): read as bf16, as the dequantized model
-    held it (Gemma 3's stored 1 + w undone in float32 first), then cast to ``dtype``. ``through_bf16=False``
-    (a BF16 file's bf16 form): read in float32, the file's values as they are."""
+def _read_float(fh, path: Path, t: TensorInfo, key: str, want: torch.Tensor, cfg, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor that stays in float (norms, scalars, the router): the file's values in float32 (Gemma 3's
+    stored 1 + w undone there), then cast to ``dtype``: exact in a float32 model, one rounding in bf16."""
     if tuple(t.shape) != tuple(want.shape):
         raise GGUFError(f"{path}: tensor {t.name!r} has shape {list(t.shape)} but the config expects "
                         f"{list(want.shape)}")
     if not want.is_floating_point():
         raise GGUFError(f"{path}: tensor {t.name!r} loads into {key!r}, which is not a float tensor")
     raw = _read_rows(fh, path, t, t.nbytes, 0, 1)
-    what = f"tensor {t.name!r} in {path}"
-    shift = _norm_shift(key, cfg)
-    if not through_bf16:
-        return (dequantize(raw, t.qtype, t.shape, torch.float32, what=what) - shift).to(dtype)
-    if shift:
-        x = (dequantize(raw, t.qtype, t.shape, torch.float32, what=what) - shift).to(torch.bfloat16)
-    else:
-        x = dequantize(raw, t.qtype, t.shape, torch.bfloat16, what=what)
-    return x.to(dtype)
+    x = dequantize(raw, t.qtype, t.shape, torch.float32, what=f"tensor {t.name!r} in {path}")
+    return (x - _norm_shift(key, cfg)).to(dtype)

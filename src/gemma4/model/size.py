@@ -185,9 +185,10 @@ def _norm_dtype(name, what: str, allowed) -> str:
 
 def quantized_bytes(n_out: int, n_in: int, scheme: str, group_size: int | None, lead: int = 1) -> int:
     """Bytes of one quantized [lead, n_out, n_in] weight as gemma4.quant stores it: int8 codes + one
-    bf16 scale per output row; int4 two codes per byte + a bf16 (scale, zero) pair per group; bf16 two bytes."""
+    bf16 scale per output row (or, group_size 32, one float16 scale per 32 inputs); int4 two codes per
+    byte + a bf16 (scale, zero) pair per group; bf16 two bytes."""
     if scheme == "int8":
-        return lead * (n_out * n_in + 2 * n_out)
+        return lead * (n_out * n_in + 2 * n_out * (n_in // group_size if group_size else 1))
     if scheme == "int4":
         return lead * (n_out * n_in // 2 + 4 * n_out * (n_in // group_size))
     if scheme == "bf16":

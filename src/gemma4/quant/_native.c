@@ -108,6 +108,21 @@ static inline float bf16_to_f(uint16_t h) {
     return v.f;
 }
 
+/* IEEE half -> float (the fp16 block scales of grouped int8 weights, Q8_0's d): exact, subnormals included. */
+static inline float f16_to_f(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+    union { uint32_t u; float f; } v;
+    if (e == 0x1F)
+        v.u = sign | 0x7F800000u | (m << 13);
+    else if (e)
+        v.u = sign | ((e + 112u) << 23) | (m << 13);
+    else { /* zero or subnormal: m * 2^-24 */
+        v.f = (float)m * 5.9604644775390625e-08f;
+        v.u |= sign;
+    }
+    return v.f;
+}
+
 static inline uint16_t f_to_bf16(float f) { /* round to nearest even, as torch's .to(torch.bfloat16) */
     union { float f; uint32_t u; } v;
     v.f = f;
@@ -169,8 +184,10 @@ static void quant_block(const void *xrow, int xbf16, int64_t k0, int n, int8_t *
 /* x [M, K] (float32, or bf16 when xbf16) -> a int8 [M, 2, Kp] (Kp = K rounded up to 64, zero padded; the
    two passes of quant_block), dl float [M, 2, Kp/64, 16] (lanes 0-7 the scale of block 2c, lanes 8-15 of
    block 2c+1: one 8-lane run per block, which both the AVX2 and the VNNI loop read), corr float [M] =
-   128 * sum over blocks and passes of d * A (VNNI multiplies w + 128). */
-static void g4_quant_act_i8(const void *x, int xbf16, int64_t M, int64_t K, int8_t *a, float *dl, float *corr) {
+   128 * sum over blocks and passes of d * A (VNNI multiplies w + 128), and, for weights with a scale per
+   block, the same per block: cl float [M, Kp/64, 16], each lane 1/8 of its block's term (NULL: not wanted). */
+static void g4_quant_act_i8(const void *x, int xbf16, int64_t M, int64_t K, int8_t *a, float *dl, float *corr,
+                            float *cl) {
     int64_t Kp = (K + 63) / 64 * 64, nb = Kp / 32;
     for (int64_t m = 0; m < M; m++) {
         double c = 0.0;
@@ -186,6 +203,8 @@ static void g4_quant_act_i8(const void *x, int xbf16, int64_t M, int64_t K, int8
                 l1[b * 8 + l] = d1;
                 l2[b * 8 + l] = d2;
             }
+            if (cl) /* 128 / 8 = 16: the 8 lanes of a block sum back to its term */
+                for (int l = 0; l < 8; l++) cl[m * nb * 8 + b * 8 + l] = 16.0f * (d1 * (float)s1 + d2 * (float)s2);
             c += (double)d1 * s1 + (double)d2 * s2;
         }
         corr[m] = (float)(128.0 * c);
@@ -223,6 +242,41 @@ static inline __attribute__((always_inline)) void i8_rows_vnni(int R, const int8
 }
 #endif
 
+#if defined(G4_VNNI)
+/* i8_rows_vnni for weights with an fp16 scale per 32-input block (ws: row r's scales at ws + r * ldws):
+   each block's integer sums are corrected (cl) and scaled by the weight's block scale before they are
+   added up, since the scale changes from block to block. */
+static inline __attribute__((always_inline)) void i8_rows_vnni_g(int R, const int8_t *w, int64_t ldw,
+                                                                 const uint16_t *ws, int64_t ldws,
+                                                                 const int8_t *a, const float *dl,
+                                                                 const float *cl, int64_t Kp, int64_t K,
+                                                                 float *out) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    const int8_t *a2 = a + Kp;
+    const float *dl2 = dl + Kp / 32 * 8;
+    int64_t c = 0;
+    for (int64_t k = 0; k < K; k += 64, c++) {
+        __mmask64 mk = K - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (K - k)) - 1);
+        __mmask8 ms = K - k > 32 ? 3 : 1; /* the second block's scale exists only when its block does */
+        __m512i av = _mm512_loadu_si512(a + k), av2 = _mm512_loadu_si512(a2 + k);
+        __m512 dv = _mm512_loadu_ps(dl + c * 16), dv2 = _mm512_loadu_ps(dl2 + c * 16), cv = _mm512_loadu_ps(cl + c * 16);
+        for (int r = 0; r < R; r++) {
+            _mm_prefetch((const char *)(w + (r + 4) * ldw + k), _MM_HINT_T0);
+            __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, w + r * ldw + k), flip);
+            __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, av);
+            __m512i p2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, av2);
+            __m512 sv = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(
+                                                           _mm_cvtph_ps(_mm_maskz_loadu_epi16(ms, ws + r * ldws + 2 * c))));
+            __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), dv, _mm512_fmsub_ps(_mm512_cvtepi32_ps(p2), dv2, cv));
+            acc[r] = _mm512_fmadd_ps(t, sv, acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+#endif
+
 #if defined(G4_AVX2)
 static inline float hsum256(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -231,7 +285,8 @@ static inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-static inline float i8_row_avx2(const int8_t *w, const int8_t *a, const float *dl, int64_t Kp, int64_t K) {
+static inline float i8_row_avx2(const int8_t *w, const uint16_t *wsg, const int8_t *a, const float *dl, int64_t Kp,
+                                int64_t K) {
     const __m256i ones = _mm256_set1_epi16(1);
     const int8_t *a2 = a + Kp;
     const float *dl2 = dl + Kp / 32 * 8;
@@ -244,6 +299,12 @@ static inline float i8_row_avx2(const int8_t *w, const int8_t *a, const float *d
             _mm256_maddubs_epi16(aw, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(a + k)), wv)), ones);
         __m256i p2 = _mm256_madd_epi16(
             _mm256_maddubs_epi16(aw, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(a2 + k)), wv)), ones);
+        if (wsg) { /* a scale per block: the block's two passes, then times its scale */
+            __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_loadu_ps(dl + k / 32 * 8),
+                                       _mm256_mul_ps(_mm256_cvtepi32_ps(p2), _mm256_loadu_ps(dl2 + k / 32 * 8)));
+            acc = _mm256_fmadd_ps(t, _mm256_set1_ps(f16_to_f(wsg[k / 32])), acc);
+            continue;
+        }
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_loadu_ps(dl + k / 32 * 8), acc);
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p2), _mm256_loadu_ps(dl2 + k / 32 * 8), acc);
     }
@@ -251,20 +312,26 @@ static inline float i8_row_avx2(const int8_t *w, const int8_t *a, const float *d
 }
 #endif
 
-static inline float i8_row_ref(const int8_t *w, const int8_t *a, const float *dl, int64_t Kp, int64_t K) {
+static inline float i8_row_ref(const int8_t *w, const uint16_t *wsg, const int8_t *a, const float *dl, int64_t Kp,
+                               int64_t K) {
     float acc = 0.f;
-    for (int j = 0; j < 2; j++, a += Kp, dl += Kp / 32 * 8)
-        for (int64_t k = 0; k < K; k += 32) {
+    for (int64_t k = 0; k < K; k += 32) {
+        float t = 0.f;
+        for (int j = 0; j < 2; j++) {
             int32_t s = 0;
-            for (int i = 0; i < 32; i++) s += (int32_t)w[k + i] * a[k + i];
-            acc += dl[k / 32 * 8] * (float)s;
+            for (int i = 0; i < 32; i++) s += (int32_t)w[k + i] * a[j * Kp + k + i];
+            t += dl[j * (Kp / 32 * 8) + k / 32 * 8] * (float)s;
         }
+        acc += wsg ? f16_to_f(wsg[k / 32]) * t : t;
+    }
     return acc;
 }
 
-/* y [M, N] (float32, or bf16 when ybf16) = (x quantized as a, dl, corr) @ (W int8 [N, K] * ws bf16 [N])^T; K % 32 == 0. */
-static void g4_gemv_i8(const int8_t *a, const float *dl, const float *corr, int64_t M, int64_t K, const int8_t *W,
-                const uint16_t *ws, int64_t N, void *y, int ybf16, int nthreads) {
+/* y [M, N] (float32, or bf16 when ybf16) = (x quantized as a, dl, corr, cl) @ W^T; K % 32 == 0. W int8 [N, K]
+   times ws: bf16 [N] (g == 0, a scale per row), or fp16 [N, K/32] (g == 32, a scale per 32-input block,
+   the layout of GGUF's Q8_0). */
+static void g4_gemv_i8(const int8_t *a, const float *dl, const float *corr, const float *cl, int64_t M, int64_t K,
+                       const int8_t *W, const uint16_t *ws, int64_t g, int64_t N, void *y, int ybf16, int nthreads) {
     int64_t Kp = (K + 63) / 64 * 64, tiles = (N + 3) / 4;
     (void)corr;
     int team = g4_team(nthreads);
@@ -281,20 +348,28 @@ static void g4_gemv_i8(const int8_t *a, const float *dl, const float *corr, int6
             const float *dm = dl + 2 * m * (Kp / 32) * 8;
             float v[4];
 #if defined(G4_VNNI)
-            if (R == 4)
+            if (g) {
+                const float *cm = cl + m * (Kp / 32) * 8;
+                if (R == 4)
+                    i8_rows_vnni_g(4, W + n0 * K, K, ws + n0 * (K / 32), K / 32, am, dm, cm, Kp, K, v);
+                else
+                    for (int r = 0; r < R; r++)
+                        i8_rows_vnni_g(1, W + (n0 + r) * K, K, ws + (n0 + r) * (K / 32), K / 32, am, dm, cm, Kp, K, v + r);
+            } else if (R == 4)
                 i8_rows_vnni(4, W + n0 * K, K, am, dm, Kp, K, corr[m], v);
             else
                 for (int r = 0; r < R; r++) i8_rows_vnni(1, W + (n0 + r) * K, K, am, dm, Kp, K, corr[m], v + r);
 #else
             for (int r = 0; r < R; r++) {
+                const uint16_t *wsg = g ? ws + (n0 + r) * (K / 32) : NULL;
 #if defined(G4_AVX2)
-                v[r] = i8_row_avx2(W + (n0 + r) * K, am, dm, Kp, K);
+                v[r] = i8_row_avx2(W + (n0 + r) * K, wsg, am, dm, Kp, K);
 #else
-                v[r] = i8_row_ref(W + (n0 + r) * K, am, dm, Kp, K);
+                v[r] = i8_row_ref(W + (n0 + r) * K, wsg, am, dm, Kp, K);
 #endif
             }
 #endif
-            for (int r = 0; r < R; r++) store_out(y, ybf16, m * N + n0 + r, bf16_to_f(ws[n0 + r]) * v[r]);
+            for (int r = 0; r < R; r++) store_out(y, ybf16, m * N + n0 + r, g ? v[r] : bf16_to_f(ws[n0 + r]) * v[r]);
         }
     }
         if (omp_get_thread_num() == 0) own_done = omp_get_wtime();
@@ -450,10 +525,9 @@ static void pack_bf16(const void *W_, const uint16_t *aux, int64_t g, int64_t K,
         }
 }
 
-/* int8 W [N, K] (K % 32 == 0), aux = the bf16 row scales [N]. */
+/* int8 W [N, K] (K % 32 == 0), aux = the bf16 row scales [N] (g == 0) or fp16 block scales [N, K/32] (g == 32). */
 static void pack_i8(const void *W_, const uint16_t *ws, int64_t g, int64_t K, int64_t n0, int nr, float *bp) {
     const int8_t *W = (const int8_t *)W_;
-    (void)g;
     for (int h = 0; h < 2; h++)
         for (int64_t k = 0; k < K; k += 16) {
             __m512 r[16];
@@ -462,7 +536,7 @@ static void pack_i8(const void *W_, const uint16_t *ws, int64_t g, int64_t K, in
                 r[i] = h * 16 + i < nr
                            ? _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
                                                _mm_loadu_si128((const __m128i *)(W + row * K + k)))),
-                                           _mm512_set1_ps(bf16_to_f(ws[row])))
+                                           _mm512_set1_ps(g ? f16_to_f(ws[row * (K / 32) + k / 32]) : bf16_to_f(ws[row])))
                            : _mm512_setzero_ps();
             }
             pack_store(r, K, k, h, bp);
@@ -768,20 +842,20 @@ int g4_linear_bf16(const void *x, int xbf16, int64_t M, int64_t K, const uint16_
 /* ------------------------------------------------------------------------------------ entry points */
 /* One call per linear layer (each ctypes call costs microseconds): quantize the activation rows into
    scratch memory of our own, multiply, free. Return 0, or -1 when the scratch cannot be allocated. */
-int g4_linear_i8(const void *x, int xbf16, int64_t M, int64_t K, const int8_t *W, const uint16_t *ws, int64_t N,
-                 void *y, int ybf16, int nthreads) {
+int g4_linear_i8(const void *x, int xbf16, int64_t M, int64_t K, const int8_t *W, const uint16_t *ws, int64_t g,
+                 int64_t N, void *y, int ybf16, int nthreads) {
 #if defined(G4_VNNI)
     if (M >= G4_GEMM_ROWS_Q) /* prefill: float32 activations against the dequantized weights */
-        return g4_gemm_rows_in(x, xbf16, M, K, N, y, ybf16, nthreads, pack_i8, W, ws, 0);
+        return g4_gemm_rows_in(x, xbf16, M, K, N, y, ybf16, nthreads, pack_i8, W, ws, g);
 #endif
-    int64_t Kp = (K + 63) / 64 * 64;
+    int64_t Kp = (K + 63) / 64 * 64, nl = M * (Kp / 32) * 8;
     size_t bytes_a = (size_t)(2 * M * Kp + 63) / 64 * 64;
-    char *buf = malloc(bytes_a + (size_t)2 * M * (Kp / 32) * 8 * sizeof(float) + (size_t)M * sizeof(float));
+    char *buf = malloc(bytes_a + (size_t)(3 * nl + M) * sizeof(float));
     if (!buf) return -1;
     int8_t *a = (int8_t *)buf;
-    float *dl = (float *)(buf + bytes_a), *corr = dl + 2 * M * (Kp / 32) * 8;
-    g4_quant_act_i8(x, xbf16, M, K, a, dl, corr);
-    g4_gemv_i8(a, dl, corr, M, K, W, ws, N, y, ybf16, nthreads);
+    float *dl = (float *)(buf + bytes_a), *corr = dl + 2 * nl, *cl = corr + M;
+    g4_quant_act_i8(x, xbf16, M, K, a, dl, corr, g ? cl : NULL);
+    g4_gemv_i8(a, dl, corr, cl, M, K, W, ws, g, N, y, ybf16, nthreads);
     free(buf);
     return 0;
 }
@@ -1042,7 +1116,7 @@ void g4_gelu_mul(const float *gu, int64_t rows, int64_t inter, float *out) {
 typedef struct {
     const void *w;         /* bf16 [N, K], int8 [N, K] or int4 codes [N, K/2] */
     const uint16_t *aux;   /* int8: bf16 row scales [N]; int4: bf16 (scale, zero) [N, K/g, 2]; bf16: NULL */
-    int64_t n, k, group;   /* output rows, inputs, int4 group size */
+    int64_t n, k, group;   /* output rows, inputs, group size (int4; int8: 32 = fp16 block scales, 0 = row scales) */
     int64_t kind;          /* 0 bf16, 1 int8, 2 int4 */
 } g4_lin;
 
@@ -1064,7 +1138,7 @@ typedef struct {
 static int g4_lin_run(const g4_lin *l, const float *x, int64_t M, float *y, int nthreads) {
     switch (l->kind) {
     case 0: return g4_linear_bf16(x, 0, M, l->k, (const uint16_t *)l->w, l->n, y, 0, nthreads);
-    case 1: return g4_linear_i8(x, 0, M, l->k, (const int8_t *)l->w, l->aux, l->n, y, 0, nthreads);
+    case 1: return g4_linear_i8(x, 0, M, l->k, (const int8_t *)l->w, l->aux, l->group, l->n, y, 0, nthreads);
     default: return g4_linear_i4(x, 0, M, l->k, (const uint8_t *)l->w, l->aux, l->group, l->n, y, 0, nthreads);
     }
 }

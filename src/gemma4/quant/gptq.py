@@ -395,6 +395,8 @@ def gptq_quantize(model: Gemma4ForCausalLM, scheme: str = "int4", group_size: in
     group_size = validate_request(scheme, group_size)
     if scheme == "bf16":
         raise QuantizationError("bf16 keeps the weights' values (nothing to calibrate): use quantize(model, 'bf16')")
+    if scheme == "int8" and group_size:
+        raise QuantizationError("GPTQ int8 rounds per output row: group_size must be None (grouped int8 is RTN only)")
     if head not in ("gptq", "rtn"):
         raise QuantizationError(f"head must be 'gptq' or 'rtn', got {head!r}")
     if embedding_scheme not in (None, scheme, "int8"):

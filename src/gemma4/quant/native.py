@@ -118,7 +118,7 @@ def _load(variant: str) -> ctypes.CDLL | None:
     if lib is not None:
         p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         lib.g4_isa.restype = c_int
-        lib.g4_linear_i8.argtypes = [p, c_int, i64, i64, p, p, i64, p, c_int, c_int]
+        lib.g4_linear_i8.argtypes = [p, c_int, i64, i64, p, p, i64, i64, p, c_int, c_int]
         lib.g4_linear_i4.argtypes = [p, c_int, i64, i64, p, p, i64, i64, p, c_int, c_int]
         lib.g4_linear_bf16.argtypes = [p, c_int, i64, i64, p, i64, p, c_int, c_int]
         lib.g4_linear_i8.restype = lib.g4_linear_i4.restype = lib.g4_linear_bf16.restype = c_int
@@ -163,13 +163,18 @@ def _self_check(variant: str) -> bool:
     ref4 = x @ w4.reshape(n, k).T
     packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
     y = int8_matmul(x, q, s, variant=variant, checked=True)
+    sg = (torch.rand(n, k // 32, generator=g) * 0.01 + 1e-3).to(torch.float16)  # a scale per 32 inputs
+    refq = x @ (q.float().view(n, k // 32, 32) * sg.float()[..., None]).view(n, k).T
+    yq = int8_matmul(x, q, sg, variant=variant, checked=True)
     y4 = int4_matmul(x, packed, sz, 32, variant=variant, checked=True)
     xg = torch.randn(17, k, generator=g)  # 17 rows: the prefill GEMM of an AVX-512 build
     yg = int8_matmul(xg, q, s, variant=variant, checked=True)
     y4g = int4_matmul(xg, packed, sz, 32, variant=variant, checked=True)
+    ygq = int8_matmul(xg, q, sg, variant=variant, checked=True)
     refg, ref4g = xg @ (q.float() * s.float()[:, None]).T, xg @ w4.reshape(n, k).T
+    refgq = xg @ (q.float().view(n, k // 32, 32) * sg.float()[..., None]).view(n, k).T
     ok = all(bool(torch.isfinite(v).all()) and float((v - r).norm() / r.norm()) < 0.02
-             for v, r in ((y, ref), (y4, ref4), (yg, refg), (y4g, ref4g)))
+             for v, r in ((y, ref), (y4, ref4), (yg, refg), (y4g, ref4g), (yq, refq), (ygq, refgq)))
     # The fused float32 ops: no rounding of their own, so a tight bound.
     w = torch.randn(k, generator=g)
     xr = x * torch.pow(x.pow(2).mean(-1, keepdim=True) + 1e-6, -0.5) * w
@@ -235,19 +240,25 @@ def _ready(variant: str, checked: bool) -> ctypes.CDLL:
 
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, *, out_dtype: torch.dtype | None = None,
                 threads: int | None = None, variant: str = "native", checked: bool = False) -> torch.Tensor:
-    """x [M, K] @ (q int8 [N, K] * scales bf16 [N])^T -> [M, N] in ``out_dtype`` (default x's: float32 or
-    bf16); K % 32 == 0. The quantized input (~2 bytes per element) lives in scratch memory freed on return.
-    From 16 rows (AVX-512 builds) the float32 GEMM of the dequantized weights instead (module docstring)."""
+    """x [M, K] @ (q int8 [N, K] * scales)^T -> [M, N] in ``out_dtype`` (default x's: float32 or bf16);
+    K % 32 == 0. ``scales``: bf16 [N] (one per row), or float16 [N, K/32] (one per 32 inputs of a row:
+    GGUF's Q8_0 layout). The quantized input (~2 bytes per element) lives in scratch memory freed on
+    return. From 16 rows (AVX-512 builds) the float32 GEMM of the dequantized weights instead (module
+    docstring)."""
     lib = _ready(variant, checked)
     m, k = x.shape
     n = q.shape[0]
-    if k % 32 or q.shape[1] != k or scales.dtype != torch.bfloat16 or q.dtype != torch.int8:
-        raise ValueError(f"int8_matmul: unsupported shapes/dtypes x {tuple(x.shape)} q {tuple(q.shape)} {q.dtype}")
+    grouped = scales.dim() == 2
+    if (k % 32 or q.shape[1] != k or q.dtype != torch.int8
+            or scales.shape != ((n, k // 32) if grouped else (n,))
+            or scales.dtype != (torch.float16 if grouped else torch.bfloat16)):
+        raise ValueError(f"int8_matmul: unsupported shapes/dtypes x {tuple(x.shape)} q {tuple(q.shape)} {q.dtype} "
+                         f"scales {tuple(scales.shape)} {scales.dtype}")
     x, xbf16, out = _io(x, out_dtype)
     q, scales = q.contiguous(), scales.contiguous()
     y = torch.empty(m, n, dtype=out)
-    rc = lib.g4_linear_i8(x.data_ptr(), xbf16, m, k, q.data_ptr(), scales.data_ptr(), n, y.data_ptr(),
-                          int(out == torch.bfloat16), threads or torch.get_num_threads())
+    rc = lib.g4_linear_i8(x.data_ptr(), xbf16, m, k, q.data_ptr(), scales.data_ptr(), 32 if grouped else 0, n,
+                          y.data_ptr(), int(out == torch.bfloat16), threads or torch.get_num_threads())
     if rc:
         raise MemoryError(f"int8_matmul: no memory for the quantized activations ({m} x {k})")
     return y

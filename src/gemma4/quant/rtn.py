@@ -11,10 +11,11 @@ storage with float32 compute.
 
 The router (top-k selection is sensitive, and the matrix is tiny) and norms stay in float.
 
-Formats (all scales in bf16, the dtype the CPU kernels take):
+Formats (scales in bf16, the dtype the CPU kernels take, except grouped int8's float16 ones):
 
 * int8: ``w ≈ q * scale``, q int8 in [-127, 127], one scale per output row (symmetric; the scale is
-  rounded *up* to bf16 so no weight clips).
+  rounded *up* to bf16 so no weight clips); or, with ``group_size=32``, one float16 scale per 32 inputs
+  of a row: GGUF's Q8_0 layout, which a Q8_0 file loads into exactly (codes and scales as stored).
 * bf16: the weight rounded to bf16 (exact for a bf16 checkpoint), multiplied in the activations' dtype
   (:class:`Bf16Weight`: a BF16 GGUF's default form, float32 activations as llama.cpp computes it).
 * int4: ``w ≈ (q - 8) * scale + zero``, q in [0, 15], one (scale, zero) pair per ``group_size``
@@ -174,15 +175,37 @@ def _bf16_round_up(s: torch.Tensor) -> torch.Tensor:
     return torch.where(b.float() < s, up, b)
 
 
-def quantize_int8_tensor(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[.., N, K] float -> (q int8 [.., N, K], scales bf16 [.., N]); symmetric per output row."""
+def _f16_round_up(s: torch.Tensor) -> torch.Tensor:
+    """Smallest float16 >= s (0 < s <= 65504), as :func:`_bf16_round_up`."""
+    h = s.clamp(min=2.0**-24).to(torch.float16)
+    up = torch.nextafter(h, torch.tensor(float("inf"), dtype=torch.float16))
+    return torch.where(h.float() < s, up, h)
+
+
+INT8_GROUP = 32  # the one group size of grouped int8 (GGUF's Q8_0 block)
+
+
+def quantize_int8_tensor(w: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[.., N, K] float -> (q int8 [.., N, K], scales): symmetric, bf16 scales [.., N] (one per output row),
+    or with ``group_size=32`` float16 scales [.., N, K/32] (one per 32 inputs: Q8_0's layout)."""
     wf = w.detach().float()
-    scale = _bf16_round_up((wf.abs().amax(-1) / 127.0).clamp(min=1e-12))
-    q = torch.round(wf / scale.float()[..., None]).clamp_(-127, 127).to(torch.int8)
-    return q, scale
+    if not group_size:
+        scale = _bf16_round_up((wf.abs().amax(-1) / 127.0).clamp(min=1e-12))
+        q = torch.round(wf / scale.float()[..., None]).clamp_(-127, 127).to(torch.int8)
+        return q, scale
+    blocks = wf.reshape(*wf.shape[:-1], wf.shape[-1] // group_size, group_size)  # [.., N, K/g, g]
+    if float(blocks.abs().amax()) / 127.0 > 65504:
+        raise QuantizationError("a weight is too large for a float16 block scale (|w| > 8.3e6)")
+    scale = _f16_round_up((blocks.abs().amax(-1) / 127.0).clamp(min=1e-12))
+    q = torch.round(blocks / scale.float()[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q.reshape(wf.shape), scale
 
 
 def int8_dequant(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if scales.dim() == q.dim():  # grouped: [.., N, K/32] scales
+        n_groups = scales.shape[-1]
+        blocks = q.float().reshape(*q.shape[:-1], n_groups, q.shape[-1] // n_groups)
+        return (blocks * scales.float()[..., None]).reshape(q.shape).to(dtype)
     return (q.float() * scales.float()[..., None]).to(dtype)
 
 
@@ -343,27 +366,41 @@ class QuantWeight(nn.Module):
 
 
 class Int8Weight(QuantWeight):
+    """int8 codes with bf16 row scales, or (``group_size=32``) float16 scales per 32 inputs of a row."""
+
     scheme = "int8"
     _fixed_dtype = ("scales",)
 
-    def __init__(self, n, k, lead=(), device=None):
+    def __init__(self, n, k, lead=(), device=None, group_size: int | None = None):
         super().__init__(n, k, lead)
+        if group_size not in (None, 0, INT8_GROUP):
+            raise QuantizationError(f"int8 group_size must be None (per row) or {INT8_GROUP}, got {group_size!r}")
+        self.group_size = group_size or None
         self.register_buffer("qweight", torch.empty(*lead, n, k, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.empty(*lead, n, dtype=torch.bfloat16, device=device))
+        shape, dt = ((n, k // INT8_GROUP), torch.float16) if self.group_size else ((n,), torch.bfloat16)
+        self.register_buffer("scales", torch.empty(*lead, *shape, dtype=dt, device=device))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", group_size={self.group_size}" if self.group_size else "")
+
+    @property
+    def _scale_dtype(self) -> torch.dtype:
+        return torch.float16 if self.group_size else torch.bfloat16
 
     def set_from_float(self, w: torch.Tensor) -> None:
-        q, s = _chunked(w, quantize_int8_tensor)
+        q, s = _chunked(w, functools.partial(quantize_int8_tensor, group_size=self.group_size))
         self.qweight, self.scales = q, s
 
     scale_row_dim = 0
 
     def empty_like(self, n: int) -> "Int8Weight":
-        return Int8Weight(n, self.in_features)
+        return Int8Weight(n, self.in_features, group_size=self.group_size)
 
     def kernel_ready(self) -> bool:
+        # PyTorch's int8 kernel takes row scales only: grouped weights need the native kernels.
         return (not self.lead and self.qweight is not None and self.qweight.device.type == "cpu"
                 and not self.qweight.is_meta and int8_shape_ok(self.in_features)
-                and (native.available() or int8_kernel_ok()))
+                and (native.available() or (not self.group_size and int8_kernel_ok())))
 
     def kernel_tensors(self):
         return native.available(), self.qweight, self.scales
@@ -372,11 +409,11 @@ class Int8Weight(QuantWeight):
         return self.qweight[start:stop].clone(), self.scales[start:stop].clone()
 
     def quantize_rows(self, w):
-        return quantize_int8_tensor(w)
+        return quantize_int8_tensor(w, self.group_size)
 
     def fill_rows(self, start, q, s, index=None):
         qw, sc = (self.qweight, self.scales) if index is None else (self.qweight[index], self.scales[index])
-        self._check_rows(start, q, s, (q.shape[0],))
+        self._check_rows(start, q, s, (q.shape[0], *sc.shape[1:]))
         qw[start:start + q.shape[0]].copy_(q)
         sc[start:start + q.shape[0]].copy_(s)
 
@@ -384,10 +421,10 @@ class Int8Weight(QuantWeight):
         self._buffers["qweight"], self._buffers["scales"] = q, s
 
     def _ensure_ready(self, in_place: bool = False) -> None:
-        """After loading in another float dtype: scales back to bf16 (exact: they are bf16 values).
-        int8 codes need no repacking, so ``in_place`` changes nothing here."""
-        if self.scales.dtype != torch.bfloat16 and not self.scales.is_meta:
-            self._buffers["scales"] = self.scales.to(torch.bfloat16)
+        """After loading in another float dtype: scales back to bf16 / float16 (exact: they are values of
+        that dtype). int8 codes need no repacking, so ``in_place`` changes nothing here."""
+        if self.scales.dtype != self._scale_dtype and not self.scales.is_meta:
+            self._buffers["scales"] = self.scales.to(self._scale_dtype)
 
     def dequantize(self, dtype=torch.float32, index: int | None = None) -> torch.Tensor:
         q, s = (self.qweight, self.scales) if index is None else (self.qweight[index], self.scales[index])
@@ -401,7 +438,7 @@ class Int8Weight(QuantWeight):
         if x.device.type == "cpu" and q.device.type == "cpu" and int8_shape_ok(self.in_features) and native.available():
             y = native.int8_matmul(x.reshape(-1, self.in_features), q, s)
             return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)  # no-op for float32/bf16
-        if x.device.type == "cpu" and int8_shape_ok(self.in_features) and int8_kernel_ok():
+        if x.device.type == "cpu" and int8_shape_ok(self.in_features) and not self.group_size and int8_kernel_ok():
             x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
             y = torch._weight_int8pack_mm(x2, q, s.to(torch.bfloat16))
             return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -713,8 +750,8 @@ class _EmbeddingMixin:
 
 
 class Int8Embedding(_EmbeddingMixin, Int8Weight):
-    def __init__(self, v, h, dtype=torch.float32, device=None):
-        Int8Weight.__init__(self, v, h, device=device)
+    def __init__(self, v, h, dtype=torch.float32, device=None, group_size=None):
+        Int8Weight.__init__(self, v, h, device=device, group_size=group_size)
         self._init_witness(dtype, device)
 
 
@@ -748,10 +785,14 @@ class QuantExperts(Experts):
 def validate_request(scheme: str, group_size: int | None) -> int | None:
     if scheme not in SCHEMES:
         raise QuantizationError(f"unknown quantization scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
-    if scheme in ("int8", "bf16"):
+    if scheme == "int8":
+        if group_size not in (None, 0, INT8_GROUP):
+            raise QuantizationError(f"int8 group_size must be None (one scale per output row) or {INT8_GROUP} "
+                                    f"(a float16 scale per 32 inputs, GGUF's Q8_0 layout), got {group_size!r}")
+        return group_size or None
+    if scheme == "bf16":
         if group_size not in (None, 0):
-            what = "is per-output-channel" if scheme == "int8" else "stores each weight as it is"
-            raise QuantizationError(f"{scheme} {what}: group_size must be None")
+            raise QuantizationError("bf16 stores each weight as it is: group_size must be None")
         return None
     if group_size is None:
         group_size = 32
@@ -833,7 +874,7 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def _build(kind: str, mod: nn.Module, scheme: str, group_size: int | None, dtype, device) -> nn.Module:
     def make(n, k, lead=(), kernel_layout=True):
         if scheme == "int8":
-            return Int8Weight(n, k, lead, device=device)
+            return Int8Weight(n, k, lead, device=device, group_size=group_size)
         if scheme == "bf16":
             return Bf16Weight(n, k, lead, device=device)
         return Int4Weight(n, k, group_size, lead, device=device, kernel_layout=kernel_layout)
@@ -845,9 +886,11 @@ def _build(kind: str, mod: nn.Module, scheme: str, group_size: int | None, dtype
     if kind == "linear":
         if scheme == "bf16":
             return Bf16Linear(n, k, device=device)
-        return Int8Linear(n, k, device=device) if scheme == "int8" else Int4Linear(n, k, group_size, device=device)
+        if scheme == "int8":
+            return Int8Linear(n, k, device=device, group_size=group_size)
+        return Int4Linear(n, k, group_size, device=device)
     if scheme == "int8":
-        return Int8Embedding(n, k, dtype=dtype, device=device)
+        return Int8Embedding(n, k, dtype=dtype, device=device, group_size=group_size)
     if scheme == "bf16":
         return Bf16Embedding(n, k, dtype=dtype, device=device)
     # The PLE table is only gathered from: keep it in the portable order (no kernel repack).
@@ -920,7 +963,7 @@ def _set_precomputed(new: nn.Module, q: torch.Tensor, s: torch.Tensor) -> None:
         new.qweight, new.scales_zeros = pack_nibbles(q.to(torch.uint8)), s.to(torch.bfloat16)
         new._reset_layout()
     else:
-        new.qweight, new.scales = q.to(torch.int8), s.to(torch.bfloat16)
+        new.qweight, new.scales = q.to(torch.int8), s.to(new._scale_dtype)
     new._ensure_ready()
 
 
