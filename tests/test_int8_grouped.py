@@ -101,3 +101,20 @@ def _huge(m):
     with torch.no_grad():
         m.model.layers[0].mlp.up_proj.weight[0, 0] = 1e7
     return m
+
+
+def test_cli_quantize_int8_with_group_size_32(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli_tiny import char_checkpoint, no_traceback
+    from gemma4.cli import app
+
+    ck = char_checkpoint(tmp_path / "ck")
+    r = CliRunner().invoke(app, ["quantize", str(ck), str(tmp_path / "q"), "--scheme", "int8", "--group-size", "32"])
+    no_traceback(r)
+    assert r.exit_code == 0 and "int8-g32 (rtn)" in r.output, r.output
+    q = load_pretrained(tmp_path / "q")
+    assert q.config.quantization["group_size"] == 32 and q.model.layers[0].mlp.up_proj.scales.dtype == torch.float16
+    r = CliRunner().invoke(app, ["quantize", str(ck), str(tmp_path / "q2"), "--scheme", "int8", "--group-size", "64"])
+    no_traceback(r)
+    assert r.exit_code != 0 and "int8 group_size" in r.output

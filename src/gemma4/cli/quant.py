@@ -173,7 +173,8 @@ def register(app: typer.Typer) -> None:
         dst: Path = typer.Argument(..., help="output directory (config.json + model.safetensors)"),
         scheme: str = typer.Option("int4", help="int8, int4, bf16 (weights stored as bf16, computed in float32), or "
                                    "gguf-native (a GGUF's Q4_K blocks kept as int4-g32, the other matrices int8)"),
-        group_size: int = typer.Option(32, help="int4 group size (32, 64, 128, 256)"),
+        group_size: int = typer.Option(None, help="int4 group size (32, 64, 128, 256; default 32); with int8, 32 gives "
+                                       "a float16 scale per 32 inputs (GGUF's Q8_0 layout) instead of one per row"),
         dtype: str = typer.Option(None, help="dtype of the unquantized tensors and of the activations (bf16, fp32; "
                                   "default bf16, fp32 with --scheme bf16)"),
         no_embeddings: bool = typer.Option(False, "--no-embeddings", help="keep embedding/head and PLE table in float"),
@@ -229,7 +230,7 @@ def register(app: typer.Typer) -> None:
             q = model.config.quantization
             raise CliError(f"{src} is already quantized ({q.get('scheme')}); quantize a float checkpoint")
         before = model_nbytes(model)
-        gs = group_size if scheme == "int4" else None
+        gs = (group_size or 32) if scheme == "int4" else group_size
         try:
             if calib is None:
                 quantize(model, scheme, gs, embeddings=not no_embeddings, progress=progress)
@@ -242,7 +243,7 @@ def register(app: typer.Typer) -> None:
         model.to(dt)
         save_pretrained(model, dst)
         tok_note = carry_tokenizer(src_path, Path(dst))
-        typer.echo(f"{scheme}{'-g' + str(group_size) if scheme == 'int4' else ''} ({method}): {_gib(before)} (fp32) -> "
+        typer.echo(f"{scheme}{'-g' + str(gs) if gs else ''} ({method}): {_gib(before)} (fp32) -> "
                    f"{_gib(model_nbytes(model))}; saved to {dst}{tok_note}")
 
 

@@ -14,7 +14,8 @@ compile time (AVX512-VNNI, AVX2 or portable C). Every path computes the same int
 results differ from each other only in float summation order.
 
 Layouts (all row-major):
-  int8 weights  W  int8 [N, K], one bf16 scale per row: w = q * ws[n].
+  int8 weights  W  int8 [N, K], one bf16 scale per row: w = q * ws[n]; or (g = 32) one fp16 scale per 32
+                inputs of a row, ws [N, K/32]: w = q * ws[n, k/32] (GGUF's Q8_0 block).
   int4 weights  W  uint8 [N, K/2], input 2i in the low nibble of byte i, input 2i+1 in the high one;
                 SZ bf16 [N, K/g, 2] (scale, zero) per g inputs of a row: w = (q - 8) * scale + zero.
   activations   quantized per 32-input block: x ~= d_b * a, a int8 in [-127, 127].

@@ -7,7 +7,9 @@ step is compute-bound (~5 GB/s of weights on one core) instead of bound by memor
 kernels in ``_native.c`` round the activation rows to int8 in 32-input blocks (llama.cpp's scheme for its
 Q8_0 activations, here in two passes: the value, then its residual) and multiply integers (AVX512-VNNI ``vpdpbusd``, or AVX2
 ``pmaddubsw``, or portable C), reading the weights in the formats :mod:`gemma4.quant.rtn` already keeps:
-int8 per output row, and int4 in the portable nibble order with its (scale, zero) pairs.
+int8 per output row (or with a float16 scale per 32 inputs: GGUF's Q8_0 layout), and int4 in the portable
+nibble order with its (scale, zero) pairs. :func:`decode_layers` runs every layer of a decoded token in one
+call (see :class:`gemma4.infer.fast_path.DecodeStack`).
 
 The C file is compiled on first use with the system C compiler (``cc -O3 -march=native -fopenmp``)
 into the cache (``$GEMMA4_CACHE/native``) and loaded with ctypes; ctypes releases the GIL during the
