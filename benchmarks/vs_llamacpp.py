@@ -311,9 +311,25 @@ def worker_quality(engine: str, files: dict[str, str], prompt: list[int], ref_pa
     os.environ.pop("GEMMA4_NATIVE", None)
     from gemma4.cli._common import load_model
 
+    from gemma4.infer import use_fast_path
+    from gemma4.infer.generate import decode_step, prefill
+
+    def agree_decoding(model) -> int:
+        """The same positions through the decode path: a QUALITY_FROM-token prefill, then one cached decode
+        step per position, teacher-forced on the prompt (what generation computes; for int8/int4 weights
+        the two-pass int8 activations of the one-row kernels instead of the prefill GEMM's float32)."""
+        use_fast_path(model)
+        with torch.inference_mode():
+            cache = model.new_cache()
+            prefill(model, ids[:, :QUALITY_FROM], cache)
+            rows = [decode_step(model, ids[:, t], cache) for t in range(QUALITY_FROM, n)]  # positions 16..n-1
+        top = torch.cat(rows, 0).float().argmax(-1).tolist()
+        return sum(a == b for a, b in zip(top, ref[QUALITY_FROM:]))
+
     for name in ("BF16", "Q8_0", "Q4_K_M"):  # BF16: bf16 weights, float32 activations (gemma4.quant's "bf16")
         m, _, _ = load_model(files[name])
         out[f"ours {name} file, CLI default (gguf-native)"] = agree(m)
+        out[f"ours {name} file, CLI default, decode path"] = agree_decoding(m)
         del m
     return out
 
