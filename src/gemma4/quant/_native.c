@@ -216,42 +216,13 @@ static void g4_quant_act_i8(const void *x, int xbf16, int64_t M, int64_t K, int8
 /* R rows of W (R <= 4) against one activation row: the activation and its scales are loaded once per
    64 bytes for all R rows, and the R accumulator chains run independently. vpdpbusd multiplies
    unsigned by signed bytes, so each weight goes in as w + 128 (its sign bit flipped) and 128 * sum(a)
-   comes off at the end (corr). */
-static inline __attribute__((always_inline)) void i8_rows_vnni(int R, const int8_t *w, int64_t ldw,
-                                                               const int8_t *a, const float *dl, int64_t Kp,
+   comes off: at the end (corr) for row scales; for weights with an fp16 scale per 32-input block
+   (grouped, a literal at each call; ws: row r's scales at ws + r * ldws) per block (cl), before each
+   block's sums are scaled by the weight's block scale, since that scale changes from block to block. */
+static inline __attribute__((always_inline)) void i8_rows_vnni(int R, int grouped, const int8_t *w, int64_t ldw,
+                                                               const uint16_t *ws, int64_t ldws, const int8_t *a,
+                                                               const float *dl, const float *cl, int64_t Kp,
                                                                int64_t K, float corr, float *out) {
-    const __m512i flip = _mm512_set1_epi8((char)0x80);
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    const int8_t *a2 = a + Kp;
-    const float *dl2 = dl + Kp / 32 * 8;
-    int64_t c = 0;
-    for (int64_t k = 0; k < K; k += 64, c++) {
-        __mmask64 mk = K - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (K - k)) - 1);
-        __m512i av = _mm512_loadu_si512(a + k), av2 = _mm512_loadu_si512(a2 + k); /* zero padded to 64 */
-        __m512 dv = _mm512_loadu_ps(dl + c * 16), dv2 = _mm512_loadu_ps(dl2 + c * 16);
-        for (int r = 0; r < R; r++) {
-            /* masked-off weight bytes become 0x80 after the flip; their activations are zero padding */
-            _mm_prefetch((const char *)(w + (r + 4) * ldw + k), _MM_HINT_T0); /* the next tile's row */
-            __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, w + r * ldw + k), flip);
-            __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, av);
-            __m512i p2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, av2);
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), dv, acc[r]);
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p2), dv2, acc[r]);
-        }
-    }
-    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]) - corr;
-}
-#endif
-
-#if defined(G4_VNNI)
-/* i8_rows_vnni for weights with an fp16 scale per 32-input block (ws: row r's scales at ws + r * ldws):
-   each block's integer sums are corrected (cl) and scaled by the weight's block scale before they are
-   added up, since the scale changes from block to block. */
-static inline __attribute__((always_inline)) void i8_rows_vnni_g(int R, const int8_t *w, int64_t ldw,
-                                                                 const uint16_t *ws, int64_t ldws,
-                                                                 const int8_t *a, const float *dl,
-                                                                 const float *cl, int64_t Kp, int64_t K,
-                                                                 float *out) {
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
@@ -261,20 +232,27 @@ static inline __attribute__((always_inline)) void i8_rows_vnni_g(int R, const in
     for (int64_t k = 0; k < K; k += 64, c++) {
         __mmask64 mk = K - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (K - k)) - 1);
         __mmask8 ms = K - k > 32 ? 3 : 1; /* the second block's scale exists only when its block does */
-        __m512i av = _mm512_loadu_si512(a + k), av2 = _mm512_loadu_si512(a2 + k);
-        __m512 dv = _mm512_loadu_ps(dl + c * 16), dv2 = _mm512_loadu_ps(dl2 + c * 16), cv = _mm512_loadu_ps(cl + c * 16);
+        __m512i av = _mm512_loadu_si512(a + k), av2 = _mm512_loadu_si512(a2 + k); /* zero padded to 64 */
+        __m512 dv = _mm512_loadu_ps(dl + c * 16), dv2 = _mm512_loadu_ps(dl2 + c * 16);
+        __m512 cv = grouped ? _mm512_loadu_ps(cl + c * 16) : _mm512_setzero_ps();
         for (int r = 0; r < R; r++) {
-            _mm_prefetch((const char *)(w + (r + 4) * ldw + k), _MM_HINT_T0);
+            /* masked-off weight bytes become 0x80 after the flip; their activations are zero padding */
+            _mm_prefetch((const char *)(w + (r + 4) * ldw + k), _MM_HINT_T0); /* the next tile's row */
             __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, w + r * ldw + k), flip);
             __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, av);
             __m512i p2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, av2);
-            __m512 sv = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(
-                                                           _mm_cvtph_ps(_mm_maskz_loadu_epi16(ms, ws + r * ldws + 2 * c))));
-            __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), dv, _mm512_fmsub_ps(_mm512_cvtepi32_ps(p2), dv2, cv));
-            acc[r] = _mm512_fmadd_ps(t, sv, acc[r]);
+            if (grouped) {
+                __m512 sv = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(
+                                                              _mm_cvtph_ps(_mm_maskz_loadu_epi16(ms, ws + r * ldws + 2 * c))));
+                __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), dv, _mm512_fmsub_ps(_mm512_cvtepi32_ps(p2), dv2, cv));
+                acc[r] = _mm512_fmadd_ps(t, sv, acc[r]);
+            } else {
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), dv, acc[r]);
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p2), dv2, acc[r]);
+            }
         }
     }
-    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]) - (grouped ? 0.0f : corr);
 }
 #endif
 
@@ -349,17 +327,19 @@ static void g4_gemv_i8(const int8_t *a, const float *dl, const float *corr, cons
             const float *dm = dl + 2 * m * (Kp / 32) * 8;
             float v[4];
 #if defined(G4_VNNI)
-            if (g) {
+            if (g) { /* literal R and grouped: each call compiles to its own unrolled loop */
                 const float *cm = cl + m * (Kp / 32) * 8;
+                const uint16_t *wsn = ws + n0 * (K / 32);
                 if (R == 4)
-                    i8_rows_vnni_g(4, W + n0 * K, K, ws + n0 * (K / 32), K / 32, am, dm, cm, Kp, K, v);
+                    i8_rows_vnni(4, 1, W + n0 * K, K, wsn, K / 32, am, dm, cm, Kp, K, 0.0f, v);
                 else
                     for (int r = 0; r < R; r++)
-                        i8_rows_vnni_g(1, W + (n0 + r) * K, K, ws + (n0 + r) * (K / 32), K / 32, am, dm, cm, Kp, K, v + r);
+                        i8_rows_vnni(1, 1, W + (n0 + r) * K, K, wsn + r * (K / 32), K / 32, am, dm, cm, Kp, K, 0.0f, v + r);
             } else if (R == 4)
-                i8_rows_vnni(4, W + n0 * K, K, am, dm, Kp, K, corr[m], v);
+                i8_rows_vnni(4, 0, W + n0 * K, K, NULL, 0, am, dm, NULL, Kp, K, corr[m], v);
             else
-                for (int r = 0; r < R; r++) i8_rows_vnni(1, W + (n0 + r) * K, K, am, dm, Kp, K, corr[m], v + r);
+                for (int r = 0; r < R; r++)
+                    i8_rows_vnni(1, 0, W + (n0 + r) * K, K, NULL, 0, am, dm, NULL, Kp, K, corr[m], v + r);
 #else
             for (int r = 0; r < R; r++) {
                 const uint16_t *wsg = g ? ws + (n0 + r) * (K / 32) : NULL;
