@@ -127,8 +127,11 @@ class LoRALinear(nn.Module):
         # Outside autocast the update runs in the factors' dtype (float32) and is added in the base
         # output's dtype, as PEFT does; under autocast the matmuls follow the autocast dtype.
         xa = x if torch.is_autocast_enabled(x.device.type) else x.to(self._factor_dtype(x))
-        z = self.lora_B(self.lora_A(self.lora_dropout(xa)))
-        return y + (z * self.scaling).to(y.dtype)
+        # The scaling multiplies the rank-r intermediate [.., r], not the output [.., N] (PEFT scales the
+        # output): one pass over r values per token instead of N, forward and backward (measured ~3% of a
+        # LoRA step of Gemma 3 270M); the same product up to float rounding.
+        z = self.lora_B(self.lora_A(self.lora_dropout(xa)) * self.scaling)
+        return y + z.to(y.dtype)
 
     def _factor_dtype(self, x: torch.Tensor) -> torch.dtype:
         # The factors' dtype; the CPU fast path may have swapped lora_A for a packed module without
