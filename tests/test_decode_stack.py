@@ -170,3 +170,45 @@ def test_plain_path_drops_the_stack():
     assert fast.model.decode_stack is None
     fast_path.use_fast_path(fast)
     assert fast.model.decode_stack is not None
+
+
+def test_two_threads_decoding_on_one_model_get_their_own_results():
+    """The structs hold each step's cache pointers: concurrent decodes (ctypes releases the GIL) take turns."""
+    import threading
+
+    fast = _model("gemma3", "int8", None)
+    seqs = [torch.randint(0, 320, (1, 40), generator=torch.Generator().manual_seed(s)) for s in (11, 12)]
+
+    def run(out, j):
+        with torch.no_grad():
+            out[j] = _logits(fast, seqs[j], 28)
+
+    # Each sequence alone in a thread of its own (a new thread has PyTorch's default thread count, so the
+    # reference runs under the same one), then both at once.
+    want, got = [None, None], [None, None]
+    for j in (0, 1):
+        t = threading.Thread(target=run, args=(want, j))
+        t.start()
+        t.join()
+    threads = [threading.Thread(target=run, args=(got, j)) for j in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_broadcast_rope_rows_are_left_to_the_modules(monkeypatch):
+    """One RoPE row for two batch rows (position_ids [1, T]): the modules broadcast it, the C side would not."""
+    fast = _model("gemma3", "int8", None)
+    calls = _count_calls(monkeypatch)
+    ids = torch.randint(0, 320, (2, 13), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        cache = fast.new_cache()
+        prefill(fast, ids[:, :12], cache)
+        y = fast(ids[:, 12:], cache=cache, position_ids=torch.tensor([[12]]))
+        ref_cache = fast.new_cache()
+        prefill(fast, ids[:, :12], ref_cache)
+        ref = fast(ids[:, 12:], cache=ref_cache, position_ids=torch.tensor([[12], [12]]))  # stack: one row each
+    assert len(calls) == 1 and cache.length == 13
+    torch.testing.assert_close(y, ref, rtol=0, atol=1e-5)  # the modules' broadcast gives the same

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import threading
 from contextlib import contextmanager
 
 import torch
@@ -396,8 +397,9 @@ class FusedQKVAttention(nn.Module):
         n, kh, d = self.n, self.kh, self.d
         rows = qkv.view(b * t, w)  # [B*T,(N+2K)*D], a view: the kernel writes into qkv
         v_eps = a.v_norm.eps if a.v_norm is not None else None
-        native.qk_norm_rope_(rows, n + kh, kh, d, self.qk_scale, self.eps, cos.reshape(b * t, d),
-                             sin.reshape(b * t, d), v_eps, checked=True)
+        # one RoPE row per token (position ids given as [1, T] for every batch row broadcast)
+        cos, sin = cos.expand(b, t, 1, d).reshape(b * t, d), sin.expand(b, t, 1, d).reshape(b * t, d)
+        native.qk_norm_rope_(rows, n + kh, kh, d, self.qk_scale, self.eps, cos, sin, v_eps, checked=True)
         k = qkv[..., n * d : (n + kh) * d].view(b, t, kh, d).transpose(1, 2)  # [B,K,T,D]
         v = qkv[..., (n + kh) * d :].view(b, t, kh, d).transpose(1, 2)
         if cache is not None:
@@ -473,6 +475,10 @@ class DecodeStack:
         self.types = sorted(set(types))
         self.type_of = [self.types.index(lt) for lt in types]
         self.shapes = [(a.n_kv, a.head_dim) for a in self.attn]
+        self.head_dim = {lt: a.head_dim for lt, a in zip(types, self.attn)}
+        # The structs hold each step's cache pointers: two threads decoding on one model at once (ctypes
+        # releases the GIL during the call) would overwrite each other's, so a step holds the lock.
+        self._lock = threading.Lock()
 
     @staticmethod
     def _linear(m: QuantPackedLinear) -> native.G4Linear:
@@ -532,17 +538,25 @@ class DecodeStack:
         for lt in self.types:
             cos, sin = rope[lt]
             m = masks[lt]
-            if cos.dtype != torch.float32 or (m is not None and m.dtype != torch.bool):
+            # the C side reads one RoPE row per batch row, and one mask row per batch row (or one for all)
+            if (cos.dtype != torch.float32 or cos.numel() != b * self.head_dim[lt] or sin.shape != cos.shape
+                    or (m is not None and (m.dtype != torch.bool or m.shape[0] not in (1, b)))):
                 return None
             if m is not None:
                 m = m.reshape(m.shape[0], m.shape[-1]).contiguous()  # [B|1, S]
             per_type.append((cos.contiguous(), sin.contiguous(), m))
+        with self._lock:
+            return self._step(h, caches, per_type, b, hidden)
+
+    def _step(self, h, caches, per_type, b, hidden):
         st_layers = self.layers
         for i, c in enumerate(caches):
             st = st_layers[i]
             cos, sin, m = per_type[self.type_of[i]]
             kh, d = self.shapes[i]
             kb, vb, slot, keys = c.decode_slot(b, kh, d, d, torch.float32, h.device)
+            if m is not None and m.shape[-1] != keys:  # masks come from these caches' bookkeeping
+                raise RuntimeError(f"layer {i}: the attention mask covers {m.shape[-1]} keys, the cache {keys}")
             st.k_cache, st.v_cache, st.cap, st.slot, st.keys = kb.data_ptr(), vb.data_ptr(), kb.shape[2], slot, keys
             st.mask, st.mask_stride = (None, 0) if m is None else (m.data_ptr(), keys if m.shape[0] > 1 else 0)
             st.cos, st.sin = cos.data_ptr(), sin.data_ptr()
