@@ -85,6 +85,30 @@ def test_stack_is_bit_identical_to_the_modules(kind, scheme, group, threads, mon
         torch.set_num_threads(1)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("scheme, group", SCHEMES)
+def test_e2b_shape_per_layer_inputs_and_kv_sharing(scheme, group, threads, monkeypatch):
+    """Gemma 4 E2B's shape (per-layer inputs, three KV-sharing consumers reading two producers' caches,
+    double-wide consumer MLPs): the stack against the modules, whose consumers rotate q with PyTorch's RoPE
+    and attend with the eager backend, and whose per-layer inputs use PyTorch's GELU: the same functions,
+    so float32 rounding apart; the greedy tokens agree."""
+    torch.set_num_threads(threads)
+    try:
+        fast = _model("ple", scheme, group)
+        assert fast.model.decode_stack is not None
+        assert [bool(st.consumer) for st in fast.model.decode_stack.layers] == [False] * 3 + [True] * 3
+        calls = _count_calls(monkeypatch)
+        ids = torch.randint(0, 320, (1, 40), generator=torch.Generator().manual_seed(9))
+        with torch.no_grad():
+            a = _logits(fast, ids, 28, chunk=16)
+            b = _logits(fast, ids, 28, stack=False, chunk=16)
+        assert len(calls) == 28
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4 if scheme == "bf16" else 5e-3)
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+    finally:
+        torch.set_num_threads(1)
+
+
 @pytest.mark.parametrize("scheme, group", SCHEMES)
 def test_stack_takes_padded_batch_rows(scheme, group, monkeypatch):
     """Two left-padded rows (a per-row mask and per-row RoPE positions): the same as the modules."""
@@ -135,15 +159,15 @@ def test_steps_the_stack_leaves_to_the_modules(monkeypatch):
         assert len(calls) == 1 and cache.length == 14
     stack = fast.model.decode_stack
     h = torch.zeros(1, 1, 64)
-    assert stack(h, {}, {}, type("Other", (), {"layers": [object()] * 4})()) is None
-    assert stack(torch.zeros(1, 2, 64), {}, {}, cache) is None  # two new tokens
-    assert stack(h.double(), {}, {}, cache) is None
+    assert stack(h, None, {}, {}, type("Other", (), {"layers": [object()] * 4})()) is None
+    assert stack(torch.zeros(1, 2, 64), None, {}, {}, cache) is None  # two new tokens
+    assert stack(h.double(), None, {}, {}, cache) is None
     assert cache.length == 14
 
 
-@pytest.mark.parametrize("kind", ["ple", "moe", "dense"])
+@pytest.mark.parametrize("kind", ["moe", "dense"])
 def test_not_built_where_a_layer_differs(kind):
-    """Per-layer inputs, MoE, K=V attention: the modules keep those models (the stack is all or nothing)."""
+    """MoE, K=V attention: the modules keep those models (the stack is all or nothing)."""
     m = quant_tiny.model(kind)
     quantize(m, "int8", None)
     assert fast_path.use_fast_path(m).model.decode_stack is None

@@ -146,7 +146,7 @@ def test_float32_fast_path_runs_the_fused_ops_and_matches_the_plain_model(kind, 
         ref = _decode_logits(m, ids, 28)  # the sliding window is 8: the ring wraps (masked decode)
         fast = fast_path.use_fast_path(copy.deepcopy(m))
         out = _decode_logits(fast, ids, 28)
-    if scheme and kind == "gemma3":  # Gemma 3 layers decode through the one-call stack (DecodeStack)
+    if scheme and kind in ("gemma3", "ple"):  # these decode through the one-call stack (DecodeStack)
         assert set(calls) == {"rmsnorm", "qk_norm_rope_", "gelu_mul", "decode_layers"}, calls
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-4 if scheme == "bf16" else 5e-3)
     elif scheme:

@@ -461,21 +461,28 @@ class DecodeStack:
 
     Why: the fast path's modules call one C kernel per op, ~10 per layer, and the Python and ctypes work
     around each call (~5-15 us) added up to ~4-5 ms of a ~25 ms bf16 decode step of Gemma 3 270M here,
-    as much as one layer's weights take to stream. The C side runs the same kernels in the same order,
-    so its results are bit-identical to the modules'. Built by :func:`use_fast_path` when every layer has
-    the Gemma 3 shape on native kernels (fused q/k/v, a quantized or bf16 gated MLP, no MoE, no per-layer
-    inputs, no KV-sharing consumer); other models keep the modules. A step it cannot take (several new
-    tokens, a non-float32 or grad-tracking input, another cache kind, a non-exact attention backend)
-    returns None and the modules run it."""
+    as much as one layer's weights take to stream. Built by :func:`use_fast_path` when every layer runs on
+    native kernels (int8/int4/bf16 weights, a gated MLP, no MoE, exact attention) and is either a layer
+    with fused q/k/v (Gemma 3's, Gemma 4's without K=V), a KV-sharing consumer (Gemma 4 E2B/E4B: q alone,
+    over its producer's cache), with or without per-layer inputs; other models keep the modules.
+    For fused q/k/v layers the C side runs the modules' own kernels in their order: bit-identical
+    results. Consumer layers (whose modules rotate q with PyTorch's RoPE and attend with the eager
+    backend) and per-layer inputs (PyTorch's GELU) use the C kernels of the same functions: float32
+    rounding apart (tests/test_decode_stack.py). A step it cannot take (several new tokens, a non-float32
+    or grad-tracking input, another cache kind, a non-exact attention backend) returns None and the
+    modules run it."""
 
-    def __init__(self, model, layers: ctypes.Array, keep: list):
+    def __init__(self, model, layers: ctypes.Array, keep: list, producer: list):
         self.layers, self._keep = layers, keep  # keep: the tensors the structs point into
-        self.attn = [layer.self_attn.attn for layer in model.model.layers]
+        self.producer = producer  # per layer: the index of the layer whose cache it reads (itself if it has one)
+        self.attn = [layer.self_attn.attn if isinstance(layer.self_attn, FusedQKVAttention) else layer.self_attn
+                     for layer in model.model.layers]
         types = model.config.layer_types
         self.types = sorted(set(types))
         self.type_of = [self.types.index(lt) for lt in types]
         self.shapes = [(a.n_kv, a.head_dim) for a in self.attn]
         self.head_dim = {lt: a.head_dim for lt, a in zip(types, self.attn)}
+        self.ple = [bool(layer.ple_dim) for layer in model.model.layers]
         # The structs hold each step's cache pointers: two threads decoding on one model at once (ctypes
         # releases the GIL during the call) would overwrite each other's, so a step holds the lock.
         self._lock = threading.Lock()
@@ -485,53 +492,87 @@ class DecodeStack:
         return native.G4Linear(m.qweight.data_ptr(), None if m.bf16 else m.scales.data_ptr(), m.out_features,
                                m.in_features, m.group_size, native.G4Linear.KINDS[m.scheme])
 
+    @staticmethod
+    def _native_linear(m) -> bool:
+        return (isinstance(m, QuantPackedLinear) and m.native and m.qweight.is_contiguous()
+                and (m.bf16 or m.scales.is_contiguous()))
+
+    @staticmethod
+    def _scale_ok(n) -> bool:
+        return isinstance(n, FastRMSNorm) and (n.scale is None or (n.scale.dtype == torch.float32
+                                                                  and n.scale.is_contiguous()))
+
     @classmethod
     def build(cls, model) -> "DecodeStack | None":
         """The stack for a fast-path model whose layers all qualify, else None."""
         if not native.available():
             return None
         layers = model.model.layers
-        structs, keep = (native.G4Layer * len(layers))(), []
-        for layer, st in zip(layers, structs):
-            if type(layer) is not DecoderLayer or layer.enable_moe or layer.ple_dim:
+        modes = model.config.kv_sharing_modes
+        structs, keep, producer, last_store = (native.G4Layer * len(layers))(), [], [], {}
+        for i, (layer, st) in enumerate(zip(layers, structs)):
+            if type(layer) is not DecoderLayer or layer.enable_moe:
                 return None
             fa, mlp = layer.self_attn, layer.mlp
-            if not (isinstance(fa, FusedQKVAttention) and fa.native and isinstance(mlp, QuantPackedMLP)
-                    and isinstance(fa.attn.o_proj, QuantPackedLinear)):
+            if isinstance(fa, FusedQKVAttention) and fa.native:
+                a, qkv, qk_scale, qk_eps, kh = fa.attn, fa.qkv, fa.qk_scale, fa.eps, fa.kh
+                producer.append(i)
+            elif (type(fa) is Attention and fa.is_consumer and cls._native_linear(fa.q_proj) and fa.q_proj.src
+                    is not None and cls._scale_ok(fa.q_norm) and fa.q_norm.scale is not None
+                    and fa.head_dim <= native.MAX_HEAD_DIM and fa.head_dim % 2 == 0
+                    and fa.layer_type in last_store):
+                a, qkv, qk_eps, kh = fa, fa.q_proj, fa.q_norm.eps, fa.n_kv
+                qk_scale = fa.q_norm.scale.expand(fa.n_heads, fa.head_dim).contiguous()  # [N, D]
+                producer.append(last_store[fa.layer_type])
+            else:
                 return None
-            lins = (fa.qkv, fa.attn.o_proj, mlp.gate_up, mlp.down)
+            if modes[i] == "store":
+                last_store[layer.layer_type] = i
+            if not isinstance(mlp, QuantPackedMLP):
+                return None
+            lins = (qkv, a.o_proj, mlp.gate_up, mlp.down)
             norms = (layer.input_layernorm, layer.post_attention_layernorm, layer.pre_feedforward_layernorm,
                      layer.post_feedforward_layernorm)
-            if not all(m.native and m.qweight.is_contiguous() and (m.bf16 or m.scales.is_contiguous()) for m in lins):
+            if not all(cls._native_linear(m) for m in lins):
                 return None
-            if not all(isinstance(n, FastRMSNorm) and n.eps == norms[0].eps
-                       and (n.scale is None or (n.scale.dtype == torch.float32 and n.scale.is_contiguous()))
-                       for n in norms):
+            if not all(cls._scale_ok(n) and n.eps == norms[0].eps for n in norms):
                 return None
             sc = layer.layer_scalar
             if sc is not None and (sc.dtype != torch.float32 or sc.numel() != 1):
                 return None
-            a = fa.attn
+            if layer.ple_dim:
+                gate, proj, pn = layer.per_layer_input_gate, layer.per_layer_projection, layer.post_per_layer_input_norm
+                if not (cls._native_linear(gate) and cls._native_linear(proj) and cls._scale_ok(pn)):
+                    return None
+                st.ple_gate, st.ple_proj = cls._linear(gate), cls._linear(proj)
+                st.ple_norm, st.ple_eps = None if pn.scale is None else pn.scale.data_ptr(), pn.eps
+                keep.append(pn.scale)
             st.qkv, st.o, st.gate_up, st.down = (cls._linear(m) for m in lins)
             for j, n in enumerate(norms):
                 st.norm[j] = None if n.scale is None else n.scale.data_ptr()
-            st.qk_scale, st.scalar = fa.qk_scale.data_ptr(), None if sc is None else sc.data_ptr()
-            st.heads, st.kv_heads, st.head_dim, st.inter = fa.n, fa.kh, fa.d, mlp.inter
-            st.eps, st.qk_eps = norms[0].eps, fa.eps
-            st.v_eps = a.v_norm.eps if a.v_norm is not None else -1.0
+            st.qk_scale, st.scalar = qk_scale.data_ptr(), None if sc is None else sc.data_ptr()
+            st.heads, st.kv_heads, st.head_dim, st.inter = a.n_heads, kh, a.head_dim, mlp.inter
+            st.eps, st.qk_eps, st.consumer = norms[0].eps, qk_eps, int(producer[-1] != i)
+            st.v_eps = a.v_norm.eps if not a.is_consumer and a.v_norm is not None else -1.0
             st.scale, st.softcap = a.scale, float(a.softcap or 0.0)
-            keep += [*(n.scale for n in norms), fa.qk_scale, sc]
-        return cls(model, structs, keep)
+            keep += [*(n.scale for n in norms), qk_scale, sc]
+        return cls(model, structs, keep, producer)
 
-    def __call__(self, h: torch.Tensor, rope: dict, masks: dict, cache) -> torch.Tensor | None:
+    def __call__(self, h: torch.Tensor, ple: torch.Tensor | None, rope: dict, masks: dict,
+                 cache) -> torch.Tensor | None:
         b, t, hidden = h.shape
         if t != 1 or not _native_f32(h) or not h.is_contiguous():
             return None
         if any(a.backend not in _EXACT_BACKENDS for a in self.attn):
             return None
+        if ple is not None and (not _native_f32(ple) or not ple.is_contiguous()):
+            return None
         caches = cache.layers
-        for c in caches:  # checked before any slot is taken: a refusal leaves every cache as it was
-            if (type(c) not in (FullCache, SlidingCache) or (c.k is not None and (c.k.dtype != torch.float32
+        for i, c in enumerate(caches):  # checked before any slot is taken: a refusal leaves every cache as it was
+            if self.producer[i] != i:
+                if c is not None:
+                    return None
+            elif (type(c) not in (FullCache, SlidingCache) or (c.k is not None and (c.k.dtype != torch.float32
                     or c.k.shape[0] != b)) or (type(c) is SlidingCache and c.capacity == 0)):
                 return None
         per_type = []
@@ -546,20 +587,26 @@ class DecodeStack:
                 m = m.reshape(m.shape[0], m.shape[-1]).contiguous()  # [B|1, S]
             per_type.append((cos.contiguous(), sin.contiguous(), m))
         with self._lock:
-            return self._step(h, caches, per_type, b, hidden)
+            return self._step(h, ple, caches, per_type, b, hidden)
 
-    def _step(self, h, caches, per_type, b, hidden):
+    def _step(self, h, ple, caches, per_type, b, hidden):
         st_layers = self.layers
         for i, c in enumerate(caches):
             st = st_layers[i]
             cos, sin, m = per_type[self.type_of[i]]
-            kh, d = self.shapes[i]
-            kb, vb, slot, keys = c.decode_slot(b, kh, d, d, torch.float32, h.device)
-            if m is not None and m.shape[-1] != keys:  # masks come from these caches' bookkeeping
-                raise RuntimeError(f"layer {i}: the attention mask covers {m.shape[-1]} keys, the cache {keys}")
-            st.k_cache, st.v_cache, st.cap, st.slot, st.keys = kb.data_ptr(), vb.data_ptr(), kb.shape[2], slot, keys
-            st.mask, st.mask_stride = (None, 0) if m is None else (m.data_ptr(), keys if m.shape[0] > 1 else 0)
+            if self.producer[i] == i:
+                kh, d = self.shapes[i]
+                kb, vb, slot, keys = c.decode_slot(b, kh, d, d, torch.float32, h.device)
+                st.k_cache, st.v_cache, st.cap, st.slot, st.keys = kb.data_ptr(), vb.data_ptr(), kb.shape[2], slot, keys
+            else:  # a consumer attends over what its producer (an earlier layer) wrote this step
+                src = st_layers[self.producer[i]]
+                st.k_cache, st.v_cache, st.cap, st.keys = src.k_cache, src.v_cache, src.cap, src.keys
+            if m is not None and m.shape[-1] != st.keys:  # masks come from these caches' bookkeeping
+                raise RuntimeError(f"layer {i}: the attention mask covers {m.shape[-1]} keys, the cache {st.keys}")
+            st.mask, st.mask_stride = (None, 0) if m is None else (m.data_ptr(), st.keys if m.shape[0] > 1 else 0)
             st.cos, st.sin = cos.data_ptr(), sin.data_ptr()
+            if self.ple[i]:  # ple [B, 1, L, P]: this layer's rows
+                st.ple, st.ple_stride = ple[:, 0, i].data_ptr(), ple.shape[2] * ple.shape[3]
         x = h.view(b, hidden)
         native.decode_layers(st_layers, x, checked=True)  # the tensors above live until it returns
         return h

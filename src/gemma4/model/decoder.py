@@ -256,7 +256,7 @@ class Gemma4TextModel(nn.Module):
         self.gradient_checkpointing = False
         # Optional: a callable that runs every layer for one decoded token in one go, set by an inference
         # fast path that swapped the layers' modules (gemma4.infer.fast_path.DecodeStack). It takes
-        # (h, rope, masks, cache) and returns the new h, or None when it cannot take this step.
+        # (h, ple, rope, masks, cache) and returns the new h, or None when it cannot take this step.
         self.decode_stack = None
 
     def _type_head_dim(self, t: str) -> int:
@@ -348,7 +348,7 @@ class Gemma4TextModel(nn.Module):
         modes = cfg.kv_sharing_modes
         ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
         if self.decode_stack is not None and t == 1 and cache is not None and not export_kv and not ckpt:
-            out = self.decode_stack(h, rope, masks, cache)
+            out = self.decode_stack(h, ple, rope, masks, cache)
             if out is not None:
                 return self.norm(out), shared
         for i, layer in enumerate(self.layers):

@@ -1074,16 +1074,17 @@ int g4_attn_decode(const float *q, int64_t qsb, int64_t B, int64_t N, int64_t D,
 /* out [rows, inter] = gelu_tanh(gate) * up for gu [rows, 2 * inter] (gate then up, the fused projection's
    output). gelu_tanh(x) = 0.5 x (1 + tanh(u)) = x / (1 + exp(-2u)), u = sqrt(2/pi) (x + 0.044715 x^3):
    the same function without tanh's cancellation near 0. */
+static inline float g4_gelu(float x) {
+    float u = 0.7978845608028654f * (x + 0.044715f * (x * x * x));
+    return x / (1.0f + g4_expf(-2.0f * u));
+}
+
 void g4_gelu_mul(const float *gu, int64_t rows, int64_t inter, float *out) {
     for (int64_t r = 0; r < rows; r++) {
         const float *gr = gu + r * 2 * inter, *ur = gr + inter;
         float *o = out + r * inter;
 #pragma omp simd
-        for (int64_t i = 0; i < inter; i++) {
-            float x = gr[i];
-            float u = 0.7978845608028654f * (x + 0.044715f * (x * x * x));
-            o[i] = (x / (1.0f + g4_expf(-2.0f * u))) * ur[i];
-        }
+        for (int64_t i = 0; i < inter; i++) o[i] = g4_gelu(gr[i]) * ur[i];
     }
 }
 
@@ -1114,6 +1115,13 @@ typedef struct {
     const uint8_t *mask;      /* [B|1, keys] or NULL */
     int64_t mask_stride;
     const float *cos, *sin;   /* [B, D] */
+    /* Gemma 4's E2B/E4B layers (zero / NULL where absent) */
+    int64_t consumer;         /* a KV-sharing consumer: qkv projects q only; k/v_cache are its producer's, not written */
+    g4_lin ple_gate, ple_proj; /* per-layer input: gate [P, H] and projection [H, P] (ple_gate.w NULL: none) */
+    const float *ple_norm;    /* scale of the norm after the projection (NULL: none) */
+    float ple_eps, _pad2;
+    const float *ple;         /* set for every step: this layer's per-layer input rows [B, P], row stride ple_stride */
+    int64_t ple_stride;
 } g4_layer;
 
 static int g4_lin_run(const g4_lin *l, const float *x, int64_t M, float *y, int nthreads) {
@@ -1126,22 +1134,25 @@ static int g4_lin_run(const g4_lin *l, const float *x, int64_t M, float *y, int 
 
 /* h [B, H] float32, updated in place through layers L[0..nl). Returns 0, or -1 when out of memory. */
 int g4_decode_layers(const g4_layer *L, int64_t nl, float *h, int64_t B, int64_t H, int nthreads) {
-    int64_t wq = 0, wa = 0, wi = 0;
+    int64_t wq = 0, wa = 0, wi = 0, wp = 0;
     for (int64_t i = 0; i < nl; i++) {
-        int64_t q = L[i].qkv.n, a = L[i].heads * L[i].head_dim, f = L[i].inter;
-        wq = q > wq ? q : wq, wa = a > wa ? a : wa, wi = f > wi ? f : wi;
+        int64_t q = L[i].qkv.n, a = L[i].heads * L[i].head_dim, f = L[i].inter, p = L[i].ple_gate.w ? L[i].ple_gate.n : 0;
+        wq = q > wq ? q : wq, wa = a > wa ? a : wa, wi = f > wi ? f : wi, wp = p > wp ? p : wp;
     }
-    float *buf = malloc((size_t)B * (2 * H + wq + wa + 3 * wi) * sizeof(float));
+    float *buf = malloc((size_t)B * (2 * H + wq + wa + 3 * wi + wp) * sizeof(float));
     if (!buf) return -1;
     float *x = buf, *t = x + B * H, *qkv = t + B * H, *att = qkv + B * wq, *gu = att + B * wa, *g = gu + 2 * B * wi;
+    float *pg = g + B * wi;
     int rc = 0;
     for (int64_t i = 0; i < nl && !rc; i++) {
         const g4_layer *l = L + i;
         int64_t N = l->heads, KH = l->kv_heads, D = l->head_dim, ld = l->qkv.n, I = l->inter;
         g4_rmsnorm(h, B, H, l->norm[0], l->eps, x, nthreads);
         if ((rc = g4_lin_run(&l->qkv, x, B, qkv, nthreads))) break;
-        g4_qk_norm_rope(qkv, B, ld, N + KH, KH, D, l->qk_scale, l->qk_eps, l->cos, l->sin, l->v_eps);
-        for (int64_t b = 0; b < B; b++)
+        /* a consumer's projection is q alone: its N heads normed and rotated, the producer's cache read as is */
+        g4_qk_norm_rope(qkv, B, ld, l->consumer ? N : N + KH, l->consumer ? 0 : KH, D, l->qk_scale, l->qk_eps, l->cos,
+                        l->sin, l->consumer ? -1.0f : l->v_eps);
+        for (int64_t b = 0; b < B && !l->consumer; b++)
             for (int64_t j = 0; j < KH; j++) {
                 int64_t at = ((b * KH + j) * l->cap + l->slot) * D;
                 memcpy(l->k_cache + at, qkv + b * ld + (N + j) * D, (size_t)D * sizeof(float));
@@ -1160,6 +1171,15 @@ int g4_decode_layers(const g4_layer *L, int64_t nl, float *h, int64_t B, int64_t
         if ((rc = g4_lin_run(&l->down, g, B, t, nthreads))) break;
         g4_rmsnorm(t, B, H, l->norm[3], l->eps, t, nthreads);
         for (int64_t e = 0; e < B * H; e++) h[e] += t[e];
+        if (l->ple_gate.w) { /* h += norm(proj(gelu(gate(h)) * ple)) */
+            int64_t P = l->ple_gate.n;
+            if ((rc = g4_lin_run(&l->ple_gate, h, B, pg, nthreads))) break;
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t j = 0; j < P; j++) pg[b * P + j] = g4_gelu(pg[b * P + j]) * l->ple[b * l->ple_stride + j];
+            if ((rc = g4_lin_run(&l->ple_proj, pg, B, t, nthreads))) break;
+            g4_rmsnorm(t, B, H, l->ple_norm, l->ple_eps, t, nthreads);
+            for (int64_t e = 0; e < B * H; e++) h[e] += t[e];
+        }
         if (l->scalar)
             for (int64_t e = 0; e < B * H; e++) h[e] *= l->scalar[0];
     }

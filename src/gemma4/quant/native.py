@@ -419,7 +419,8 @@ class G4Linear(ctypes.Structure):
 
 class G4Layer(ctypes.Structure):
     """One decoder layer for ``g4_decode_layers`` (mirrors ``g4_layer`` in _native.c): weights, norm scales
-    and shapes fixed when built; the cache slot, mask and RoPE rows set before every step."""
+    and shapes fixed when built; the cache slot, mask, RoPE rows (and per-layer input rows) set before every
+    step. A KV-sharing consumer reads its producer's cache; per-layer inputs are Gemma 4 E2B/E4B's."""
     _fields_ = [("qkv", G4Linear), ("o", G4Linear), ("gate_up", G4Linear), ("down", G4Linear),
                 ("norm", ctypes.c_void_p * 4), ("qk_scale", ctypes.c_void_p), ("scalar", ctypes.c_void_p),
                 ("heads", ctypes.c_int64), ("kv_heads", ctypes.c_int64), ("head_dim", ctypes.c_int64),
@@ -428,7 +429,10 @@ class G4Layer(ctypes.Structure):
                 ("scale", ctypes.c_float), ("softcap", ctypes.c_float), ("_pad", ctypes.c_float),
                 ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p), ("cap", ctypes.c_int64),
                 ("slot", ctypes.c_int64), ("keys", ctypes.c_int64), ("mask", ctypes.c_void_p),
-                ("mask_stride", ctypes.c_int64), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p)]
+                ("mask_stride", ctypes.c_int64), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
+                ("consumer", ctypes.c_int64), ("ple_gate", G4Linear), ("ple_proj", G4Linear),
+                ("ple_norm", ctypes.c_void_p), ("ple_eps", ctypes.c_float), ("_pad2", ctypes.c_float),
+                ("ple", ctypes.c_void_p), ("ple_stride", ctypes.c_int64)]
 
 
 def decode_layers(layers: ctypes.Array, h: torch.Tensor, *, threads: int | None = None, variant: str = "native",
