@@ -63,50 +63,48 @@ def _count_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.fixture(params=[1, 2], ids=["1T", "2T"])
+def threads(request):
+    """Run the test at one and at two threads (the kernels share out rows), then back to one."""
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(1)
+
+
 @pytest.mark.parametrize("kind", ["gemma3", "gemma4"])
 @pytest.mark.parametrize("scheme, group", SCHEMES)
 def test_stack_is_bit_identical_to_the_modules(kind, scheme, group, threads, monkeypatch):
     """28 steps past a 12-token prefill: the window-8 ring wraps (masked steps), and a full cache growing
     in chunks of 16 reallocates twice under the stack."""
-    torch.set_num_threads(threads)
-    try:
-        fast = _model(kind, scheme, group)
-        assert fast.model.decode_stack is not None
-        calls = _count_calls(monkeypatch)
-        ids = torch.randint(0, 320, (1, 40), generator=torch.Generator().manual_seed(3))
-        with torch.no_grad():
-            a = _logits(fast, ids, 28, chunk=16)
-            assert len(calls) == 28
-            b = _logits(fast, ids, 28, stack=False, chunk=16)
+    fast = _model(kind, scheme, group)
+    assert fast.model.decode_stack is not None
+    calls = _count_calls(monkeypatch)
+    ids = torch.randint(0, 320, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a = _logits(fast, ids, 28, chunk=16)
         assert len(calls) == 28
-        assert torch.equal(a, b)
-    finally:
-        torch.set_num_threads(1)
+        b = _logits(fast, ids, 28, stack=False, chunk=16)
+    assert len(calls) == 28
+    assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("scheme, group", SCHEMES)
 def test_e2b_shape_per_layer_inputs_and_kv_sharing(scheme, group, threads, monkeypatch):
     """Gemma 4 E2B's shape (per-layer inputs, three KV-sharing consumers reading two producers' caches,
     double-wide consumer MLPs): the stack against the modules, whose consumers rotate q with PyTorch's RoPE
     and attend with the eager backend, and whose per-layer inputs use PyTorch's GELU: the same functions,
     so float32 rounding apart; the greedy tokens agree."""
-    torch.set_num_threads(threads)
-    try:
-        fast = _model("ple", scheme, group)
-        assert fast.model.decode_stack is not None
-        assert [bool(st.consumer) for st in fast.model.decode_stack.layers] == [False] * 3 + [True] * 3
-        calls = _count_calls(monkeypatch)
-        ids = torch.randint(0, 320, (1, 40), generator=torch.Generator().manual_seed(9))
-        with torch.no_grad():
-            a = _logits(fast, ids, 28, chunk=16)
-            b = _logits(fast, ids, 28, stack=False, chunk=16)
-        assert len(calls) == 28
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-4 if scheme == "bf16" else 5e-3)
-        assert torch.equal(a.argmax(-1), b.argmax(-1))
-    finally:
-        torch.set_num_threads(1)
+    fast = _model("ple", scheme, group)
+    assert fast.model.decode_stack is not None
+    assert [bool(st.consumer) for st in fast.model.decode_stack.layers] == [False] * 3 + [True] * 3
+    calls = _count_calls(monkeypatch)
+    ids = torch.randint(0, 320, (1, 40), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        a = _logits(fast, ids, 28, chunk=16)
+        b = _logits(fast, ids, 28, stack=False, chunk=16)
+    assert len(calls) == 28
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-4 if scheme == "bf16" else 5e-3)
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
 
 
 @pytest.mark.parametrize("scheme, group", SCHEMES)

@@ -13,7 +13,8 @@ from gemma4 import Gemma4Config, build_model, init_random_
 from gemma4.infer import use_fast_path
 from gemma4.io import gguf_native, load_pretrained, save_pretrained
 from gemma4.io.gguf import GGUFError, GGUFFile, dequantize, gguf_to_hf, load_gguf, save_gguf
-from gemma4.io.gguf_native import Q4_K, Q8_0, gguf_native_model, q4k_blocks, q4k_to_int4, q8_0_to_int8
+from gemma4.io.gguf import _Q8_0 as Q8_0
+from gemma4.io.gguf_native import Q4_K, gguf_native_model, q4k_blocks, q4k_to_int4, q8_0_to_int8
 from gemma4.quant.rtn import (Int4Embedding, Int4Linear, Int8Linear, Int8Weight, QuantExperts, QuantizationError, int4_dequant,
                               quantize)
 

@@ -12,7 +12,7 @@ reads the embedding table itself: nothing is held twice); a bf16 row being decod
 ``torch.mv``, which streams the 262144 x 640 table ~1.4x faster than oneDNN's packed copy did on an
 AVX512-BF16 CPU (31 against 41-48 ms, one thread, cold cache); ``head="pack"`` still gives the packed copy.
 Quantized and bf16-weight models take the compiled kernels of :mod:`gemma4.quant.native` instead, and where
-every layer has the Gemma 3 shape a decoded token runs all layers in one native call (:class:`DecodeStack`).
+every layer runs on them (see :class:`DecodeStack`) a decoded token runs all layers in one native call.
 :func:`use_plain_path` restores the original modules. A packed model computes the same function (bf16
 results were bit-identical in our checks; fp32 differs by summation order, ~1e-6 relative) but
 cannot be saved or trained while packed.

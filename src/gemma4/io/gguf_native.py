@@ -40,8 +40,8 @@ import torch
 
 from gemma4._util import Progress, no_progress, release_free_heap
 from gemma4.io.checkpoint import _set_tensor, map_key
-from gemma4.io.gguf import (GGUFError, GGUFFile, TensorInfo, _check_types, _norm_shift, config_from_gguf, dequantize,
-                            gguf_to_hf)
+from gemma4.io.gguf import (_Q8_0, GGUFError, GGUFFile, TensorInfo, _check_types, _norm_shift, config_from_gguf,
+                            dequantize, gguf_to_hf, q8_0_blocks)
 from gemma4.model import Gemma4ForCausalLM, build_model
 from gemma4.quant import QuantWeight, native, prepare_quantized, to_kernel_layout
 from gemma4.quant.rtn import DEFAULT_SKIP, FORMAT_VERSION, quantization_targets
@@ -50,7 +50,6 @@ __all__ = ["Q4_K", "q4k_blocks", "q4k_to_int4", "gguf_is_bf16", "gguf_is_quantiz
            "gguf_native_types", "gguf_native_model"]
 
 Q4_K = 12  # gguf.GGMLQuantizationType.Q4_K
-Q8_0 = 8  # gguf.GGMLQuantizationType.Q8_0
 _Q4K_BYTES, _QK = 144, 256  # bytes per block, weights per block
 # Weights per row chunk while streaming: the bf16 chunk is 512 KiB and the int4 quantizer's float32
 # scratch a few times 1 MiB, whatever the table's size.
@@ -163,10 +162,8 @@ def _read_rows(fh, path: Path, t: TensorInfo, row_bytes: int, r0: int, r1: int) 
 def q8_0_to_int8(raw: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw Q8_0 bytes of ``shape`` [N, K] -> (codes int8 [N, K], scales float16 [N, K/32]), as stored."""
     n, k = shape
-    if not isinstance(raw, torch.Tensor):  # a GGUFFile's (read-only) memory map
-        raw = torch.from_numpy(np.array(raw, dtype=np.uint8, copy=True))
-    blocks = raw.reshape(n * (k // 32), 34)
-    return blocks[:, 2:].contiguous().view(torch.int8).view(n, k), blocks[:, :2].contiguous().view(torch.float16).view(n, k // 32)
+    q, d = q8_0_blocks(raw)  # [N*K/32, 32], [N*K/32, 1]
+    return q.view(n, k), d.view(n, k // 32)
 
 
 def _fill_quantized(fh, path: Path, t: TensorInfo, mod: QuantWeight, keep_q4k: bool) -> None:
@@ -188,7 +185,7 @@ def _fill_quantized(fh, path: Path, t: TensorInfo, mod: QuantWeight, keep_q4k: b
             raw = _read_rows(fh, path, t, row_bytes, e * n + r0, e * n + r1)
             if keep_q4k:
                 q, s = q4k_to_int4(torch.from_numpy(raw), (r1 - r0, k))
-            elif t.qtype == Q8_0 and mod.scheme == "int8" and mod.group_size == 32:
+            elif t.qtype == _Q8_0 and mod.scheme == "int8" and mod.group_size == 32:
                 q, s = q8_0_to_int8(torch.from_numpy(raw), (r1 - r0, k))
             else:
                 w = dequantize(raw, t.qtype, (r1 - r0, k), torch.bfloat16, what=f"tensor {t.name!r} in {path}")
