@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import gemma4
-from gemma4.train import causal_lm_loss, make_trainable
+from gemma4.quant import native
+from gemma4.train import causal_lm_loss, make_trainable, use_training_kernels
 from tiny import hf_model
 
 KINDS = ["dense", "ple", "moe", "gemma3"]
@@ -71,9 +72,14 @@ def test_gradients_match_transformers(models, kind):
     ref_loss, ref_grads = _reference_grads(ref, ids, labels)
 
     ours = make_trainable(gemma4.load_pretrained(path))
-    for ckpt in (False, True):
+    # Last: the compiled training kernels the Trainer swaps in (RMSNorm with its weight gradient, gated GELU).
+    for ckpt, kernels in ((False, False), (True, False), (False, True)):
         if ckpt:
             ours.gradient_checkpointing_enable()
+        else:
+            ours.gradient_checkpointing_disable()
+        if kernels:
+            assert use_training_kernels(ours) > 0 or not native.available()
         ours.zero_grad(set_to_none=True)
         # chunk=13: several chunks and a ragged last one
         loss = causal_lm_loss(ours, ids, labels, chunk=13)
@@ -83,8 +89,8 @@ def test_gradients_match_transformers(models, kind):
         ref_g = dict(ref_grads)
         if ours.config.tie_word_embeddings:
             ref_g.pop("lm_head.weight", None)  # the tied head is embed_tokens (listed once by both)
-        worst = _compare(grads, ref_g, f"{kind}/ckpt={ckpt}")
-        print(f"{kind} ckpt={ckpt}: min cosine {worst[0]:.9f}, max rel err {worst[1]:.2e} ({worst[2]})")
+        worst = _compare(grads, ref_g, f"{kind}/ckpt={ckpt}/kernels={kernels}")
+        print(f"{kind} ckpt={ckpt} kernels={kernels}: min cosine {worst[0]:.9f}, max rel err {worst[1]:.2e} ({worst[2]})")
 
     if kind == "ple":
         # The layers that produce the K/V shared with the last 4 layers get gradient from those

@@ -451,9 +451,15 @@ def _norm_scale(norm: nn.Module) -> torch.Tensor | None:
     return w + norm.offset if norm.offset else w
 
 
+def _mlp_linears(mlp: MLP) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """The MLP's three projections (its other child, the activation, has no weights; the packed MLPs
+    compute the same gated GELU themselves)."""
+    return mlp.gate_proj, mlp.up_proj, mlp.down_proj
+
+
 def _quant_mlp(child: nn.Module) -> bool:
-    return type(child) is MLP and all(isinstance(c, _QUANT_LINEARS) for c in child.children()) \
-        and type(child.gate_proj) is type(child.up_proj) and all(QuantPackedLinear.supported(c) for c in child.children())
+    return type(child) is MLP and all(isinstance(c, _QUANT_LINEARS) for c in _mlp_linears(child)) \
+        and type(child.gate_proj) is type(child.up_proj) and all(QuantPackedLinear.supported(c) for c in _mlp_linears(child))
 
 
 class DecodeStack:
@@ -633,7 +639,7 @@ def use_fast_path(model, head: str = "auto"):
         for child_name, child in list(mod.named_children()):
             if type(child) in (MLP, *_QUANT_LINEARS):
                 replaced.add(id(child))
-            if type(child) is MLP and all(type(c) is nn.Linear for c in child.children()):
+            if type(child) is MLP and all(type(c) is nn.Linear for c in _mlp_linears(child)):
                 setattr(mod, child_name, PackedMLP(child))
             elif _quant_mlp(child):
                 setattr(mod, child_name, QuantPackedMLP(child))

@@ -133,15 +133,24 @@ class Attention(nn.Module):
         return self.o_proj(o), (k, v)
 
 
+class GatedGELU(nn.Module):
+    """gelu_tanh(gate) * up. A module (no parameters) so that a faster kernel for training can be swapped
+    in through the module tree (`gemma4.train.use_training_kernels`)."""
+
+    def forward(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return gelu_tanh(g) * u
+
+
 class MLP(nn.Module):
     def __init__(self, hidden: int, inter: int):
         super().__init__()
         self.gate_proj = nn.Linear(hidden, inter, bias=False)
         self.up_proj = nn.Linear(hidden, inter, bias=False)
         self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.act = GatedGELU()
 
     def forward(self, x):
-        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))
 
 
 class Router(nn.Module):

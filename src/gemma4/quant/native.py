@@ -1,6 +1,8 @@
-"""Optional compiled decode kernels, with the pure-PyTorch path as fallback: matmuls for int8, int4 and
-bf16 weights, and the small fused float32 ops of a decode step (RMSNorm, q/k norm + RoPE, one-row
-attention over a KV cache, the gated GELU: see the end of this file).
+"""Optional compiled kernels, with the pure-PyTorch path as fallback: matmuls for int8, int4 and bf16
+weights, and the small fused float32 ops of a decode step (RMSNorm, q/k norm + RoPE, one-row attention
+over a KV cache, the gated GELU: see the end of this file); and, for training, one-pass forward and
+backward of the gated GELU and RMSNorm and the online-softmax block of the fused cross-entropy, on float32
+or bf16 activations (used by :mod:`gemma4.train.kernels` and :mod:`gemma4.train.loss`).
 
 PyTorch's weight-only CPU kernels turn every weight into a float before multiplying, so one decode
 step is compute-bound (~5 GB/s of weights on one core) instead of bound by memory bandwidth. The
@@ -47,7 +49,8 @@ from gemma4._util import cache_dir
 log = logging.getLogger("gemma4")
 
 __all__ = ["available", "activation_dtype", "isa", "int8_matmul", "int4_matmul", "bf16_matmul", "build",
-           "rmsnorm", "qk_norm_rope_", "attention_decode", "gelu_mul", "MAX_HEAD_DIM",
+           "rmsnorm", "qk_norm_rope_", "attention_decode", "gelu_mul", "gelu_mul_fwd", "gelu_mul_bwd",
+           "rmsnorm_fwd", "rmsnorm_bwd", "ce_block_", "MAX_HEAD_DIM",
            "G4Linear", "G4Layer", "decode_layers"]
 
 _SRC = Path(__file__).with_name("_native.c")
@@ -134,6 +137,16 @@ def _load(variant: str) -> ctypes.CDLL | None:
         lib.g4_attn_decode.restype = c_int
         lib.g4_gelu_mul.argtypes = [p, i64, i64, p]
         lib.g4_gelu_mul.restype = None
+        lib.g4_gelu_mul_fwd.argtypes = [p, p, i64, c_int, p, c_int]
+        lib.g4_gelu_mul_fwd.restype = None
+        lib.g4_gelu_mul_bwd.argtypes = [p, p, p, i64, c_int, p, p, c_int]
+        lib.g4_gelu_mul_bwd.restype = None
+        lib.g4_rmsnorm_fwd.argtypes = [p, i64, i64, c_int, p, f32, f32, p, p, c_int]
+        lib.g4_rmsnorm_fwd.restype = None
+        lib.g4_rmsnorm_bwd.argtypes = [p, p, i64, i64, c_int, p, f32, p, p, p, c_int]
+        lib.g4_rmsnorm_bwd.restype = c_int
+        lib.g4_ce_block.argtypes = [p, c_int, i64, i64, f32, p, p, p, p, c_int, c_int]
+        lib.g4_ce_block.restype = None
         lib.g4_decode_layers.argtypes = [p, i64, p, i64, i64, c_int]
         lib.g4_decode_layers.restype = c_int
     _LIBS[variant] = lib
@@ -407,6 +420,100 @@ def gelu_mul(gu: torch.Tensor, inter: int, *, variant: str = "native", checked: 
     out = gu.new_empty(*gu.shape[:-1], inter)
     lib.g4_gelu_mul(gu.data_ptr(), gu.numel() // (2 * inter), inter, out.data_ptr())
     return out
+
+
+def _act_io(name: str, *ts: torch.Tensor) -> int:
+    """1 for bf16, 0 for float32: same dtype, shape and CPU contiguity for every tensor, else ValueError."""
+    t0 = ts[0]
+    if t0.dtype not in (torch.float32, torch.bfloat16) or any(
+            t.dtype != t0.dtype or t.shape != t0.shape or t.device.type != "cpu" or not t.is_contiguous() for t in ts):
+        raise ValueError(f"{name}: contiguous CPU float32 or bf16 tensors of one shape and dtype, got "
+                         + ", ".join(f"{t.dtype} {tuple(t.shape)}" for t in ts))
+    return int(t0.dtype == torch.bfloat16)
+
+
+def gelu_mul_fwd(g: torch.Tensor, u: torch.Tensor, *, threads: int | None = None, variant: str = "native") -> torch.Tensor:
+    """gelu_tanh(g) * u elementwise (float32 or bf16, contiguous, same shape): one pass, float32 inside."""
+    lib = _ready(variant, False)
+    bf = _act_io("gelu_mul_fwd", g, u)
+    y = torch.empty_like(g)
+    lib.g4_gelu_mul_fwd(g.data_ptr(), u.data_ptr(), g.numel(), bf, y.data_ptr(), threads or torch.get_num_threads())
+    return y
+
+
+def gelu_mul_bwd(g: torch.Tensor, u: torch.Tensor, dy: torch.Tensor, *, threads: int | None = None,
+                 variant: str = "native") -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients (dg, du) of ``gelu_tanh(g) * u`` given the output gradient ``dy``: one pass."""
+    lib = _ready(variant, False)
+    bf = _act_io("gelu_mul_bwd", g, u, dy)
+    dg, du = torch.empty_like(g), torch.empty_like(g)
+    lib.g4_gelu_mul_bwd(g.data_ptr(), u.data_ptr(), dy.data_ptr(), g.numel(), bf, dg.data_ptr(), du.data_ptr(),
+                        threads or torch.get_num_threads())
+    return dg, du
+
+
+def _norm_scale(w: torch.Tensor | None, d: int, name: str) -> torch.Tensor | None:
+    if w is None:
+        return None
+    if w.shape != (d,):
+        raise ValueError(f"{name}: the scale must be [{d}], got {tuple(w.shape)}")
+    return w.detach().float().contiguous()
+
+
+def rmsnorm_fwd(x: torch.Tensor, weight: torch.Tensor | None, offset: float, eps: float, *,
+                threads: int | None = None, variant: str = "native") -> tuple[torch.Tensor, torch.Tensor]:
+    """Training RMSNorm over the last dim of ``x`` (float32 or bf16, contiguous): ``x r (weight + offset)``
+    in float32, written in x's dtype; also returns r = 1 / sqrt(mean(x^2) + eps) [rows] for the backward."""
+    lib = _ready(variant, False)
+    bf = _act_io("rmsnorm_fwd", x)
+    d = x.shape[-1]
+    w = _norm_scale(weight, d, "rmsnorm_fwd")
+    rows = x.numel() // d if d else 0
+    y, rstd = torch.empty_like(x), torch.empty(rows)
+    lib.g4_rmsnorm_fwd(x.data_ptr(), rows, d, bf, None if w is None else w.data_ptr(), offset, eps, y.data_ptr(),
+                       rstd.data_ptr(), threads or torch.get_num_threads())
+    return y, rstd
+
+
+def rmsnorm_bwd(x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor | None, offset: float, rstd: torch.Tensor,
+                want_dw: bool, *, threads: int | None = None, variant: str = "native"
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradients of :func:`rmsnorm_fwd`: dx (x's dtype) and, when ``want_dw``, the scale's gradient
+    (float32 [d], summed over rows)."""
+    lib = _ready(variant, False)
+    bf = _act_io("rmsnorm_bwd", x, dy)
+    d = x.shape[-1]
+    w = _norm_scale(weight, d, "rmsnorm_bwd")
+    rows = x.numel() // d if d else 0
+    if rstd.shape != (rows,) or rstd.dtype != torch.float32 or not rstd.is_contiguous():
+        raise ValueError(f"rmsnorm_bwd: rstd must be float32 [{rows}], got {rstd.dtype} {tuple(rstd.shape)}")
+    dx = torch.empty_like(x)
+    dw = torch.zeros(d) if want_dw else None
+    rc = lib.g4_rmsnorm_bwd(x.data_ptr(), dy.data_ptr(), rows, d, bf, None if w is None else w.data_ptr(), offset,
+                            rstd.data_ptr(), dx.data_ptr(), None if dw is None else dw.data_ptr(),
+                            threads or torch.get_num_threads())
+    if rc:
+        raise MemoryError(f"rmsnorm_bwd: no memory for the per-thread buffers ({d} floats)")
+    return dx, dw
+
+
+def ce_block_(x: torch.Tensor, softcap: float | None, m: torch.Tensor, ssum: torch.Tensor, scale: torch.Tensor,
+              e: torch.Tensor | None, *, threads: int | None = None, variant: str = "native") -> None:
+    """One vocabulary block of an online-softmax cross-entropy, in place (see ``g4_ce_block`` in the C
+    file): ``x`` [c, nb] the block's matmul output (with ``softcap``: tanh(x / cap) already), float32 or
+    bf16; ``m``, ``ssum``, ``scale`` float32 [c] (running max and sum updated, the old-to-new rescale
+    written); ``e`` [c, nb] (float32 or bf16, or None): exp(logit - m), times the cap's derivative."""
+    lib = _ready(variant, False)
+    xbf = _act_io("ce_block_", x)
+    c, nb = x.shape
+    for name, t in (("m", m), ("ssum", ssum), ("scale", scale)):
+        if t.dtype != torch.float32 or t.numel() != c or not t.is_contiguous():
+            raise ValueError(f"ce_block_: {name} must be contiguous float32 with {c} elements")
+    ebf = _act_io("ce_block_", e) if e is not None else 0
+    if e is not None and e.shape != x.shape:
+        raise ValueError(f"ce_block_: e must be {tuple(x.shape)}, got {tuple(e.shape)}")
+    lib.g4_ce_block(x.data_ptr(), xbf, c, nb, float(softcap or 0.0), m.data_ptr(), ssum.data_ptr(), scale.data_ptr(),
+                    None if e is None else e.data_ptr(), ebf, threads or torch.get_num_threads())
 
 
 # ----------------------------------------------------------------------------- one decode step in one call

@@ -26,6 +26,7 @@ from gemma4._util import Gemma4Error, atomic_path, atomic_write_text
 from gemma4.train import state as ckpt
 from gemma4.train.data import BatchStream, Packed, iterate_rows, perplexity
 from gemma4.train.distributed import DistContext, LossModule, full, like, shard
+from gemma4.train.kernels import use_training_kernels
 from gemma4.train.loss import IGNORE
 
 
@@ -122,6 +123,7 @@ class Trainer:
         self.dist = dist
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        use_training_kernels(model)
         # The module the loop calls: the model with its loss; under torchrun, FSDP2-sharded.
         self.loss_module = shard(model, dist) if dist is not None else LossModule(model)
         self.heldout, self.on_step = heldout, on_step

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from gemma4.quant import QuantWeight
+from gemma4.quant import QuantWeight, native
 from gemma4.train.lora import frozen_quant_linear
 
 IGNORE = -100
@@ -104,6 +104,32 @@ def _block_grad(z, x, e, softcap) -> torch.Tensor:
     return e
 
 
+def _native_ok(h: torch.Tensor, cdtype: torch.dtype) -> bool:
+    return h.device.type == "cpu" and cdtype in (torch.float32, torch.bfloat16) and native.available()
+
+
+def _native_block(hc, wb, softcap, x, hit, zt, dcap_t, m, ssum, scale, acc) -> None:
+    """One vocabulary block of the online pass through the compiled kernel (`gemma4.quant.native.ce_block_`):
+    the same steps as the PyTorch ops of the loop below (matmul and soft-cap in the compute dtype; max,
+    exp, sums and the cap's derivative in float32) in one pass over the tile, the tile's dL/dlogits
+    written over its logits in ``x``. The target's logit (and cap derivative) are read first, with the
+    rounding of `_block_logits`."""
+    torch.mm(hc, wb.t(), out=x)
+    if softcap:
+        x.div_(softcap).tanh_()
+    if hit is not None:
+        xt = x[hit].to(torch.float32)
+        zt[hit[0]] = (xt * softcap).to(x.dtype).to(torch.float32) if softcap else xt
+        if softcap:
+            dcap_t[hit[0]] = 1.0 - xt.square()
+    native.ce_block_(x, softcap, m, ssum, scale, x if acc is not None else None)
+    if acc is not None:
+        acc.mul_(scale)
+        if hit is not None:
+            x[hit] = 0  # the target's term is added exactly at the end
+        _add_mm(acc, x, wb)
+
+
 def _add_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc (float32) += a @ b: in place when a, b are float32; else a low-precision product, added."""
     if a.dtype == acc.dtype:
@@ -154,6 +180,9 @@ class _ChunkedHeadCE(torch.autograd.Function):
                 bufs = _Blocks(c, cdtype, softcap, need_h or need_w, h.device)
                 where = _targets_by_block(t, vb)
                 online = need_h and not need_w
+                # The compiled block kernel takes the one-pass cases (online gradient, or the loss alone).
+                fast = not need_w and _native_ok(h, cdtype)
+                scale_buf = torch.empty((c, 1), dtype=f32, device=h.device) if fast else None
                 m = torch.full((c, 1), -math.inf, dtype=f32, device=h.device)  # running max
                 ssum = torch.zeros((c, 1), dtype=f32, device=h.device)  # running sum of exp(z - m)
                 zt = torch.empty(c, dtype=f32, device=h.device)  # target logits
@@ -162,8 +191,11 @@ class _ChunkedHeadCE(torch.autograd.Function):
                 for b, v0 in enumerate(range(0, v, vb)):
                     wb = wc[v0 : v0 + vb]
                     x, z, e = bufs.get(wb.shape[0])
-                    _block_logits(hc, wb, softcap, x, z)
                     hit = where.get(b)
+                    if fast:
+                        _native_block(hc, wb, softcap, x, hit, zt, dcap_t, m, ssum, scale_buf, acc if online else None)
+                        continue
+                    _block_logits(hc, wb, softcap, x, z)
                     if hit is not None:
                         zt[hit[0]] = z[hit]
                         if softcap:
