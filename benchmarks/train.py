@@ -136,7 +136,8 @@ def _batches(rows, batch: int, steps: int):
         yield t[s * batch : (s + 1) * batch]
 
 
-def worker_ours(model_dir: Path, mode: str, rows, args) -> dict:
+def setup_ours(model_dir: Path, mode: str, rows, args, out: str):
+    """Our model and trainer, ready: (step() -> loss, info). ``out`` is the trainer's output directory."""
     import torch
 
     from gemma4.io import load_pretrained
@@ -150,32 +151,21 @@ def worker_ours(model_dir: Path, mode: str, rows, args) -> dict:
     else:
         model = load_pretrained(model_dir, dtype=torch.float32, trainable=True)
     model.train()
-    load_s = time.perf_counter() - t0
-    load_peak = _hwm_mb()
-    rss_loaded = _settle()
+    info = {"load_s": time.perf_counter() - t0, "load_peak_mb": _hwm_mb()}
     ids = torch.tensor(rows, dtype=torch.long)  # [N, T]
     n, t = ids.shape
     data = Packed(ids, ids.clone(), torch.arange(t).expand(n, t).contiguous(), torch.ones(n, t, dtype=torch.long))
     cfg = TrainConfig(steps=args.steps, lr=LR, min_lr_ratio=1.0, batch_size=args.batch, max_grad_norm=1.0,
                       dtype="bfloat16", seed=0, plot=False)
-    with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(model, data, cfg, out)
-        # Row order: the trainer's seeded permutation; transformers gets the same rows in the same order.
-        perm = trainer.stream._permutation().tolist()
-        reset = _reset_hwm()
-        times, losses = [], []
-        for i in range(args.steps):
-            s = time.perf_counter()
-            with _step_profiler(args, i):
-                rec = trainer.train_step()
-            times.append(time.perf_counter() - s)
-            losses.append(rec["loss"])
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"load_s": load_s, "load_peak_mb": load_peak, "train_peak_mb": _hwm_mb() if reset else None,
-            "rss_loaded_mb": rss_loaded, "times": times, "losses": losses, "trainable": trainable, "order": perm[: args.steps * args.batch]}
+    trainer = Trainer(model, data, cfg, out)
+    # Row order: the trainer's seeded permutation; transformers gets the same rows in the same order.
+    info["order"] = trainer.stream._permutation().tolist()[: args.steps * args.batch]
+    info["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return (lambda: trainer.train_step()["loss"]), info
 
 
-def worker_hf(model_dir: Path, mode: str, rows, args, order) -> dict:
+def setup_hf(model_dir: Path, mode: str, rows, args, order):
+    """transformers (+ PEFT) model and the same step: (step() -> loss, info)."""
     import torch
     import transformers
 
@@ -188,28 +178,70 @@ def worker_hf(model_dir: Path, mode: str, rows, args, order) -> dict:
         model = peft.get_peft_model(model, peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank,
                                                            target_modules=TARGETS, lora_dropout=0.0))
     model.train()
-    load_s = time.perf_counter() - t0
-    load_peak = _hwm_mb()
+    info = {"load_s": time.perf_counter() - t0, "load_peak_mb": _hwm_mb()}
     params = [p for p in model.parameters() if p.requires_grad]
     # The fused AdamW, as transformers' Trainer uses by default (optim "adamw_torch_fused") and ours does.
     opt = torch.optim.AdamW(params, lr=LR, fused=True)
-    ordered = [rows[i] for i in order]
-    rss_loaded = _settle()
-    reset = _reset_hwm()
+    batches = _batches([rows[i] for i in order], args.batch, args.steps)
+    info["trainable"] = sum(p.numel() for p in params)
+
+    def step() -> float:
+        batch = next(batches)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step, info
+
+
+def _timed_steps(step, args) -> tuple[list[float], list[float]]:
     times, losses = [], []
-    for i, batch in enumerate(_batches(ordered, args.batch, args.steps)):
+    for i in range(args.steps):
         s = time.perf_counter()
         with _step_profiler(args, i):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = model(input_ids=batch, labels=batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            losses.append(step())
         times.append(time.perf_counter() - s)
-    return {"load_s": load_s, "load_peak_mb": load_peak, "train_peak_mb": _hwm_mb() if reset else None,
-            "rss_loaded_mb": rss_loaded, "times": times, "losses": losses, "trainable": sum(p.numel() for p in params)}
+    return times, losses
+
+
+def worker_ours(model_dir: Path, mode: str, rows, args) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        step, info = setup_ours(model_dir, mode, rows, args, out)
+        info["rss_loaded_mb"] = _settle()
+        reset = _reset_hwm()
+        info["times"], info["losses"] = _timed_steps(step, args)
+    info["train_peak_mb"] = _hwm_mb() if reset else None
+    return info
+
+
+def worker_hf(model_dir: Path, mode: str, rows, args, order) -> dict:
+    step, info = setup_hf(model_dir, mode, rows, args, order)
+    info["rss_loaded_mb"] = _settle()
+    reset = _reset_hwm()
+    info["times"], info["losses"] = _timed_steps(step, args)
+    info["train_peak_mb"] = _hwm_mb() if reset else None
+    return info
+
+
+def worker_paired(model_dir: Path, mode: str, rows, args) -> dict:
+    """Speed only: both engines in this one process, their steps alternating (ours, transformers, ours, ...)
+    on the same rows in the same order. The host's speed drifts by up to 1.5x over tens of seconds here,
+    which separate runs (one engine after the other) turn into noise in the ratio; adjacent steps of the
+    two see the same host. Peak memory is not measured here (both models share the process)."""
+    with tempfile.TemporaryDirectory() as out:
+        ours, info = setup_ours(model_dir, mode, rows, args, out)
+        hf, _ = setup_hf(model_dir, mode, rows, args, info["order"])
+        t_o, t_h, l_o, l_h = [], [], [], []
+        for _ in range(args.steps):
+            for step, times, losses in ((ours, t_o, l_o), (hf, t_h, l_h)):
+                s = time.perf_counter()
+                losses.append(step())
+                times.append(time.perf_counter() - s)
+    return {"ours_times": t_o, "hf_times": t_h, "ours_losses": l_o, "hf_losses": l_h}
 
 
 def worker_main(args) -> None:
@@ -218,7 +250,9 @@ def worker_main(args) -> None:
     torch.set_num_threads(args.threads)
     rows = json.loads(Path(args.rows).read_text())
     model_dir = Path(args.model_dir)
-    if args.worker == "ours":
+    if args.worker == "paired":
+        res = worker_paired(model_dir, args.mode, rows, args)
+    elif args.worker == "ours":
         res = worker_ours(model_dir, args.mode, rows, args)
     else:
         res = worker_hf(model_dir, args.mode, rows, args, json.loads(args.order))
@@ -273,6 +307,8 @@ def run_one(engine: str, mode: str, model_dir: Path, rows_file: Path, args, orde
            "--threads", str(args.threads)]
     if order is not None:
         cmd += ["--order", json.dumps(order)]
+    if engine == "paired":
+        cmd[cmd.index("--steps") + 1] = str(args.paired_steps)
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t
@@ -281,6 +317,8 @@ def run_one(engine: str, mode: str, model_dir: Path, rows_file: Path, args, orde
         raise SystemExit(f"{engine}/{mode} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     res = json.loads(line[-1][7:])
     res["wall_s"] = wall
+    if engine == "paired":
+        return res
     timed = res["times"][1:] or res["times"]
     res["step_s"] = sum(timed) / len(timed)
     res["tok_per_s"] = args.batch * args.seq_len / res["step_s"]
@@ -289,7 +327,7 @@ def run_one(engine: str, mode: str, model_dir: Path, rows_file: Path, args, orde
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--worker", choices=("ours", "hf"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=("ours", "hf", "paired"), help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--rows", help=argparse.SUPPRESS)
     ap.add_argument("--order", help=argparse.SUPPRESS)
@@ -300,6 +338,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=256, help="Tokens per row.")
     ap.add_argument("--rank", type=int, default=8, help="LoRA rank.")
     ap.add_argument("--rounds", type=int, default=2, help="Interleaved rounds; the best of each is kept.")
+    ap.add_argument("--paired-steps", type=int, default=0,
+                    help="Also measure speed with both engines in one process, steps alternating, this many "
+                         "steps each (the first pair is not timed): the ratio per adjacent pair, whose median "
+                         "is robust to the host's drift.")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=HERE / "results" / "train.json")
     ap.add_argument("--baseline-src", help="Also run ours from this source tree (its src/ first on PYTHONPATH), "
@@ -313,9 +355,10 @@ def main(argv=None) -> int:
     if args.profile:
         return profile_main(args)
     model_dir = converted_dir()
-    rows = make_rows(model_dir, args.seq_len, args.steps * args.batch)
+    rows = make_rows(model_dir, args.seq_len, max(args.steps, args.paired_steps) * args.batch)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     runs: dict[tuple[str, str], list[dict]] = {}
+    paired: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         rows_file = Path(tmp) / "rows.json"
         rows_file.write_text(json.dumps(rows))
@@ -327,6 +370,13 @@ def main(argv=None) -> int:
                     done.append(("ours-baseline", run_one("ours-baseline", mode, model_dir, rows_file, args)))
                 hf = run_one("hf", mode, model_dir, rows_file, args, order=ours["order"])
                 done.append(("transformers+peft" if mode == "lora" else "transformers", hf))
+                if args.paired_steps > 1:
+                    pr = run_one("paired", mode, model_dir, rows_file, args)
+                    pairs = [h / o for o, h in zip(pr["ours_times"][1:], pr["hf_times"][1:])]
+                    paired.setdefault(mode, []).extend(pairs)
+                    print(f"round {r + 1} {mode:4s} paired: transformers/ours step time per pair "
+                          f"{', '.join(f'{x:.2f}' for x in pairs)}; losses ours {pr['ours_losses'][0]:.3f} "
+                          f"transformers {pr['hf_losses'][0]:.3f}", flush=True)
                 for eng, res in done:
                     runs.setdefault((mode, eng), []).append(res)
                     print(f"round {r + 1} {mode:4s} {eng:18s} {res['tok_per_s']:7.1f} tok/s  step {res['step_s']:.2f} s  "
@@ -356,6 +406,13 @@ def main(argv=None) -> int:
                         "train_peak_rss_x": round(o["train_peak_rss_mb"] / max(1, h["train_peak_rss_mb"]), 3)}
         print(f"{mode}: ours/transformers speed {ratios[mode]['speed_x']:.2f}x (goal >= 1.5x), peak RSS "
               f"{ratios[mode]['peak_rss_x']:.2f}x, training peak RSS {ratios[mode]['train_peak_rss_x']:.2f}x (goal <= 0.6x)")
+        if mode in paired:
+            pr = sorted(paired[mode])
+            ratios[mode]["paired_speed_x_median"] = round(pr[len(pr) // 2] if len(pr) % 2 else
+                                                          (pr[len(pr) // 2 - 1] + pr[len(pr) // 2]) / 2, 3)
+            ratios[mode]["paired_speed_x_all"] = [round(x, 3) for x in paired[mode]]
+            print(f"{mode}: paired steps (one process, alternating): ours/transformers speed median "
+                  f"{ratios[mode]['paired_speed_x_median']:.2f}x over {len(pr)} pairs (min {pr[0]:.2f}x, max {pr[-1]:.2f}x)")
         base = next((x for x in table if x["mode"] == mode and x["engine"] == "ours-baseline"), None)
         if base is not None:
             ratios[mode]["baseline_speed_x"] = round(base["tok_per_s"] / h["tok_per_s"], 3)
@@ -366,7 +423,7 @@ def main(argv=None) -> int:
     import transformers
 
     out = {"settings": {k: v for k, v in vars(args).items() if k in ("steps", "batch", "seq_len", "rank", "rounds",
-                                                                     "threads", "modes", "baseline_src")},
+                                                                     "threads", "modes", "baseline_src", "paired_steps")},
            "torch": torch.__version__, "transformers": transformers.__version__, "rows": table, "ratios": ratios,
            "note": "1 thread on a 2-core machine shared with other jobs: timings are noisy"}
     args.json.parent.mkdir(parents=True, exist_ok=True)
