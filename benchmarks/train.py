@@ -24,6 +24,7 @@ kernel's counter is reset, /proc/self/clear_refs).
 
     python benchmarks/train.py                       # LoRA and full, 2 rounds, 6 steps of 1 x 256 tokens
     python benchmarks/train.py --modes lora --steps 8 --rounds 3
+    python benchmarks/train.py --modes lora --rounds 2 --steps 5 --paired-steps 9   # + speed in one process, steps alternating
     python benchmarks/train.py --modes lora --steps 3 --profile ours   # torch.profiler over step 2, in-process
 """
 
