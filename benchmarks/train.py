@@ -209,23 +209,22 @@ def _timed_steps(step, args) -> tuple[list[float], list[float]]:
     return times, losses
 
 
-def worker_ours(model_dir: Path, mode: str, rows, args) -> dict:
-    with tempfile.TemporaryDirectory() as out:
-        step, info = setup_ours(model_dir, mode, rows, args, out)
-        info["rss_loaded_mb"] = _settle()
-        reset = _reset_hwm()
-        info["times"], info["losses"] = _timed_steps(step, args)
-    info["train_peak_mb"] = _hwm_mb() if reset else None
-    return info
-
-
-def worker_hf(model_dir: Path, mode: str, rows, args, order) -> dict:
-    step, info = setup_hf(model_dir, mode, rows, args, order)
+def _measured(step, info: dict, args) -> dict:
+    """Run the timed steps of one engine alone in its process: RSS after loading, then the training peak."""
     info["rss_loaded_mb"] = _settle()
     reset = _reset_hwm()
     info["times"], info["losses"] = _timed_steps(step, args)
     info["train_peak_mb"] = _hwm_mb() if reset else None
     return info
+
+
+def worker_ours(model_dir: Path, mode: str, rows, args) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        return _measured(*setup_ours(model_dir, mode, rows, args, out), args)
+
+
+def worker_hf(model_dir: Path, mode: str, rows, args, order) -> dict:
+    return _measured(*setup_hf(model_dir, mode, rows, args, order), args)
 
 
 def worker_paired(model_dir: Path, mode: str, rows, args) -> dict:
