@@ -1228,8 +1228,8 @@ static inline float g4_expf_fma(float y) {
    rounded once (autograd under bf16 autocast rounds gelu(g), and dy * u, to bf16 first: they differ by at
    most about one bf16 ulp). */
 #define G4_CHUNK 2048
-/* Rows of float32 or bf16 activations to float32 and back (bf16 rounded to nearest even, as torch's
-   .to(torch.bfloat16); NaN cannot come out of these kernels from finite inputs). On AVX-512 with
+/* Rows of float32 or bf16 activations to float32 and back (bf16 rounded to nearest even, as f_to_bf16;
+   the vector rounding has no NaN case: these kernels make no NaN from finite inputs). On AVX-512 with
    intrinsics: GCC leaves these loops scalar inside the kernels (it cannot rule out aliasing). */
 static inline void ld_chunk(const void *p, int bf, int64_t off, int64_t m, float *t) {
     if (!bf) {
@@ -1262,11 +1262,7 @@ static inline void st_chunk(void *p, int bf, int64_t off, int64_t m, const float
         _mm256_storeu_si256((__m256i *)(q + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
     }
 #endif
-    for (; i < m; i++) {
-        union { float f; uint32_t u; } w;
-        w.f = t[i];
-        q[i] = (uint16_t)((w.u + 0x7FFFu + ((w.u >> 16) & 1u)) >> 16);
-    }
+    for (; i < m; i++) q[i] = f_to_bf16(t[i]);
 }
 
 static inline float max_f32(const float *p, int64_t n) {
@@ -1281,6 +1277,12 @@ static inline float max_f32(const float *p, int64_t n) {
     return mx;
 }
 
+/* sigmoid(2 v), v = sqrt(2/pi) (x + 0.044715 x^3): gelu_tanh(x) = x times this. */
+static inline float g4_gelu_sig(float x) {
+    float v = 0.7978845608028654f * G4_FMA(0.044715f * x, x * x, x);
+    return 1.0f / (1.0f + g4_expf_fma(-2.0f * v));
+}
+
 G4_TRAIN void g4_gelu_mul_fwd(const void *g, const void *u, int64_t n, int bf, void *y, int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && n >= 65536)
     for (int64_t c = 0; c < n; c += G4_CHUNK) {
@@ -1288,10 +1290,7 @@ G4_TRAIN void g4_gelu_mul_fwd(const void *g, const void *u, int64_t n, int bf, v
         int64_t m = n - c < G4_CHUNK ? n - c : G4_CHUNK;
         ld_chunk(g, bf, c, m, a);
         ld_chunk(u, bf, c, m, b);
-        for (int64_t i = 0; i < m; i++) {
-            float xi = a[i], v = 0.7978845608028654f * G4_FMA(0.044715f * xi, xi * xi, xi);
-            a[i] = xi / (1.0f + g4_expf_fma(-2.0f * v)) * b[i];
-        }
+        for (int64_t i = 0; i < m; i++) a[i] = a[i] * g4_gelu_sig(a[i]) * b[i];
         st_chunk(y, bf, c, m, a);
     }
 }
@@ -1307,9 +1306,7 @@ G4_TRAIN void g4_gelu_mul_bwd(const void *g, const void *u, const void *dy, int6
         ld_chunk(u, bf, c, m, up);
         ld_chunk(dy, bf, c, m, d);
         for (int64_t i = 0; i < m; i++) {
-            float xi = x[i], x2 = xi * xi;
-            float v = 0.7978845608028654f * G4_FMA(0.044715f * xi, x2, xi);
-            float s = 1.0f / (1.0f + g4_expf_fma(-2.0f * v));
+            float xi = x[i], x2 = xi * xi, s = g4_gelu_sig(xi);
             float dgelu = s + 2.0f * xi * s * (1.0f - s) * 0.7978845608028654f * (1.0f + 0.134145f * x2);
             float di = d[i];
             x[i] = di * up[i] * dgelu; /* dg */

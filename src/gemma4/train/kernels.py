@@ -91,7 +91,7 @@ class NativeRMSNorm(RMSNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if _training(x, w) and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dim() >= 1 and (
+        if _training(x, w) and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and (
                 w is None or w.device.type == "cpu"):
             return _RMSNormFn.apply(x.contiguous(), w, float(self.offset), float(self.eps))
         return super().forward(x)
