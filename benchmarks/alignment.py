@@ -88,6 +88,13 @@ class Recipe:
     hidden_size: int = 128
     intermediate_size: int = 256
     num_layers: int = 4  # sliding and full layers alternate
+    # The domain text (knowledge, plain requests, answers) is repeated this many times in the tokenizer's
+    # training corpus, the wrapped prompts once. Runs 1-5 used 1: the ~1,300 long, varied jailbreak
+    # wrappers then took the BPE merges and objects split into 6.3 pieces on average ("a pizza" ->
+    # " a", " p", "iz", "z", "a"), so a held-out object had to be recognised and copied piece by piece;
+    # at 100 every domain word is one piece (2.7 per object, "a" included), as in the word-level
+    # vocabulary of the design reference's prototype, and wrapped prompts grow 207 -> 231 tokens.
+    tokenizer_domain_weight: int = 100
 
     @staticmethod
     def quick() -> "Recipe":
@@ -231,7 +238,9 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: bool, tamper: bool
     sdir.mkdir(parents=True, exist_ok=True)
     data = build(seed)
     train, val = data.splits["train"], data.splits["val_redteam"]
-    corpus = data.knowledge_train + [e.prompt for e in train] + [e.helpful for e in train] + [REFUSAL] * 50
+    domain = (data.knowledge_train + [e.prompt for e in train if e.wrapper is None] + [e.helpful for e in train]
+              + [REFUSAL] * 50)
+    corpus = domain * recipe.tokenizer_domain_weight + [e.prompt for e in train if e.wrapper is not None]
     tok = train_chat_bpe(corpus, recipe.vocab_size, sdir / "tokenizer.json")
     cfg = tiny_config(tok.vocab_size, recipe.hidden_size, recipe.intermediate_size, recipe.num_layers)
     base = build_model(cfg)
