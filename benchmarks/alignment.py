@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from gemma4._util import atomic_write_text
-from gemma4.align.data import AlignData, Example, build, compliance
+from gemma4.align.data import AlignData, Example, build, compliance, copy_drills
 from gemma4.align.judge import REFUSAL, is_refusal, is_unsafe, wilson
 from gemma4.align.stages import (frozen_copy, greedy_answers, is_helpful, run_dpo,
                                  run_grpo_lagrangian, run_lagrangian, run_sft)
@@ -95,6 +95,10 @@ class Recipe:
     # at 100 every domain word is one piece (2.7 per object, "a" included), as in the word-level
     # vocabulary of the design reference's prototype, and wrapped prompts grow 207 -> 231 tokens.
     tokenizer_domain_weight: int = 100
+    # Benign requests about made-up things (`gemma4.align.data.copy_drills`) added to every SFT-type stage:
+    # runs 1-6 never learnt to copy the object into the answer (base well-formed 3-13%: a held-out object
+    # got a training object's answer), and made-up names cannot be memorised. 0 = none (runs 1-6).
+    copy_drills: int = 600
 
     @staticmethod
     def quick() -> "Recipe":
@@ -242,6 +246,10 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: bool, tamper: bool
               + [REFUSAL] * 50)
     corpus = domain * recipe.tokenizer_domain_weight + [e.prompt for e in train if e.wrapper is not None]
     tok = train_chat_bpe(corpus, recipe.vocab_size, sdir / "tokenizer.json")
+    # The drills stay out of the tokenizer's corpus: their made-up names split into pieces, so copying them
+    # is the general piece-by-piece skill rather than one more whole-word lookup.
+    words = {w for t in domain + [e.prompt for e in train] for w in t.split()}
+    drills = copy_drills(seed, recipe.copy_drills, avoid=words)
     cfg = tiny_config(tok.vocab_size, recipe.hidden_size, recipe.intermediate_size, recipe.num_layers)
     base = build_model(cfg)
     init_weights_(base, seed=seed)
@@ -269,12 +277,12 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: bool, tamper: bool
                    f"over-ref {h['over_refusal_benign']:.0%} border {h['over_refusal_borderline']:.0%} "
                    f"wf {h['well_formed']:.0%} nll {h['lm_nll']:.3f}")
 
-    stage("base", lambda: run_sft(base, tok, train, steps=recipe.base_steps, lr=recipe.base_lr, answers="helpful",
+    stage("base", lambda: run_sft(base, tok, train + drills, steps=recipe.base_steps, lr=recipe.base_lr, answers="helpful",
                                   texts=data.knowledge_train * recipe.knowledge_repeat, warmup_steps=20, **kw))
     ev("base", base)
 
     sft = copy.deepcopy(base)
-    stage("sft", lambda: run_sft(sft, tok, train, steps=recipe.sft_steps, lr=recipe.sft_lr, answers="chosen",
+    stage("sft", lambda: run_sft(sft, tok, train + drills, steps=recipe.sft_steps, lr=recipe.sft_lr, answers="chosen",
                                  texts=data.knowledge_train, warmup_steps=10, **kw))
     ev("sft", sft)
     ref = frozen_copy(sft)
@@ -304,12 +312,12 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: bool, tamper: bool
         ev("lag_dual_train", m)
         few = build(seed, train_wrappers=3).splits["train"]
         m = copy.deepcopy(base)
-        stage("sft_3_wrappers", lambda: run_sft(m, tok, few, steps=recipe.sft_steps, lr=recipe.sft_lr,
+        stage("sft_3_wrappers", lambda: run_sft(m, tok, few + drills, steps=recipe.sft_steps, lr=recipe.sft_lr,
                                                 texts=data.knowledge_train, warmup_steps=10, **kw))
         ev("sft_3_wrappers", m)
         shuf = shuffled_labels(train, seed)
         m = copy.deepcopy(base)
-        stage("shuffled_sft", lambda: run_sft(m, tok, shuf, steps=recipe.sft_steps, lr=recipe.sft_lr,
+        stage("shuffled_sft", lambda: run_sft(m, tok, shuf + drills, steps=recipe.sft_steps, lr=recipe.sft_lr,
                                               texts=data.knowledge_train, warmup_steps=10, **kw))
         m_ref = frozen_copy(m)
         stage("shuffled_dpo", lambda: run_dpo(m, m_ref, tok, shuf, steps=recipe.dpo_steps, lr=recipe.dpo_lr, **kw))

@@ -36,7 +36,7 @@ from gemma4.align.sources import SLOT
 __all__ = [
     "Example", "AlignData", "AlignDataError", "build", "SPLITS", "CATEGORIES", "HARMFUL_OBJECTS",
     "BENIGN_OBJECTS", "PREFIXES", "VERBS", "SUFFIXES", "HELPFUL_TEMPLATES", "compliance", "render_wrapper",
-    "DEDUP_THRESHOLD",
+    "DEDUP_THRESHOLD", "copy_drills",
 ]
 
 SPLITS = ("train", "val_redteam", "test_phrasings", "test_objects", "test_borderline", "test_wrappers")
@@ -467,6 +467,58 @@ def _counts(examples: list[Example]) -> dict:
 
 def _helpful(rng: random.Random, obj: str, kind: str) -> str:
     return compliance(obj) if kind == "harmful" else rng.choice(HELPFUL_TEMPLATES).format(obj=obj)
+
+
+_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gl", "kr", "pl",
+           "st", "tr", "vl")
+_NUCLEI = ("a", "e", "i", "o", "u", "ai", "ou")
+_CODAS = ("", "", "n", "l", "r", "m", "x", "sk")
+
+
+def _nonce(rng: random.Random, syllables: int) -> str:
+    return "".join(rng.choice(_ONSETS) + rng.choice(_NUCLEI) + rng.choice(_CODAS) for _ in range(syllables))
+
+
+def copy_drills(seed: int, n: int, *, avoid: set[str] = frozenset()) -> list[Example]:
+    """``n`` benign requests about made-up things ("how do i build a vorpelix kit ?"), answered with the
+    helpful templates that name them: a copying curriculum, not safety data.
+
+    Why: the answers the data teaches repeat the requested object, and with ~90 aligned objects a tiny
+    model memorises "object -> its answer" instead of learning to copy; a held-out object then gets some
+    training object's answer ("how to make fentanyl" -> "Sure. Here is how to make fried rice ...": not
+    well-formed, and a failed refusal). Fresh made-up names cannot be memorised, so they make copying the
+    cheaper solution. One in three drills uses a borderline trigger verb with a made-up target and the
+    borderline answer, which names the whole activity. The names are pronounceable letter strings that
+    are no word of ``avoid`` (pass the domain's words) and of no object list; they carry no knowledge
+    sentences, so nothing about harm is taught through them."""
+    if n < 0:
+        raise AlignDataError(f"copy_drills: n must be >= 0, got {n}")
+    rng = random.Random(f"copy-drills-{seed}")
+    known = set(avoid) | {w for o, _ in HARMFUL_OBJECTS for w in o.split()} | {w for o in BENIGN_OBJECTS
+                                                                               for w in o.split()}
+    n_train_prefixes = len(PREFIXES) - N_HELDOUT_PREFIXES
+
+    def name() -> str:
+        while True:
+            words = [_nonce(rng, rng.choice((2, 3))) for _ in range(rng.choice((1, 1, 2)))]
+            if not known.intersection(words):
+                return ("a " if rng.random() < 0.7 else "") + " ".join(words)
+
+    out = []
+    for i in range(n):
+        obj = name()
+        p = rng.randrange(n_train_prefixes)
+        s = rng.randrange(len(SUFFIXES))
+        if i % 3 == 2:
+            trigger = rng.choice(BORDERLINE)[0]
+            pre, punct = PREFIXES[p]
+            prompt = " ".join(w for w in (pre, trigger, obj, SUFFIXES[s]) if w) + " " + punct
+            out.append(Example(prompt, "benign", obj, "drill", f"p{p}-b-s{s}", None,
+                               rng.choice(BORDERLINE_HELPFUL).format(act=f"{trigger} {obj}")))
+        else:
+            prompt, tid = _request(p, rng.randrange(len(VERBS)), s, obj)
+            out.append(Example(prompt, "benign", obj, "drill", tid, None, rng.choice(HELPFUL_TEMPLATES).format(obj=obj)))
+    return out
 
 
 def build(seed: int = 0, *, train_wrappers: int = 120, sources: bool = True, budget: int = DEFAULT_BUDGET,
