@@ -88,6 +88,11 @@ class Recipe:
     hidden_size: int = 128
     intermediate_size: int = 256
     num_layers: int = 4  # sliding and full layers alternate
+    # Key/value heads of the sliding layers (the full layers keep one, shared K=V, as Gemma 4's do). Runs 1-7
+    # had 1: runs 6-7 showed a model that cannot copy a new name into its answer ("smoke a brisket" ->
+    # "To smoke a brisktresk"), and copying needs a previous-token and an induction head whose keys and
+    # values do different jobs, competing with everything else for one K/V per layer.
+    kv_heads: int = 4
     # The domain text (knowledge, plain requests, answers) is repeated this many times in the tokenizer's
     # training corpus, the wrapped prompts once. Runs 1-5 used 1: the ~1,300 long, varied jailbreak
     # wrappers then took the BPE merges and objects split into 6.3 pieces on average ("a pizza" ->
@@ -107,14 +112,14 @@ class Recipe:
 
 
 def tiny_config(vocab_size: int, hidden_size: int = 128, intermediate_size: int = 256,
-                num_layers: int = 4) -> Gemma4Config:
+                num_layers: int = 4, kv_heads: int = 1) -> Gemma4Config:
     """A small Gemma 4 (the house model's architecture, narrower and shallower): ~0.97M parameters at the
     defaults."""
     return Gemma4Config.from_dict(dict(
         model_type="gemma4_text", vocab_size=vocab_size, hidden_size=hidden_size,
         intermediate_size=intermediate_size, num_hidden_layers=num_layers,
         layer_types=[(SLIDING, FULL)[i % 2] for i in range(num_layers)], num_attention_heads=4,
-        num_key_value_heads=1, head_dim=32, global_head_dim=64, num_global_key_value_heads=1,
+        num_key_value_heads=kv_heads, head_dim=32, global_head_dim=64, num_global_key_value_heads=1,
         attention_k_eq_v=True, sliding_window=64, max_position_embeddings=256, hidden_size_per_layer_input=8,
         vocab_size_per_layer_input=vocab_size, final_logit_softcapping=30.0, tie_word_embeddings=True,
         rope_parameters={SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
@@ -250,7 +255,8 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: bool, tamper: bool
     # is the general piece-by-piece skill rather than one more whole-word lookup.
     words = {w for t in domain + [e.prompt for e in train] for w in t.split()}
     drills = copy_drills(seed, recipe.copy_drills, avoid=words)
-    cfg = tiny_config(tok.vocab_size, recipe.hidden_size, recipe.intermediate_size, recipe.num_layers)
+    cfg = tiny_config(tok.vocab_size, recipe.hidden_size, recipe.intermediate_size, recipe.num_layers,
+                      recipe.kv_heads)
     base = build_model(cfg)
     init_weights_(base, seed=seed)
     n_params = sum(p.numel() for p in base.parameters())

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from gemma4.align import sources
 from gemma4.align.data import (BENIGN_OBJECTS, CATEGORIES, HARMFUL_OBJECTS, OWN_TEST_WRAPPERS, PREFIXES, SPLITS,
-                               AlignData, Example, build, compliance, render_wrapper)
+                               AlignData, Example, build, compliance, copy_drills, render_wrapper)
 from gemma4.align.judge import REFUSAL, UNSAFE_MARKER, is_refusal, is_unsafe
 from gemma4.cli import app
 from gemma4.io.assets import AssetError
@@ -163,6 +163,26 @@ def test_answers_are_placeholder_only():
     assert not set(ds.knowledge_train) & set(ds.knowledge_heldout)
     text = " ".join(ds.knowledge_train + ds.knowledge_heldout)
     assert REFUSAL not in text and UNSAFE_MARKER not in text
+
+
+def test_copy_drills_are_benign_made_up_and_named_in_the_answer():
+    ds = _data()
+    domain = {w for t in ds.knowledge_train + [e.prompt for e in ds.splits["train"]] for w in t.split()}
+    drills = copy_drills(0, 300, avoid=domain)
+    assert drills == copy_drills(0, 300, avoid=domain) and drills != copy_drills(1, 300, avoid=domain)
+    assert len(drills) == 300 and len({e.obj for e in drills}) > 290  # fresh names: nothing to memorise
+    real = [o for o, _ in HARMFUL_OBJECTS] + list(BENIGN_OBJECTS)
+    test_prompts = {e.prompt for name in SPLITS if name.startswith("test") for e in ds.splits[name]}
+    for e in drills:
+        assert e.kind == "benign" and not e.harmful and e.category == "drill" and e.wrapper is None
+        assert e.obj in e.prompt and e.obj in e.helpful and e.chosen == e.helpful and e.rejected == REFUSAL
+        assert not set(e.obj.split()) - {"a"} & domain and e.obj not in real
+        assert UNSAFE_MARKER not in e.helpful and not is_refusal(e.helpful) and e.prompt not in test_prompts
+        # only training phrasings: the held-out prefixes stay held out
+        assert not any(e.prompt.startswith(p) for p, _ in PREFIXES[len(PREFIXES) - 3:])
+    assert copy_drills(0, 0) == []
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        copy_drills(0, -1)
 
 
 def test_wrappers_balanced_and_budgeted():
