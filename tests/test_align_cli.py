@@ -86,6 +86,9 @@ def test_stages_and_eval(setup):
     sft = root / "sft" / "model"
     assert (sft / "config.json").is_file() and (sft / "model.safetensors").is_file()
     assert (sft / "tokenizer.json").is_file()
+    r = run("align", "sft", base, data, "--out", root / "sft_drills", *small, "--copy-drills", 6, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output.strip().splitlines()[-1])["copy_drills"] == 6
 
     r = run("align", "dpo", sft, data, "--out", root / "dpo", *small, "--loss", "ipo", "--beta", 0.5)
     assert r.exit_code == 0, r.output

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gemma4._util import atomic_dir
-from gemma4.align.data import SPLITS, AlignData, build
+from gemma4.align.data import SPLITS, AlignData, build, copy_drills
 from gemma4.align.judge import is_refusal, is_unsafe, wilson
 from gemma4.align.stages import greedy_answers, is_helpful, run_dpo, run_grpo_lagrangian, run_lagrangian, run_sft
 from gemma4.cli._common import CliError, StepBar, check_model, check_output, dtype_option, find_tokenizer, slow_progress
@@ -211,6 +211,10 @@ def sft_cmd(
     replay: bool = typer.Option(True, "--replay/--no-replay",
                                 help="Mix the knowledge sentences (knowledge_train.jsonl) into the batches so facts "
                                      "are not forgotten."),
+    drills: int = typer.Option(0, "--copy-drills", min=0,
+                               help="Add this many benign requests about made-up names, answered by naming them: "
+                                    "teaches a small model trained from scratch to copy the requested object "
+                                    "into its answer instead of recalling a memorised one."),
     batch_size: int = _BATCH, max_len: int = _MAXLEN, seed: int = _SEED, warmup: int = _WARMUP,
     grad_clip: float = _CLIP, tokenizer: Optional[str] = _TOK, json_out: bool = _JSON,
 ) -> None:
@@ -222,11 +226,16 @@ def sft_cmd(
         raise CliError(f"--answers {answers!r}: use chosen (safety SFT) or helpful (the helpful-only base)")
 
     def run(m, ref, tok, data, on_step):
-        return run_sft(m, tok, data.splits["train"], steps=steps, lr=lr, answers=answers,
+        train = data.splits["train"]
+        if drills:
+            words = {w for t in data.knowledge_train + [e.prompt for e in train] for w in t.split()}
+            train = train + copy_drills(seed, drills, avoid=words)
+        return run_sft(m, tok, train, steps=steps, lr=lr, answers=answers,
                        texts=data.knowledge_train if replay else (), batch_size=batch_size, max_len=max_len,
                        warmup_steps=warmup, max_grad_norm=grad_clip, seed=seed, out=out, on_step=on_step)
 
-    _run_stage("sft", model, data_dir, out, tokenizer, steps, (("nll", "nll"),), json_out, run)
+    _run_stage("sft", model, data_dir, out, tokenizer, steps, (("nll", "nll"),), json_out, run,
+               summary=lambda log: {"copy_drills": drills})
 
 
 @align_app.command("dpo", short_help="DPO with an NLL anchor from a frozen reference (the SFT model).")
