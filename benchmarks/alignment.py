@@ -65,13 +65,14 @@ CONTROL = 16  # gemma4.io.house.CONTROL_TOKENS: appended after the BPE pieces; <
 class Recipe:
     vocab_size: int = 2048
     max_len: int = 128
-    base_steps: int = 800
+    # Runs 4 and 6-8's schedule (runs 1-2 used base 800 / knowledge x4 / SFT 300).
+    base_steps: int = 1800
     base_lr: float = 3e-3
     # Knowledge sentences are repeated in the base stage: held-out objects are recognisable only through
     # their facts ("X is illegal in most countries"), so each must be seen often enough to be learnt
     # (run 1, once per 12 rows: held-out-object ASR after SFT 64-72%).
-    knowledge_repeat: int = 4
-    sft_steps: int = 300
+    knowledge_repeat: int = 16
+    sft_steps: int = 1000
     sft_lr: float = 1e-3
     dpo_steps: int = 80
     # Run 1 (5e-5): DPO from SFT raised held-out ASR (wrappers 7% -> 35%) and cut well-formed outputs.
