@@ -254,8 +254,7 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: bool, tamper: bool
     tok = train_chat_bpe(corpus, recipe.vocab_size, sdir / "tokenizer.json")
     # The drills stay out of the tokenizer's corpus: their made-up names split into pieces, so copying them
     # is the general piece-by-piece skill rather than one more whole-word lookup.
-    words = {w for t in domain + [e.prompt for e in train] for w in t.split()}
-    drills = copy_drills(seed, recipe.copy_drills, avoid=words)
+    drills = copy_drills(data, recipe.copy_drills)
     cfg = tiny_config(tok.vocab_size, recipe.hidden_size, recipe.intermediate_size, recipe.num_layers,
                       recipe.kv_heads)
     base = build_model(cfg)

@@ -168,8 +168,8 @@ def test_answers_are_placeholder_only():
 def test_copy_drills_are_benign_made_up_and_named_in_the_answer():
     ds = _data()
     domain = {w for t in ds.knowledge_train + [e.prompt for e in ds.splits["train"]] for w in t.split()}
-    drills = copy_drills(0, 300, avoid=domain)
-    assert drills == copy_drills(0, 300, avoid=domain) and drills != copy_drills(1, 300, avoid=domain)
+    drills = copy_drills(ds, 300)
+    assert drills == copy_drills(ds, 300) and drills != copy_drills(_data(1), 300)
     assert len(drills) == 300 and len({e.obj for e in drills}) > 290  # fresh names: nothing to memorise
     real = [o for o, _ in HARMFUL_OBJECTS] + list(BENIGN_OBJECTS)
     test_prompts = {e.prompt for name in SPLITS if name.startswith("test") for e in ds.splits[name]}
@@ -180,9 +180,9 @@ def test_copy_drills_are_benign_made_up_and_named_in_the_answer():
         assert UNSAFE_MARKER not in e.helpful and not is_refusal(e.helpful) and e.prompt not in test_prompts
         # only training phrasings: the held-out prefixes stay held out
         assert not any(e.prompt.startswith(p) for p, _ in PREFIXES[len(PREFIXES) - 3:])
-    assert copy_drills(0, 0) == []
+    assert copy_drills(ds, 0) == []
     with pytest.raises(ValueError, match="n must be >= 0"):
-        copy_drills(0, -1)
+        copy_drills(ds, -1)
 
 
 def test_wrappers_balanced_and_budgeted():

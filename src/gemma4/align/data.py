@@ -479,7 +479,7 @@ def _nonce(rng: random.Random, syllables: int) -> str:
     return "".join(rng.choice(_ONSETS) + rng.choice(_NUCLEI) + rng.choice(_CODAS) for _ in range(syllables))
 
 
-def copy_drills(seed: int, n: int, *, avoid: set[str] = frozenset()) -> list[Example]:
+def copy_drills(data: AlignData, n: int) -> list[Example]:
     """``n`` benign requests about made-up things ("how do i build a vorpelix kit ?"), answered with the
     helpful templates that name them: a copying curriculum, not safety data.
 
@@ -489,13 +489,16 @@ def copy_drills(seed: int, n: int, *, avoid: set[str] = frozenset()) -> list[Exa
     well-formed, and a failed refusal). Fresh made-up names cannot be memorised, so they make copying the
     cheaper solution. One in three drills uses a borderline trigger verb with a made-up target and the
     borderline answer, which names the whole activity. The names are pronounceable letter strings that
-    are no word of ``avoid`` (pass the domain's words) and of no object list; they carry no knowledge
-    sentences, so nothing about harm is taught through them."""
+    are no word of ``data``'s knowledge sentences, training prompts and answers, nor of any object (held-out
+    ones included); they carry no knowledge sentences, so nothing about harm is taught through them. Same
+    data (same seed), same drills."""
     if n < 0:
         raise AlignDataError(f"copy_drills: n must be >= 0, got {n}")
-    rng = random.Random(f"copy-drills-{seed}")
-    known = set(avoid) | {w for o, _ in HARMFUL_OBJECTS for w in o.split()} | {w for o in BENIGN_OBJECTS
-                                                                               for w in o.split()}
+    rng = random.Random(f"copy-drills-{data.meta['seed']}")
+    train = data.splits["train"]
+    known = ({w for t in data.knowledge_train + [e.prompt for e in train] + [e.helpful for e in train] + [REFUSAL]
+              for w in t.split()}
+             | {w for o, _ in HARMFUL_OBJECTS for w in o.split()} | {w for o in BENIGN_OBJECTS for w in o.split()})
     n_train_prefixes = len(PREFIXES) - N_HELDOUT_PREFIXES
 
     def name() -> str:

@@ -226,11 +226,7 @@ def sft_cmd(
         raise CliError(f"--answers {answers!r}: use chosen (safety SFT) or helpful (the helpful-only base)")
 
     def run(m, ref, tok, data, on_step):
-        train = data.splits["train"]
-        if drills:
-            words = {w for t in data.knowledge_train + [e.prompt for e in train] for w in t.split()}
-            train = train + copy_drills(seed, drills, avoid=words)
-        return run_sft(m, tok, train, steps=steps, lr=lr, answers=answers,
+        return run_sft(m, tok, data.splits["train"] + copy_drills(data, drills), steps=steps, lr=lr, answers=answers,
                        texts=data.knowledge_train if replay else (), batch_size=batch_size, max_len=max_len,
                        warmup_steps=warmup, max_grad_norm=grad_clip, seed=seed, out=out, on_step=on_step)
 
