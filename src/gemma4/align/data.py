@@ -520,7 +520,8 @@ def copy_drills(data: AlignData, n: int) -> list[Example]:
                                rng.choice(BORDERLINE_HELPFUL).format(act=f"{trigger} {obj}")))
         else:
             prompt, tid = _request(p, rng.randrange(len(VERBS)), s, obj)
-            out.append(Example(prompt, "benign", obj, "drill", tid, None, rng.choice(HELPFUL_TEMPLATES).format(obj=obj)))
+            out.append(Example(prompt, "benign", obj, "drill", tid, None,
+                               rng.choice(HELPFUL_TEMPLATES).format(obj=obj)))
     return out
 
 
