@@ -284,7 +284,8 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: bool, tamper: bool
                    f"wf {h['well_formed']:.0%} nll {h['lm_nll']:.3f}")
 
     stage("base", lambda: run_sft(base, tok, train + drills, steps=recipe.base_steps, lr=recipe.base_lr,
-                                  answers="helpful", texts=data.knowledge_train * recipe.knowledge_repeat, warmup_steps=20, **kw))
+                                  answers="helpful", texts=data.knowledge_train * recipe.knowledge_repeat,
+                                  warmup_steps=20, **kw))
     ev("base", base)
 
     sft = copy.deepcopy(base)
