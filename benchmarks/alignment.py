@@ -105,10 +105,19 @@ class Recipe:
     # runs 1-6 never learnt to copy the object into the answer (base well-formed 3-13%: a held-out object
     # got a training object's answer), and made-up names cannot be memorised. 0 = none (runs 1-6).
     copy_drills: int = 600
+    # A copying curriculum before the base stage: this many steps on fresh drills alone (short rows, ~1/3
+    # of a base step's time). Runs 1-8 had none: a probe trained on 20,000 drills alone copied a new
+    # made-up name in 11% of answers after 600 steps at the old init, and in 97% after 1,500 steps with
+    # unit attention logits; copying mixed into the base stage (~2 drill rows per 100) never formed.
+    copy_warmup_steps: int = 1000
+    copy_warmup_drills: int = 20000
+    # `init_weights_(embed_std=1/sqrt(hidden), unit_attention_logits=True)` (1) or the plain init (0, runs
+    # 1-8). The same probe at 600 steps: plain 11%, unit logits 29%, both 66%, the embedding alone 2%.
+    unit_init: int = 1
 
     @staticmethod
     def quick() -> "Recipe":
-        return Recipe(base_steps=30, sft_steps=20, dpo_steps=6, lag_steps=6, grpo_steps=2, tamper_steps=(0, 4),
+        return Recipe(base_steps=30, copy_warmup_steps=30, copy_warmup_drills=200, sft_steps=20, dpo_steps=6, lag_steps=6, grpo_steps=2, tamper_steps=(0, 4),
                       eval_per_split=24, max_new_tokens=24)
 
 
@@ -255,10 +264,16 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: bool, tamper: bool
     # The drills stay out of the tokenizer's corpus: their made-up names split into pieces, so copying them
     # is the general piece-by-piece skill rather than one more whole-word lookup.
     drills = copy_drills(data, recipe.copy_drills)
+    # The first `copy_drills` of these are the stage drills above (same rng stream): the warm-up adds
+    # fresh names to them.
+    warm_drills = copy_drills(data, max(recipe.copy_warmup_drills, recipe.copy_drills))
     cfg = tiny_config(tok.vocab_size, recipe.hidden_size, recipe.intermediate_size, recipe.num_layers,
                       recipe.kv_heads)
     base = build_model(cfg)
-    init_weights_(base, seed=seed)
+    if recipe.unit_init:
+        init_weights_(base, seed=seed, embed_std=recipe.hidden_size ** -0.5, unit_attention_logits=True)
+    else:
+        init_weights_(base, seed=seed)
     n_params = sum(p.numel() for p in base.parameters())
     _log(seed, f"data {({k: len(v) for k, v in data.splits.items()})}, vocab {tok.vocab_size}, {n_params / 1e6:.2f}M params")
     res: dict = {"seed": seed, "params": n_params, "vocab": tok.vocab_size, "meta": data.meta, "models": {},
@@ -283,6 +298,9 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: bool, tamper: bool
                    f"over-ref {h['over_refusal_benign']:.0%} border {h['over_refusal_borderline']:.0%} "
                    f"wf {h['well_formed']:.0%} nll {h['lm_nll']:.3f}")
 
+    if recipe.copy_warmup_steps:
+        stage("copy_warmup", lambda: run_sft(base, tok, warm_drills, steps=recipe.copy_warmup_steps,
+                                             lr=recipe.base_lr, answers="helpful", warmup_steps=20, **kw))
     stage("base", lambda: run_sft(base, tok, train + drills, steps=recipe.base_steps, lr=recipe.base_lr,
                                   answers="helpful", texts=data.knowledge_train * recipe.knowledge_repeat,
                                   warmup_steps=20, **kw))
@@ -522,7 +540,7 @@ def plots(results: list[dict], out: Path) -> None:
     # three terms, GRPO's reward and cost.
     r0 = results[0]["logs"]
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
-    for name in ("base", "sft", "sft_3_wrappers", "shuffled_sft"):
+    for name in ("copy_warmup", "base", "sft", "sft_3_wrappers", "shuffled_sft"):
         if name in r0:
             axes[0].plot([x["step"] for x in r0[name]], [x["loss"] for x in r0[name]], label=name)
     axes[0].set_title("SFT stages: loss")
