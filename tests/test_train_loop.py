@@ -168,3 +168,26 @@ def test_kill9_then_resume_reproduces_the_loss_curve(tmp_path):
     wa = load_file(str(tmp_path / "ref" / "checkpoints" / "step-000008" / "trainable.safetensors"))
     wb = load_file(str(tmp_path / "run" / "checkpoints" / "step-000008" / "trainable.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_init_weights_small_model_options():
+    """embed_std re-scales only the token embedding; unit_attention_logits starts q_norm and k_norm at
+    head_dim^(-1/4), so logits of RMS-normed q and k have unit variance; everything else is the plain init."""
+    import gemma4
+    from gemma4.train.run import init_weights_
+    from train_tiny import tiny_config
+
+    plain = init_weights_(gemma4.build_model(tiny_config()), seed=3)
+    unit = init_weights_(gemma4.build_model(tiny_config()), seed=3, embed_std=0.1, unit_attention_logits=True)
+    a, b = plain.state_dict(), unit.state_dict()
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert "model.embed_tokens.weight" in changed
+    torch.testing.assert_close(b["model.embed_tokens.weight"], a["model.embed_tokens.weight"] * 5.0)  # 0.1 / 0.02
+    for k in changed - {"model.embed_tokens.weight"}:
+        assert k.endswith(("q_norm.weight", "k_norm.weight")), k
+        torch.testing.assert_close(b[k], torch.full_like(b[k], b[k].numel() ** -0.25))
+    assert sum(k.endswith("q_norm.weight") for k in changed) == len(unit.model.layers)
+    attn = unit.model.layers[0].self_attn
+    q = attn.q_norm(torch.randn(20000, attn.head_dim))
+    k = attn.k_norm(torch.randn(20000, attn.head_dim))
+    assert abs(float((q * k).sum(-1).var()) - 1.0) < 0.1
