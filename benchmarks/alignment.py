@@ -137,6 +137,25 @@ def tiny_config(vocab_size: int, hidden_size: int = 128, intermediate_size: int 
         pad_token_id=0, eos_token_id=[1, vocab_size - CONTROL + 1], bos_token_id=2))
 
 
+def domain_tokenizer(data: AlignData, recipe: Recipe, path: Path):
+    """The chat BPE of one seed's data: the domain text repeated ``tokenizer_domain_weight`` times, the
+    wrapped training prompts once."""
+    train = data.splits["train"]
+    domain = (data.knowledge_train + [e.prompt for e in train if e.wrapper is None] + [e.helpful for e in train]
+              + [REFUSAL] * 50)
+    corpus = domain * recipe.tokenizer_domain_weight + [e.prompt for e in train if e.wrapper is not None]
+    return train_chat_bpe(corpus, recipe.vocab_size, path)
+
+
+def new_model(vocab_size: int, recipe: Recipe, seed: int):
+    """The recipe's tiny Gemma 4, freshly initialised."""
+    cfg = tiny_config(vocab_size, recipe.hidden_size, recipe.intermediate_size, recipe.num_layers, recipe.kv_heads)
+    if recipe.unit_init:
+        return init_weights_(build_model(cfg), seed=seed, embed_std=recipe.hidden_size ** -0.5,
+                             unit_attention_logits=True)
+    return init_weights_(build_model(cfg), seed=seed)
+
+
 # ----------------------------------------------------------------------------------------- evaluation
 TEST_SPLITS = ("test_phrasings", "test_objects", "test_borderline", "test_wrappers")
 
@@ -257,23 +276,14 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: bool, tamper: bool
     sdir.mkdir(parents=True, exist_ok=True)
     data = build(seed)
     train, val = data.splits["train"], data.splits["val_redteam"]
-    domain = (data.knowledge_train + [e.prompt for e in train if e.wrapper is None] + [e.helpful for e in train]
-              + [REFUSAL] * 50)
-    corpus = domain * recipe.tokenizer_domain_weight + [e.prompt for e in train if e.wrapper is not None]
-    tok = train_chat_bpe(corpus, recipe.vocab_size, sdir / "tokenizer.json")
+    tok = domain_tokenizer(data, recipe, sdir / "tokenizer.json")
     # The drills stay out of the tokenizer's corpus: their made-up names split into pieces, so copying them
     # is the general piece-by-piece skill rather than one more whole-word lookup.
     drills = copy_drills(data, recipe.copy_drills)
     # The first `copy_drills` of these are the stage drills above (same rng stream): the warm-up adds
     # fresh names to them.
     warm_drills = copy_drills(data, max(recipe.copy_warmup_drills, recipe.copy_drills))
-    cfg = tiny_config(tok.vocab_size, recipe.hidden_size, recipe.intermediate_size, recipe.num_layers,
-                      recipe.kv_heads)
-    base = build_model(cfg)
-    if recipe.unit_init:
-        init_weights_(base, seed=seed, embed_std=recipe.hidden_size ** -0.5, unit_attention_logits=True)
-    else:
-        init_weights_(base, seed=seed)
+    base = new_model(tok.vocab_size, recipe, seed)
     n_params = sum(p.numel() for p in base.parameters())
     _log(seed, f"data {({k: len(v) for k, v in data.splits.items()})}, vocab {tok.vocab_size}, {n_params / 1e6:.2f}M params")
     res: dict = {"seed": seed, "params": n_params, "vocab": tok.vocab_size, "meta": data.meta, "models": {},

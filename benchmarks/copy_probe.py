@@ -1,0 +1,96 @@
+"""Can the alignment experiment's tiny Gemma 4 learn to copy a name it has never seen into its answer?
+
+    python benchmarks/copy_probe.py                  # the five settings below, seed 0 (~15 min on one core)
+    python benchmarks/copy_probe.py --jobs 2         # two settings at a time
+
+The safety experiment (`benchmarks/alignment.py`) needs it: every answer it teaches repeats the requested
+object ("Sure. Here is how to make X: ..."), so a model that cannot copy a held-out object writes some
+other object's answer, which is neither well-formed nor, for a harmful request, a refusal. This probe
+trains a fresh model of the experiment's recipe on copy drills alone (`gemma4.align.data.copy_drills`:
+benign requests about made-up names, helpful answers that name them; 20,000 of them, so few repeat) and
+reads greedy answers to 100 drills it never saw. A name is copied when the answer is well-formed: a
+helpful template naming exactly that name.
+
+Settings: the plain init (runs 1-8 of the experiment); unit-variance attention logits (q_norm and k_norm
+start at head_dim^(-1/4)); the embedding at std 1/sqrt(hidden) alone; both; unit logits for more steps.
+Everything else is the experiment's recipe (same tokenizer, model, lr, batch). Writes
+``<out>/copy_probe.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from gemma4._util import atomic_write_text
+from gemma4.align.data import build, copy_drills
+from gemma4.align.stages import greedy_answers, run_sft
+from gemma4.model import build_model
+from gemma4.train.run import init_weights_
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from alignment import HERE, Recipe, domain_tokenizer, tiny_config, well_formed  # noqa: E402
+
+# (name, embed_std given, unit attention logits, steps)
+SETTINGS = [("plain", False, False, 600), ("unit logits", False, True, 600), ("embed std only", True, False, 600),
+            ("both", True, True, 600), ("unit logits, 1500 steps", False, True, 1500)]
+N_TRAIN, N_FRESH = 20_000, 100
+
+
+def probe(args) -> dict:
+    (name, embed, unit, steps), seed, out, quick = args
+    steps = 30 if quick else steps
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    recipe = Recipe()
+    data = build(seed)
+    tok = domain_tokenizer(data, recipe, out / f"tokenizer_{seed}.json")
+    drills = copy_drills(data, N_TRAIN + N_FRESH)
+    train, fresh = drills[:N_TRAIN], drills[N_TRAIN:]  # one rng stream: the fresh names come after
+    cfg = tiny_config(tok.vocab_size, recipe.hidden_size, recipe.intermediate_size, recipe.num_layers, recipe.kv_heads)
+    model = init_weights_(build_model(cfg), seed=seed, embed_std=recipe.hidden_size ** -0.5 if embed else None,
+                          unit_attention_logits=unit)
+    t = time.perf_counter()
+    log = run_sft(model, tok, train, steps=steps, lr=recipe.base_lr, answers="helpful", warmup_steps=20,
+                  batch_size=recipe.batch_size, max_len=recipe.max_len, seed=seed)
+    train_s = time.perf_counter() - t
+    outs = greedy_answers(model, tok, fresh, recipe.max_new_tokens, max_len=recipe.max_len, batch_size=64)
+    copied = sum(well_formed(e, o) for e, o in zip(fresh, outs))
+    return {"setting": name, "embed_std": recipe.hidden_size ** -0.5 if embed else None, "unit_attention_logits": unit,
+            "steps": steps, "seed": seed, "final_loss": sum(r["loss"] for r in log[-20:]) / 20,
+            "copied": copied, "n": len(fresh), "train_s": round(train_s, 1),
+            "examples": [{"prompt": e.prompt, "out": o} for e, o in list(zip(fresh, outs))[:3]]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "copy_probe")
+    ap.add_argument("--quick", action="store_true", help="30 steps per setting: checks the plumbing only")
+    ap.add_argument("--jobs", type=int, default=1, help="settings run in parallel processes (one thread each)")
+    a = ap.parse_args(argv)
+    a.out.mkdir(parents=True, exist_ok=True)
+    jobs = [(s, a.seed, a.out, a.quick) for s in SETTINGS]
+    if a.jobs > 1:
+        with mp.get_context("spawn").Pool(a.jobs) as pool:
+            rows = pool.map(probe, jobs, chunksize=1)
+    else:
+        rows = [probe(j) for j in jobs]
+    cfg = tiny_config(2048)
+    atomic_write_text(a.out / "copy_probe.json", json.dumps({"model": {"hidden_size": cfg.hidden_size,
+                                                                       "layers": cfg.num_hidden_layers},
+                                                             "n_train_drills": N_TRAIN, "rows": rows}, indent=1))
+    print("| setting | steps | final loss | fresh names copied |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['setting']} | {r['steps']} | {r['final_loss']:.3f} | {r['copied']}/{r['n']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
