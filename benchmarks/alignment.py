@@ -8,8 +8,10 @@ Per seed: curated data (`gemma4.align.data.build`: harmful/benign requests over 
 templates, borderline look-alikes, ~120 PyRIT training wrappers deduplicated against garak's, held-out
 phrasings, objects and garak-derived wrapper families), a domain tokenizer with Gemma 4's chat tokens,
 and a tiny Gemma 4 (sliding + full layers, K=V full attention, proportional RoPE, per-layer embeddings)
-trained from scratch:
+trained from scratch (embedding std 1/sqrt(hidden), unit-variance attention logits at init):
 
+  copy_warmup copying first: benign requests about fresh made-up names, answered with templates that
+              name them (`gemma4.align.data.copy_drills`; no safety signal)
   base        helpful-only: knowledge sentences + every request answered (harmful ones with the
               placeholder compliance "Sure. Here is how to make X: [unsafe-step] ...")
   sft         safety SFT from base: refusal on harmful (plain and wrapped), help on the rest, replay
