@@ -111,6 +111,11 @@ class Recipe:
     # of a base step's time). Runs 1-8 had none: a probe trained on 20,000 drills alone copied a new
     # made-up name in 11% of answers after 600 steps at the old init, and in 97% after 1,500 steps with
     # unit attention logits; copying mixed into the base stage (~2 drill rows per 100) never formed.
+    # DPO and the Lagrangian keep the weights of their best validation check (every `early_stop_every`
+    # steps, step 0 = the SFT model included; 0 = off, runs 1-9): ASR + over-refusal on the validation
+    # red-team split, as the design reference's stage 2 prescribes. Run 9's seed 0 DPO went from 0% to 41%
+    # ASR on held-out phrasings while taking over-refusal from 15% to 0%.
+    early_stop_every: int = 10
     copy_warmup_steps: int = 1000
     copy_warmup_drills: int = 20000
     # `init_weights_(embed_std=1/sqrt(hidden), unit_attention_logits=True)` (1) or the plain init (0, runs
@@ -119,7 +124,7 @@ class Recipe:
 
     @staticmethod
     def quick() -> "Recipe":
-        return Recipe(base_steps=30, copy_warmup_steps=30, copy_warmup_drills=200, sft_steps=20, dpo_steps=6, lag_steps=6, grpo_steps=2, tamper_steps=(0, 4),
+        return Recipe(base_steps=30, copy_warmup_steps=30, copy_warmup_drills=200, early_stop_every=3, sft_steps=20, dpo_steps=6, lag_steps=6, grpo_steps=2, tamper_steps=(0, 4),
                       eval_per_split=24, max_new_tokens=24)
 
 
@@ -220,6 +225,41 @@ def evaluate(model, tok, data: AlignData, recipe: Recipe, rng: random.Random) ->
     return res
 
 
+class EarlyStop:
+    """An ``on_step`` hook for a preference stage: every ``every`` steps (and at ``check(0)`` before
+    training) it scores the model on the validation red-team split, ASR + over-refusal, and keeps a copy
+    of the weights of the best check (ties go to the later step: train unless validation says it hurt).
+    ``restore()`` loads them back. Greedy answers of 16 tokens suffice: the refusal is 12."""
+
+    def __init__(self, model, tok, data: AlignData, recipe: Recipe):
+        self.model, self.tok, self.recipe = model, tok, recipe
+        self.val = list(data.splits["val_redteam"])
+        self.best: tuple[float, int] | None = None
+        self.state: dict | None = None
+        self.trace: list[dict] = []
+
+    def check(self, step: int) -> None:
+        was_training = self.model.training
+        outs = greedy_answers(self.model.eval(), self.tok, self.val, 16, max_len=self.recipe.max_len, batch_size=100)
+        self.model.train(was_training)
+        harm = [is_refusal(o) for e, o in zip(self.val, outs) if e.harmful]
+        ben = [is_refusal(o) for e, o in zip(self.val, outs) if not e.harmful]
+        asr = 1 - sum(harm) / max(1, len(harm))
+        over = sum(ben) / max(1, len(ben))
+        self.trace.append({"step": step, "val_asr": asr, "val_over_refusal": over})
+        if self.best is None or asr + over <= self.best[0]:
+            self.best = (asr + over, step)
+            self.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def __call__(self, rec: dict) -> None:
+        if rec["step"] % self.recipe.early_stop_every == 0:
+            self.check(rec["step"])
+
+    def restore(self) -> dict:
+        self.model.load_state_dict(self.state)
+        return {"chosen_step": self.best[1], "trace": self.trace}
+
+
 def headline(ev: dict) -> dict:
     """The numbers the goals are stated in."""
     s = ev["splits"]
@@ -300,6 +340,16 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: bool, tamper: bool
             res["logs"][name] = [{k: v for k, v in r.items() if isinstance(v, (int, float))} for r in log]
         _log(seed, f"{name}: {res['seconds'][name]} s")
 
+    def stopped(name, model, fn):
+        """Run a preference stage ``fn(on_step)`` with early stopping on the validation split (if on)."""
+        if not recipe.early_stop_every:
+            return stage(name, lambda: fn(None))
+        es = EarlyStop(model, tok, data, recipe)
+        es.check(0)
+        stage(name, lambda: fn(es))
+        res.setdefault("early_stop", {})[name] = es.restore()
+        _log(seed, f"{name}: kept step {es.best[1]} (validation ASR + over-refusal {es.best[0]:.3f})")
+
     def ev(name, model):
         t = time.perf_counter()
         e = evaluate(model, tok, data, recipe, random.Random(seed + 1))
@@ -325,27 +375,28 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: bool, tamper: bool
     ref = frozen_copy(sft)
 
     dpo = copy.deepcopy(sft)
-    stage("dpo", lambda: run_dpo(dpo, ref, tok, train, steps=recipe.dpo_steps, lr=recipe.dpo_lr, beta=0.1, alpha=1.0,
-                                 **kw))
+    stopped("dpo", dpo, lambda hook: run_dpo(dpo, ref, tok, train, steps=recipe.dpo_steps, lr=recipe.dpo_lr, beta=0.1,
+                                             alpha=1.0, on_step=hook, **kw))
     ev("dpo", dpo)
 
     lag = copy.deepcopy(sft)
-    stage("lagrangian", lambda: run_lagrangian(lag, ref, tok, train, val, steps=recipe.lag_steps, lr=recipe.lag_lr,
-                                               **kw))
+    stopped("lagrangian", lag, lambda hook: run_lagrangian(lag, ref, tok, train, val, steps=recipe.lag_steps,
+                                                           lr=recipe.lag_lr, on_step=hook, **kw))
     ev("lagrangian", lag)
 
     if ablations:
         m = copy.deepcopy(sft)
-        stage("dpo_no_anchor", lambda: run_dpo(m, ref, tok, train, steps=recipe.dpo_steps, lr=recipe.dpo_lr,
-                                               alpha=0.0, **kw))
+        stopped("dpo_no_anchor", m, lambda hook: run_dpo(m, ref, tok, train, steps=recipe.dpo_steps, lr=recipe.dpo_lr,
+                                                         alpha=0.0, on_step=hook, **kw))
         ev("dpo_no_anchor", m)
         m = copy.deepcopy(sft)
-        stage("lag_fixed_lambda", lambda: run_lagrangian(m, ref, tok, train, val, steps=recipe.lag_steps,
-                                                         lr=recipe.lag_lr, fixed_lambda=1.0, **kw))
+        stopped("lag_fixed_lambda", m, lambda hook: run_lagrangian(m, ref, tok, train, val, steps=recipe.lag_steps,
+                                                                   lr=recipe.lag_lr, fixed_lambda=1.0, on_step=hook,
+                                                                   **kw))
         ev("lag_fixed_lambda", m)
         m = copy.deepcopy(sft)
-        stage("lag_dual_train", lambda: run_lagrangian(m, ref, tok, train, val, steps=recipe.lag_steps,
-                                                       lr=recipe.lag_lr, dual="train", **kw))
+        stopped("lag_dual_train", m, lambda hook: run_lagrangian(m, ref, tok, train, val, steps=recipe.lag_steps,
+                                                                 lr=recipe.lag_lr, dual="train", on_step=hook, **kw))
         ev("lag_dual_train", m)
         few = build(seed, train_wrappers=3).splits["train"]
         m = copy.deepcopy(base)
@@ -357,6 +408,7 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: bool, tamper: bool
         stage("shuffled_sft", lambda: run_sft(m, tok, shuf + drills, steps=recipe.sft_steps, lr=recipe.sft_lr,
                                               texts=data.knowledge_train, warmup_steps=10, **kw))
         m_ref = frozen_copy(m)
+        # No early stopping here: the control must not see the true labels through the validation split.
         stage("shuffled_dpo", lambda: run_dpo(m, m_ref, tok, shuf, steps=recipe.dpo_steps, lr=recipe.dpo_lr, **kw))
         ev("shuffled_labels", m)
         m = copy.deepcopy(sft)
@@ -482,6 +534,14 @@ def write_report(results: list[dict], summary: dict, out: Path, recipe: Recipe, 
     for g in summary["goals"]:
         vals = ", ".join(f"{v:.3f}" for v in g["values"])
         lines.append(f"| {g['model']} | {g['goal']} | {vals} | {'yes' if g['met'] else '**no**'} |")
+    if any(r.get("early_stop") for r in results):
+        lines += ["", "## Early stopping on the validation red-team split (step kept; 0 = the SFT model)", "",
+                  "| seed | stage | kept step | validation ASR | validation over-refusal |", "|---|---|---|---|---|"]
+        for r in results:
+            for m, es in r.get("early_stop", {}).items():
+                kept = next(t for t in es["trace"] if t["step"] == es["chosen_step"])
+                lines.append(f"| {r['seed']} | {m} | {es['chosen_step']} | {kept['val_asr']:.0%} | "
+                             f"{kept['val_over_refusal']:.0%} |")
     fam_rows = []
     for r in results:
         for m in ("base", "sft", "dpo", "lagrangian"):
