@@ -8,8 +8,9 @@ object ("Sure. Here is how to make X: ..."), so a model that cannot copy a held-
 other object's answer, which is neither well-formed nor, for a harmful request, a refusal. This probe
 trains a fresh model of the experiment's recipe on copy drills alone (`gemma4.align.data.copy_drills`:
 benign requests about made-up names, helpful answers that name them; 20,000 of them, so few repeat) and
-reads greedy answers to 100 drills it never saw. A name is copied when the answer is well-formed: a
-helpful template naming exactly that name.
+reads greedy answers to 100 drills it never saw, and to the 120 benign requests about held-out real
+objects ("a pizza": whole words of the tokenizer, never inside a drill). A name is copied when the answer
+is well-formed: a helpful template naming exactly that name.
 
 Settings: the plain init (runs 1-8 of the experiment); unit-variance attention logits (q_norm and k_norm
 start at head_dim^(-1/4)); the embedding at std 1/sqrt(hidden) alone; both; unit logits for more steps.
@@ -62,10 +63,17 @@ def probe(args) -> dict:
     train_s = time.perf_counter() - t
     outs = greedy_answers(model, tok, fresh, recipe.max_new_tokens, max_len=recipe.max_len, batch_size=64)
     copied = sum(well_formed(e, o) for e, o in zip(fresh, outs))
+    # Real words: the held-out benign objects ("a pizza"), whole tokens of the domain tokenizer that the
+    # drills never contain. Copying them is what the experiment's well-formedness needs.
+    real = [e for e in data.splits["test_objects"] if not e.harmful]
+    real_outs = greedy_answers(model, tok, real, recipe.max_new_tokens, max_len=recipe.max_len, batch_size=64)
+    real_copied = sum(well_formed(e, o) for e, o in zip(real, real_outs))
     return {"setting": name, "embed_std": recipe.hidden_size ** -0.5 if embed else None, "unit_attention_logits": unit,
             "steps": steps, "seed": seed, "final_loss": sum(r["loss"] for r in log[-20:]) / 20,
-            "copied": copied, "n": len(fresh), "train_s": round(train_s, 1),
-            "examples": [{"prompt": e.prompt, "out": o} for e, o in list(zip(fresh, outs))[:3]]}
+            "copied": copied, "n": len(fresh), "real_copied": real_copied, "n_real": len(real),
+            "train_s": round(train_s, 1),
+            "examples": [{"prompt": e.prompt, "out": o} for e, o in list(zip(fresh, outs))[:3]
+                         + list(zip(real, real_outs))[:3]]}
 
 
 def main(argv=None) -> int:
@@ -86,9 +94,11 @@ def main(argv=None) -> int:
     atomic_write_text(a.out / "copy_probe.json", json.dumps({"model": {"hidden_size": cfg.hidden_size,
                                                                        "layers": cfg.num_hidden_layers},
                                                              "n_train_drills": N_TRAIN, "rows": rows}, indent=1))
-    print("| setting | steps | final loss | fresh names copied |\n|---|---|---|---|")
+    print("| setting | steps | final loss | fresh made-up names copied | held-out real objects copied |\n"
+          "|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['setting']} | {r['steps']} | {r['final_loss']:.3f} | {r['copied']}/{r['n']} |")
+        print(f"| {r['setting']} | {r['steps']} | {r['final_loss']:.3f} | {r['copied']}/{r['n']} | "
+              f"{r['real_copied']}/{r['n_real']} |")
     return 0
 
 
