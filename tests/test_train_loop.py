@@ -188,6 +188,7 @@ def test_init_weights_small_model_options():
         torch.testing.assert_close(b[k], torch.full_like(b[k], b[k].numel() ** -0.25))
     assert sum(k.endswith("q_norm.weight") for k in changed) == len(unit.model.layers)
     attn = unit.model.layers[0].self_attn
-    q = attn.q_norm(torch.randn(20000, attn.head_dim))
-    k = attn.k_norm(torch.randn(20000, attn.head_dim))
+    with torch.no_grad():
+        q = attn.q_norm(torch.randn(20000, attn.head_dim))
+        k = attn.k_norm(torch.randn(20000, attn.head_dim))
     assert abs(float((q * k).sum(-1).var()) - 1.0) < 0.1
