@@ -111,13 +111,13 @@ class Recipe:
     # of a base step's time). Runs 1-8 had none: a probe trained on 20,000 drills alone copied a new
     # made-up name in 11% of answers after 600 steps at the old init, and in 97% after 1,500 steps with
     # unit attention logits; copying mixed into the base stage (~2 drill rows per 100) never formed.
+    copy_warmup_steps: int = 1000
+    copy_warmup_drills: int = 20000
     # DPO and the Lagrangian keep the weights of their best validation check (every `early_stop_every`
     # steps, step 0 = the SFT model included; 0 = off, runs 1-9): ASR + over-refusal on the validation
     # red-team split, as the design reference's stage 2 prescribes. Run 9's seed 0 DPO went from 0% to 41%
     # ASR on held-out phrasings while taking over-refusal from 15% to 0%.
     early_stop_every: int = 10
-    copy_warmup_steps: int = 1000
-    copy_warmup_drills: int = 20000
     # `init_weights_(embed_std=1/sqrt(hidden), unit_attention_logits=True)` (1) or the plain init (0, runs
     # 1-8). `benchmarks/copy_probe.py` at 600 steps: plain 11%, unit logits 29%, the embedding alone 15%,
     # both 84%.
@@ -125,8 +125,9 @@ class Recipe:
 
     @staticmethod
     def quick() -> "Recipe":
-        return Recipe(base_steps=30, copy_warmup_steps=30, copy_warmup_drills=200, early_stop_every=3, sft_steps=20, dpo_steps=6, lag_steps=6, grpo_steps=2, tamper_steps=(0, 4),
-                      eval_per_split=24, max_new_tokens=24)
+        return Recipe(base_steps=30, copy_warmup_steps=30, copy_warmup_drills=200, early_stop_every=3, sft_steps=20,
+                      dpo_steps=6, lag_steps=6, grpo_steps=2, tamper_steps=(0, 4), eval_per_split=24,
+                      max_new_tokens=24)
 
 
 def tiny_config(vocab_size: int, hidden_size: int = 128, intermediate_size: int = 256,
@@ -158,10 +159,8 @@ def domain_tokenizer(data: AlignData, recipe: Recipe, path: Path):
 def new_model(vocab_size: int, recipe: Recipe, seed: int):
     """The recipe's tiny Gemma 4, freshly initialised."""
     cfg = tiny_config(vocab_size, recipe.hidden_size, recipe.intermediate_size, recipe.num_layers, recipe.kv_heads)
-    if recipe.unit_init:
-        return init_weights_(build_model(cfg), seed=seed, embed_std=recipe.hidden_size ** -0.5,
-                             unit_attention_logits=True)
-    return init_weights_(build_model(cfg), seed=seed)
+    embed_std = recipe.hidden_size ** -0.5 if recipe.unit_init else None
+    return init_weights_(build_model(cfg), seed=seed, embed_std=embed_std, unit_attention_logits=bool(recipe.unit_init))
 
 
 # ----------------------------------------------------------------------------------------- evaluation
@@ -227,7 +226,7 @@ def evaluate(model, tok, data: AlignData, recipe: Recipe, rng: random.Random) ->
 
 
 class EarlyStop:
-    """An ``on_step`` hook for a preference stage: every ``every`` steps (and at ``check(0)`` before
+    """An ``on_step`` hook for a preference stage: every ``early_stop_every`` steps (and at ``check(0)`` before
     training) it scores the model on the validation red-team split, ASR + over-refusal, and keeps a copy
     of the weights of the best check (ties go to the later step: train unless validation says it hurt).
     ``restore()`` loads them back. Greedy answers of 16 tokens suffice: the refusal is 12."""
@@ -322,10 +321,10 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: bool, tamper: bool
     tok = domain_tokenizer(data, recipe, sdir / "tokenizer.json")
     # The drills stay out of the tokenizer's corpus: their made-up names split into pieces, so copying them
     # is the general piece-by-piece skill rather than one more whole-word lookup.
-    drills = copy_drills(data, recipe.copy_drills)
-    # The first `copy_drills` of these are the stage drills above (same rng stream): the warm-up adds
-    # fresh names to them.
-    warm_drills = copy_drills(data, max(recipe.copy_warmup_drills, recipe.copy_drills))
+    # One rng stream: the stage drills are its first `copy_drills`, the warm-up adds fresh names after them.
+    n_warm = recipe.copy_warmup_drills if recipe.copy_warmup_steps else 0
+    warm_drills = copy_drills(data, max(recipe.copy_drills, n_warm))
+    drills = warm_drills[:recipe.copy_drills]
     base = new_model(tok.vocab_size, recipe, seed)
     n_params = sum(p.numel() for p in base.parameters())
     _log(seed, f"data {({k: len(v) for k, v in data.splits.items()})}, vocab {tok.vocab_size}, {n_params / 1e6:.2f}M params")

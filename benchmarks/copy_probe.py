@@ -90,9 +90,9 @@ def main(argv=None) -> int:
             rows = pool.map(probe, jobs, chunksize=1)
     else:
         rows = [probe(j) for j in jobs]
-    cfg = tiny_config(2048)
-    atomic_write_text(a.out / "copy_probe.json", json.dumps({"model": {"hidden_size": cfg.hidden_size,
-                                                                       "layers": cfg.num_hidden_layers},
+    r = Recipe()
+    atomic_write_text(a.out / "copy_probe.json", json.dumps({"model": {"hidden_size": r.hidden_size,
+                                                                       "layers": r.num_layers},
                                                              "n_train_drills": N_TRAIN, "rows": rows}, indent=1))
     print("| setting | steps | final loss | fresh made-up names copied | held-out real objects copied |\n"
           "|---|---|---|---|---|")
