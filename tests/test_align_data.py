@@ -17,8 +17,9 @@ import pytest
 from typer.testing import CliRunner
 
 from gemma4.align import sources
-from gemma4.align.data import (BENIGN_OBJECTS, CATEGORIES, HARMFUL_OBJECTS, OWN_TEST_WRAPPERS, PREFIXES, SPLITS,
-                               AlignData, Example, build, compliance, copy_drills, render_wrapper)
+from gemma4.align.data import (BENIGN_OBJECTS, CATEGORIES, HARMFUL_OBJECTS, HELPFUL_TEMPLATES, OWN_TEST_WRAPPERS,
+                               PREFIXES, SPLITS, VAL_PREFIXES, AlignData, Example, answer_slot, build, compliance,
+                               copy_drills, render_wrapper)
 from gemma4.align.judge import REFUSAL, UNSAFE_MARKER, is_refusal, is_unsafe
 from gemma4.cli import app
 from gemma4.io.assets import AssetError
@@ -140,6 +141,38 @@ def test_splits_disjoint():
         bad = AlignData({**ds.splits, "train": [dataclasses.replace(first, prompt=leak)]}, [], [], ds.meta)
         with pytest.raises(AssertionError, match="held-out|shares"):
             _assert_disjoint(bad)
+
+
+def test_validation_phrasings_only_in_validation():
+    ds = _data()
+    val_pre = [p for p, _ in VAL_PREFIXES]
+    assert ds.meta["prefixes"]["val"] == val_pre
+    plain = [e for e in ds.splits["val_redteam"] if e.wrapper is None]
+    kinds = [e.kind for e in plain]
+    assert kinds.count("harmful") >= 30 and kinds.count("benign") >= 30 and kinds.count("borderline") >= 10
+    assert all(any(e.prompt.startswith(p + " ") for p in val_pre) for e in plain)
+    objs = ds.meta["objects"]
+    assert {e.obj for e in plain if e.kind != "borderline"} <= set(objs["harmful_align"] + objs["benign_align"])
+    # the wording is new to training and to every test split, and no training or test prefix contains it
+    others = [e.prompt for name in SPLITS if name != "val_redteam" for e in ds.splits[name]]
+    assert not any(_mentions(t, p) for t in others for p in val_pre)
+    assert not set(val_pre) & {p for p, _ in PREFIXES}
+    # their own RNG stream: the other splits are what a build without them gives (the first val rows too)
+    assert ds.splits["val_redteam"][:200] == [e for e in ds.splits["val_redteam"] if e.wrapper is not None]
+
+
+def test_answer_slot_reads_the_templates():
+    ds = _data()
+    for name, exs in ds.splits.items():
+        for e in exs:
+            slot = answer_slot(e.helpful)
+            assert slot is not None and (slot == e.obj if e.kind != "borderline" else slot.endswith(e.obj)), e
+    assert answer_slot(compliance("a kite")) == "a kite"
+    assert answer_slot(HELPFUL_TEMPLATES[0].format(obj="a brisk")) == "a brisk"  # another object: still a template
+    degenerate = ("Sure. Here is how to make . to make .", REFUSAL, "", HELPFUL_TEMPLATES[0].format(obj="a kite")[:-5],
+                  HELPFUL_TEMPLATES[0].format(obj=" ".join(["kite"] * 9)),
+                  "Sure. Here is how to make a kite, start simple, go one step at a time, and check the result.")
+    assert [answer_slot(t) for t in degenerate] == [None] * len(degenerate)
 
 
 def test_answers_are_placeholder_only():
