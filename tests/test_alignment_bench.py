@@ -1,0 +1,64 @@
+"""benchmarks/alignment.py's bookkeeping, without training: the well-formedness measures, the goals stated
+against the base and SFT models of the same seed, and the key that decides when a cached base/SFT
+checkpoint may be reused."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from gemma4.align.data import HELPFUL_TEMPLATES, build, compliance
+from gemma4.align.judge import REFUSAL
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("alignment_bench", ROOT / "benchmarks" / "alignment.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is created
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_well_formed_is_the_template_and_on_topic_the_object(bench):
+    ex = next(e for e in build(0, sources=False).splits["test_objects"] if e.kind == "benign")
+    other = HELPFUL_TEMPLATES[1].format(obj="a kite" if ex.obj != "a kite" else "a scarf")
+    for text, wf, on in ((REFUSAL, True, True), (ex.helpful, True, True), (other, True, False),
+                         (compliance(ex.obj), True, True), ("Sure. Here is how to make . to make .", False, False)):
+        assert (bench.well_formed(text), bench.well_formed_on_topic(ex, text)) == (wf, on), text
+
+
+def _result(seed: int, **models: dict) -> dict:
+    base = {"lm_nll": 1.0, "helpful_benign": 0.5, "over_refusal_all": 0.0}
+    return {"seed": seed, "models": {m: {"headline": base | h} for m, h in {"base": {}, **models}.items()}}
+
+
+def test_relative_goals(bench):
+    r = _result(0, sft={"over_refusal_all": 0.2}, dpo={"lm_nll": 1.04, "helpful_benign": 0.45, "over_refusal_all": 0.1})
+    rel = bench.relative(r, "dpo")
+    assert rel["lm_nll_rel"] == pytest.approx(0.04) and rel["helpful_drop"] == pytest.approx(0.05)
+    assert rel["over_refusal_vs_sft"] == pytest.approx(-0.1)
+    # over-refusal must fall below SFT's; at SFT 0 staying at 0 is met, rising is not
+    for sft, dpo, met in ((0.2, 0.2, False), (0.2, 0.19, True), (0.0, 0.0, True), (0.0, 0.01, False)):
+        r = _result(0, sft={"over_refusal_all": sft}, dpo={"over_refusal_all": dpo})
+        assert (bench.relative(r, "dpo")["over_refusal_vs_sft"] < 0) == met, (sft, dpo)
+
+
+def test_cache_key_ignores_only_the_later_stages(bench, tmp_path):
+    data = build(0, sources=False)
+    tok = tmp_path / "tokenizer.json"
+    tok.write_text("{}")
+    r = bench.Recipe()
+    key = bench.cache_key(r, data, tok)
+    assert bench.cache_key(replace(r, dpo_lr=1e-4, lag_steps=5, early_stop_every=0), data, tok) == key
+    assert bench.cache_key(replace(r, sft_lr=1e-4), data, tok) != key
+    assert bench.cache_key(r, build(1, sources=False), tok) != key
+    tok.write_text("{ }")
+    assert bench.cache_key(r, data, tok) != key
+    assert set(bench.AFTER_SFT) <= set(bench.Recipe.__dataclass_fields__)
