@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 
 from gemma4._util import atomic_write_text
-from gemma4.align.data import AlignData, Example, answer_slot, build, compliance, copy_drills
+from gemma4.align.data import AlignData, Example, answer_slot, build, compliance, copy_drills, phrasing_drills
 from gemma4.align.judge import REFUSAL, is_refusal, is_unsafe, wilson
 from gemma4.align.stages import (frozen_copy, greedy_answers, is_helpful, run_dpo,
                                  run_grpo_lagrangian, run_lagrangian, run_sft)
@@ -121,6 +121,11 @@ class Recipe:
     # red-team split, as the design reference's stage 2 prescribes. Run 9's seed 0 DPO went from 0% to 41%
     # ASR on held-out phrasings while taking over-refusal from 15% to 0%.
     early_stop_every: int = 10
+    # Training requests with a random 2-7 word prefix (`gemma4.align.data.phrasing_drills`) added to every stage
+    # from SFT on (0 = none, runs 1-11). Run 11 retrained run 10's recipe on another CPU and SFT's
+    # held-out-phrasing ASR went from 4-8% to 11-27%: with 12 training prefixes, generalising to new
+    # phrasings was a matter of luck.
+    phrasing_drills: int = 600
     # `init_weights_(embed_std=1/sqrt(hidden), unit_attention_logits=True)` (1) or the plain init (0, runs
     # 1-8). `benchmarks/copy_probe.py` at 600 steps: plain 11%, unit logits 29%, the embedding alone 15%,
     # both 84%.
@@ -328,15 +333,19 @@ def save_model(model, tok, directory: Path) -> None:
     tok.save(directory / "tokenizer.json")
 
 
-# Recipe fields read after SFT: a cached base/SFT stays valid when only these change.
+# Recipe fields read only from SFT on, and only after SFT: a cached base (SFT) stays valid when only these
+# change.
+FROM_SFT = ("sft_steps", "sft_lr", "phrasing_drills")
 AFTER_SFT = ("dpo_steps", "dpo_lr", "lag_steps", "lag_lr", "grpo_steps", "tamper_steps", "tamper_lr", "max_new_tokens",
              "eval_per_split", "early_stop_every")
 
 
-def cache_key(recipe: Recipe, data: AlignData, tok_path: Path) -> str:
-    """What a cached base/SFT model was trained from: the recipe's fields up to SFT, the training split, the
-    knowledge corpus and the tokenizer (the code itself is not in it: clear the cache after changing it)."""
-    fields = {k: v for k, v in asdict(recipe).items() if k not in AFTER_SFT}
+def cache_key(recipe: Recipe, data: AlignData, tok_path: Path, stage: str = "sft") -> str:
+    """What a cached base (``stage="base"``) or SFT model was trained from: the recipe's fields up to that
+    stage, the training split, the knowledge corpus and the tokenizer (the code itself is not in it: clear
+    the cache after changing it)."""
+    skip = AFTER_SFT + (FROM_SFT if stage == "base" else ())
+    fields = {k: v for k, v in asdict(recipe).items() if k not in skip}
     blob = json.dumps([fields, [e.to_json() for e in data.splits["train"]], data.knowledge_train], default=str)
     return hashlib.sha256(blob.encode() + tok_path.read_bytes()).hexdigest()
 
@@ -357,6 +366,7 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: bool, tamper: bool
     n_warm = recipe.copy_warmup_drills if recipe.copy_warmup_steps else 0
     warm_drills = copy_drills(data, max(recipe.copy_drills, n_warm))
     drills = warm_drills[:recipe.copy_drills]
+    align = train + phrasing_drills(data, recipe.phrasing_drills)  # what every stage from SFT on trains on
     base = new_model(tok.vocab_size, recipe, seed)
     n_params = sum(p.numel() for p in base.parameters())
     _log(seed, f"data {({k: len(v) for k, v in data.splits.items()})}, vocab {tok.vocab_size}, {n_params / 1e6:.2f}M params")
@@ -364,13 +374,13 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: bool, tamper: bool
                  "logs": {}, "seconds": {}}
     kw = dict(batch_size=recipe.batch_size, max_len=recipe.max_len, seed=seed)
 
-    key = cache_key(recipe, data, sdir / "tokenizer.json") if cache else None
 
     def cached(name, model, stages):
         """Run ``stages`` ((name, fn) pairs) that train ``model``, or load their result from
         ``cache/seed<N>/<name>`` when it was trained from the same recipe, data and tokenizer."""
         d = cache / f"seed{seed}" / name if cache else None
         meta = d / "stage.json" if d else None
+        key = cache_key(recipe, data, sdir / "tokenizer.json", name) if d else None
         if meta is not None and meta.is_file() and json.loads(meta.read_text())["key"] == key:
             model.load_state_dict(load_pretrained(d, trainable=True).state_dict())
             saved = json.loads(meta.read_text())
@@ -425,41 +435,41 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: bool, tamper: bool
     ev("base", base)
 
     sft = copy.deepcopy(base)
-    cached("sft", sft, [("sft", lambda: run_sft(sft, tok, train + drills, steps=recipe.sft_steps, lr=recipe.sft_lr,
+    cached("sft", sft, [("sft", lambda: run_sft(sft, tok, align + drills, steps=recipe.sft_steps, lr=recipe.sft_lr,
                                                 answers="chosen", texts=data.knowledge_train, warmup_steps=10, **kw))])
     ev("sft", sft)
     ref = frozen_copy(sft)
 
     dpo = copy.deepcopy(sft)
-    stopped("dpo", dpo, lambda hook: run_dpo(dpo, ref, tok, train, steps=recipe.dpo_steps, lr=recipe.dpo_lr, beta=0.1,
+    stopped("dpo", dpo, lambda hook: run_dpo(dpo, ref, tok, align, steps=recipe.dpo_steps, lr=recipe.dpo_lr, beta=0.1,
                                              alpha=1.0, on_step=hook, **kw))
     ev("dpo", dpo)
 
     lag = copy.deepcopy(sft)
-    stopped("lagrangian", lag, lambda hook: run_lagrangian(lag, ref, tok, train, val, steps=recipe.lag_steps,
+    stopped("lagrangian", lag, lambda hook: run_lagrangian(lag, ref, tok, align, val, steps=recipe.lag_steps,
                                                            lr=recipe.lag_lr, on_step=hook, **kw))
     ev("lagrangian", lag)
 
     if ablations:
         m = copy.deepcopy(sft)
-        stopped("dpo_no_anchor", m, lambda hook: run_dpo(m, ref, tok, train, steps=recipe.dpo_steps, lr=recipe.dpo_lr,
+        stopped("dpo_no_anchor", m, lambda hook: run_dpo(m, ref, tok, align, steps=recipe.dpo_steps, lr=recipe.dpo_lr,
                                                          alpha=0.0, on_step=hook, **kw))
         ev("dpo_no_anchor", m)
         m = copy.deepcopy(sft)
-        stopped("lag_fixed_lambda", m, lambda hook: run_lagrangian(m, ref, tok, train, val, steps=recipe.lag_steps,
+        stopped("lag_fixed_lambda", m, lambda hook: run_lagrangian(m, ref, tok, align, val, steps=recipe.lag_steps,
                                                                    lr=recipe.lag_lr, fixed_lambda=1.0, on_step=hook,
                                                                    **kw))
         ev("lag_fixed_lambda", m)
         m = copy.deepcopy(sft)
-        stopped("lag_dual_train", m, lambda hook: run_lagrangian(m, ref, tok, train, val, steps=recipe.lag_steps,
+        stopped("lag_dual_train", m, lambda hook: run_lagrangian(m, ref, tok, align, val, steps=recipe.lag_steps,
                                                                  lr=recipe.lag_lr, dual="train", on_step=hook, **kw))
         ev("lag_dual_train", m)
-        few = build(seed, train_wrappers=3).splits["train"]
+        few = build(seed, train_wrappers=3).splits["train"] + align[len(train):]
         m = copy.deepcopy(base)
         stage("sft_3_wrappers", lambda: run_sft(m, tok, few + drills, steps=recipe.sft_steps, lr=recipe.sft_lr,
                                                 texts=data.knowledge_train, warmup_steps=10, **kw))
         ev("sft_3_wrappers", m)
-        shuf = shuffled_labels(train, seed)
+        shuf = shuffled_labels(align, seed)
         m = copy.deepcopy(base)
         stage("shuffled_sft", lambda: run_sft(m, tok, shuf + drills, steps=recipe.sft_steps, lr=recipe.sft_lr,
                                               texts=data.knowledge_train, warmup_steps=10, **kw))
@@ -468,7 +478,7 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: bool, tamper: bool
         stage("shuffled_dpo", lambda: run_dpo(m, m_ref, tok, shuf, steps=recipe.dpo_steps, lr=recipe.dpo_lr, **kw))
         ev("shuffled_labels", m)
         m = copy.deepcopy(sft)
-        stage("grpo_lagrangian", lambda: run_grpo_lagrangian(m, ref, tok, train, steps=recipe.grpo_steps, lr=1e-5,
+        stage("grpo_lagrangian", lambda: run_grpo_lagrangian(m, ref, tok, align, steps=recipe.grpo_steps, lr=1e-5,
                                                              group_size=4, prompts_per_step=8, max_new_tokens=24,
                                                              max_len=recipe.max_len, seed=seed))
         ev("grpo_lagrangian", m)

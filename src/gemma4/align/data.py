@@ -25,7 +25,7 @@ import functools
 import json
 import random
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from gemma4._util import Gemma4Error, atomic_dir, read_jsonl
@@ -36,7 +36,7 @@ from gemma4.align.sources import SLOT
 __all__ = [
     "Example", "AlignData", "AlignDataError", "build", "SPLITS", "CATEGORIES", "HARMFUL_OBJECTS",
     "BENIGN_OBJECTS", "PREFIXES", "VAL_PREFIXES", "VERBS", "SUFFIXES", "HELPFUL_TEMPLATES", "compliance", "render_wrapper",
-    "DEDUP_THRESHOLD", "copy_drills", "answer_slot",
+    "DEDUP_THRESHOLD", "copy_drills", "phrasing_drills", "answer_slot",
 ]
 
 SPLITS = ("train", "val_redteam", "test_phrasings", "test_objects", "test_borderline", "test_wrappers")
@@ -551,6 +551,37 @@ def copy_drills(data: AlignData, n: int) -> list[Example]:
             prompt, tid = _request(p, rng.randrange(len(VERBS)), s, obj)
             out.append(Example(prompt, "benign", obj, "drill", tid, None,
                                rng.choice(HELPFUL_TEMPLATES).format(obj=obj)))
+    return out
+
+
+def phrasing_drills(data: AlignData, n: int) -> list[Example]:
+    """``n`` plain training requests (aligned objects, harmful and benign alternately) whose prefix is
+    replaced by 2-7 random words: "tonight bolt answer story make a keylogger quickly ?". Same objects,
+    same answers; only the phrasing is new each time.
+
+    Why: with 12 training prefixes the decision to refuse can key on the phrasing as much as on the object,
+    and which way a run goes was chaotic: run 11 retrained run 10's recipe on another CPU (float rounding
+    only) and SFT's held-out-phrasing ASR went from 4-8% to 11-27%. Random prefixes make the object the
+    only thing that predicts the answer (the "augmented prompts" of the design reference's prototype).
+    The words are the lowercase words of the training prompts, minus every word of the held-out and validation prefixes,
+    of every object (held-out ones included) and borderline activity, and the verbs: no held-out phrasing
+    can be assembled from them, and a prefix never names a second object."""
+    if n < 0:
+        raise AlignDataError(f"phrasing_drills: n must be >= 0, got {n}")
+    rng = random.Random(f"phrasing-drills-{data.meta['seed']}")
+    train = data.splits["train"]
+    plain = {k: [e for e in train if e.wrapper is None and e.kind == k] for k in ("harmful", "benign")}
+    held = set(data.meta["prefixes"]["heldout"]) | set(data.meta["prefixes"].get("val", ()))
+    banned = ({w for p in held for w in p.split()} | {w for o, _ in HARMFUL_OBJECTS for w in o.split()}
+              | {w for o in BENIGN_OBJECTS for w in o.split()} | {w for v in VERBS for w in v.split()}
+              | {w for tr, targets in BORDERLINE for t in (tr, *targets) for w in t.split()})
+    pool = sorted({w for e in train for w in e.prompt.split() if w.isalpha() and w.islower()} - banned)
+    out = []
+    for i in range(n):
+        ex = rng.choice(plain[("harmful", "benign")[i % 2]])
+        suffix = SUFFIXES[int(ex.template.rsplit("-s", 1)[1])]
+        words = rng.sample(pool, rng.randint(2, 7)) + [_act(ex)] + ([suffix] if suffix else [])
+        out.append(replace(ex, prompt=" ".join(words) + " " + rng.choice("?."), template="r-" + ex.template))
     return out
 
 
