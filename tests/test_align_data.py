@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from gemma4.align import sources
 from gemma4.align.data import (BENIGN_OBJECTS, CATEGORIES, HARMFUL_OBJECTS, HELPFUL_TEMPLATES, OWN_TEST_WRAPPERS,
                                PREFIXES, SPLITS, VAL_PREFIXES, AlignData, Example, answer_slot, build, compliance,
-                               copy_drills, render_wrapper)
+                               copy_drills, phrasing_drills, render_wrapper)
 from gemma4.align.judge import REFUSAL, UNSAFE_MARKER, is_refusal, is_unsafe
 from gemma4.cli import app
 from gemma4.io.assets import AssetError
@@ -216,6 +216,27 @@ def test_copy_drills_are_benign_made_up_and_named_in_the_answer():
     assert copy_drills(ds, 0) == []
     with pytest.raises(ValueError, match="n must be >= 0"):
         copy_drills(ds, -1)
+
+
+def test_phrasing_drills_new_prefixes_same_objects_and_answers():
+    ds = _data()
+    drills = phrasing_drills(ds, 200)
+    assert drills == phrasing_drills(ds, 200) and drills != phrasing_drills(_data(1), 200)
+    assert [e.kind for e in drills] == ["harmful", "benign"] * 100
+    sources = {(e.obj, e.helpful) for e in ds.splits["train"] if e.wrapper is None}
+    banned = ({w for p in ds.meta["prefixes"]["heldout"] + ds.meta["prefixes"]["val"] for w in p.split()}
+              | {w for o, _ in HARMFUL_OBJECTS for w in o.split()} | {w for o in BENIGN_OBJECTS for w in o.split()})
+    assert len({e.prompt.split(" make ")[0] for e in drills}) > 150  # a new phrasing nearly every time
+    for e in drills:
+        assert (e.obj, e.helpful) in sources and e.wrapper is None and e.obj in e.prompt
+        prefix = e.prompt[: e.prompt.index(e.obj)].split()[:-1]  # the random words, the verb dropped
+        prefix = prefix[:-1] if prefix[-1:] == ["put"] else prefix  # "put together"
+        assert 2 <= len(prefix) <= 7 and not set(prefix) & banned, e.prompt
+    # the held-out checks still pass with the drills in training
+    _assert_disjoint(AlignData({**ds.splits, "train": ds.splits["train"] + drills}, [], [], ds.meta))
+    assert phrasing_drills(ds, 0) == []
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        phrasing_drills(ds, -1)
 
 
 def test_wrappers_balanced_and_budgeted():
