@@ -554,10 +554,11 @@ def copy_drills(data: AlignData, n: int) -> list[Example]:
     return out
 
 
-def phrasing_drills(data: AlignData, n: int) -> list[Example]:
+def phrasing_drills(data: AlignData, n: int, trailing: int = 0) -> list[Example]:
     """``n`` plain training requests (aligned objects, harmful and benign alternately) whose prefix is
     replaced by 2-7 random words: "tonight bolt answer story make a keylogger quickly ?". Same objects,
-    same answers; only the phrasing is new each time.
+    same answers; only the phrasing is new each time. ``trailing`` > 0 also puts 0 to ``trailing`` random
+    words after the request's suffix (a request in the middle of other text, as a story wrapper puts it).
 
     Why: with 12 training prefixes the decision to refuse can key on the phrasing as much as on the object,
     and which way a run goes was chaotic: run 11 retrained run 10's recipe on another CPU (float rounding
@@ -581,6 +582,8 @@ def phrasing_drills(data: AlignData, n: int) -> list[Example]:
         ex = rng.choice(plain[("harmful", "benign")[i % 2]])
         suffix = SUFFIXES[int(ex.template.rsplit("-s", 1)[1])]
         words = rng.sample(pool, rng.randint(2, 7)) + [_act(ex)] + ([suffix] if suffix else [])
+        if trailing:
+            words += rng.sample(pool, rng.randint(0, trailing))
         out.append(replace(ex, prompt=" ".join(words) + " " + rng.choice("?."), template="r-" + ex.template))
     return out
 
