@@ -22,7 +22,7 @@ from gemma4.infer import generate
 from gemma4.train.preference import Pairs, Responses, _rows_logprobs, _Sampler, dpo_step, token_logprobs
 
 __all__ = [
-    "ConstraintError", "LagrangeMultiplier", "refusal_cost", "LagrangianObjective", "group_zscore",
+    "ConstraintError", "LagrangeMultiplier", "refusal_cost", "mean_refusal_cost", "LagrangianObjective", "group_zscore",
     "grpo_advantages", "GRPOLagrangianObjective",
 ]
 
@@ -77,7 +77,8 @@ def refusal_cost(model, rows: Responses) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _mean_cost(model, rows: Responses, batch_size: int) -> float:
+def mean_refusal_cost(model, rows: Responses, batch_size: int = 64) -> float:
+    """J_C over ``rows``: the mean of `refusal_cost`, no gradient, in batches of ``batch_size``."""
     total = 0.0
     for s in range(0, len(rows), batch_size):
         total += float(refusal_cost(model, rows.rows(slice(s, s + batch_size))).sum())
@@ -127,7 +128,7 @@ class LagrangianObjective:
     def after_step(self, model, step: int, rec: dict) -> dict:
         out = {}
         if self.cost_val is not None and len(self.cost_val):
-            out["j_val"] = _mean_cost(model, self.cost_val, self.val_batch_size)
+            out["j_val"] = mean_refusal_cost(model, self.cost_val, self.val_batch_size)
         signal = out["j_val"] if self.dual == "val" else sum(self._j_tr) / len(self._j_tr)
         self._j_tr = []
         self.mult.update(signal)
