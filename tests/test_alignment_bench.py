@@ -66,3 +66,18 @@ def test_cache_key_ignores_only_the_later_stages(bench, tmp_path):
     tok.write_text("{ }")
     assert bench.cache_key(r, data, tok) != key
     assert set(bench.AFTER_SFT) <= set(bench.Recipe.__dataclass_fields__)
+
+
+def test_constraint_goal_reads_the_kept_weights(bench):
+    """With early stopping the Lagrangian returns the best check's weights, so the J_C,val goal is read
+    there (recorded as ``j_val_kept``, else the log at that step), not at the last step."""
+    log = [{"step": s, "j_val": j, "log_lambda": 0.0} for s, j in ((1, 0.01), (10, 0.02), (80, 0.09))]
+    heads = {"asr_phrasings": 0.0, "over_refusal_all": 0.0}
+    r = _result(0, sft=heads, dpo=heads, lagrangian=heads) | {"logs": {"lagrangian": log}}
+    goal = lambda res: next(g for g in bench.summarize([res])["goals"] if "J_C,val" in g["goal"])  # noqa: E731
+    g = goal(r | {"early_stop": {"lagrangian": {"chosen_step": 10}}})
+    assert g["values"] == [0.02] and g["met"] and g["j_val_last_step"] == 0.09
+    g = goal(r | {"early_stop": {"lagrangian": {"chosen_step": 0, "j_val_kept": 0.002}}})
+    assert g["values"] == [0.002] and g["met"]
+    g = goal(r)  # no early stopping: the last step's weights are the model
+    assert g["values"] == [0.09] and not g["met"]
