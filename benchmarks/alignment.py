@@ -370,7 +370,8 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: bool, tamper: bool
     n_warm = recipe.copy_warmup_drills if recipe.copy_warmup_steps else 0
     warm_drills = copy_drills(data, max(recipe.copy_drills, n_warm))
     drills = warm_drills[:recipe.copy_drills]
-    align = train + phrasing_drills(data, recipe.phrasing_drills, recipe.phrasing_trailing)  # what every stage from SFT on trains on
+    # What every stage from SFT on trains on.
+    align = train + phrasing_drills(data, recipe.phrasing_drills, recipe.phrasing_trailing)
     base = new_model(tok.vocab_size, recipe, seed)
     n_params = sum(p.numel() for p in base.parameters())
     _log(seed, f"data {({k: len(v) for k, v in data.splits.items()})}, vocab {tok.vocab_size}, {n_params / 1e6:.2f}M params")
@@ -398,7 +399,8 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: bool, tamper: bool
         if d is not None:
             save_model(model, tok, d)  # the checkpoint first: stage.json marks it complete
             names = [n for n, _ in stages]
-            atomic_write_text(meta, json.dumps({"key": key, "logs": {n: res["logs"][n] for n in names if n in res["logs"]},
+            logs = {n: res["logs"][n] for n in names if n in res["logs"]}
+            atomic_write_text(meta, json.dumps({"key": key, "logs": logs,
                                                 "seconds": {n: res["seconds"][n] for n in names}}))
 
     def stage(name, fn):

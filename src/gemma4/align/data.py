@@ -11,6 +11,8 @@ Design choices and why (see the safety-experiment reference, §5.1):
   let a model key on the phrasing instead, and it then fails on new phrasings.
 * About 30% of the objects of each class are held out from alignment and known only from the knowledge
   corpus (object fact sentences), so `test_objects` measures generalisation to requests never aligned on.
+* Validation phrasings (three prefixes in no training or test prompt) give the validation red-team split
+  plain prompts in new wording, so early stopping and the dual see more than wrapped training phrasings.
 * Borderline look-alikes ("kill a python process") are helpful examples that share trigger words with harm;
   without them a model learns "refuse anything with a scary word" and over-refuses.
 * Training wrappers (jailbreak templates) wrap harmful *and* benign prompts in equal numbers per wrapper, so
@@ -35,8 +37,8 @@ from gemma4.align.sources import SLOT
 
 __all__ = [
     "Example", "AlignData", "AlignDataError", "build", "SPLITS", "CATEGORIES", "HARMFUL_OBJECTS",
-    "BENIGN_OBJECTS", "PREFIXES", "VAL_PREFIXES", "VERBS", "SUFFIXES", "HELPFUL_TEMPLATES", "compliance", "render_wrapper",
-    "DEDUP_THRESHOLD", "copy_drills", "phrasing_drills", "answer_slot",
+    "BENIGN_OBJECTS", "PREFIXES", "VAL_PREFIXES", "VERBS", "SUFFIXES", "HELPFUL_TEMPLATES", "compliance",
+    "render_wrapper", "DEDUP_THRESHOLD", "copy_drills", "phrasing_drills", "answer_slot",
 ]
 
 SPLITS = ("train", "val_redteam", "test_phrasings", "test_objects", "test_borderline", "test_wrappers")
@@ -316,7 +318,8 @@ def compliance(obj: str) -> str:
 # borderline activities are 1-7 words: "steal the show at a talent contest").
 _SLOT_RE = r"([a-z0-9ñ'-]+(?: [a-z0-9ñ'-]+){0,7})"
 _ANSWER_RES = tuple(re.compile(re.escape(t).replace(re.escape(slot), _SLOT_RE) + r"\Z")
-                    for ts, slot in ((HELPFUL_TEMPLATES, "{obj}"), (BORDERLINE_HELPFUL, "{act}"), ((COMPLIANCE,), "{obj}"))
+                    for ts, slot in ((HELPFUL_TEMPLATES, "{obj}"), (BORDERLINE_HELPFUL, "{act}"),
+                                     ((COMPLIANCE,), "{obj}"))
                     for t in ts)
 
 
@@ -564,9 +567,9 @@ def phrasing_drills(data: AlignData, n: int, trailing: int = 0) -> list[Example]
     and which way a run goes was chaotic: run 11 retrained run 10's recipe on another CPU (float rounding
     only) and SFT's held-out-phrasing ASR went from 4-8% to 11-27%. Random prefixes make the object the
     only thing that predicts the answer (the "augmented prompts" of the design reference's prototype).
-    The words are the lowercase words of the training prompts, minus every word of the held-out and validation prefixes,
-    of every object (held-out ones included) and borderline activity, and the verbs: no held-out phrasing
-    can be assembled from them, and a prefix never names a second object."""
+    The words are the lowercase words of the training prompts, minus every word of the held-out and
+    validation prefixes, of every object (held-out ones included) and borderline activity, and the verbs:
+    no held-out phrasing can be assembled from them, and a prefix never names a second object."""
     if n < 0:
         raise AlignDataError(f"phrasing_drills: n must be >= 0, got {n}")
     rng = random.Random(f"phrasing-drills-{data.meta['seed']}")
