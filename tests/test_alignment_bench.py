@@ -4,26 +4,19 @@ checkpoint may be reused."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
 from gemma4.align.data import HELPFUL_TEMPLATES, build, compliance
 from gemma4.align.judge import REFUSAL
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench_module import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("alignment_bench", ROOT / "benchmarks" / "alignment.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is created
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("alignment.py", "alignment_bench")
 
 
 def test_well_formed_is_the_template_and_on_topic_the_object(bench):

@@ -4,11 +4,9 @@ few steps on a few KB of text (the full ~20-minute build is benchmarks/house_mod
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import math
-import sys
 import tarfile
 from pathlib import Path
 
@@ -21,16 +19,14 @@ from gemma4.io.house import (CONTROL_TOKENS, HELDOUT_PLAYS, HOUSE_NAMES, house_c
 from gemma4.model import build_model
 from gemma4.model.config import FULL, SLIDING
 
+from bench_module import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
 CHAT = ROOT / "benchmarks" / "data" / "house_chat.jsonl"
 
 
 def _recipe_module():
-    spec = importlib.util.spec_from_file_location("house_model_bench", ROOT / "benchmarks" / "house_model.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is created
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("house_model.py", "house_model_bench")
 
 
 def _small_corpus() -> dict[str, str]:
