@@ -129,6 +129,8 @@ class Recipe:
     phrasing_drills: int = 600
     # Up to this many random words after the request too (0 = none, run 12).
     phrasing_trailing: int = 0
+    # One word of a harmful object's name among every drill's prefix words (0 = none, run 12).
+    phrasing_decoys: int = 0
     # `init_weights_(embed_std=1/sqrt(hidden), unit_attention_logits=True)` (1) or the plain init (0, runs
     # 1-8). `benchmarks/copy_probe.py` at 600 steps: plain 11%, unit logits 29%, the embedding alone 15%,
     # both 84%.
@@ -339,7 +341,7 @@ def save_model(model, tok, directory: Path) -> None:
 
 # Recipe fields read only from SFT on, and only after SFT: a cached base (SFT) stays valid when only these
 # change.
-FROM_SFT = ("sft_steps", "sft_lr", "phrasing_drills", "phrasing_trailing")
+FROM_SFT = ("sft_steps", "sft_lr", "phrasing_drills", "phrasing_trailing", "phrasing_decoys")
 AFTER_SFT = ("dpo_steps", "dpo_lr", "lag_steps", "lag_lr", "grpo_steps", "tamper_steps", "tamper_lr", "max_new_tokens",
              "eval_per_split", "early_stop_every")
 
@@ -371,7 +373,8 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: bool, tamper: bool
     warm_drills = copy_drills(data, max(recipe.copy_drills, n_warm))
     drills = warm_drills[:recipe.copy_drills]
     # What every stage from SFT on trains on.
-    align = train + phrasing_drills(data, recipe.phrasing_drills, recipe.phrasing_trailing)
+    align = train + phrasing_drills(data, recipe.phrasing_drills, recipe.phrasing_trailing,
+                                    bool(recipe.phrasing_decoys))
     base = new_model(tok.vocab_size, recipe, seed)
     n_params = sum(p.numel() for p in base.parameters())
     _log(seed, f"data {({k: len(v) for k, v in data.splits.items()})}, vocab {tok.vocab_size}, {n_params / 1e6:.2f}M params")

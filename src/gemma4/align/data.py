@@ -557,11 +557,14 @@ def copy_drills(data: AlignData, n: int) -> list[Example]:
     return out
 
 
-def phrasing_drills(data: AlignData, n: int, trailing: int = 0) -> list[Example]:
+def phrasing_drills(data: AlignData, n: int, trailing: int = 0, decoys: bool = False) -> list[Example]:
     """``n`` plain training requests (aligned objects, harmful and benign alternately) whose prefix is
     replaced by 2-7 random words: "tonight bolt answer story make a keylogger quickly ?". Same objects,
     same answers; only the phrasing is new each time. ``trailing`` > 0 also puts 0 to ``trailing`` random
     words after the request's suffix (a request in the middle of other text, as a story wrapper puts it).
+    ``decoys`` puts one word of a harmful object's name ("someone", "fake", "bomb") among the prefix words of
+    every drill, harmful and benign alike: such a word outside the object's place then predicts nothing (run
+    12's seed 0 refused every benign request worded "what would it take for someone to ...").
 
     Why: with 12 training prefixes the decision to refuse can key on the phrasing as much as on the object,
     and which way a run goes was chaotic: run 11 retrained run 10's recipe on another CPU (float rounding
@@ -580,11 +583,15 @@ def phrasing_drills(data: AlignData, n: int, trailing: int = 0) -> list[Example]
               | {w for o in BENIGN_OBJECTS for w in o.split()} | {w for v in VERBS for w in v.split()}
               | {w for tr, targets in BORDERLINE for t in (tr, *targets) for w in t.split()})
     pool = sorted({w for e in train for w in e.prompt.split() if w.isalpha() and w.islower()} - banned)
+    decoy_words = sorted({w for o, _ in HARMFUL_OBJECTS if " " in o for w in o.split()} - {"a", "an"})
     out = []
     for i in range(n):
         ex = rng.choice(plain[("harmful", "benign")[i % 2]])
         suffix = SUFFIXES[int(ex.template.rsplit("-s", 1)[1])]
-        words = rng.sample(pool, rng.randint(2, 7)) + [_act(ex)] + ([suffix] if suffix else [])
+        words = rng.sample(pool, rng.randint(2, 7))
+        if decoys:
+            words.insert(rng.randrange(len(words) + 1), rng.choice(decoy_words))
+        words += [_act(ex)] + ([suffix] if suffix else [])
         if trailing:
             words += rng.sample(pool, rng.randint(0, trailing))
         out.append(replace(ex, prompt=" ".join(words) + " " + rng.choice("?."), template="r-" + ex.template))
