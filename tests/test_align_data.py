@@ -237,6 +237,15 @@ def test_phrasing_drills_new_prefixes_same_objects_and_answers():
     assert phrasing_drills(ds, 0) == []
     with pytest.raises(ValueError, match="n must be >= 0"):
         phrasing_drills(ds, -1)
+    # decoys: one word of a multi-word harmful object's name among the prefix words, in both kinds alike
+    decoy = {w for o, _ in HARMFUL_OBJECTS if " " in o for w in o.split()} - {"a", "an"}
+    with_decoys = phrasing_drills(ds, 200, decoys=True)
+    for e in with_decoys:
+        prefix = e.prompt[: e.prompt.index(e.obj)].split()[:-1]
+        prefix = prefix[:-1] if prefix[-1:] == ["put"] else prefix
+        assert 3 <= len(prefix) <= 8 and set(prefix) & decoy, e.prompt
+    assert all((e.obj, e.helpful) in sources for e in with_decoys)
+    assert [e.kind for e in with_decoys] == ["harmful", "benign"] * 100
 
 
 def test_wrappers_balanced_and_budgeted():
