@@ -372,9 +372,8 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: bool, tamper: bool
     n_warm = recipe.copy_warmup_drills if recipe.copy_warmup_steps else 0
     warm_drills = copy_drills(data, max(recipe.copy_drills, n_warm))
     drills = warm_drills[:recipe.copy_drills]
-    # What every stage from SFT on trains on.
-    align = train + phrasing_drills(data, recipe.phrasing_drills, recipe.phrasing_trailing,
-                                    bool(recipe.phrasing_decoys))
+    phrasings = phrasing_drills(data, recipe.phrasing_drills, recipe.phrasing_trailing, bool(recipe.phrasing_decoys))
+    align = train + phrasings  # what every stage from SFT on trains on
     base = new_model(tok.vocab_size, recipe, seed)
     n_params = sum(p.numel() for p in base.parameters())
     _log(seed, f"data {({k: len(v) for k, v in data.splits.items()})}, vocab {tok.vocab_size}, {n_params / 1e6:.2f}M params")
@@ -382,16 +381,15 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: bool, tamper: bool
                  "logs": {}, "seconds": {}}
     kw = dict(batch_size=recipe.batch_size, max_len=recipe.max_len, seed=seed)
 
-
     def cached(name, model, stages):
         """Run ``stages`` ((name, fn) pairs) that train ``model``, or load their result from
         ``cache/seed<N>/<name>`` when it was trained from the same recipe, data and tokenizer."""
         d = cache / f"seed{seed}" / name if cache else None
         meta = d / "stage.json" if d else None
         key = cache_key(recipe, data, sdir / "tokenizer.json", name) if d else None
-        if meta is not None and meta.is_file() and json.loads(meta.read_text())["key"] == key:
+        saved = json.loads(meta.read_text()) if meta is not None and meta.is_file() else None
+        if saved is not None and saved["key"] == key:
             model.load_state_dict(load_pretrained(d, trainable=True).state_dict())
-            saved = json.loads(meta.read_text())
             res["logs"].update(saved["logs"])
             res["seconds"].update(saved["seconds"])
             res.setdefault("cached", []).append(name)
@@ -478,7 +476,7 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: bool, tamper: bool
         stopped("lag_dual_train", m, lambda hook: run_lagrangian(m, ref, tok, align, val, steps=recipe.lag_steps,
                                                                  lr=recipe.lag_lr, dual="train", on_step=hook, **kw))
         ev("lag_dual_train", m)
-        few = build(seed, train_wrappers=3).splits["train"] + align[len(train):]
+        few = build(seed, train_wrappers=3).splits["train"] + phrasings
         m = copy.deepcopy(base)
         stage("sft_3_wrappers", lambda: run_sft(m, tok, few + drills, steps=recipe.sft_steps, lr=recipe.sft_lr,
                                                 texts=data.knowledge_train, warmup_steps=10, **kw))
