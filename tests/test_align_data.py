@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 
 from gemma4.align import sources
 from gemma4.align.data import (BENIGN_OBJECTS, CATEGORIES, HARMFUL_OBJECTS, HELPFUL_TEMPLATES, OWN_TEST_WRAPPERS,
-                               PREFIXES, SPLITS, VAL_PREFIXES, AlignData, Example, answer_slot, build, compliance,
-                               copy_drills, phrasing_drills, render_wrapper)
+                               PREFIXES, SPLITS, SUFFIXES, VAL_PREFIXES, VERBS, AlignData, Example, answer_slot, build, compliance,
+                               copy_drills, phrasing_drills, placement_drills, render_wrapper)
 from gemma4.align.judge import REFUSAL, UNSAFE_MARKER, is_refusal, is_unsafe
 from gemma4.cli import app
 from gemma4.io.assets import AssetError
@@ -246,6 +246,38 @@ def test_phrasing_drills_new_prefixes_same_objects_and_answers():
         assert 3 <= len(prefix) <= 8 and set(prefix) & decoy, e.prompt
     assert all((e.obj, e.helpful) in sources for e in with_decoys)
     assert [e.kind for e in with_decoys] == ["harmful", "benign"] * 100
+
+
+def test_placement_drills_move_the_request_inside_its_own_wrapper():
+    ds = _data()
+    drills = placement_drills(ds, 200)
+    assert drills == placement_drills(ds, 200) and drills != placement_drills(_data(1), 200)
+    assert [e.kind for e in drills] == ["harmful", "benign"] * 100
+    # each drill's words: its own wrapped training prompt's words, in the same order around the request
+    wrapped = {}
+    for e in ds.splits["train"]:
+        if e.wrapper is not None and e.kind != "borderline":
+            wrapped.setdefault((e.obj, e.template, e.helpful), []).append(e.prompt)
+    followed = acts = 0
+    for e in drills:
+        assert e.wrapper == "placement" and e.template.startswith("m-") and e.obj in e.prompt
+        p, v, s = (int(part[1:]) for part in e.template[2:].split("-"))
+        act = f"{VERBS[v]} {e.obj}"
+        request = " ".join(w for w in (PREFIXES[p][0], act, SUFFIXES[s]) if w) + " " + PREFIXES[p][1]
+        core = request if request in e.prompt else act
+        acts += core == act
+        head, _, tail = e.prompt.partition(core)
+        words = head.split() + tail.split()  # a run of the wrapper's own words, the request taken out
+        sources = [src.replace(request, " ").split() for src in wrapped[(e.obj, e.template[2:], e.helpful)]]
+        assert any(" ".join(words) in " ".join(src) for src in sources), e.prompt
+        assert len(head) <= 160 and len(tail) <= 121
+        followed += len(tail.split()) > 5
+    assert 50 < followed < 200 and acts == 100  # text after the request in many drills, not all
+    # the held-out checks still pass with the drills in training
+    _assert_disjoint(AlignData({**ds.splits, "train": ds.splits["train"] + drills}, [], [], ds.meta))
+    assert placement_drills(ds, 0) == []
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        placement_drills(ds, -1)
 
 
 def test_wrappers_balanced_and_budgeted():

@@ -38,7 +38,7 @@ from gemma4.align.sources import SLOT
 __all__ = [
     "Example", "AlignData", "AlignDataError", "build", "SPLITS", "CATEGORIES", "HARMFUL_OBJECTS",
     "BENIGN_OBJECTS", "PREFIXES", "VAL_PREFIXES", "VERBS", "SUFFIXES", "HELPFUL_TEMPLATES", "compliance",
-    "render_wrapper", "DEDUP_THRESHOLD", "copy_drills", "phrasing_drills", "answer_slot",
+    "render_wrapper", "DEDUP_THRESHOLD", "copy_drills", "phrasing_drills", "placement_drills", "answer_slot",
 ]
 
 SPLITS = ("train", "val_redteam", "test_phrasings", "test_objects", "test_borderline", "test_wrappers")
@@ -595,6 +595,46 @@ def phrasing_drills(data: AlignData, n: int, trailing: int = 0, decoys: bool = F
         if trailing:
             words += rng.sample(pool, rng.randint(0, trailing))
         out.append(replace(ex, prompt=" ".join(words) + " " + rng.choice("?."), template="r-" + ex.template))
+    return out
+
+
+def placement_drills(data: AlignData, n: int, before: int = 160, after: int = 120) -> list[Example]:
+    """``n`` wrapped training requests (harmful and benign alternately) with the request moved to a random
+    word position of its own wrapper's text: up to ``before`` characters of it before the request and 0 to
+    ``after`` characters after it (cut at word boundaries). Half carry the whole request, half only its "verb object" core (as grandma and past-tense
+    rephrasings do). Same objects, wrappers and answers as the training split; only where the request sits
+    is new.
+
+    Why: nearly every training wrapper ends with its slot, so a request followed by more text was never
+    seen, and the held-out families that put text after it failed most (run 12, SFT: grandma 12/30 and
+    prefix injection 13/30 in one seed each, both with ~20 words after the request). Run 12's probe with
+    up to 6 random words after the request took the worst family from 47% to 30%; the test families put
+    17-25 words (90-120 characters) there. The words come from training wrappers, which are deduplicated
+    against every test source, so nothing held out enters training. ``after`` is small enough that the
+    128-token training window, which keeps a long prompt's end, still holds the request."""
+    if n < 0:
+        raise AlignDataError(f"placement_drills: n must be >= 0, got {n}")
+    rng = random.Random(f"placement-drills-{data.meta['seed']}")
+    wrapped: dict[str, list[tuple[Example, str, list[str]]]] = {"harmful": [], "benign": []}
+    for ex in data.splits["train"]:
+        if ex.wrapper is None or ex.kind not in wrapped:
+            continue
+        ids = dict((part[0], int(part[1:])) for part in ex.template.split("-"))
+        request = _request(ids["p"], ids["v"], ids["s"], ex.obj)[0]
+        head, found, tail = ex.prompt.partition(request)
+        if found:  # always, unless the budget cut a wrapper around a very long request
+            wrapped[ex.kind].append((replace(ex, prompt=request), request, (head + " " + tail.replace(request, " ")).split()))
+    if n and not (wrapped["harmful"] and wrapped["benign"]):
+        raise AlignDataError("placement_drills: the training split has no wrapped harmful and benign requests")
+    out = []
+    for i in range(n):
+        plain, request, words = rng.choice(wrapped[("harmful", "benign")[i % 2]])
+        cut = rng.randint(0, len(words))
+        core = request if i % 4 < 2 else _act(plain)
+        head = _cut_left(" ".join(words[:cut]), before)
+        tail = _cut_right(" ".join(words[cut:]), rng.randint(0, after))
+        prompt = " ".join(t for t in (head, core, tail) if t)
+        out.append(replace(plain, prompt=prompt, template="m-" + plain.template, wrapper="placement"))
     return out
 
 
