@@ -135,7 +135,8 @@ class Recipe:
     # Wrapped training requests moved to a random place in their wrapper's text, so that text also follows
     # them (`gemma4.align.data.placement_drills`; 0 = none, runs 1-13). Run 12's worst families (grandma,
     # prefix injection) put ~20 words after the request; nearly every training wrapper ends at its slot.
-    placement_drills: int = 0
+    # Run 14: DPO's worst family 13/37/47% -> 7/3/10%.
+    placement_drills: int = 600
     # `init_weights_(embed_std=1/sqrt(hidden), unit_attention_logits=True)` (1) or the plain init (0, runs
     # 1-8). `benchmarks/copy_probe.py` at 600 steps: plain 11%, unit logits 29%, the embedding alone 15%,
     # both 84%.
