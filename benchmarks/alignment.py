@@ -130,8 +130,9 @@ class Recipe:
     phrasing_drills: int = 600
     # Up to this many random words after the request too (0 = none, run 12).
     phrasing_trailing: int = 0
-    # One word of a harmful object's name among every drill's prefix words (0 = none, run 12).
-    phrasing_decoys: int = 0
+    # One word of a harmful object's name among every drill's prefix words (0 = none, runs 12 and 14). Run 13
+    # (without placement drills) and run 15 (with them): seed 0's benign over-refusal 19% -> 1%.
+    phrasing_decoys: int = 1
     # Wrapped training requests moved to a random place in their wrapper's text, so that text also follows
     # them (`gemma4.align.data.placement_drills`; 0 = none, runs 1-13). Run 12's worst families (grandma,
     # prefix injection) put ~20 words after the request; nearly every training wrapper ends at its slot.
