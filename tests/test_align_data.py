@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 
 from gemma4.align import sources
 from gemma4.align.data import (BENIGN_OBJECTS, CATEGORIES, HARMFUL_OBJECTS, HELPFUL_TEMPLATES, OWN_TEST_WRAPPERS,
-                               PREFIXES, SPLITS, SUFFIXES, VAL_PREFIXES, VERBS, AlignData, Example, answer_slot, build, compliance,
-                               copy_drills, phrasing_drills, placement_drills, render_wrapper)
+                               PREFIXES, SPLITS, SUFFIXES, VAL_PREFIXES, VERBS, AlignData, Example, answer_slot,
+                               build, compliance, copy_drills, phrasing_drills, placement_drills, render_wrapper)
 from gemma4.align.judge import REFUSAL, UNSAFE_MARKER, is_refusal, is_unsafe
 from gemma4.cli import app
 from gemma4.io.assets import AssetError

@@ -601,9 +601,9 @@ def phrasing_drills(data: AlignData, n: int, trailing: int = 0, decoys: bool = F
 def placement_drills(data: AlignData, n: int, before: int = 160, after: int = 120) -> list[Example]:
     """``n`` wrapped training requests (harmful and benign alternately) with the request moved to a random
     word position of its own wrapper's text: up to ``before`` characters of it before the request and 0 to
-    ``after`` characters after it (cut at word boundaries). Half carry the whole request, half only its "verb object" core (as grandma and past-tense
-    rephrasings do). Same objects, wrappers and answers as the training split; only where the request sits
-    is new.
+    ``after`` characters after it (cut at word boundaries). Half carry the whole request, half only its
+    "verb object" core (as grandma and past-tense rephrasings do). Same objects, wrappers and answers as
+    the training split; only where the request sits is new.
 
     Why: nearly every training wrapper ends with its slot, so a request followed by more text was never
     seen, and the held-out families that put text after it failed most (run 12, SFT: grandma 12/30 and
@@ -622,8 +622,9 @@ def placement_drills(data: AlignData, n: int, before: int = 160, after: int = 12
         ids = dict((part[0], int(part[1:])) for part in ex.template.split("-"))
         request = _request(ids["p"], ids["v"], ids["s"], ex.obj)[0]
         head, found, tail = ex.prompt.partition(request)
-        if found:  # always, unless the budget cut a wrapper around a very long request
-            wrapped[ex.kind].append((replace(ex, prompt=request), request, (head + " " + tail.replace(request, " ")).split()))
+        if found:  # a wrapper with only a "verb object" slot would not hold the whole request
+            words = (head + " " + tail.replace(request, " ")).split()  # the wrapper's text, request taken out
+            wrapped[ex.kind].append((replace(ex, prompt=request), request, words))
     if n and not (wrapped["harmful"] and wrapped["benign"]):
         raise AlignDataError("placement_drills: the training split has no wrapped harmful and benign requests")
     out = []
