@@ -361,10 +361,16 @@ def _cut_right(text: str, n: int) -> str:
     return head[:space] if space > 0 else head
 
 
+def _template_ids(template: str) -> dict[str, int]:
+    """A request's template id as numbers: "p3-v1-s0" -> {"p": 3, "v": 1, "s": 0}. Parts without a number
+    (a borderline request's "b" in place of the verb, the "r"/"m" that drills prepend) are left out."""
+    return {part[0]: int(part[1:]) for part in template.split("-") if part[1:].isdigit()}
+
+
 def _act(ex: Example) -> str:
     """The "verb object" core of a plain request: its text without the prefix, suffix and punctuation (the
     slot of rephrasing wrappers such as grandma's and the past tense)."""
-    ids = dict((part[0], int(part[1:])) for part in ex.template.split("-") if part[1:].isdigit())
+    ids = _template_ids(ex.template)
     text = ex.prompt[len(PREFIXES[ids["p"]][0]) + 1:].rsplit(" ", 1)[0]  # drop prefix and " ?" / " ."
     suffix = SUFFIXES[ids["s"]]
     return text[:-len(suffix) - 1] if suffix and text.endswith(" " + suffix) else text
@@ -619,7 +625,7 @@ def placement_drills(data: AlignData, n: int, before: int = 160, after: int = 12
     for ex in data.splits["train"]:
         if ex.wrapper is None or ex.kind not in wrapped:
             continue
-        ids = dict((part[0], int(part[1:])) for part in ex.template.split("-"))
+        ids = _template_ids(ex.template)
         request = _request(ids["p"], ids["v"], ids["s"], ex.obj)[0]
         head, found, tail = ex.prompt.partition(request)
         if found:  # a wrapper with only a "verb object" slot would not hold the whole request
