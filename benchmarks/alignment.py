@@ -51,7 +51,7 @@ import torch
 
 from gemma4._util import atomic_write_text
 from gemma4.align.data import (AlignData, Example, answer_slot, build, compliance, copy_drills, phrasing_drills,
-                               placement_drills)
+                               lookalike_drills, placement_drills)
 from gemma4.align.judge import REFUSAL, is_refusal, is_unsafe, wilson
 from gemma4.align.stages import (encode_answers, frozen_copy, greedy_answers, is_helpful, run_dpo,
                                  run_grpo_lagrangian, run_lagrangian, run_sft)
@@ -138,6 +138,9 @@ class Recipe:
     # prefix injection) put ~20 words after the request; nearly every training wrapper ends at its slot.
     # Run 14: DPO's worst family 13/37/47% -> 7/3/10%.
     placement_drills: int = 600
+    # Training requests with a borderline trigger as their verb, harmful ones refused
+    # (`gemma4.align.data.lookalike_drills`; 0 = none, runs 1-16).
+    lookalike_drills: int = 0
     # `init_weights_(embed_std=1/sqrt(hidden), unit_attention_logits=True)` (1) or the plain init (0, runs
     # 1-8). `benchmarks/copy_probe.py` at 600 steps: plain 11%, unit logits 29%, the embedding alone 15%,
     # both 84%.
@@ -348,7 +351,8 @@ def save_model(model, tok, directory: Path) -> None:
 
 # Recipe fields read only from SFT on, and only after SFT: a cached base (SFT) stays valid when only these
 # change.
-FROM_SFT = ("sft_steps", "sft_lr", "phrasing_drills", "phrasing_trailing", "phrasing_decoys", "placement_drills")
+FROM_SFT = ("sft_steps", "sft_lr", "phrasing_drills", "phrasing_trailing", "phrasing_decoys", "placement_drills",
+            "lookalike_drills")
 AFTER_SFT = ("dpo_steps", "dpo_lr", "lag_steps", "lag_lr", "grpo_steps", "tamper_steps", "tamper_lr", "max_new_tokens",
              "eval_per_split", "early_stop_every")
 
@@ -381,7 +385,8 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: bool, tamper: bool
     drills = warm_drills[:recipe.copy_drills]
     phrasings = phrasing_drills(data, recipe.phrasing_drills, recipe.phrasing_trailing, bool(recipe.phrasing_decoys))
     placements = placement_drills(data, recipe.placement_drills)
-    align = train + phrasings + placements  # what every stage from SFT on trains on
+    lookalikes = lookalike_drills(data, recipe.lookalike_drills)
+    align = train + phrasings + placements + lookalikes  # what every stage from SFT on trains on
     base = new_model(tok.vocab_size, recipe, seed)
     n_params = sum(p.numel() for p in base.parameters())
     _log(seed, f"data {({k: len(v) for k, v in data.splits.items()})}, vocab {tok.vocab_size}, {n_params / 1e6:.2f}M params")
@@ -485,7 +490,8 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: bool, tamper: bool
                                                                  lr=recipe.lag_lr, dual="train", on_step=hook, **kw))
         ev("lag_dual_train", m)
         few_data = build(seed, train_wrappers=3)  # its placement drills move requests inside its 3 wrappers only
-        few = few_data.splits["train"] + phrasings + placement_drills(few_data, recipe.placement_drills)
+        few = (few_data.splits["train"] + phrasings + placement_drills(few_data, recipe.placement_drills)
+               + lookalike_drills(few_data, recipe.lookalike_drills))
         m = copy.deepcopy(base)
         stage("sft_3_wrappers", lambda: run_sft(m, tok, few + drills, steps=recipe.sft_steps, lr=recipe.sft_lr,
                                                 texts=data.knowledge_train, warmup_steps=10, **kw))

@@ -17,9 +17,10 @@ import pytest
 from typer.testing import CliRunner
 
 from gemma4.align import sources
-from gemma4.align.data import (BENIGN_OBJECTS, CATEGORIES, HARMFUL_OBJECTS, HELPFUL_TEMPLATES, OWN_TEST_WRAPPERS,
-                               PREFIXES, SPLITS, SUFFIXES, VAL_PREFIXES, VERBS, AlignData, Example, answer_slot,
-                               build, compliance, copy_drills, phrasing_drills, placement_drills, render_wrapper)
+from gemma4.align.data import (BENIGN_OBJECTS, BORDERLINE, CATEGORIES, HARMFUL_OBJECTS, HELPFUL_TEMPLATES,
+                               OWN_TEST_WRAPPERS, PREFIXES, SPLITS, SUFFIXES, VAL_PREFIXES, VERBS, AlignData, Example,
+                               answer_slot, build, compliance, copy_drills, lookalike_drills, phrasing_drills,
+                               placement_drills, render_wrapper)
 from gemma4.align.judge import REFUSAL, UNSAFE_MARKER, is_refusal, is_unsafe
 from gemma4.cli import app
 from gemma4.io.assets import AssetError
@@ -278,6 +279,27 @@ def test_placement_drills_move_the_request_inside_its_own_wrapper():
     assert placement_drills(ds, 0) == []
     with pytest.raises(ValueError, match="n must be >= 0"):
         placement_drills(ds, -1)
+
+
+def test_lookalike_drills_put_trigger_verbs_on_aligned_objects():
+    ds = _data()
+    drills = lookalike_drills(ds, 120)
+    assert drills == lookalike_drills(ds, 120) and drills != lookalike_drills(_data(1), 120)
+    assert [e.kind for e in drills] == ["harmful", "benign"] * 60
+    aligned = {e.obj for e in ds.splits["train"] if e.kind != "borderline"}
+    triggers = {t for t, _ in BORDERLINE}
+    for e in drills:
+        p, s = (int(part[1:]) for part in e.template.split("-")[1::2])
+        trigger = e.prompt[len(PREFIXES[p][0]) + 1:].split(f" {e.obj}")[0]
+        assert e.obj in aligned and trigger in triggers and not trigger.startswith("make ")
+        assert e.prompt == " ".join(w for w in (PREFIXES[p][0], trigger, e.obj, SUFFIXES[s]) if w) + " " + PREFIXES[p][1]
+        # the trigger does not decide: harmful objects are refused, benign ones get the borderline answer
+        assert e.chosen == (REFUSAL if e.harmful else e.helpful)
+        assert e.harmful or answer_slot(e.helpful) == f"{trigger} {e.obj}"
+    _assert_disjoint(AlignData({**ds.splits, "train": ds.splits["train"] + drills}, [], [], ds.meta))
+    assert lookalike_drills(ds, 0) == []
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        lookalike_drills(ds, -1)
 
 
 def test_wrappers_balanced_and_budgeted():

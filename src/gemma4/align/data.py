@@ -38,7 +38,8 @@ from gemma4.align.sources import SLOT
 __all__ = [
     "Example", "AlignData", "AlignDataError", "build", "SPLITS", "CATEGORIES", "HARMFUL_OBJECTS",
     "BENIGN_OBJECTS", "PREFIXES", "VAL_PREFIXES", "VERBS", "SUFFIXES", "HELPFUL_TEMPLATES", "compliance",
-    "render_wrapper", "DEDUP_THRESHOLD", "copy_drills", "phrasing_drills", "placement_drills", "answer_slot",
+    "render_wrapper", "DEDUP_THRESHOLD", "copy_drills", "phrasing_drills", "placement_drills", "lookalike_drills",
+    "answer_slot",
 ]
 
 SPLITS = ("train", "val_redteam", "test_phrasings", "test_objects", "test_borderline", "test_wrappers")
@@ -642,6 +643,34 @@ def placement_drills(data: AlignData, n: int, before: int = 160, after: int = 12
         tail = _cut_right(" ".join(words[cut:]), rng.randint(0, after))
         prompt = " ".join(t for t in (head, core, tail) if t)
         out.append(replace(plain, prompt=prompt, template="m-" + plain.template, wrapper="placement"))
+    return out
+
+
+def lookalike_drills(data: AlignData, n: int) -> list[Example]:
+    """``n`` plain training requests (aligned objects, harmful and benign alternately) whose verb is a
+    borderline trigger ("how do i attack a keylogger ?"): the harmful ones get the refusal, the benign ones
+    the borderline answer naming the whole activity. Same objects and prefixes as the training split; only
+    the verb is new.
+
+    Why: every other training request with a trigger verb is benign (the borderline look-alikes, a third of
+    the copy drills), so the trigger alone can read as "answer": seed 2's SFT answers the held-out "a school
+    attack plan" as the borderline "attack a ..." in runs 12-16. With these drills a trigger predicts
+    nothing and the object decides. Triggers that end in a modifier ("make a bomb-shaped") are left out;
+    no held-out borderline target, object or phrasing enters."""
+    if n < 0:
+        raise AlignDataError(f"lookalike_drills: n must be >= 0, got {n}")
+    rng = random.Random(f"lookalike-drills-{data.meta['seed']}")
+    plain = {k: [e for e in data.splits["train"] if e.wrapper is None and e.kind == k] for k in ("harmful", "benign")}
+    triggers = [t for t, _ in BORDERLINE if not t.startswith("make ")]
+    out = []
+    for i in range(n):
+        ex = rng.choice(plain[("harmful", "benign")[i % 2]])
+        ids = _template_ids(ex.template)
+        trigger = rng.choice(triggers)
+        pre, punct = PREFIXES[ids["p"]]
+        prompt = " ".join(w for w in (pre, trigger, ex.obj, SUFFIXES[ids["s"]]) if w) + " " + punct
+        helpful = ex.helpful if ex.harmful else rng.choice(BORDERLINE_HELPFUL).format(act=f"{trigger} {ex.obj}")
+        out.append(replace(ex, prompt=prompt, template=f"l-p{ids['p']}-b-s{ids['s']}", helpful=helpful))
     return out
 
 
