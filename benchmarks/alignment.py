@@ -139,7 +139,8 @@ class Recipe:
     # Run 14: DPO's worst family 13/37/47% -> 7/3/10%.
     placement_drills: int = 600
     # Training requests with a borderline trigger as their verb, harmful ones refused
-    # (`gemma4.align.data.lookalike_drills`; 0 = none, runs 1-16).
+    # (`gemma4.align.data.lookalike_drills`; 0 = none, every run but 18). Run 18 (300): DPO's held-out
+    # objects 0/2/17% -> 6/3/17%, well-formed no better.
     lookalike_drills: int = 0
     # `init_weights_(embed_std=1/sqrt(hidden), unit_attention_logits=True)` (1) or the plain init (0, runs
     # 1-8). `benchmarks/copy_probe.py` at 600 steps: plain 11%, unit logits 29%, the embedding alone 15%,

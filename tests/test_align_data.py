@@ -292,7 +292,8 @@ def test_lookalike_drills_put_trigger_verbs_on_aligned_objects():
         p, s = (int(part[1:]) for part in e.template.split("-")[1::2])
         trigger = e.prompt[len(PREFIXES[p][0]) + 1:].split(f" {e.obj}")[0]
         assert e.obj in aligned and trigger in triggers and not trigger.startswith("make ")
-        assert e.prompt == " ".join(w for w in (PREFIXES[p][0], trigger, e.obj, SUFFIXES[s]) if w) + " " + PREFIXES[p][1]
+        words = (PREFIXES[p][0], trigger, e.obj, SUFFIXES[s])
+        assert e.prompt == " ".join(w for w in words if w) + " " + PREFIXES[p][1]
         # the trigger does not decide: harmful objects are refused, benign ones get the borderline answer
         assert e.chosen == (REFUSAL if e.harmful else e.helpful)
         assert e.harmful or answer_slot(e.helpful) == f"{trigger} {e.obj}"

@@ -364,7 +364,7 @@ def _cut_right(text: str, n: int) -> str:
 
 def _template_ids(template: str) -> dict[str, int]:
     """A request's template id as numbers: "p3-v1-s0" -> {"p": 3, "v": 1, "s": 0}. Parts without a number
-    (a borderline request's "b" in place of the verb, the "r"/"m" that drills prepend) are left out."""
+    (a borderline request's "b" in place of the verb, the "r"/"m"/"l" that drills prepend) are left out."""
     return {part[0]: int(part[1:]) for part in template.split("-") if part[1:].isdigit()}
 
 
@@ -656,7 +656,9 @@ def lookalike_drills(data: AlignData, n: int) -> list[Example]:
     the copy drills), so the trigger alone can read as "answer": seed 2's SFT answers the held-out "a school
     attack plan" as the borderline "attack a ..." in runs 12-16. With these drills a trigger predicts
     nothing and the object decides. Triggers that end in a modifier ("make a bomb-shaped") are left out;
-    no held-out borderline target, object or phrasing enters."""
+    no held-out borderline target, object or phrasing enters. Run 18 (300 drills from SFT on): no better,
+    and seed 2 still fails "a school attack plan", now with the base's harmful answer about another object,
+    so the trigger was not the cause; the benchmark keeps them off."""
     if n < 0:
         raise AlignDataError(f"lookalike_drills: n must be >= 0, got {n}")
     rng = random.Random(f"lookalike-drills-{data.meta['seed']}")
