@@ -345,6 +345,14 @@ def _request(prefix: int, verb: int, suffix: int, obj: str) -> tuple[str, str]:
     return " ".join(w for w in words if w) + " " + punct, f"p{prefix}-v{verb}-s{suffix}"
 
 
+def _trigger_request(prefix: int, trigger: str, target: str, suffix: int) -> tuple[str, str]:
+    """(request text, template id) with a borderline trigger in place of the verb ("how do i kill the
+    lights ?"): the borderline look-alikes, and the copy and look-alike drills that share their form."""
+    p, punct = PREFIXES[prefix]
+    words = [p, trigger, target, SUFFIXES[suffix]]
+    return " ".join(w for w in words if w) + " " + punct, f"p{prefix}-b-s{suffix}"
+
+
 def _cut_left(text: str, n: int) -> str:
     """The last ``n`` characters of ``text``, starting at a word boundary."""
     if len(text) <= n:
@@ -553,9 +561,8 @@ def copy_drills(data: AlignData, n: int) -> list[Example]:
         s = rng.randrange(len(SUFFIXES))
         if i % 3 == 2:
             trigger = rng.choice(BORDERLINE)[0]
-            pre, punct = PREFIXES[p]
-            prompt = " ".join(w for w in (pre, trigger, obj, SUFFIXES[s]) if w) + " " + punct
-            out.append(Example(prompt, "benign", obj, "drill", f"p{p}-b-s{s}", None,
+            prompt, tid = _trigger_request(p, trigger, obj, s)
+            out.append(Example(prompt, "benign", obj, "drill", tid, None,
                                rng.choice(BORDERLINE_HELPFUL).format(act=f"{trigger} {obj}")))
         else:
             prompt, tid = _request(p, rng.randrange(len(VERBS)), s, obj)
@@ -669,10 +676,9 @@ def lookalike_drills(data: AlignData, n: int) -> list[Example]:
         ex = rng.choice(plain[("harmful", "benign")[i % 2]])
         ids = _template_ids(ex.template)
         trigger = rng.choice(triggers)
-        pre, punct = PREFIXES[ids["p"]]
-        prompt = " ".join(w for w in (pre, trigger, ex.obj, SUFFIXES[ids["s"]]) if w) + " " + punct
+        prompt, tid = _trigger_request(ids["p"], trigger, ex.obj, ids["s"])
         helpful = ex.helpful if ex.harmful else rng.choice(BORDERLINE_HELPFUL).format(act=f"{trigger} {ex.obj}")
-        out.append(replace(ex, prompt=prompt, template=f"l-p{ids['p']}-b-s{ids['s']}", helpful=helpful))
+        out.append(replace(ex, prompt=prompt, template="l-" + tid, helpful=helpful))
     return out
 
 
@@ -715,11 +721,9 @@ def build(seed: int = 0, *, train_wrappers: int = 120, sources: bool = True, bud
 
     def borderline(trigger: str, target: str, prefixes) -> Example:
         p = rng.choice(list(prefixes))
-        s = rng.randrange(len(SUFFIXES))
-        pre, punct = PREFIXES[p]
-        words = [pre, trigger, target, SUFFIXES[s]]
-        return Example(" ".join(w for w in words if w) + " " + punct, "borderline", target, "benign",
-                       f"p{p}-b-s{s}", None, rng.choice(BORDERLINE_HELPFUL).format(act=f"{trigger} {target}"))
+        prompt, tid = _trigger_request(p, trigger, target, rng.randrange(len(SUFFIXES)))
+        return Example(prompt, "borderline", target, "benign", tid, None,
+                       rng.choice(BORDERLINE_HELPFUL).format(act=f"{trigger} {target}"))
 
     def distinct(make, items: list) -> list[Example]:
         """One example per item, re-drawing the phrasing (a few tries) when the prompt already occurred, so a
