@@ -191,9 +191,11 @@ def test_answers_are_placeholder_only():
                 assert e.obj in e.helpful and UNSAFE_MARKER not in e.helpful and not is_refusal(e.helpful)
             assert e.category == ("benign" if e.kind != "harmful" else e.category)
     assert n > 1000
-    # the knowledge corpus: >= 5 training sentences for every object, held-out ones included
+    # the knowledge corpus: >= 5 training sentences for every object, held-out ones included, each with the
+    # object after a space as in a request (the BPE pieces of " ransomware" are not those of "ransomware")
     for o in [o for o, _ in HARMFUL_OBJECTS] + list(BENIGN_OBJECTS):
-        assert sum(s.startswith(o + " ") or f" {o} " in s for s in ds.knowledge_train) >= 5, o
+        assert sum(f" {o} " in s for s in ds.knowledge_train) >= 5, o
+        assert not any(s.startswith(o + " ") for s in ds.knowledge_train + ds.knowledge_heldout), o
     assert not set(ds.knowledge_train) & set(ds.knowledge_heldout)
     text = " ".join(ds.knowledge_train + ds.knowledge_heldout)
     assert REFUSAL not in text and UNSAFE_MARKER not in text

