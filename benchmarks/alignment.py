@@ -142,6 +142,10 @@ class Recipe:
     # (`gemma4.align.data.lookalike_drills`; 0 = none, every run but 18). Run 18 (300): DPO's held-out
     # objects 0/2/17% -> 6/3/17%, well-formed no better.
     lookalike_drills: int = 0
+    # Copy drills whose names mix made-up and known words (`copy_drills(..., familiar=0.5)`) added to every
+    # stage from SFT on (0 = none, runs 1-19). Run 19's SFT copied made-up names well-formed 98% of the time
+    # but real held-out borderline targets 75%: a known trigger pulled its memorised training target.
+    familiar_drills: int = 0
     # `init_weights_(embed_std=1/sqrt(hidden), unit_attention_logits=True)` (1) or the plain init (0, runs
     # 1-8). `benchmarks/copy_probe.py` at 600 steps: plain 11%, unit logits 29%, the embedding alone 15%,
     # both 84%.
@@ -353,7 +357,7 @@ def save_model(model, tok, directory: Path) -> None:
 # Recipe fields read only from SFT on, and only after SFT: a cached base (SFT) stays valid when only these
 # change.
 FROM_SFT = ("sft_steps", "sft_lr", "phrasing_drills", "phrasing_trailing", "phrasing_decoys", "placement_drills",
-            "lookalike_drills")
+            "lookalike_drills", "familiar_drills")
 AFTER_SFT = ("dpo_steps", "dpo_lr", "lag_steps", "lag_lr", "grpo_steps", "tamper_steps", "tamper_lr", "max_new_tokens",
              "eval_per_split", "early_stop_every")
 
@@ -387,7 +391,8 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: bool, tamper: bool
     phrasings = phrasing_drills(data, recipe.phrasing_drills, recipe.phrasing_trailing, bool(recipe.phrasing_decoys))
     placements = placement_drills(data, recipe.placement_drills)
     lookalikes = lookalike_drills(data, recipe.lookalike_drills)
-    align = train + phrasings + placements + lookalikes  # what every stage from SFT on trains on
+    familiar = copy_drills(data, recipe.familiar_drills, familiar=0.5)
+    align = train + phrasings + placements + lookalikes + familiar  # what every stage from SFT on trains on
     base = new_model(tok.vocab_size, recipe, seed)
     n_params = sum(p.numel() for p in base.parameters())
     _log(seed, f"data {({k: len(v) for k, v in data.splits.items()})}, vocab {tok.vocab_size}, {n_params / 1e6:.2f}M params")
@@ -492,7 +497,7 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: bool, tamper: bool
         ev("lag_dual_train", m)
         few_data = build(seed, train_wrappers=3)  # its placement drills move requests inside its 3 wrappers only
         few = (few_data.splits["train"] + phrasings + placement_drills(few_data, recipe.placement_drills)
-               + lookalike_drills(few_data, recipe.lookalike_drills))
+               + lookalike_drills(few_data, recipe.lookalike_drills) + familiar)
         m = copy.deepcopy(base)
         stage("sft_3_wrappers", lambda: run_sft(m, tok, few + drills, steps=recipe.sft_steps, lr=recipe.sft_lr,
                                                 texts=data.knowledge_train, warmup_steps=10, **kw))

@@ -221,6 +221,28 @@ def test_copy_drills_are_benign_made_up_and_named_in_the_answer():
         copy_drills(ds, -1)
 
 
+def test_familiar_copy_drills_reuse_only_aligned_benign_words():
+    ds = _data()
+    drills = copy_drills(ds, 600, familiar=0.5)
+    assert drills == copy_drills(ds, 600, familiar=0.5) and drills[:50] != copy_drills(ds, 50)
+    train = ds.splits["train"]
+    aligned_benign = {w for e in train if not e.harmful for w in e.obj.split()}
+    held = {e.obj for name in SPLITS if name != "train" for e in ds.splits[name]}
+    banned = ({w for o, _ in HARMFUL_OBJECTS for w in o.split()}
+              | {w for o in held - {e.obj for e in train} for w in o.split()}) - {"a", "an", "the", "my"}
+    objects = {o for o, _ in HARMFUL_OBJECTS} | set(BENIGN_OBJECTS) | held
+    known_words = 0
+    for e in drills:
+        assert e.kind == "benign" and e.category == "drill" and e.obj in e.prompt and e.obj in e.helpful
+        assert not set(e.obj.split()) & banned, e.obj  # no harmful or held-out word, not even as a part
+        assert e.obj not in objects
+        known_words += sum(w in aligned_benign for w in e.obj.split() if w != "a")
+    # about half of the ~2 words of each name are known ones
+    assert 0.35 < known_words / sum(len(e.obj.split()) - e.obj.startswith("a ") for e in drills) < 0.65
+    with pytest.raises(ValueError, match="familiar must be in"):
+        copy_drills(ds, 1, familiar=1.5)
+
+
 def test_phrasing_drills_new_prefixes_same_objects_and_answers():
     ds = _data()
     drills = phrasing_drills(ds, 200)

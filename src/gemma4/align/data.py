@@ -539,7 +539,7 @@ def _nonce(rng: random.Random, syllables: int) -> str:
     return "".join(rng.choice(_ONSETS) + rng.choice(_NUCLEI) + rng.choice(_CODAS) for _ in range(syllables))
 
 
-def copy_drills(data: AlignData, n: int) -> list[Example]:
+def copy_drills(data: AlignData, n: int, familiar: float = 0.0) -> list[Example]:
     """``n`` benign requests about made-up things ("how do i build a vorpelix kit ?"), answered with the
     helpful templates that name them: a copying curriculum, not safety data.
 
@@ -551,21 +551,45 @@ def copy_drills(data: AlignData, n: int) -> list[Example]:
     borderline answer, which names the whole activity. The names are pronounceable letter strings that
     are no word of ``data``'s knowledge sentences, training prompts and answers, nor of any object (held-out
     ones included); they carry no knowledge sentences, so nothing about harm is taught through them. Same
-    data (same seed), same drills."""
+    data (same seed), same drills.
+
+    ``familiar`` > 0 (another stream of drills): each word of a name is, with this probability, a word the
+    model already knows, drawn from the aligned benign objects and borderline targets, in new combinations
+    ("how do i crack a garden kite ?"). Why: run 19's SFT models copied made-up names well-formed 98% of the
+    time, but real held-out targets only 75%: a known trigger pulls its memorised training target ("crack a
+    walnut" -> "Sure. Here is how to crack a terrarium: ..." with another template's ending), which made-up
+    names never compete with. No word of a harmful object (held-out ones included), of a held-out benign
+    object or of a validation or test borderline target is used, and no name is an object or target."""
     if n < 0:
         raise AlignDataError(f"copy_drills: n must be >= 0, got {n}")
-    rng = random.Random(f"copy-drills-{data.meta['seed']}")
+    if not 0.0 <= familiar <= 1.0:
+        raise AlignDataError(f"copy_drills: familiar must be in [0, 1], got {familiar}")
+    rng = random.Random(f"copy-drills-{data.meta['seed']}" + ("-familiar" if familiar else ""))
     train = data.splits["train"]
     known = ({w for t in data.knowledge_train + [e.prompt for e in train] + [e.helpful for e in train] + [REFUSAL]
               for w in t.split()}
              | {w for o, _ in HARMFUL_OBJECTS for w in o.split()} | {w for o in BENIGN_OBJECTS for w in o.split()})
     n_train_prefixes = len(PREFIXES) - N_HELDOUT_PREFIXES
+    held = {e.obj for sp in SPLITS if sp != "train" for e in data.splits[sp]}
+    taken = held | {o for o, _ in HARMFUL_OBJECTS} | set(BENIGN_OBJECTS) | {t for _, ts in BORDERLINE for t in ts}
+    banned = {w for o in taken - {e.obj for e in train if not e.harmful} for w in o.split()}
+    # sorted: a set's order changes with the interpreter's string hashing, the drills must not
+    pool = sorted({w for e in train if not e.harmful for w in e.obj.split()} - banned - {"a", "an", "the", "my"})
 
     def name() -> str:
         while True:
-            words = [_nonce(rng, rng.choice((2, 3))) for _ in range(rng.choice((1, 1, 2)))]
-            if not known.intersection(words):
-                return ("a " if rng.random() < 0.7 else "") + " ".join(words)
+            made_up, words = [], []
+            for _ in range(rng.choice((1, 1, 2) if not familiar else (1, 2, 2, 3))):
+                if familiar and rng.random() < familiar:
+                    words.append(rng.choice(pool))
+                else:
+                    made_up.append(_nonce(rng, rng.choice((2, 3))))
+                    words.append(made_up[-1])
+            if known.intersection(made_up):
+                continue
+            name = ("a " if rng.random() < 0.7 else "") + " ".join(words)
+            if name not in taken:
+                return name
 
     out = []
     for i in range(n):
