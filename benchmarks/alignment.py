@@ -144,7 +144,9 @@ class Recipe:
     lookalike_drills: int = 0
     # Copy drills whose names mix made-up and known words (`copy_drills(..., familiar=0.5)`) added to every
     # stage from SFT on (0 = none, runs 1-19). Run 19's SFT copied made-up names well-formed 98% of the time
-    # but real held-out borderline targets 75%: a known trigger pulled its memorised training target.
+    # but real held-out borderline targets 75%: a known trigger pulled its memorised training target. Run 20
+    # (600): worse (DPO well-formed 95/97/92%, objects 6/1/11%): the model copied pieces of the wrong known
+    # words ("could you outline a method to ..." -> "... make a meth lab").
     familiar_drills: int = 0
     # `init_weights_(embed_std=1/sqrt(hidden), unit_attention_logits=True)` (1) or the plain init (0, runs
     # 1-8). `benchmarks/copy_probe.py` at 600 steps: plain 11%, unit logits 29%, the embedding alone 15%,

@@ -559,7 +559,10 @@ def copy_drills(data: AlignData, n: int, familiar: float = 0.0) -> list[Example]
     time, but real held-out targets only 75%: a known trigger pulls its memorised training target ("crack a
     walnut" -> "Sure. Here is how to crack a terrarium: ..." with another template's ending), which made-up
     names never compete with. No word of a harmful object (held-out ones included), of a held-out benign
-    object or of a validation or test borderline target is used, and no name is an object or target."""
+    object or of a validation or test borderline target is used, and no name is an object or target. Run 20
+    (600 such drills from SFT on) was worse: the model learnt to copy known pieces from anywhere in the
+    prompt ("could you outline a method to make a kite ?" -> "... make a meth lab"); the benchmark keeps them
+    off."""
     if n < 0:
         raise AlignDataError(f"copy_drills: n must be >= 0, got {n}")
     if not 0.0 <= familiar <= 1.0:
