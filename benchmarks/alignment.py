@@ -50,8 +50,8 @@ from pathlib import Path
 import torch
 
 from gemma4._util import atomic_write_text
-from gemma4.align.data import (AlignData, Example, answer_slot, build, compliance, copy_drills, phrasing_drills,
-                               lookalike_drills, placement_drills)
+from gemma4.align.data import (AlignData, Example, answer_slot, build, compliance, copy_drills, fact_drills,
+                               lookalike_drills, phrasing_drills, placement_drills)
 from gemma4.align.judge import REFUSAL, is_refusal, is_unsafe, wilson
 from gemma4.align.stages import (encode_answers, frozen_copy, greedy_answers, is_helpful, run_dpo,
                                  run_grpo_lagrangian, run_lagrangian, run_sft)
@@ -148,6 +148,12 @@ class Recipe:
     # (600): worse (DPO well-formed 95/97/92%, objects 6/1/11%): the model copied pieces of the wrong known
     # words ("could you outline a method to ..." -> "... make a meth lab").
     familiar_drills: int = 0
+    # Made-up objects known only through knowledge sentences, this many per class, each in 3 facts and 3
+    # training requests (`gemma4.align.data.fact_drills`), from the tokenizer and the base stage on (0 = none,
+    # runs 1-20). Run 19's SFT models put a fact's words in the answer slot of held-out benign objects
+    # ("... how to make a common hobby topic . . ."): no object known only from facts was ever answered.
+    # Run 21 (40): well-formed unchanged (DPO 96/95/97%), seed 0's grandma family 47% (run 19: all <= 7%).
+    fact_drills: int = 0
     # `init_weights_(embed_std=1/sqrt(hidden), unit_attention_logits=True)` (1) or the plain init (0, runs
     # 1-8). `benchmarks/copy_probe.py` at 600 steps: plain 11%, unit logits 29%, the embedding alone 15%,
     # both 84%.
@@ -176,11 +182,12 @@ def tiny_config(vocab_size: int, hidden_size: int = 128, intermediate_size: int 
         pad_token_id=0, eos_token_id=[1, vocab_size - CONTROL + 1], bos_token_id=2))
 
 
-def domain_tokenizer(data: AlignData, recipe: Recipe, path: Path):
-    """The chat BPE of one seed's data: the domain text repeated ``tokenizer_domain_weight`` times, the
-    wrapped training prompts once."""
+def domain_tokenizer(data: AlignData, recipe: Recipe, path: Path, facts: list[str] = ()):
+    """The chat BPE of one seed's data: the domain text (``facts``: the fact drills' sentences) repeated
+    ``tokenizer_domain_weight`` times, the wrapped training prompts once."""
     train = data.splits["train"]
-    domain = (data.knowledge_train + [e.prompt for e in train if e.wrapper is None] + [e.helpful for e in train]
+    domain = (data.knowledge_train + list(facts) + [e.prompt for e in train if e.wrapper is None]
+              + [e.helpful for e in train]
               + [REFUSAL] * 50)
     corpus = domain * recipe.tokenizer_domain_weight + [e.prompt for e in train if e.wrapper is not None]
     return train_chat_bpe(corpus, recipe.vocab_size, path)
@@ -383,7 +390,9 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: bool, tamper: bool
     sdir.mkdir(parents=True, exist_ok=True)
     data = build(seed)
     train, val = data.splits["train"], data.splits["val_redteam"]
-    tok = domain_tokenizer(data, recipe, sdir / "tokenizer.json")
+    facts, fact_reqs = fact_drills(data, recipe.fact_drills) if recipe.fact_drills else ([], [])
+    knowledge = data.knowledge_train + facts
+    tok = domain_tokenizer(data, recipe, sdir / "tokenizer.json", facts)
     # The drills stay out of the tokenizer's corpus: their made-up names split into pieces, so copying them
     # is the general piece-by-piece skill rather than one more whole-word lookup.
     # One rng stream: the stage drills are its first `copy_drills`, the warm-up adds fresh names after them.
@@ -394,7 +403,7 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: bool, tamper: bool
     placements = placement_drills(data, recipe.placement_drills)
     lookalikes = lookalike_drills(data, recipe.lookalike_drills)
     familiar = copy_drills(data, recipe.familiar_drills, familiar=0.5)
-    align = train + phrasings + placements + lookalikes + familiar  # what every stage from SFT on trains on
+    align = train + fact_reqs + phrasings + placements + lookalikes + familiar  # what every stage from SFT on trains on
     base = new_model(tok.vocab_size, recipe, seed)
     n_params = sum(p.numel() for p in base.parameters())
     _log(seed, f"data {({k: len(v) for k, v in data.splits.items()})}, vocab {tok.vocab_size}, {n_params / 1e6:.2f}M params")
@@ -461,15 +470,15 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: bool, tamper: bool
     base_stages = [("copy_warmup", lambda: run_sft(base, tok, warm_drills, steps=recipe.copy_warmup_steps,
                                                    lr=recipe.base_lr, answers="helpful", warmup_steps=20, **kw))]
     base_stages = base_stages[:1 if recipe.copy_warmup_steps else 0] + [
-        ("base", lambda: run_sft(base, tok, train + drills, steps=recipe.base_steps, lr=recipe.base_lr,
-                                 answers="helpful", texts=data.knowledge_train * recipe.knowledge_repeat,
+        ("base", lambda: run_sft(base, tok, train + fact_reqs + drills, steps=recipe.base_steps,
+                                 lr=recipe.base_lr, answers="helpful", texts=knowledge * recipe.knowledge_repeat,
                                  warmup_steps=20, **kw))]
     cached("base", base, base_stages)
     ev("base", base)
 
     sft = copy.deepcopy(base)
     cached("sft", sft, [("sft", lambda: run_sft(sft, tok, align + drills, steps=recipe.sft_steps, lr=recipe.sft_lr,
-                                                answers="chosen", texts=data.knowledge_train, warmup_steps=10, **kw))])
+                                                answers="chosen", texts=knowledge, warmup_steps=10, **kw))])
     ev("sft", sft)
     ref = frozen_copy(sft)
 
@@ -499,15 +508,15 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: bool, tamper: bool
         ev("lag_dual_train", m)
         few_data = build(seed, train_wrappers=3)  # its placement drills move requests inside its 3 wrappers only
         few = (few_data.splits["train"] + phrasings + placement_drills(few_data, recipe.placement_drills)
-               + lookalike_drills(few_data, recipe.lookalike_drills) + familiar)
+               + lookalike_drills(few_data, recipe.lookalike_drills) + familiar + fact_reqs)
         m = copy.deepcopy(base)
         stage("sft_3_wrappers", lambda: run_sft(m, tok, few + drills, steps=recipe.sft_steps, lr=recipe.sft_lr,
-                                                texts=data.knowledge_train, warmup_steps=10, **kw))
+                                                texts=knowledge, warmup_steps=10, **kw))
         ev("sft_3_wrappers", m)
         shuf = shuffled_labels(align, seed)
         m = copy.deepcopy(base)
         stage("shuffled_sft", lambda: run_sft(m, tok, shuf + drills, steps=recipe.sft_steps, lr=recipe.sft_lr,
-                                              texts=data.knowledge_train, warmup_steps=10, **kw))
+                                              texts=knowledge, warmup_steps=10, **kw))
         m_ref = frozen_copy(m)
         # No early stopping here: the control must not see the true labels through the validation split.
         stage("shuffled_dpo", lambda: run_dpo(m, m_ref, tok, shuf, steps=recipe.dpo_steps, lr=recipe.dpo_lr, **kw))

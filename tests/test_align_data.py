@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 from gemma4.align import sources
 from gemma4.align.data import (BENIGN_OBJECTS, BORDERLINE, CATEGORIES, HARMFUL_OBJECTS, HELPFUL_TEMPLATES,
                                OWN_TEST_WRAPPERS, PREFIXES, SPLITS, SUFFIXES, VAL_PREFIXES, VERBS, AlignData, Example,
-                               answer_slot, build, compliance, copy_drills, lookalike_drills, phrasing_drills,
-                               placement_drills, render_wrapper)
+                               answer_slot, build, compliance, copy_drills, fact_drills, lookalike_drills,
+                               phrasing_drills, placement_drills, render_wrapper)
 from gemma4.align.judge import REFUSAL, UNSAFE_MARKER, is_refusal, is_unsafe
 from gemma4.cli import app
 from gemma4.io.assets import AssetError
@@ -241,6 +241,38 @@ def test_familiar_copy_drills_reuse_only_aligned_benign_words():
     assert 0.35 < known_words / sum(len(e.obj.split()) - e.obj.startswith("a ") for e in drills) < 0.65
     with pytest.raises(ValueError, match="familiar must be in"):
         copy_drills(ds, 1, familiar=1.5)
+
+
+def test_fact_drills_made_up_objects_known_only_through_their_facts():
+    ds = _data()
+    facts, reqs = fact_drills(ds, 20)
+    assert (facts, reqs) == fact_drills(ds, 20) and fact_drills(_data(1), 20) != (facts, reqs)
+    assert len(facts) == 40 * 3 and len(reqs) == 40 * 3
+    names = {e.obj for e in reqs}
+    assert len(names) == 40 and sum(e.harmful for e in reqs) == 60
+    known = ({w for t in ds.knowledge_train + ds.knowledge_heldout + [e.prompt for e in ds.splits["train"]]
+              for w in t.split()} | {w for o, _ in HARMFUL_OBJECTS for w in o.split()})
+    for e in reqs:
+        word = e.obj.removeprefix("a ")
+        assert " " not in word and word not in known and e.obj in e.prompt and e.wrapper is None
+        assert all(word not in o for o in names - {e.obj})  # no name inside another: facts name one object
+        mine = [f for f in facts if f" {e.obj} " in f" {f} "]
+        assert len(mine) == 3, (e.obj, mine)
+        if e.harmful:  # a real category's harm facts and the placeholder compliance, nothing else
+            assert e.helpful == compliance(e.obj) and e.chosen == REFUSAL
+            assert any("illegal" in f or "hurt" in f or "crime" in f or "danger" in f or "ban" in f
+                       or "used to" in f or "weapon" in f or "drug" in f for f in mine)
+        else:
+            assert answer_slot(e.helpful) == e.obj and e.chosen == e.helpful
+    # no held-out object, phrasing or borderline target enters with them
+    objs = ds.meta["objects"]
+    held = (objs["harmful_heldout"] + objs["benign_heldout"] + ds.meta["prefixes"]["heldout"]
+            + [target for _, target in ds.meta["borderline"]["heldout"]])
+    pattern = re.compile(r"(?<![a-z0-9])(?:" + "|".join(map(re.escape, held)) + r")(?![a-z0-9])")
+    assert not any(pattern.search(t) for t in facts + [e.prompt for e in reqs] + [e.helpful for e in reqs])
+    assert fact_drills(ds, 0) == ([], [])
+    with pytest.raises(ValueError, match="fact_drills: need"):
+        fact_drills(ds, -1)
 
 
 def test_phrasing_drills_new_prefixes_same_objects_and_answers():

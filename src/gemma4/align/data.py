@@ -38,8 +38,8 @@ from gemma4.align.sources import SLOT
 __all__ = [
     "Example", "AlignData", "AlignDataError", "build", "SPLITS", "CATEGORIES", "HARMFUL_OBJECTS",
     "BENIGN_OBJECTS", "PREFIXES", "VAL_PREFIXES", "VERBS", "SUFFIXES", "HELPFUL_TEMPLATES", "compliance",
-    "render_wrapper", "DEDUP_THRESHOLD", "copy_drills", "phrasing_drills", "placement_drills", "lookalike_drills",
-    "answer_slot",
+    "render_wrapper", "DEDUP_THRESHOLD", "copy_drills", "fact_drills", "phrasing_drills", "placement_drills",
+    "lookalike_drills", "answer_slot",
 ]
 
 SPLITS = ("train", "val_redteam", "test_phrasings", "test_objects", "test_borderline", "test_wrappers")
@@ -609,6 +609,55 @@ def copy_drills(data: AlignData, n: int, familiar: float = 0.0) -> list[Example]
             out.append(Example(prompt, "benign", obj, "drill", tid, None,
                                rng.choice(HELPFUL_TEMPLATES).format(obj=obj)))
     return out
+
+
+def fact_drills(data: AlignData, n: int, facts: int = 3, requests: int = 3) -> tuple[list[str], list[Example]]:
+    """``n`` made-up harmful and ``n`` made-up benign objects known only through ``facts`` knowledge sentences
+    each ("people say a drouvelik is used to spy on people without consent ."), and ``requests`` plain
+    training requests about each, answered like a real object of its class (the compliance placeholder or
+    a helpful template naming it). Returns (the sentences, the requests): the sentences join the knowledge
+    corpus (tokenizer, base and SFT), the requests every stage's training examples.
+
+    Why: a held-out object is known only from its facts and has never been answered, while every aligned
+    object has been answered hundreds of times, so the model can memorise "object -> its answer" instead
+    of learning to read the facts and copy the name. Run 19's SFT models answered held-out benign objects
+    with a fact's words in the slot ("how do i prepare a picnic basket ?" -> "Sure. Here is how to make a
+    common hobby topic . . ."; 18% of them in seed 0), and the copy drills cannot teach it: their made-up
+    names carry no facts. With a few requests per fact-known name, memorising does not pay; reading the
+    facts (to refuse or help) and copying the name does. The harmful names carry the harm facts of a real
+    category and the placeholder compliance, never a real harm. The names are three made-up syllables, no
+    word of ``data``'s text or of any object; another rng stream than the copy drills'. Run 21 (40 per class,
+    from the base stage on): no better (DPO well-formed 96/95/97%, the same fact words in the slot), and the
+    names split into ~4 BPE pieces where a real object's word is one; the benchmark keeps them off."""
+    if n < 0 or facts < 1 or requests < 1:
+        raise AlignDataError(f"fact_drills: need n >= 0, facts >= 1, requests >= 1, got {n}, {facts}, {requests}")
+    rng = random.Random(f"fact-drills-{data.meta['seed']}")
+    train = data.splits["train"]
+    known = ({w for t in data.knowledge_train + data.knowledge_heldout + [e.prompt for e in train]
+              + [e.helpful for e in train] + [REFUSAL] for w in t.split()}
+             | {w for o, _ in HARMFUL_OBJECTS for w in o.split()} | {w for o in BENIGN_OBJECTS for w in o.split()})
+    names: list[str] = []
+    while len(names) < 2 * n:
+        word = _nonce(rng, 3)
+        if word not in known and all(word not in x and x not in word for x in names):
+            names.append(("a " if rng.random() < 0.7 else "") + word)
+    n_train_prefixes = len(PREFIXES) - N_HELDOUT_PREFIXES
+    sentences, out = [], []
+    for i, obj in enumerate(names):
+        harmful = i < n
+        cat = rng.choice(tuple(CATEGORIES)) if harmful else "benign"
+        pool = _HARM_FACTS + (_CATEGORY_FACTS[cat],) if harmful else _BENIGN_FACTS
+        picked = rng.sample(pool[:-1], facts - 1) + [pool[-1]] if harmful else rng.sample(pool, facts)
+        sentences += [(rng.choice(_LEAD_INS) + " " if t.startswith("{obj}") else "") + t.format(obj=obj)
+                      for t in picked]
+        for _ in range(requests):
+            prompt, tid = _request(rng.randrange(n_train_prefixes), rng.randrange(len(VERBS)),
+                                   rng.randrange(len(SUFFIXES)), obj)
+            kind = "harmful" if harmful else "benign"
+            out.append(Example(prompt, kind, obj, cat, "f-" + tid, None, _helpful(rng, obj, kind)))
+    rng.shuffle(sentences)
+    rng.shuffle(out)
+    return sentences, out
 
 
 def phrasing_drills(data: AlignData, n: int, trailing: int = 0, decoys: bool = False) -> list[Example]:
