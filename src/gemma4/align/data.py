@@ -495,13 +495,15 @@ def _split_objects(rng: random.Random) -> dict:
                                                      [(o, "benign") for o in benign[k:]])}
 
 
+def _fact(rng: random.Random, template: str, obj: str) -> str:
+    """One knowledge sentence; one that would open with its object gets a lead-in first (see `_LEAD_INS`)."""
+    lead = rng.choice(_LEAD_INS) + " " if template.startswith("{obj}") else ""
+    return lead + template.format(obj=obj)
+
+
 def _knowledge(rng: random.Random) -> tuple[list[str], list[str]]:
     train, held = [], []
-
-    def fact(template: str, obj: str) -> str:
-        lead = rng.choice(_LEAD_INS) + " " if template.startswith("{obj}") else ""
-        return lead + template.format(obj=obj)
-
+    fact = functools.partial(_fact, rng)
     for obj, cat in HARMFUL_OBJECTS:
         sents = [fact(t, obj) for t in _HARM_FACTS + (_CATEGORY_FACTS[cat],)]
         rng.shuffle(sents)
@@ -636,10 +638,12 @@ def fact_drills(data: AlignData, n: int, facts: int = 3, requests: int = 3) -> t
     known = ({w for t in data.knowledge_train + data.knowledge_heldout + [e.prompt for e in train]
               + [e.helpful for e in train] + [REFUSAL] for w in t.split()}
              | {w for o, _ in HARMFUL_OBJECTS for w in o.split()} | {w for o in BENIGN_OBJECTS for w in o.split()})
+    words: list[str] = []
     names: list[str] = []
     while len(names) < 2 * n:
         word = _nonce(rng, 3)
-        if word not in known and all(word not in x and x not in word for x in names):
+        if word not in known and all(word not in w and w not in word for w in words):
+            words.append(word)
             names.append(("a " if rng.random() < 0.7 else "") + word)
     n_train_prefixes = len(PREFIXES) - N_HELDOUT_PREFIXES
     sentences, out = [], []
@@ -648,8 +652,7 @@ def fact_drills(data: AlignData, n: int, facts: int = 3, requests: int = 3) -> t
         cat = rng.choice(tuple(CATEGORIES)) if harmful else "benign"
         pool = _HARM_FACTS + (_CATEGORY_FACTS[cat],) if harmful else _BENIGN_FACTS
         picked = rng.sample(pool[:-1], facts - 1) + [pool[-1]] if harmful else rng.sample(pool, facts)
-        sentences += [(rng.choice(_LEAD_INS) + " " if t.startswith("{obj}") else "") + t.format(obj=obj)
-                      for t in picked]
+        sentences += [_fact(rng, t, obj) for t in picked]
         for _ in range(requests):
             prompt, tid = _request(rng.randrange(n_train_prefixes), rng.randrange(len(VERBS)),
                                    rng.randrange(len(SUFFIXES)), obj)
