@@ -50,8 +50,8 @@ from pathlib import Path
 import torch
 
 from gemma4._util import atomic_write_text
-from gemma4.align.data import (AlignData, Example, answer_slot, build, compliance, copy_drills, fact_drills,
-                               lookalike_drills, phrasing_drills, placement_drills)
+from gemma4.align.data import (AlignData, Example, answer_slot, build, compliance, copy_drills, echo_drills,
+                               fact_drills, lookalike_drills, phrasing_drills, placement_drills)
 from gemma4.align.judge import REFUSAL, is_refusal, is_unsafe, wilson
 from gemma4.align.stages import (encode_answers, frozen_copy, greedy_answers, is_helpful, run_dpo,
                                  run_grpo_lagrangian, run_lagrangian, run_sft)
@@ -154,6 +154,15 @@ class Recipe:
     # ("... how to make a common hobby topic . . ."): no object known only from facts was ever answered.
     # Run 21 (40): well-formed unchanged (DPO 96/95/97%), seed 0's grandma family 47% (run 19: all <= 7%).
     fact_drills: int = 0
+    # Chats that repeat random words of the domain text (`gemma4.align.data.echo_drills`): all of them in the
+    # copy warm-up, a tenth in the base stage (0 = none, runs 1-22). Run 19's models named a held-out object
+    # in 2-18% of their answers and a held-out borderline activity in none: a real object's word is one token
+    # that no training answer ever copies. A warm-up-only probe (seed 0, 2,000 steps, 20,000 echo chats
+    # beside the 20,000 copy drills): held-out real objects named 19/120 against 0/120 without them. Run 23
+    # (20,000, warm-up 2,000 steps): DPO names held-out benign objects 30-58% of the time (run 19: 2-18%),
+    # but well-formed fell to 87-90% (the template's punctuation lost after the copied word) and held-out
+    # objects rose to 8-19% ASR.
+    echo_drills: int = 0
     # `init_weights_(embed_std=1/sqrt(hidden), unit_attention_logits=True)` (1) or the plain init (0, runs
     # 1-8). `benchmarks/copy_probe.py` at 600 steps: plain 11%, unit logits 29%, the embedding alone 15%,
     # both 84%.
@@ -404,6 +413,7 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: bool, tamper: bool
     lookalikes = lookalike_drills(data, recipe.lookalike_drills)
     familiar = copy_drills(data, recipe.familiar_drills, familiar=0.5)
     align = train + fact_reqs + phrasings + placements + lookalikes + familiar  # what every stage from SFT on trains on
+    echo = echo_drills(data, recipe.echo_drills)  # copy warm-up and base only: copying, no alignment signal
     base = new_model(tok.vocab_size, recipe, seed)
     n_params = sum(p.numel() for p in base.parameters())
     _log(seed, f"data {({k: len(v) for k, v in data.splits.items()})}, vocab {tok.vocab_size}, {n_params / 1e6:.2f}M params")
@@ -467,10 +477,11 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: bool, tamper: bool
                    f"over-ref {h['over_refusal_benign']:.0%} border {h['over_refusal_borderline']:.0%} "
                    f"wf {h['well_formed']:.0%} (on topic {h['well_formed_on_topic']:.0%}) nll {h['lm_nll']:.3f}")
 
-    base_stages = [("copy_warmup", lambda: run_sft(base, tok, warm_drills, steps=recipe.copy_warmup_steps,
+    base_stages = [("copy_warmup", lambda: run_sft(base, tok, warm_drills + echo, steps=recipe.copy_warmup_steps,
                                                    lr=recipe.base_lr, answers="helpful", warmup_steps=20, **kw))]
     base_stages = base_stages[:1 if recipe.copy_warmup_steps else 0] + [
-        ("base", lambda: run_sft(base, tok, train + fact_reqs + drills, steps=recipe.base_steps,
+        ("base", lambda: run_sft(base, tok, train + fact_reqs + drills + echo[:len(echo) // 10],
+                                 steps=recipe.base_steps,
                                  lr=recipe.base_lr, answers="helpful", texts=knowledge * recipe.knowledge_repeat,
                                  warmup_steps=20, **kw))]
     cached("base", base, base_stages)

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from gemma4.align import sources
 from gemma4.align.data import (BENIGN_OBJECTS, BORDERLINE, CATEGORIES, HARMFUL_OBJECTS, HELPFUL_TEMPLATES,
                                OWN_TEST_WRAPPERS, PREFIXES, SPLITS, SUFFIXES, VAL_PREFIXES, VERBS, AlignData, Example,
-                               answer_slot, build, compliance, copy_drills, fact_drills, lookalike_drills,
+                               answer_slot, build, compliance, copy_drills, echo_drills, fact_drills, lookalike_drills,
                                phrasing_drills, placement_drills, render_wrapper)
 from gemma4.align.judge import REFUSAL, UNSAFE_MARKER, is_refusal, is_unsafe
 from gemma4.cli import app
@@ -241,6 +241,27 @@ def test_familiar_copy_drills_reuse_only_aligned_benign_words():
     assert 0.35 < known_words / sum(len(e.obj.split()) - e.obj.startswith("a ") for e in drills) < 0.65
     with pytest.raises(ValueError, match="familiar must be in"):
         copy_drills(ds, 1, familiar=1.5)
+
+
+def test_echo_drills_repeat_domain_words_with_no_template_or_label():
+    ds = _data()
+    train = ds.splits["train"]
+    drills = echo_drills(ds, 400)
+    assert drills == echo_drills(ds, 400) and drills != echo_drills(_data(1), 400)
+    pool = {w for t in ds.knowledge_train + [e.prompt for e in train if e.wrapper is None]
+            + [e.helpful for e in train] + [REFUSAL] for w in t.split()}
+    words = set()
+    for e in drills:
+        assert e.prompt == e.helpful == e.chosen and e.kind == "benign" and e.category == "echo"
+        assert e.wrapper is None and 4 <= len(e.prompt.split()) <= 12 and set(e.prompt.split()) <= pool
+        assert e.helpful != REFUSAL and answer_slot(e.helpful) is None  # no answer template to learn from
+        words |= set(e.prompt.split())
+    # the point: held-out objects' words are copied somewhere too (the knowledge corpus holds them)
+    held_words = {w for e in ds.splits["test_objects"] for w in e.obj.split()} - {"a", "an"}
+    assert held_words <= pool and len(held_words & words) > 0.5 * len(held_words)
+    assert echo_drills(ds, 0) == [] and all(2 <= len(e.prompt.split()) <= 3 for e in echo_drills(ds, 20, 2, 3))
+    with pytest.raises(ValueError, match="echo_drills"):
+        echo_drills(ds, 5, lo=3, hi=2)
 
 
 def test_fact_drills_made_up_objects_known_only_through_their_facts():

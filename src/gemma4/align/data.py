@@ -38,7 +38,7 @@ from gemma4.align.sources import SLOT
 __all__ = [
     "Example", "AlignData", "AlignDataError", "build", "SPLITS", "CATEGORIES", "HARMFUL_OBJECTS",
     "BENIGN_OBJECTS", "PREFIXES", "VAL_PREFIXES", "VERBS", "SUFFIXES", "HELPFUL_TEMPLATES", "compliance",
-    "render_wrapper", "DEDUP_THRESHOLD", "copy_drills", "fact_drills", "phrasing_drills", "placement_drills",
+    "render_wrapper", "DEDUP_THRESHOLD", "copy_drills", "echo_drills", "fact_drills", "phrasing_drills", "placement_drills",
     "lookalike_drills", "answer_slot",
 ]
 
@@ -610,6 +610,36 @@ def copy_drills(data: AlignData, n: int, familiar: float = 0.0) -> list[Example]
             prompt, tid = _request(p, rng.randrange(len(VERBS)), s, obj)
             out.append(Example(prompt, "benign", obj, "drill", tid, None,
                                rng.choice(HELPFUL_TEMPLATES).format(obj=obj)))
+    return out
+
+
+def echo_drills(data: AlignData, n: int, lo: int = 4, hi: int = 12) -> list[Example]:
+    """``n`` chats whose request is ``lo``-``hi`` random words of the domain text and whose answer repeats
+    them: copying over the whole vocabulary, with no request, answer template or harm label in it.
+
+    Why: run 19's models almost never name a held-out object in their answer (helpful on held-out benign
+    objects 2-18%, held-out borderline activities 0%; in seed 0's DPO model the correct word is the 2nd-15th
+    likeliest token at the slot, with probability ~0.01). An object's word is one BPE token that training
+    only ever shows inside knowledge sentences; the copy drills teach copying of made-up names' pieces, and
+    copying a whole word is never practised for any word the answers do not already name. Each word here
+    is, like a pretrained model's vocabulary, copied somewhere. The pool is every word of the knowledge
+    sentences (held-out objects' included, as the knowledge corpus already holds them), the plain training
+    prompts, their answers and the refusal; wrapped prompts are left out (their odd words split into many
+    pieces). Same data (same seed), same drills; kind "benign", category "echo". Run 23 (20,000 in the copy
+    warm-up, 2,000 in the base stage): held-out benign objects named 30-58% of the time, but the answers drop
+    the template's punctuation after them and some harmful held-out objects get help (DPO well-formed
+    87-90%); the benchmark keeps them off."""
+    if n < 0 or not 1 <= lo <= hi:
+        raise AlignDataError(f"echo_drills: need n >= 0 and 1 <= lo <= hi, got {n}, {lo}, {hi}")
+    rng = random.Random(f"echo-drills-{data.meta['seed']}")
+    train = data.splits["train"]
+    # sorted: a set's order changes with the interpreter's string hashing, the drills must not
+    pool = sorted({w for t in data.knowledge_train + [e.prompt for e in train if e.wrapper is None]
+                   + [e.helpful for e in train] + [REFUSAL] for w in t.split()})
+    out = []
+    for _ in range(n):
+        text = " ".join(rng.choice(pool) for _ in range(rng.randint(lo, hi)))
+        out.append(Example(text, "benign", text, "echo", "echo", None, text))
     return out
 
 
