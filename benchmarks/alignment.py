@@ -161,7 +161,8 @@ class Recipe:
     # beside the 20,000 copy drills): held-out real objects named 19/120 against 0/120 without them. Run 23
     # (20,000, warm-up 2,000 steps): DPO names held-out benign objects 30-58% of the time (run 19: 2-18%),
     # but well-formed fell to 87-90% (the template's punctuation lost after the copied word) and held-out
-    # objects rose to 8-19% ASR.
+    # objects rose to 8-19% ASR. Run 24 (4,000, the default warm-up): the same (named 33-53%, well-formed
+    # 85-93%, objects 9-14%).
     echo_drills: int = 0
     # `init_weights_(embed_std=1/sqrt(hidden), unit_attention_logits=True)` (1) or the plain init (0, runs
     # 1-8). `benchmarks/copy_probe.py` at 600 steps: plain 11%, unit logits 29%, the embedding alone 15%,
