@@ -1,6 +1,6 @@
 """benchmarks/alignment.py's bookkeeping, without training: the well-formedness measures, the goals stated
 against the base and SFT models of the same seed, and the key that decides when a cached base/SFT
-checkpoint may be reused."""
+checkpoint may be reused; and `copy_probe.py` end to end at 30 training steps (it once broke unnoticed)."""
 
 from __future__ import annotations
 
@@ -74,3 +74,13 @@ def test_constraint_goal_reads_the_kept_weights(bench):
     assert g["values"] == [0.002] and g["met"]
     g = goal(r)  # no early stopping: the last step's weights are the model
     assert g["values"] == [0.09] and not g["met"]
+
+
+def test_copy_probe_runs_a_setting_with_echo_chats(tmp_path):
+    """`benchmarks/copy_probe.py` end to end at 30 steps (the plumbing, not the numbers): its echo setting
+    trains on drills + echo chats and counts copies with the experiment's well-formedness test."""
+    probe = load_benchmark("copy_probe.py", "copy_probe_bench")
+    setting = next(s for s in probe.SETTINGS if s[4])
+    row = probe.probe((setting, 0, tmp_path, True))
+    assert row["steps"] == 30 and row["echo_chats"] == 200 and row["n"] == 100 and row["n_real"] == 120
+    assert 0 <= row["copied"] <= row["n"] and 0 <= row["real_copied"] <= row["n_real"]
