@@ -158,8 +158,8 @@ class Recipe:
     # copy warm-up, a tenth in the base stage (0 = none, runs 1-22). Run 19's models named a held-out object
     # in 2-18% of their answers and a held-out borderline activity in none: a real object's word is one token
     # that no training answer ever copies. `copy_probe.py`'s echo setting (warm-up only, seed 0, 2,000 steps,
-    # 20,000 echo chats beside the 20,000 copy drills): held-out real objects named 25/120, drills alone 0/120. Run 23
-    # (20,000, warm-up 2,000 steps): DPO names held-out benign objects 30-58% of the time (run 19: 2-18%),
+    # 20,000 echo chats beside the 20,000 copy drills): held-out real objects named 25/120, drills alone
+    # 0/120. Run 23 (20,000, warm-up 2,000 steps): DPO names held-out benign objects 30-58% of the time (run 19: 2-18%),
     # but well-formed fell to 87-90% (the template's punctuation lost after the copied word) and held-out
     # objects rose to 8-19% ASR. Run 24 (4,000, the default warm-up): the same (named 33-53%, well-formed
     # 85-93%, objects 9-14%).

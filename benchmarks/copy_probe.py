@@ -61,8 +61,8 @@ def probe(args) -> dict:
     cfg = tiny_config(tok.vocab_size, recipe.hidden_size, recipe.intermediate_size, recipe.num_layers, recipe.kv_heads)
     model = init_weights_(build_model(cfg), seed=seed, embed_std=recipe.hidden_size ** -0.5 if embed else None,
                           unit_attention_logits=unit)
-    t = time.perf_counter()
     echo = echo_drills(data, 200 if quick and n_echo else n_echo)
+    t = time.perf_counter()
     log = run_sft(model, tok, train + echo, steps=steps, lr=recipe.base_lr, answers="helpful", warmup_steps=20,
                   batch_size=recipe.batch_size, max_len=recipe.max_len, seed=seed)
     train_s = time.perf_counter() - t
