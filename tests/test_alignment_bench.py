@@ -1,6 +1,7 @@
 """benchmarks/alignment.py's bookkeeping, without training: the well-formedness measures, the goals stated
 against the base and SFT models of the same seed, and the key that decides when a cached base/SFT
-checkpoint may be reused; and `copy_probe.py` end to end at 30 training steps (it once broke unnoticed)."""
+checkpoint may be reused, the ablation pairs; and `copy_probe.py` end to end at 30 training steps (it once
+broke unnoticed)."""
 
 from __future__ import annotations
 
@@ -74,6 +75,22 @@ def test_constraint_goal_reads_the_kept_weights(bench):
     assert g["values"] == [0.002] and g["met"]
     g = goal(r)  # no early stopping: the last step's weights are the model
     assert g["values"] == [0.09] and not g["met"]
+
+
+def test_wrapper_ablations_are_compared_in_pairs(bench):
+    """The 3-family ablation is read against SFT (pre-registered), and the pair without the text drills
+    against each other (a separate row, marked as added later); `--ablations` names only known ablations."""
+    wrap = lambda x: {"asr_wrappers_pooled": x}  # noqa: E731
+    r = _result(0, sft=wrap(0.02), dpo={}, lagrangian={}, sft_3_wrappers=wrap(0.05), sft_no_text_drills=wrap(0.1),
+                sft_3_wrappers_no_text_drills=wrap(0.4))
+    r["logs"] = {}
+    goals = {g["model"]: g for g in bench.summarize([r])["goals"] if "wrapper" in g["model"]}
+    assert goals["sft_3_wrappers"]["values"] == [pytest.approx(0.03)] and not goals["sft_3_wrappers"]["met"]
+    g = goals["sft_3_wrappers_no_text_drills"]
+    assert g["values"] == [pytest.approx(0.3)] and g["met"] and "not pre-registered" in g["goal"]
+    assert len(set(bench.ABLATIONS)) == len(bench.ABLATIONS)
+    with pytest.raises(SystemExit):
+        bench.main(["--ablations", "no_such_ablation", "--summarize-only"])
 
 
 def test_copy_probe_runs_a_setting_with_echo_chats(tmp_path):
