@@ -84,6 +84,20 @@ def test_compare_and_train(g4):
         train_bpe(["", "  "], vocab_size=600)
 
 
+def test_train_bpe_can_keep_punctuation_out_of_word_pieces():
+    """With ``split_punctuation`` a word is the same piece before a comma as anywhere else, and the text
+    still round-trips; without it the corpus's frequent "word," earns a piece of its own."""
+    corpus = ["To make a compost bin, plan it first. I can't stop now, ok?!", "build a compost bin for me ."] * 60
+    pieces = lambda tok, t: [tok.decode([i]) for i in tok.encode(t, add_bos=False)]  # noqa: E731
+    assert " bin," in pieces(train_bpe(corpus, vocab_size=400), "a compost bin, plan")
+    tok = train_bpe(corpus, vocab_size=400, split_punctuation=True)
+    assert pieces(tok, "a compost bin, plan")[-3:] == [" bin", ",", " plan"]
+    assert " can't" in pieces(tok, "I can't stop")  # apostrophes stay inside their word
+    assert " ." in pieces(tok, "for me .")  # a spaced punctuation mark keeps its space
+    for text in corpus[:2] + ["odd ,, spacing !? here", "emoji 🦙, résumé."]:
+        assert tok.decode(tok.encode(text, add_bos=False)) == text
+
+
 def test_bad_input(tmp_path, g4):
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("café".encode("latin-1"))

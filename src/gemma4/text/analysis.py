@@ -228,11 +228,16 @@ def read_text_file(path: str | Path) -> str:
 # ------------------------------------------------------------------------------------------- training
 
 
-def train_bpe(texts: Sequence[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+def train_bpe(texts: Sequence[str], vocab_size: int, min_frequency: int = 2,
+              split_punctuation: bool = False) -> Tokenizer:
     """Train a Gemma-style BPE (spaces as '▁', byte fallback) on domain text with `tokenizers`.
 
     Unlike Gemma's own tokenizer, training splits words at spaces so merges stay within words; rare
     characters outside the learned alphabet fall back to the 256 `<0xXX>` byte tokens.
+    ``split_punctuation``: punctuation never merges with the letters before it ("▁bin," is "▁bin" + ","),
+    as SentencePiece's script split keeps it apart in Gemma's own vocabulary. Without it a word that
+    the corpus often shows before a comma gets a "word," piece, so the same word is one token in a
+    sentence's middle and another before a comma.
     """
     from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
     from tokenizers import Tokenizer as Backend
@@ -246,10 +251,13 @@ def train_bpe(texts: Sequence[str], vocab_size: int, min_frequency: int = 2) -> 
         raise ValueError("no training text (all inputs are empty)")
     backend = Backend(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     backend.normalizer = normalizers.Replace(" ", "▁")
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"\n+|\t+"), behavior="isolated"),
-        pre_tokenizers.Split("▁", behavior="merged_with_next"),
-    ])
+    splits = [pre_tokenizers.Split(Regex(r"\n+|\t+"), behavior="isolated"),
+              pre_tokenizers.Split("▁", behavior="merged_with_next")]
+    # A run of punctuation, with the space before it if any, is a word of its own; apostrophes stay in
+    # their word ("can't").
+    if split_punctuation:
+        splits.append(pre_tokenizers.Split(Regex(r"▁?[^\w▁\s']+"), behavior="isolated"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(splits)
     backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
                                   limit_alphabet=1000, show_progress=False)
@@ -266,12 +274,14 @@ def train_bpe(texts: Sequence[str], vocab_size: int, min_frequency: int = 2) -> 
 _BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
 
 
-def train_chat_bpe(texts: Sequence[str], vocab_size: int, path: str | Path) -> Tokenizer:
+def train_chat_bpe(texts: Sequence[str], vocab_size: int, path: str | Path,
+                   split_punctuation: bool = False) -> Tokenizer:
     """A domain BPE (:func:`train_bpe`) with Gemma 4's chat control tokens appended after its pieces,
     saved to ``path`` (tokenizer.json) and loaded back, so that the chat format, the training data path
     and generation's stop tokens work on a small model exactly as on a real Gemma 4. ``vocab_size``
-    counts the control tokens (the house model's eos list expects them right after the pieces)."""
-    tok = train_bpe(list(texts), vocab_size - len(CONTROL_TOKENS))
+    counts the control tokens (the house model's eos list expects them right after the pieces);
+    ``split_punctuation`` as in :func:`train_bpe`."""
+    tok = train_bpe(list(texts), vocab_size - len(CONTROL_TOKENS), split_punctuation=split_punctuation)
     tok.backend.add_special_tokens(list(CONTROL_TOKENS))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
