@@ -113,6 +113,7 @@ class Recipe:
     # 1: punctuation never merges into a word piece (`train_chat_bpe(split_punctuation=True)`). At 0 (runs
     # 1-25) an answered object's last word before a comma is its own "word," piece (" bin,"), so no answer
     # ever trains " lamp" + "," for a held-out object, whose answer must be built from those two tokens.
+    # Run 26 (1): DPO well-formed 98.5-99.2% in every seed, but held-out objects 7.5-16% ASR; not the default.
     tokenizer_split_punctuation: int = 0
     # Benign requests about made-up things (`gemma4.align.data.copy_drills`) added to every SFT-type stage:
     # runs 1-6 never learnt to copy the object into the answer (base well-formed 3-13%: a held-out object
