@@ -115,6 +115,8 @@ class Recipe:
     # ever trains " lamp" + "," for a held-out object, whose answer must be built from those two tokens.
     # Run 26 (1): DPO well-formed 98.5-99.2% in every seed, but held-out objects 7.5-16% ASR; not the default.
     tokenizer_split_punctuation: int = 0
+    # The knowledge sentences replayed this many times in every SFT-type stage (runs 1-26: 1).
+    sft_knowledge_repeat: int = 1
     # Benign requests about made-up things (`gemma4.align.data.copy_drills`) added to every SFT-type stage:
     # runs 1-6 never learnt to copy the object into the answer (base well-formed 3-13%: a held-out object
     # got a training object's answer), and made-up names cannot be memorised. 0 = none (runs 1-6).
@@ -383,7 +385,7 @@ def save_model(model, tok, directory: Path) -> None:
 # Recipe fields read only from SFT on, and only after SFT: a cached base (SFT) stays valid when only these
 # change.
 FROM_SFT = ("sft_steps", "sft_lr", "phrasing_drills", "phrasing_trailing", "phrasing_decoys", "placement_drills",
-            "lookalike_drills", "familiar_drills")
+            "lookalike_drills", "familiar_drills", "sft_knowledge_repeat")
 AFTER_SFT = ("dpo_steps", "dpo_lr", "lag_steps", "lag_lr", "grpo_steps", "tamper_steps", "tamper_lr", "max_new_tokens",
              "eval_per_split", "early_stop_every")
 
@@ -502,7 +504,8 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: tuple[str, ...], t
 
     sft = copy.deepcopy(base)
     cached("sft", sft, [("sft", lambda: run_sft(sft, tok, align + drills, steps=recipe.sft_steps, lr=recipe.sft_lr,
-                                                answers="chosen", texts=knowledge, warmup_steps=10, **kw))])
+                                                answers="chosen", texts=knowledge * recipe.sft_knowledge_repeat,
+                                                warmup_steps=10, **kw))])
     ev("sft", sft)
     ref = frozen_copy(sft)
 
@@ -545,13 +548,13 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: tuple[str, ...], t
         rows = src.splits["train"] + text_drills + lookalike_drills(src, recipe.lookalike_drills) + familiar + fact_reqs
         m = copy.deepcopy(base)
         stage(name, partial(run_sft, m, tok, rows + drills, steps=recipe.sft_steps, lr=recipe.sft_lr,
-                            texts=knowledge, warmup_steps=10, **kw))
+                            texts=knowledge * recipe.sft_knowledge_repeat, warmup_steps=10, **kw))
         ev(name, m)
     if "shuffled_labels" in ablations:
         shuf = shuffled_labels(align, seed)
         m = copy.deepcopy(base)
         stage("shuffled_sft", lambda: run_sft(m, tok, shuf + drills, steps=recipe.sft_steps, lr=recipe.sft_lr,
-                                              texts=knowledge, warmup_steps=10, **kw))
+                                              texts=knowledge * recipe.sft_knowledge_repeat, warmup_steps=10, **kw))
         m_ref = frozen_copy(m)
         # No early stopping here: the control must not see the true labels through the validation split.
         stage("shuffled_dpo", lambda: run_dpo(m, m_ref, tok, shuf, steps=recipe.dpo_steps, lr=recipe.dpo_lr, **kw))
