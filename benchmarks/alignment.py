@@ -502,10 +502,10 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: tuple[str, ...], t
     cached("base", base, base_stages)
     ev("base", base)
 
+    sft_texts = knowledge * recipe.sft_knowledge_repeat  # the replay of every SFT-type stage
     sft = copy.deepcopy(base)
     cached("sft", sft, [("sft", lambda: run_sft(sft, tok, align + drills, steps=recipe.sft_steps, lr=recipe.sft_lr,
-                                                answers="chosen", texts=knowledge * recipe.sft_knowledge_repeat,
-                                                warmup_steps=10, **kw))])
+                                                answers="chosen", texts=sft_texts, warmup_steps=10, **kw))])
     ev("sft", sft)
     ref = frozen_copy(sft)
 
@@ -538,23 +538,27 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: tuple[str, ...], t
     # The text drills (random-word prefixes, requests moved inside wrapper text) vary the words around a
     # request as wrapper families do. The "_no_text_drills" pair drops them on both sides, so the number of
     # wrapper families is the only source of that variety.
-    few_data = build(seed, train_wrappers=3) if any("3_wrappers" in a for a in ablations) else None
-    for name in ("sft_3_wrappers", "sft_no_text_drills", "sft_3_wrappers_no_text_drills"):
+    wrapper_runs = {  # name: (3 wrapper families instead of ~120, with the text drills)
+        "sft_3_wrappers": (True, True), "sft_no_text_drills": (False, False),
+        "sft_3_wrappers_no_text_drills": (True, False)}
+    needs_few = any(wrapper_runs[a][0] for a in ablations if a in wrapper_runs)
+    few_data = build(seed, train_wrappers=3) if needs_few else None
+    for name, (few, with_text_drills) in wrapper_runs.items():
         if name not in ablations:
             continue
-        src = few_data if "3_wrappers" in name else data
+        src = few_data if few else data
         # With 3 wrappers, the placement drills move requests inside those 3 wrappers only.
-        text_drills = [] if "text_drills" in name else phrasings + placement_drills(src, recipe.placement_drills)
+        text_drills = phrasings + placement_drills(src, recipe.placement_drills) if with_text_drills else []
         rows = src.splits["train"] + text_drills + lookalike_drills(src, recipe.lookalike_drills) + familiar + fact_reqs
         m = copy.deepcopy(base)
         stage(name, partial(run_sft, m, tok, rows + drills, steps=recipe.sft_steps, lr=recipe.sft_lr,
-                            texts=knowledge * recipe.sft_knowledge_repeat, warmup_steps=10, **kw))
+                            texts=sft_texts, warmup_steps=10, **kw))
         ev(name, m)
     if "shuffled_labels" in ablations:
         shuf = shuffled_labels(align, seed)
         m = copy.deepcopy(base)
         stage("shuffled_sft", lambda: run_sft(m, tok, shuf + drills, steps=recipe.sft_steps, lr=recipe.sft_lr,
-                                              texts=knowledge * recipe.sft_knowledge_repeat, warmup_steps=10, **kw))
+                                              texts=sft_texts, warmup_steps=10, **kw))
         m_ref = frozen_copy(m)
         # No early stopping here: the control must not see the true labels through the validation split.
         stage("shuffled_dpo", lambda: run_dpo(m, m_ref, tok, shuf, steps=recipe.dpo_steps, lr=recipe.dpo_lr, **kw))

@@ -54,7 +54,10 @@ def test_cache_key_ignores_only_the_later_stages(bench, tmp_path):
     assert bench.cache_key(replace(r, sft_lr=1e-4), data, tok) != key
     # the base's key ignores what only SFT reads; the base's own fields change both
     base_key = bench.cache_key(r, data, tok, "base")
-    assert bench.cache_key(replace(r, sft_lr=1e-4, phrasing_drills=0), data, tok, "base") == base_key != key
+    assert bench.cache_key(replace(r, sft_lr=1e-4, phrasing_drills=0, sft_knowledge_repeat=4), data, tok,
+                           "base") == base_key != key
+    assert bench.cache_key(replace(r, sft_knowledge_repeat=4), data, tok) != key
+    assert bench.cache_key(replace(r, tokenizer_split_punctuation=1), data, tok, "base") != base_key
     assert bench.cache_key(replace(r, base_steps=10), data, tok, "base") != base_key
     assert bench.cache_key(r, build(1, sources=False), tok) != key
     tok.write_text("{ }")
