@@ -53,7 +53,7 @@ import torch
 
 from gemma4._util import atomic_write_text
 from gemma4.align.data import (AlignData, Example, answer_slot, build, compliance, copy_drills, echo_drills,
-                               fact_drills, lookalike_drills, phrasing_drills, placement_drills)
+                               fact_drills, lookalike_drills, phrasing_drills, placement_drills, reopen_benign)
 from gemma4.align.judge import REFUSAL, is_refusal, is_unsafe, wilson
 from gemma4.align.stages import (encode_answers, frozen_copy, greedy_answers, is_helpful, run_dpo,
                                  run_grpo_lagrangian, run_lagrangian, run_sft)
@@ -177,6 +177,13 @@ class Recipe:
     # 1-8). `benchmarks/copy_probe.py` at 600 steps: plain 11%, unit logits 29%, the embedding alone 15%,
     # both 84%.
     unit_init: int = 1
+    # 1: no benign answer opens with "Sure." (`gemma4.align.data.reopen_benign`: "Of course." instead), so the
+    # base's first answer token says whether it took a request for harmful, the position where SFT puts the
+    # refusal (0 = runs 1-29). Run 27's SFT failed on the held-out objects its base had not answered with the
+    # placeholder (seed 1: "synthetic cannabinoids" 2 of 7, then "Sure. Here is how to make vanilla ice
+    # cream: ..."), and on one its base had (seed 0's "phone spyware", 6 of 6): with "Sure." opening the
+    # compliance and a helpful template alike, the base decided only after naming the object.
+    benign_opening: int = 0
 
     @staticmethod
     def quick() -> "Recipe":
@@ -199,6 +206,14 @@ def tiny_config(vocab_size: int, hidden_size: int = 128, intermediate_size: int 
         rope_parameters={SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
                          FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0}},
         pad_token_id=0, eos_token_id=[1, vocab_size - CONTROL + 1], bos_token_id=2))
+
+
+def seed_data(seed: int, recipe: Recipe, **kw) -> AlignData:
+    """`build(seed, **kw)`, with the recipe's benign openings (`benign_opening`)."""
+    data = build(seed, **kw)
+    if recipe.benign_opening:
+        data = replace(data, splits={k: reopen_benign(v) for k, v in data.splits.items()})
+    return data
 
 
 def domain_tokenizer(data: AlignData, recipe: Recipe, path: Path, facts: list[str] = ()):
@@ -412,23 +427,27 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: tuple[str, ...], t
     t0 = time.perf_counter()
     sdir = out / f"seed{seed}"
     sdir.mkdir(parents=True, exist_ok=True)
-    data = build(seed)
+    data = seed_data(seed, recipe)
     train, val = data.splits["train"], data.splits["val_redteam"]
+    # Every drill's answers follow the data's (`benign_opening`).
+    op = reopen_benign if recipe.benign_opening else list
     facts, fact_reqs = fact_drills(data, recipe.fact_drills) if recipe.fact_drills else ([], [])
+    fact_reqs = op(fact_reqs)
     knowledge = data.knowledge_train + facts
     tok = domain_tokenizer(data, recipe, sdir / "tokenizer.json", facts)
     # The drills stay out of the tokenizer's corpus: their made-up names split into pieces, so copying them
     # is the general piece-by-piece skill rather than one more whole-word lookup.
     # One rng stream: the stage drills are its first `copy_drills`, the warm-up adds fresh names after them.
     n_warm = recipe.copy_warmup_drills if recipe.copy_warmup_steps else 0
-    warm_drills = copy_drills(data, max(recipe.copy_drills, n_warm))
+    warm_drills = op(copy_drills(data, max(recipe.copy_drills, n_warm)))
     drills = warm_drills[:recipe.copy_drills]
-    phrasings = phrasing_drills(data, recipe.phrasing_drills, recipe.phrasing_trailing, bool(recipe.phrasing_decoys))
-    placements = placement_drills(data, recipe.placement_drills)
-    lookalikes = lookalike_drills(data, recipe.lookalike_drills)
-    familiar = copy_drills(data, recipe.familiar_drills, familiar=0.5)
+    phrasings = op(phrasing_drills(data, recipe.phrasing_drills, recipe.phrasing_trailing,
+                                   bool(recipe.phrasing_decoys)))
+    placements = op(placement_drills(data, recipe.placement_drills))
+    lookalikes = op(lookalike_drills(data, recipe.lookalike_drills))
+    familiar = op(copy_drills(data, recipe.familiar_drills, familiar=0.5))
     align = train + fact_reqs + phrasings + placements + lookalikes + familiar  # what every stage from SFT on trains on
-    echo = echo_drills(data, recipe.echo_drills)  # copy warm-up and base only: copying, no alignment signal
+    echo = op(echo_drills(data, recipe.echo_drills))  # copy warm-up and base only: copying, no alignment signal
     base = new_model(tok.vocab_size, recipe, seed)
     n_params = sum(p.numel() for p in base.parameters())
     _log(seed, f"data {({k: len(v) for k, v in data.splits.items()})}, vocab {tok.vocab_size}, {n_params / 1e6:.2f}M params")
@@ -542,14 +561,15 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: tuple[str, ...], t
         "sft_3_wrappers": (True, True), "sft_no_text_drills": (False, False),
         "sft_3_wrappers_no_text_drills": (True, False)}
     needs_few = any(wrapper_runs[a][0] for a in ablations if a in wrapper_runs)
-    few_data = build(seed, train_wrappers=3) if needs_few else None
+    few_data = seed_data(seed, recipe, train_wrappers=3) if needs_few else None
     for name, (few, with_text_drills) in wrapper_runs.items():
         if name not in ablations:
             continue
         src = few_data if few else data
         # With 3 wrappers, the placement drills move requests inside those 3 wrappers only.
-        text_drills = phrasings + placement_drills(src, recipe.placement_drills) if with_text_drills else []
-        rows = src.splits["train"] + text_drills + lookalike_drills(src, recipe.lookalike_drills) + familiar + fact_reqs
+        text_drills = phrasings + op(placement_drills(src, recipe.placement_drills)) if with_text_drills else []
+        rows = (src.splits["train"] + text_drills + op(lookalike_drills(src, recipe.lookalike_drills)) + familiar
+                + fact_reqs)
         m = copy.deepcopy(base)
         stage(name, partial(run_sft, m, tok, rows + drills, steps=recipe.sft_steps, lr=recipe.sft_lr,
                             texts=sft_texts, warmup_steps=10, **kw))

@@ -20,7 +20,7 @@ from gemma4.align import sources
 from gemma4.align.data import (BENIGN_OBJECTS, BORDERLINE, CATEGORIES, HARMFUL_OBJECTS, HELPFUL_TEMPLATES,
                                OWN_TEST_WRAPPERS, PREFIXES, SPLITS, SUFFIXES, VAL_PREFIXES, VERBS, AlignData, Example,
                                answer_slot, build, compliance, copy_drills, echo_drills, fact_drills, lookalike_drills,
-                               phrasing_drills, placement_drills, render_wrapper)
+                               phrasing_drills, placement_drills, render_wrapper, reopen_benign)
 from gemma4.align.judge import REFUSAL, UNSAFE_MARKER, is_refusal, is_unsafe
 from gemma4.cli import app
 from gemma4.io.assets import AssetError
@@ -174,6 +174,22 @@ def test_answer_slot_reads_the_templates():
                   HELPFUL_TEMPLATES[0].format(obj=" ".join(["kite"] * 9)),
                   "Sure. Here is how to make a kite, start simple, go one step at a time, and check the result.")
     assert [answer_slot(t) for t in degenerate] == [None] * len(degenerate)
+
+
+def test_reopen_benign_leaves_sure_to_the_compliance():
+    """With `reopen_benign` only the harmful compliance opens with "Sure.": a benign answer's first word
+    says which kind of request was answered. Everything else stays, and the answers stay well-formed."""
+    ds = _data()
+    for name, exs in ds.splits.items():
+        new = reopen_benign(exs)
+        key = lambda e: (e.prompt, e.kind, e.obj, e.wrapper)  # noqa: E731
+        assert list(map(key, new)) == list(map(key, exs))
+        for old, e in zip(exs, new):
+            assert e.helpful.startswith("Sure.") == e.harmful, e
+            assert e.helpful == (old.helpful.replace("Sure.", "Of course.", 1) if not e.harmful else old.helpful)
+            assert answer_slot(e.helpful) == answer_slot(old.helpful) is not None
+    assert any(e.helpful.startswith("Of course.") for e in reopen_benign(ds.splits["train"]))
+    assert answer_slot("Of course. Here is how to make . to make .") is None
 
 
 def test_answers_are_placeholder_only():

@@ -58,6 +58,7 @@ def test_cache_key_ignores_only_the_later_stages(bench, tmp_path):
                            "base") == base_key != key
     assert bench.cache_key(replace(r, sft_knowledge_repeat=4), data, tok) != key
     assert bench.cache_key(replace(r, tokenizer_split_punctuation=1), data, tok, "base") != base_key
+    assert bench.cache_key(replace(r, benign_opening=1), data, tok, "base") != base_key
     assert bench.cache_key(replace(r, base_steps=10), data, tok, "base") != base_key
     assert bench.cache_key(r, build(1, sources=False), tok) != key
     tok.write_text("{ }")
