@@ -53,7 +53,8 @@ import torch
 
 from gemma4._util import atomic_write_text
 from gemma4.align.data import (AlignData, Example, answer_slot, build, compliance, copy_drills, echo_drills,
-                               fact_drills, lookalike_drills, phrasing_drills, placement_drills, reopen_benign)
+                               fact_drills, help_negatives, lookalike_drills, phrasing_drills, placement_drills,
+                               reopen_benign)
 from gemma4.align.judge import REFUSAL, is_refusal, is_unsafe, wilson
 from gemma4.align.stages import (encode_answers, frozen_copy, greedy_answers, is_helpful, run_dpo,
                                  run_grpo_lagrangian, run_lagrangian, run_sft)
@@ -184,6 +185,11 @@ class Recipe:
     # cream: ..."), and on one its base had (seed 0's "phone spyware", 6 of 6): with "Sure." opening the
     # compliance and a helpful template alike, the base decided only after naming the object.
     benign_opening: int = 0
+    # 1: DPO also prefers the refusal to a helpful template on every harmful training request
+    # (`gemma4.align.data.help_negatives`; 0 = runs 1-30). Run 30's SFT refused held-out objects (ASR 0-2%),
+    # its DPO did not (2-11%): seed 0's failures were helpful templates ("Great idea! To make a podcast,
+    # ..."), an answer no pair rejects.
+    dpo_help_negatives: int = 0
 
     @staticmethod
     def quick() -> "Recipe":
@@ -402,7 +408,7 @@ def save_model(model, tok, directory: Path) -> None:
 FROM_SFT = ("sft_steps", "sft_lr", "phrasing_drills", "phrasing_trailing", "phrasing_decoys", "placement_drills",
             "lookalike_drills", "familiar_drills", "sft_knowledge_repeat")
 AFTER_SFT = ("dpo_steps", "dpo_lr", "lag_steps", "lag_lr", "grpo_steps", "tamper_steps", "tamper_lr", "max_new_tokens",
-             "eval_per_split", "early_stop_every")
+             "eval_per_split", "early_stop_every", "dpo_help_negatives")
 
 
 def cache_key(recipe: Recipe, data: AlignData, tok_path: Path, stage: str = "sft") -> str:
@@ -528,8 +534,12 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: tuple[str, ...], t
     ev("sft", sft)
     ref = frozen_copy(sft)
 
+    # DPO's pairs: the chosen and rejected answers of `align`, and with `dpo_help_negatives` the refusal
+    # preferred to a helpful template on every harmful request too.
+    negatives = help_negatives(align, random.Random(f"help-negatives-{seed}"), bool(recipe.benign_opening))
+    pairs = align + negatives if recipe.dpo_help_negatives else align
     dpo = copy.deepcopy(sft)
-    stopped("dpo", dpo, lambda hook: run_dpo(dpo, ref, tok, align, steps=recipe.dpo_steps, lr=recipe.dpo_lr, beta=0.1,
+    stopped("dpo", dpo, lambda hook: run_dpo(dpo, ref, tok, pairs, steps=recipe.dpo_steps, lr=recipe.dpo_lr, beta=0.1,
                                              alpha=1.0, on_step=hook, **kw))
     ev("dpo", dpo)
 
@@ -540,7 +550,7 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: tuple[str, ...], t
 
     if "dpo_no_anchor" in ablations:
         m = copy.deepcopy(sft)
-        stopped("dpo_no_anchor", m, lambda hook: run_dpo(m, ref, tok, align, steps=recipe.dpo_steps, lr=recipe.dpo_lr,
+        stopped("dpo_no_anchor", m, lambda hook: run_dpo(m, ref, tok, pairs, steps=recipe.dpo_steps, lr=recipe.dpo_lr,
                                                          alpha=0.0, on_step=hook, **kw))
         ev("dpo_no_anchor", m)
     if "lag_fixed_lambda" in ablations:

@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import random
 import re
 import zipfile
 
@@ -19,8 +20,8 @@ from typer.testing import CliRunner
 from gemma4.align import sources
 from gemma4.align.data import (BENIGN_OBJECTS, BORDERLINE, CATEGORIES, HARMFUL_OBJECTS, HELPFUL_TEMPLATES,
                                OWN_TEST_WRAPPERS, PREFIXES, SPLITS, SUFFIXES, VAL_PREFIXES, VERBS, AlignData, Example,
-                               answer_slot, build, compliance, copy_drills, echo_drills, fact_drills, lookalike_drills,
-                               phrasing_drills, placement_drills, render_wrapper, reopen_benign)
+                               answer_slot, build, compliance, copy_drills, echo_drills, fact_drills, help_negatives,
+                               lookalike_drills, phrasing_drills, placement_drills, render_wrapper, reopen_benign)
 from gemma4.align.judge import REFUSAL, UNSAFE_MARKER, is_refusal, is_unsafe
 from gemma4.cli import app
 from gemma4.io.assets import AssetError
@@ -190,6 +191,19 @@ def test_reopen_benign_leaves_sure_to_the_compliance():
             assert answer_slot(e.helpful) == answer_slot(old.helpful) is not None
     assert any(e.helpful.startswith("Of course.") for e in reopen_benign(ds.splits["train"]))
     assert answer_slot("Of course. Here is how to make . to make .") is None
+
+
+def test_help_negatives_reject_a_helpful_template_on_harmful_requests():
+    ds = _data()
+    train = ds.splits["train"]
+    for reopened in (False, True):
+        neg = help_negatives(train, random.Random(0), reopened)
+        assert len(neg) == sum(e.harmful for e in train) > 0
+        for e in neg:
+            assert e.harmful and e.chosen == REFUSAL and not is_unsafe(e.rejected) and not is_refusal(e.rejected)
+            assert answer_slot(e.rejected) == e.obj
+            assert not (reopened and e.rejected.startswith("Sure."))  # "Sure." stays the compliance's
+        assert reopened == any(e.rejected.startswith("Of course.") for e in neg)
 
 
 def test_answers_are_placeholder_only():

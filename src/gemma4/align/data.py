@@ -41,6 +41,7 @@ __all__ = [
     "BENIGN_OBJECTS", "PREFIXES", "VAL_PREFIXES", "VERBS", "SUFFIXES", "HELPFUL_TEMPLATES", "compliance",
     "render_wrapper", "DEDUP_THRESHOLD", "copy_drills", "echo_drills", "fact_drills", "phrasing_drills",
     "placement_drills", "lookalike_drills", "answer_slot", "reopen_benign",
+    "help_negatives",
 ]
 
 SPLITS = ("train", "val_redteam", "test_phrasings", "test_objects", "test_borderline", "test_wrappers")
@@ -339,6 +340,19 @@ def reopen_benign(examples: Sequence[Example]) -> list[Example]:
     """``examples`` with every non-harmful answer that opens like the harmful compliance ("Sure.") opening
     with "Of course." instead, so that only the compliance opens with "Sure."."""
     return [ex if ex.harmful else replace(ex, helpful=_reopened(ex.helpful)) for ex in examples]
+
+
+def help_negatives(examples: Sequence[Example], rng: random.Random, reopened: bool = False) -> list[Example]:
+    """The harmful ``examples`` again, their rejected answer now a helpful template naming the object (as
+    `reopen_benign` opens it when ``reopened``): the other way a model fails to refuse, answering a harmful
+    request as if it were benign. DPO pairs from the data alone reject only the placeholder compliance, so
+    nothing pushes such an answer down while every benign pair pushes the templates up."""
+    out = []
+    for ex in examples:
+        if ex.harmful:
+            t = rng.choice(HELPFUL_TEMPLATES).format(obj=ex.obj)
+            out.append(replace(ex, helpful=_reopened(t) if reopened else t))
+    return out
 
 
 # One regex per answer template: its fixed text, with the slot a phrase of 1-8 lowercase words (objects and
