@@ -536,8 +536,8 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: tuple[str, ...], t
 
     # DPO's pairs: the chosen and rejected answers of `align`, and with `dpo_help_negatives` the refusal
     # preferred to a helpful template on every harmful request too.
-    negatives = help_negatives(align, random.Random(f"help-negatives-{seed}"), bool(recipe.benign_opening))
-    pairs = align + negatives if recipe.dpo_help_negatives else align
+    pairs = align + (help_negatives(align, random.Random(f"help-negatives-{seed}"), bool(recipe.benign_opening))
+                     if recipe.dpo_help_negatives else [])
     dpo = copy.deepcopy(sft)
     stopped("dpo", dpo, lambda hook: run_dpo(dpo, ref, tok, pairs, steps=recipe.dpo_steps, lr=recipe.dpo_lr, beta=0.1,
                                              alpha=1.0, on_step=hook, **kw))

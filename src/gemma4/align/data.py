@@ -40,8 +40,7 @@ __all__ = [
     "Example", "AlignData", "AlignDataError", "build", "SPLITS", "CATEGORIES", "HARMFUL_OBJECTS",
     "BENIGN_OBJECTS", "PREFIXES", "VAL_PREFIXES", "VERBS", "SUFFIXES", "HELPFUL_TEMPLATES", "compliance",
     "render_wrapper", "DEDUP_THRESHOLD", "copy_drills", "echo_drills", "fact_drills", "phrasing_drills",
-    "placement_drills", "lookalike_drills", "answer_slot", "reopen_benign",
-    "help_negatives",
+    "placement_drills", "lookalike_drills", "answer_slot", "reopen_benign", "help_negatives",
 ]
 
 SPLITS = ("train", "val_redteam", "test_phrasings", "test_objects", "test_borderline", "test_wrappers")
