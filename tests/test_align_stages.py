@@ -2,10 +2,13 @@
 truncation from the left), SFT -> DPO -> Lagrangian -> GRPO-Lagrangian runs that log what they should,
 and batched greedy answers."""
 
+import random
+
 import pytest
 import torch
 
-from gemma4.align.data import Example, compliance
+from gemma4.align import stages
+from gemma4.align.data import Example, compliance, help_negatives
 from gemma4.align.judge import REFUSAL
 from gemma4.align.stages import (StageError, encode_answers, encode_pairs, frozen_copy, greedy_answers, is_helpful,
                                  prompt_ids, run_dpo, run_grpo_lagrangian, run_lagrangian, run_sft)
@@ -105,3 +108,21 @@ def test_stages_end_to_end(tmp_path):
     answers = greedy_answers(model, tok, val, max_new_tokens=6, batch_size=3)
     assert len(answers) == len(val) and all(isinstance(a, str) for a in answers)
     assert not any(p.requires_grad for p in reference.parameters()) and not model.fast_path
+
+
+def test_lagrangian_help_negatives_join_the_help_pairs(monkeypatch):
+    """The help term's pairs are the benign/borderline examples plus the given help negatives (refusal ≻ a
+    helpful template on a harmful request); the cost still reads the harmful examples alone."""
+    tok = tiny_tokenizer()
+    train, val = _examples()
+    model = tiny_model("ple6", seed=11, std=0.02)
+    negatives = help_negatives(train, random.Random(0))
+    seen = []
+    real = stages.encode_pairs
+    monkeypatch.setattr(stages, "encode_pairs",
+                        lambda tok, exs, max_len: seen.append(list(exs)) or real(tok, exs, max_len))
+    run_lagrangian(model, frozen_copy(model), tok, train, val, steps=1, lr=1e-4, help_negatives=negatives, batch_size=4)
+    (pairs,) = seen
+    assert pairs == [e for e in train if not e.harmful] + negatives
+    assert {e.chosen for e in negatives} == {REFUSAL} and all(e.rejected == e.helpful != compliance(e.obj)
+                                                              for e in negatives)
