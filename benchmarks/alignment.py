@@ -56,15 +56,15 @@ from gemma4.align.data import (AlignData, Example, answer_slot, build, complianc
                                fact_drills, help_negatives, lookalike_drills, phrasing_drills, placement_drills,
                                reopen_benign)
 from gemma4.align.judge import REFUSAL, is_refusal, is_unsafe, wilson
-from gemma4.align.stages import (encode_answers, frozen_copy, greedy_answers, is_helpful, run_dpo,
+from gemma4.align.stages import (encode_answers, encode_pairs, frozen_copy, greedy_answers, is_helpful, run_dpo,
                                  run_grpo_lagrangian, run_lagrangian, run_sft)
 from gemma4.io import load_pretrained, save_pretrained
 from gemma4.model import FULL, SLIDING, Gemma4Config, build_model
 from gemma4.text.analysis import train_chat_bpe
 from gemma4.train import add_lora
-from gemma4.train.constrained import mean_refusal_cost
+from gemma4.train.constrained import mean_pairwise_cost, mean_refusal_cost
 from gemma4.train.data import encode_text
-from gemma4.train.preference import Responses, sequence_logprobs
+from gemma4.train.preference import Responses, precompute_reference, sequence_logprobs
 from gemma4.train.run import init_weights_
 
 HERE = Path(__file__).resolve().parent
@@ -98,6 +98,10 @@ class Recipe:
     # 1: the Lagrangian's help term also prefers the refusal to a helpful template on harmful training
     # requests (the pairs `dpo_help_negatives` adds to DPO; 0 = runs 1-34).
     lag_help_negatives: int = 0
+    # The Lagrangian's cost: "nll", the refusal's per-token NLL (the design reference's; runs 1-35), or
+    # "pairwise", the DPO loss of refusal ≻ the placeholder compliance and ≻ a helpful template on harmful
+    # prompts (`gemma4.train.constrained.pairwise_cost`; starts at log 2, so set lag_threshold below 0.69).
+    lag_cost: str = "nll"
     batch_size: int = 16
     grpo_steps: int = 12
     tamper_steps: tuple = (0, 10, 20, 40, 80)
@@ -421,8 +425,8 @@ def save_model(model, tok, directory: Path) -> None:
 FROM_SFT = ("sft_steps", "sft_lr", "phrasing_drills", "phrasing_trailing", "phrasing_decoys", "placement_drills",
             "lookalike_drills", "familiar_drills", "sft_knowledge_repeat")
 AFTER_SFT = ("dpo_steps", "dpo_lr", "lag_steps", "lag_lr", "lag_threshold", "lag_lambda_init", "lag_help_negatives",
-             "grpo_steps", "tamper_steps", "tamper_lr", "max_new_tokens", "eval_per_split", "early_stop_every",
-             "dpo_help_negatives")
+             "lag_cost", "grpo_steps", "tamper_steps", "tamper_lr", "max_new_tokens", "eval_per_split",
+             "early_stop_every", "dpo_help_negatives")
 
 
 def cache_key(recipe: Recipe, data: AlignData, tok_path: Path, stage: str = "sft") -> str:
@@ -518,8 +522,14 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: tuple[str, ...], t
         if name.startswith("lag"):
             # The constraint as it holds for the weights kept (the log's last J_C,val is the last step's).
             harmful_val = [e for e in val if e.harmful]
-            rows = encode_answers(tok, harmful_val, [REFUSAL] * len(harmful_val), recipe.max_len)
-            res["early_stop"][name]["j_val_kept"] = mean_refusal_cost(model.eval(), rows)
+            if recipe.lag_cost == "pairwise":
+                rows = precompute_reference(ref, encode_pairs(tok, harmful_val + list(lag_kw["val_cost_negatives"]),
+                                                              recipe.max_len))
+                j_kept = mean_pairwise_cost(model.eval(), rows)
+            else:
+                rows = encode_answers(tok, harmful_val, [REFUSAL] * len(harmful_val), recipe.max_len)
+                j_kept = mean_refusal_cost(model.eval(), rows)
+            res["early_stop"][name]["j_val_kept"] = j_kept
         _log(seed, f"{name}: kept step {es.best[1]} (validation ASR + over-refusal {es.best[0]:.3f})")
 
     def ev(name, model):
@@ -551,10 +561,14 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: tuple[str, ...], t
 
     # DPO's pairs: the chosen and rejected answers of `align`, and with `dpo_help_negatives` the refusal
     # preferred to a helpful template on every harmful request too.
+    pairwise = recipe.lag_cost == "pairwise"
     negatives = (help_negatives(align, random.Random(f"help-negatives-{seed}"), bool(recipe.benign_opening))
-                 if recipe.dpo_help_negatives or recipe.lag_help_negatives else [])
+                 if recipe.dpo_help_negatives or recipe.lag_help_negatives or pairwise else [])
     pairs = align + (negatives if recipe.dpo_help_negatives else [])
-    lag_kw["help_negatives"] = negatives if recipe.lag_help_negatives else []
+    lag_kw.update(help_negatives=negatives if recipe.lag_help_negatives else [], cost=recipe.lag_cost)
+    if pairwise:
+        lag_kw.update(cost_negatives=negatives, val_cost_negatives=help_negatives(
+            val, random.Random(f"val-negatives-{seed}"), bool(recipe.benign_opening)))
     dpo = copy.deepcopy(sft)
     stopped("dpo", dpo, lambda hook: run_dpo(dpo, ref, tok, pairs, steps=recipe.dpo_steps, lr=recipe.dpo_lr, beta=0.1,
                                              alpha=1.0, on_step=hook, **kw))

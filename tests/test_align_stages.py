@@ -126,3 +126,22 @@ def test_lagrangian_help_negatives_join_the_help_pairs(monkeypatch):
     assert pairs == [e for e in train if not e.harmful] + negatives
     assert {e.chosen for e in negatives} == {REFUSAL} and all(e.rejected == e.helpful != compliance(e.obj)
                                                               for e in negatives)
+
+
+def test_lagrangian_pairwise_cost_reads_the_negatives():
+    """cost="pairwise": J_C is the DPO loss of refusal ≻ compliance (and ≻ the help negatives' templates),
+    log 2 at the first step, where the policy is its reference; a bad cost or negatives without it are
+    refused by name."""
+    tok = tiny_tokenizer()
+    train, val = _examples()
+    model = tiny_model("ple6", seed=11, std=0.02)
+    rng = random.Random(0)
+    log = run_lagrangian(model, frozen_copy(model), tok, train, val, steps=2, lr=1e-4, batch_size=4, threshold=0.6,
+                         cost="pairwise", cost_negatives=help_negatives(train, rng),
+                         val_cost_negatives=help_negatives(val, rng))
+    assert log[0]["j_tr"] == pytest.approx(0.6931, abs=1e-3)
+    assert log[0]["log_lambda"] == pytest.approx(2.0 * (log[0]["j_val"] - 0.6))  # the dual reads J_C,val
+    with pytest.raises(StageError, match="cost must be"):
+        run_lagrangian(model, None, tok, train, val, steps=1, cost="prob")
+    with pytest.raises(StageError, match="pairwise"):
+        run_lagrangian(model, None, tok, train, val, steps=1, cost_negatives=help_negatives(train, rng))

@@ -10,7 +10,8 @@ import torch
 
 from gemma4.train import make_trainable
 from gemma4.train.constrained import (ConstraintError, GRPOLagrangianObjective, LagrangeMultiplier,
-                                      LagrangianObjective, group_zscore, grpo_advantages, refusal_cost)
+                                      LagrangianObjective, group_zscore, grpo_advantages, mean_pairwise_cost,
+                                      pairwise_cost, refusal_cost)
 from gemma4.train.cost_model import (CostModel, CostModelError, cost_model_loss, load_cost_model,
                                      save_cost_model)
 from gemma4.train.loop import TrainConfig, Trainer, read_log
@@ -85,6 +86,35 @@ def test_lagrangian_objective_logs_dual_every_step_and_lowers_cost(tmp_path):
     with torch.no_grad():
         _, logs = o2.loss(policy, o2.next_batch())
     assert "log_lambda" in o2.after_step(policy, 1, logs) and o2.mult.log_lambda == pytest.approx(0.1 * (logs["j_tr"] - 0.05))
+
+
+def test_pairwise_cost_starts_at_log2_keeps_its_gradient_and_drives_the_dual(tmp_path):
+    """The pairwise cost (refusal ≻ an answer, sigmoid DPO loss against the reference) is log 2 where the
+    policy is the reference, and its gradient does not vanish once the refusal is near-certain, where the
+    refusal NLL's does."""
+    ref = tiny_model("ple6", seed=5)
+    policy = make_trainable(copy.deepcopy(ref))
+    harm = _prompts(6, 1)
+    cost_pairs = precompute_reference(ref, Pairs(_resp(harm, REFUSE), _resp(harm, HELP)))
+    assert mean_pairwise_cost(policy, cost_pairs, batch_size=4) == pytest.approx(math.log(2), abs=1e-5)
+    pairwise_cost(policy, cost_pairs).mean().backward()
+    assert sum(float(p.grad.norm()) for p in policy.parameters() if p.grad is not None) > 0
+    with pytest.raises(ConstraintError, match="reference"):
+        pairwise_cost(policy, Pairs(_resp(harm, REFUSE), _resp(harm, HELP)))
+
+    benign = _prompts(8, 0)
+    pairs = precompute_reference(ref, Pairs(_resp(benign, HELP), _resp(benign, REFUSE)))
+    val = precompute_reference(ref, Pairs(_resp(_prompts(6, 2), REFUSE), _resp(_prompts(6, 2), HELP)))
+    mult = LagrangeMultiplier(threshold=0.6, lr=2.0)
+    obj = LagrangianObjective(pairs, cost_pairs, val, multiplier=mult, batch_size=4, cost_batch_size=4)
+    policy.zero_grad(set_to_none=True)
+    cfg = TrainConfig(steps=3, lr=3e-3, dtype="float32", plot=False, checkpoints=False)
+    Trainer(policy, None, cfg, tmp_path, objective=obj).fit()
+    log = read_log(tmp_path / "train_log.jsonl")
+    assert log[0]["j_tr"] == pytest.approx(math.log(2), abs=1e-4)  # the first step's policy is the reference
+    assert log[0]["log_lambda"] == pytest.approx(2.0 * (log[0]["j_val"] - 0.6))
+    with pytest.raises(ConstraintError, match="both"):
+        LagrangianObjective(pairs, cost_pairs, _resp(_prompts(6, 2), REFUSE))
 
 
 # ----------------------------------------------------------------------------- GRPO

@@ -217,14 +217,27 @@ def run_lagrangian(policy, reference, tok, train_examples: Sequence[Example], va
                    dual: str = "val", fixed_lambda: float | None = None, batch_size: int = 16,
                    cost_batch_size: int = 16, val_batch_size: int = 64, max_len: int = 128, warmup_steps: int = 0,
                    max_grad_norm: float = 1.0, dtype: str = "float32", seed: int = 0, out=None,
-                   help_negatives: Sequence[Example] = (),
+                   help_negatives: Sequence[Example] = (), cost: str = "nll", cost_negatives: Sequence[Example] = (),
+                   val_cost_negatives: Sequence[Example] = (),
                    on_step: Callable[[dict], None] | None = None) -> list[dict]:
     """min_θ max_λ DPO(helpful ≻ refusal) + alpha·NLL(helpful) on benign/borderline training prompts
-    + λ·(J_C − d), J_C = mean per-token NLL of the refusal on harmful prompts (training prompts in the
-    primal step; the validation red-team split's harmful prompts drive the dual, ``dual="val"``).
-    ``help_negatives`` (`gemma4.align.data.help_negatives`) add their pairs to the help term: on a harmful
-    request an answer about some other object is no help either, and the refusal is preferred to it.
-    ``dual="train"`` and ``fixed_lambda`` are the ablations. Logs log λ, J_C,train and J_C,val every step."""
+    + λ·(J_C − d), J_C on harmful prompts (training prompts in the primal step; the validation red-team
+    split's harmful prompts drive the dual, ``dual="val"``):
+
+    * ``cost="nll"``: the mean per-token NLL of the refusal (the design reference's log-space cost);
+    * ``cost="pairwise"``: the mean sigmoid DPO loss (`gemma4.train.constrained.pairwise_cost`, β =
+      ``beta``) of refusal ≻ each example's rejected answer, and ≻ the helpful template of
+      ``cost_negatives`` (training) and ``val_cost_negatives`` (validation), both from
+      `gemma4.align.data.help_negatives`. It starts at log 2 ≈ 0.693 (policy = reference), so d below
+      that asks for wider margins than SFT's on the validation prompts.
+
+    ``help_negatives`` add their pairs to the help term instead: on a harmful request an answer about some
+    other object is no help either, and the refusal is preferred to it. ``dual="train"`` and
+    ``fixed_lambda`` are the ablations. Logs log λ, J_C,train and J_C,val every step."""
+    if cost not in ("nll", "pairwise"):
+        raise StageError(f"cost must be 'nll' or 'pairwise', got {cost!r}")
+    if cost == "nll" and (cost_negatives or val_cost_negatives):
+        raise StageError("cost_negatives and val_cost_negatives need cost='pairwise'")
     helpful = [e for e in train_examples if not e.harmful]
     harmful = [e for e in train_examples if e.harmful]
     val_harmful = [e for e in val_examples if e.harmful]
@@ -235,8 +248,14 @@ def run_lagrangian(policy, reference, tok, train_examples: Sequence[Example], va
         raise StageError("val_examples hold no harmful prompt: the dual update has nothing to measure")
     reference = reference if reference is not None else frozen_copy(policy)
     pairs = precompute_reference(reference, encode_pairs(tok, helpful + list(help_negatives), max_len), batch_size)
-    cost_tr = encode_answers(tok, harmful, [REFUSAL] * len(harmful), max_len)
-    cost_val = encode_answers(tok, val_harmful, [REFUSAL] * len(val_harmful), max_len) if val_harmful else None
+    if cost == "pairwise":
+        cost_tr = precompute_reference(reference, encode_pairs(tok, harmful + list(cost_negatives), max_len),
+                                       batch_size)
+        cost_val = (precompute_reference(reference, encode_pairs(tok, val_harmful + list(val_cost_negatives),
+                                                                 max_len), batch_size) if val_harmful else None)
+    else:
+        cost_tr = encode_answers(tok, harmful, [REFUSAL] * len(harmful), max_len)
+        cost_val = encode_answers(tok, val_harmful, [REFUSAL] * len(val_harmful), max_len) if val_harmful else None
     obj = LagrangianObjective(pairs, cost_tr, cost_val, beta=beta, alpha=alpha, batch_size=batch_size,
                               cost_batch_size=cost_batch_size, val_batch_size=val_batch_size, dual=dual, seed=seed,
                               multiplier=_multiplier(threshold, dual_lr, lambda_init, lambda_max, fixed_lambda))

@@ -19,11 +19,12 @@ import torch
 
 from gemma4._util import Gemma4Error
 from gemma4.infer import generate
-from gemma4.train.preference import Pairs, Responses, _rows_logprobs, _Sampler, dpo_step, token_logprobs
+from gemma4.train.preference import (Pairs, Responses, _rows_logprobs, _Sampler, dpo_step, preference_loss,
+                                     token_logprobs)
 
 __all__ = [
-    "ConstraintError", "LagrangeMultiplier", "refusal_cost", "mean_refusal_cost", "LagrangianObjective", "group_zscore",
-    "grpo_advantages", "GRPOLagrangianObjective",
+    "ConstraintError", "LagrangeMultiplier", "refusal_cost", "mean_refusal_cost", "pairwise_cost", "mean_pairwise_cost",
+    "LagrangianObjective", "group_zscore", "grpo_advantages", "GRPOLagrangianObjective",
 ]
 
 
@@ -85,16 +86,42 @@ def mean_refusal_cost(model, rows: Responses, batch_size: int = 64) -> float:
     return total / len(rows)
 
 
+def pairwise_cost(model, pairs: Pairs, beta: float = 0.1) -> torch.Tensor:
+    """Per-pair cost [B]: the sigmoid DPO loss of (refusal ≻ an answer) pairs, −log σ(β·z) with z the
+    policy's log-ratio margin over the reference's (log 2 where the policy is the reference). Unlike
+    `refusal_cost` it does not saturate once the refusal is certain on the training prompts: the gradient
+    keeps pushing the rejected answer down, which is what holds prompts never trained on."""
+    if pairs.ref_chosen is None or pairs.ref_rejected is None:
+        raise ConstraintError("cost pairs need reference log-probs: call precompute_reference first")
+    n = len(pairs)
+    lp, _ = _rows_logprobs(model, Responses.cat([pairs.chosen, pairs.rejected]))
+    dev = lp.device
+    loss, _, _ = preference_loss(lp[:n], lp[n:], pairs.ref_chosen.to(dev), pairs.ref_rejected.to(dev), beta=beta)
+    return loss
+
+
+@torch.no_grad()
+def mean_pairwise_cost(model, pairs: Pairs, beta: float = 0.1, batch_size: int = 64) -> float:
+    """J_C over ``pairs``: the mean of `pairwise_cost`, no gradient, in batches of ``batch_size``."""
+    total = 0.0
+    for s in range(0, len(pairs), batch_size):
+        total += float(pairwise_cost(model, pairs.rows(slice(s, s + batch_size)), beta).sum())
+    return total / len(pairs)
+
+
 class LagrangianObjective:
     """L = DPO(helpful ≻ refusal) + α·NLL(helpful) on benign pairs + λ·J_C,train, where J_C is the mean
-    per-token NLL of the refusal on harmful prompts. After each optimizer step the dual update uses J_C
-    on ``cost_val`` (``dual="val"``, default) or on this step's training batch (``dual="train"``, the
-    ablation); a ``LagrangeMultiplier(fixed=True)`` gives the fixed-penalty ablation.
+    per-token NLL of the refusal on harmful prompts (``cost_train``/``cost_val`` as `Responses`: the
+    refusal rows) or the mean `pairwise_cost` of (refusal ≻ answer) pairs on harmful prompts (both as
+    `Pairs` with reference log-probs). After each optimizer step the dual update uses J_C on ``cost_val``
+    (``dual="val"``, default) or on this step's training batch (``dual="train"``, the ablation); a
+    ``LagrangeMultiplier(fixed=True)`` gives the fixed-penalty ablation.
 
     Logged every step: loss_help, j_tr, j_val, lambda (used in this step's loss), log_lambda (after the
     dual update), and the DPO metrics of the helpfulness pairs."""
 
-    def __init__(self, help_pairs: Pairs, cost_train: Responses, cost_val: Responses | None = None, *,
+    def __init__(self, help_pairs: Pairs, cost_train: Responses | Pairs,
+                 cost_val: Responses | Pairs | None = None, *,
                  multiplier: LagrangeMultiplier | None = None, beta: float = 0.1, alpha: float = 1.0,
                  loss_type: str = "sigmoid", batch_size: int = 16, cost_batch_size: int = 16,
                  val_batch_size: int = 64, dual: str = "val", seed: int = 0):
@@ -104,7 +131,11 @@ class LagrangianObjective:
             raise ConstraintError("dual='val' needs validation cost rows (cost_val)")
         if help_pairs.ref_chosen is None and loss_type != "simpo":
             raise ConstraintError("help_pairs need reference log-probs: call precompute_reference first")
+        self.pairwise = isinstance(cost_train, Pairs)
+        if cost_val is not None and isinstance(cost_val, Pairs) != self.pairwise:
+            raise ConstraintError("cost_train and cost_val must both be refusal rows (Responses) or both Pairs")
         self.pairs, self.cost_train, self.cost_val, self.dual = help_pairs, cost_train, cost_val, dual
+        self.cost_beta = beta
         self.mult = multiplier or LagrangeMultiplier()
         self.kw = dict(beta=beta, alpha=alpha, loss_type=loss_type)
         self.val_batch_size = val_batch_size
@@ -112,23 +143,29 @@ class LagrangianObjective:
         self.cost_sampler = _Sampler(len(cost_train), cost_batch_size, seed + 1)
         self._j_tr: list[float] = []
 
-    def next_batch(self) -> tuple[Pairs, Responses]:
+    def next_batch(self) -> tuple[Pairs, Responses | Pairs]:
         return self.pairs.rows(self.help_sampler.next()), self.cost_train.rows(self.cost_sampler.next())
 
     def loss(self, model, batch) -> tuple[torch.Tensor, dict]:
         pairs, cost_rows = batch
         l_help, logs = dpo_step(model, pairs, **self.kw)
-        j_tr = refusal_cost(model, cost_rows).mean()
+        if self.pairwise:
+            j_tr = pairwise_cost(model, cost_rows, self.cost_beta).mean()
+            cost_tokens = int(cost_rows.chosen.lengths.sum() + cost_rows.rejected.lengths.sum())
+        else:
+            j_tr = refusal_cost(model, cost_rows).mean()
+            cost_tokens = int(cost_rows.lengths.sum())
         lam = self.mult.value
         self._j_tr.append(float(j_tr.detach()))
         logs = {"loss_help": float(l_help.detach()), "j_tr": float(j_tr.detach()), "lambda": lam, **logs,
-                "tokens": logs["tokens"] + int(cost_rows.lengths.sum())}
+                "tokens": logs["tokens"] + cost_tokens}
         return l_help + lam * j_tr, logs
 
     def after_step(self, model, step: int, rec: dict) -> dict:
         out = {}
         if self.cost_val is not None and len(self.cost_val):
-            out["j_val"] = mean_refusal_cost(model, self.cost_val, self.val_batch_size)
+            out["j_val"] = (mean_pairwise_cost(model, self.cost_val, self.cost_beta, self.val_batch_size)
+                            if self.pairwise else mean_refusal_cost(model, self.cost_val, self.val_batch_size))
         signal = out["j_val"] if self.dual == "val" else sum(self._j_tr) / len(self._j_tr)
         self._j_tr = []
         self.mult.update(signal)
