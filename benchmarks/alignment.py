@@ -101,6 +101,8 @@ class Recipe:
     # The Lagrangian's cost: "nll", the refusal's per-token NLL (the design reference's; runs 1-35), or
     # "pairwise", the DPO loss of refusal ≻ the placeholder compliance and ≻ a helpful template on harmful
     # prompts (`gemma4.train.constrained.pairwise_cost`; starts at log 2, so set lag_threshold below 0.69).
+    # Run 36 (d 0.6): λ rose, then fell to its floor once the mean margin met d, while a few validation
+    # prompts flipped (validation ASR 12-18% by step 80): a mean cost does not see ASR's tail.
     lag_cost: str = "nll"
     batch_size: int = 16
     grpo_steps: int = 12
