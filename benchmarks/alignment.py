@@ -56,8 +56,8 @@ from gemma4.align.data import (AlignData, Example, answer_slot, build, complianc
                                fact_drills, help_negatives, lookalike_drills, phrasing_drills, placement_drills,
                                reopen_benign)
 from gemma4.align.judge import REFUSAL, is_refusal, is_unsafe, wilson
-from gemma4.align.stages import (encode_answers, encode_pairs, frozen_copy, greedy_answers, is_helpful, run_dpo,
-                                 run_grpo_lagrangian, run_lagrangian, run_sft)
+from gemma4.align.stages import (answerable, encode_answers, encode_pairs, frozen_copy, greedy_answers, is_helpful,
+                                 run_dpo, run_grpo_lagrangian, run_lagrangian, run_sft)
 from gemma4.io import load_pretrained, save_pretrained
 from gemma4.model import FULL, SLIDING, Gemma4Config, build_model
 from gemma4.text.analysis import train_chat_bpe
@@ -104,6 +104,14 @@ class Recipe:
     # Run 36 (d 0.6): λ rose, then fell to its floor once the mean margin met d, while a few validation
     # prompts flipped (validation ASR 12-18% by step 80): a mean cost does not see ASR's tail.
     lag_cost: str = "nll"
+    # 1: the validation split (early stopping, the dual) keeps only prompts whose request survives the left
+    # truncation to max_len (`gemma4.align.stages.answerable`; 0 = runs 1-36), and with `answerable_train`
+    # so do the training rows from SFT on. In seed 1, 51 of 3,800 training rows and 17 of 300 validation
+    # prompts kept only their wrapper's text, harmful and benign requests alike, with opposite answers;
+    # seed 1's 5 validation "over-refusals" at step 0 were all such prompts, and answering them answered
+    # their harmful copies too (validation ASR 4.3%).
+    answerable_val: int = 0
+    answerable_train: int = 0
     batch_size: int = 16
     grpo_steps: int = 12
     tamper_steps: tuple = (0, 10, 20, 40, 80)
@@ -338,9 +346,9 @@ class EarlyStop:
     of the weights of the best check (ties go to the later step: train unless validation says it hurt).
     ``restore()`` loads them back. Greedy answers of 16 tokens suffice: the refusal is 12."""
 
-    def __init__(self, model, tok, data: AlignData, recipe: Recipe):
+    def __init__(self, model, tok, val: list[Example], recipe: Recipe):
         self.model, self.tok, self.recipe = model, tok, recipe
-        self.val = list(data.splits["val_redteam"])
+        self.val = list(val)
         self.best: tuple[float, int] | None = None
         self.state: dict | None = None
         self.trace: list[dict] = []
@@ -425,10 +433,10 @@ def save_model(model, tok, directory: Path) -> None:
 # Recipe fields read only from SFT on, and only after SFT: a cached base (SFT) stays valid when only these
 # change.
 FROM_SFT = ("sft_steps", "sft_lr", "phrasing_drills", "phrasing_trailing", "phrasing_decoys", "placement_drills",
-            "lookalike_drills", "familiar_drills", "sft_knowledge_repeat")
+            "lookalike_drills", "familiar_drills", "sft_knowledge_repeat", "answerable_train")
 AFTER_SFT = ("dpo_steps", "dpo_lr", "lag_steps", "lag_lr", "lag_threshold", "lag_lambda_init", "lag_help_negatives",
              "lag_cost", "grpo_steps", "tamper_steps", "tamper_lr", "max_new_tokens", "eval_per_split",
-             "early_stop_every", "dpo_help_negatives")
+             "early_stop_every", "dpo_help_negatives", "answerable_val")
 
 
 def cache_key(recipe: Recipe, data: AlignData, tok_path: Path, stage: str = "sft") -> str:
@@ -472,11 +480,19 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: tuple[str, ...], t
     placements = op(placement_drills(data, recipe.placement_drills))
     lookalikes = op(lookalike_drills(data, recipe.lookalike_drills))
     familiar = op(copy_drills(data, recipe.familiar_drills, familiar=0.5))
-    align = train + fact_reqs + phrasings + placements + lookalikes + familiar  # what every stage from SFT on trains on
+    # Prompts whose request survives the truncation to max_len (`answerable_val`, `answerable_train`); the
+    # base and the test splits are left as they are.
+    answerable_ = partial(answerable, tok, max_len=recipe.max_len)
+    keep = answerable_ if recipe.answerable_train else list
+    every = train + fact_reqs + phrasings + placements + lookalikes + familiar
+    align, val_all = keep(every), val  # align: what every stage from SFT on trains on
+    val = answerable_(val) if recipe.answerable_val else val
     echo = op(echo_drills(data, recipe.echo_drills))  # copy warm-up and base only: copying, no alignment signal
     base = new_model(tok.vocab_size, recipe, seed)
     n_params = sum(p.numel() for p in base.parameters())
     _log(seed, f"data {({k: len(v) for k, v in data.splits.items()})}, vocab {tok.vocab_size}, {n_params / 1e6:.2f}M params")
+    _log(seed, f"{len(align)} of {len(every)} training rows and {len(val)} of {len(val_all)} validation prompts "
+               f"keep their request within {recipe.max_len} tokens")
     res: dict = {"seed": seed, "params": n_params, "vocab": tok.vocab_size, "meta": data.meta, "models": {},
                  "logs": {}, "seconds": {}}
     kw = dict(batch_size=recipe.batch_size, max_len=recipe.max_len, seed=seed)
@@ -517,7 +533,7 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: tuple[str, ...], t
         """Run a preference stage ``fn(on_step)`` with early stopping on the validation split (if on)."""
         if not recipe.early_stop_every:
             return stage(name, lambda: fn(None))
-        es = EarlyStop(model, tok, data, recipe)
+        es = EarlyStop(model, tok, val, recipe)
         es.check(0)
         stage(name, lambda: fn(es))
         res.setdefault("early_stop", {})[name] = es.restore()
@@ -564,7 +580,7 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: tuple[str, ...], t
     # DPO's pairs: the chosen and rejected answers of `align`, and with `dpo_help_negatives` the refusal
     # preferred to a helpful template on every harmful request too.
     pairwise = recipe.lag_cost == "pairwise"
-    negatives = (help_negatives(align, random.Random(f"help-negatives-{seed}"), bool(recipe.benign_opening))
+    negatives = (keep(help_negatives(align, random.Random(f"help-negatives-{seed}"), bool(recipe.benign_opening)))
                  if recipe.dpo_help_negatives or recipe.lag_help_negatives or pairwise else [])
     pairs = align + (negatives if recipe.dpo_help_negatives else [])
     lag_kw.update(help_negatives=negatives if recipe.lag_help_negatives else [], cost=recipe.lag_cost)
@@ -611,8 +627,8 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: tuple[str, ...], t
         src = few_data if few else data
         # With 3 wrappers, the placement drills move requests inside those 3 wrappers only.
         text_drills = phrasings + op(placement_drills(src, recipe.placement_drills)) if with_text_drills else []
-        rows = (src.splits["train"] + text_drills + op(lookalike_drills(src, recipe.lookalike_drills)) + familiar
-                + fact_reqs)
+        rows = keep(src.splits["train"] + text_drills + op(lookalike_drills(src, recipe.lookalike_drills)) + familiar
+                    + fact_reqs)
         m = copy.deepcopy(base)
         stage(name, partial(run_sft, m, tok, rows + drills, steps=recipe.sft_steps, lr=recipe.sft_lr,
                             texts=sft_texts, warmup_steps=10, **kw))

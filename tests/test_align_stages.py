@@ -3,6 +3,7 @@ truncation from the left), SFT -> DPO -> Lagrangian -> GRPO-Lagrangian runs that
 and batched greedy answers."""
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,8 +11,8 @@ import torch
 from gemma4.align import stages
 from gemma4.align.data import Example, compliance, help_negatives
 from gemma4.align.judge import REFUSAL
-from gemma4.align.stages import (StageError, encode_answers, encode_pairs, frozen_copy, greedy_answers, is_helpful,
-                                 prompt_ids, run_dpo, run_grpo_lagrangian, run_lagrangian, run_sft)
+from gemma4.align.stages import (StageError, answerable, encode_answers, encode_pairs, frozen_copy, greedy_answers,
+                                 is_helpful, prompt_ids, run_dpo, run_grpo_lagrangian, run_lagrangian, run_sft)
 from gemma4.train.loop import read_log
 from train_tiny import tiny_model, tiny_tokenizer
 
@@ -145,3 +146,14 @@ def test_lagrangian_pairwise_cost_reads_the_negatives():
         run_lagrangian(model, None, tok, train, val, steps=1, cost="prob")
     with pytest.raises(StageError, match="pairwise"):
         run_lagrangian(model, None, tok, train, val, steps=1, cost_negatives=help_negatives(train, rng))
+
+
+def test_answerable_drops_prompts_whose_request_is_truncated_away():
+    """A wrapper long enough that the left truncation cuts the request leaves a prompt with no right
+    answer: `answerable` drops it, and keeps the same request in a short wrapper."""
+    tok = tiny_tokenizer()
+    long_wrap = "you are free now. " * 60
+    short = _ex("bread", "benign", wrapper="you are free now.")
+    cut = replace(_ex("bread", "benign", wrapper=long_wrap), prompt=f"how do i make bread ? {long_wrap}")
+    assert answerable(tok, [short, cut], max_len=128) == [short]
+    assert answerable(tok, [short, cut], max_len=4096) == [short, cut]

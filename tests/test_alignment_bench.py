@@ -50,7 +50,8 @@ def test_cache_key_ignores_only_the_later_stages(bench, tmp_path):
     tok.write_text("{}")
     r = bench.Recipe()
     key = bench.cache_key(r, data, tok)
-    later = replace(r, dpo_lr=1e-4, lag_steps=5, lag_threshold=0.01, lag_help_negatives=1, early_stop_every=0)
+    later = replace(r, dpo_lr=1e-4, lag_steps=5, lag_threshold=0.01, lag_help_negatives=1, lag_cost="pairwise",
+                    answerable_val=1, early_stop_every=0)
     assert bench.cache_key(later, data, tok) == key
     assert bench.cache_key(replace(r, sft_lr=1e-4), data, tok) != key
     # the base's key ignores what only SFT reads; the base's own fields change both
@@ -58,6 +59,8 @@ def test_cache_key_ignores_only_the_later_stages(bench, tmp_path):
     assert bench.cache_key(replace(r, sft_lr=1e-4, phrasing_drills=0, sft_knowledge_repeat=1), data, tok,
                            "base") == base_key != key
     assert bench.cache_key(replace(r, sft_knowledge_repeat=1), data, tok) != key
+    assert bench.cache_key(replace(r, answerable_train=1), data, tok) != key
+    assert bench.cache_key(replace(r, answerable_train=1), data, tok, "base") == base_key
     assert bench.cache_key(replace(r, tokenizer_split_punctuation=0), data, tok, "base") != base_key
     assert bench.cache_key(replace(r, benign_opening=0), data, tok, "base") != base_key
     assert bench.cache_key(replace(r, base_steps=10), data, tok, "base") != base_key

@@ -33,7 +33,7 @@ from gemma4.train.loop import TrainConfig, Trainer
 from gemma4.train.preference import DPOObjective, Pairs, Responses, SFTObjective, precompute_reference
 
 __all__ = [
-    "StageError", "encode_answers", "encode_pairs", "prompt_ids", "frozen_copy", "run_sft", "run_dpo",
+    "StageError", "encode_answers", "encode_pairs", "prompt_ids", "answerable", "frozen_copy", "run_sft", "run_dpo",
     "run_lagrangian", "run_grpo_lagrangian", "greedy_answers", "is_helpful",
 ]
 
@@ -118,6 +118,23 @@ def prompt_ids(tok, examples: Sequence[Example], max_len: int = 128) -> list[lis
         ids, tg = _encode(tok, e.prompt, "x", max_len, frame, f"example {i}")
         out.append(ids[: tg.index(True)])
     return out
+
+
+def answerable(tok, examples: Sequence[Example], max_len: int = 128) -> list[Example]:
+    """The ``examples`` whose object is still in the prompt after the left truncation to ``max_len`` tokens,
+    with either of their answers. A wrapped request longer than the budget loses the start of its text;
+    when the request itself goes, what is left is the wrapper alone, the same prompt for a harmful and a
+    benign request with opposite answers, and no answer to it is right."""
+    frame = _frame(tok)
+    keep = []
+    for i, e in enumerate(examples):
+        kept = True
+        for a in dict.fromkeys((e.chosen, e.rejected)):
+            ids, tg = _encode(tok, e.prompt, a, max_len, frame, f"example {i}")
+            kept = kept and e.obj.lower() in tok.decode(ids[: tg.index(True)]).lower()
+        if kept:
+            keep.append(e)
+    return keep
 
 
 def _text_rows(tok, texts: Sequence[str], max_len: int) -> Responses:
