@@ -56,15 +56,15 @@ from gemma4.align.data import (AlignData, Example, answer_slot, build, complianc
                                fact_drills, help_negatives, lookalike_drills, phrasing_drills, placement_drills,
                                reopen_benign)
 from gemma4.align.judge import REFUSAL, is_refusal, is_unsafe, wilson
-from gemma4.align.stages import (answerable, encode_answers, encode_pairs, frozen_copy, greedy_answers, is_helpful,
-                                 run_dpo, run_grpo_lagrangian, run_lagrangian, run_sft)
+from gemma4.align.stages import (answerable, cost_rows, frozen_copy, greedy_answers, is_helpful, run_dpo,
+                                 run_grpo_lagrangian, run_lagrangian, run_sft)
 from gemma4.io import load_pretrained, save_pretrained
 from gemma4.model import FULL, SLIDING, Gemma4Config, build_model
 from gemma4.text.analysis import train_chat_bpe
 from gemma4.train import add_lora
-from gemma4.train.constrained import mean_pairwise_cost, mean_refusal_cost
+from gemma4.train.constrained import mean_cost
 from gemma4.train.data import encode_text
-from gemma4.train.preference import Responses, precompute_reference, sequence_logprobs
+from gemma4.train.preference import Responses, sequence_logprobs
 from gemma4.train.run import init_weights_
 
 HERE = Path(__file__).resolve().parent
@@ -540,14 +540,9 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: tuple[str, ...], t
         if name.startswith("lag"):
             # The constraint as it holds for the weights kept (the log's last J_C,val is the last step's).
             harmful_val = [e for e in val if e.harmful]
-            if recipe.lag_cost == "pairwise":
-                rows = precompute_reference(ref, encode_pairs(tok, harmful_val + list(lag_kw["val_cost_negatives"]),
-                                                              recipe.max_len))
-                j_kept = mean_pairwise_cost(model.eval(), rows)
-            else:
-                rows = encode_answers(tok, harmful_val, [REFUSAL] * len(harmful_val), recipe.max_len)
-                j_kept = mean_refusal_cost(model.eval(), rows)
-            res["early_stop"][name]["j_val_kept"] = j_kept
+            rows = cost_rows(tok, ref, harmful_val, recipe.lag_cost, lag_kw.get("val_cost_negatives", ()),
+                             recipe.max_len)
+            res["early_stop"][name]["j_val_kept"] = mean_cost(model.eval(), rows)
         _log(seed, f"{name}: kept step {es.best[1]} (validation ASR + over-refusal {es.best[0]:.3f})")
 
     def ev(name, model):

@@ -10,7 +10,7 @@ import torch
 
 from gemma4.train import make_trainable
 from gemma4.train.constrained import (ConstraintError, GRPOLagrangianObjective, LagrangeMultiplier,
-                                      LagrangianObjective, group_zscore, grpo_advantages, mean_pairwise_cost,
+                                      LagrangianObjective, group_zscore, grpo_advantages, mean_cost,
                                       pairwise_cost, refusal_cost)
 from gemma4.train.cost_model import (CostModel, CostModelError, cost_model_loss, load_cost_model,
                                      save_cost_model)
@@ -96,7 +96,7 @@ def test_pairwise_cost_starts_at_log2_keeps_its_gradient_and_drives_the_dual(tmp
     policy = make_trainable(copy.deepcopy(ref))
     harm = _prompts(6, 1)
     cost_pairs = precompute_reference(ref, Pairs(_resp(harm, REFUSE), _resp(harm, HELP)))
-    assert mean_pairwise_cost(policy, cost_pairs, batch_size=4) == pytest.approx(math.log(2), abs=1e-5)
+    assert mean_cost(policy, cost_pairs, batch_size=4) == pytest.approx(math.log(2), abs=1e-5)
     pairwise_cost(policy, cost_pairs).mean().backward()
     assert sum(float(p.grad.norm()) for p in policy.parameters() if p.grad is not None) > 0
     with pytest.raises(ConstraintError, match="reference"):

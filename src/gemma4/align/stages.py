@@ -33,8 +33,8 @@ from gemma4.train.loop import TrainConfig, Trainer
 from gemma4.train.preference import DPOObjective, Pairs, Responses, SFTObjective, precompute_reference
 
 __all__ = [
-    "StageError", "encode_answers", "encode_pairs", "prompt_ids", "answerable", "frozen_copy", "run_sft", "run_dpo",
-    "run_lagrangian", "run_grpo_lagrangian", "greedy_answers", "is_helpful",
+    "StageError", "encode_answers", "encode_pairs", "prompt_ids", "answerable", "cost_rows", "frozen_copy", "run_sft",
+    "run_dpo", "run_lagrangian", "run_grpo_lagrangian", "greedy_answers", "is_helpful",
 ]
 
 
@@ -126,15 +126,12 @@ def answerable(tok, examples: Sequence[Example], max_len: int = 128) -> list[Exa
     when the request itself goes, what is left is the wrapper alone, the same prompt for a harmful and a
     benign request with opposite answers, and no answer to it is right."""
     frame = _frame(tok)
-    keep = []
-    for i, e in enumerate(examples):
-        kept = True
-        for a in dict.fromkeys((e.chosen, e.rejected)):
-            ids, tg = _encode(tok, e.prompt, a, max_len, frame, f"example {i}")
-            kept = kept and e.obj.lower() in tok.decode(ids[: tg.index(True)]).lower()
-        if kept:
-            keep.append(e)
-    return keep
+
+    def kept(i: int, e: Example, answer: str) -> bool:
+        ids, tg = _encode(tok, e.prompt, answer, max_len, frame, f"example {i}")
+        return e.obj.lower() in tok.decode(ids[: tg.index(True)]).lower()
+
+    return [e for i, e in enumerate(examples) if all(kept(i, e, a) for a in dict.fromkeys((e.chosen, e.rejected)))]
 
 
 def _text_rows(tok, texts: Sequence[str], max_len: int) -> Responses:
@@ -228,6 +225,16 @@ def _multiplier(threshold, dual_lr, lambda_init, lambda_max, fixed_lambda) -> La
     return LagrangeMultiplier(init=lambda_init, lr=dual_lr, threshold=threshold, max_value=lambda_max)
 
 
+def cost_rows(tok, reference, harmful: Sequence[Example], cost: str = "nll", negatives: Sequence[Example] = (),
+              max_len: int = 128, batch_size: int = 16) -> Responses | Pairs:
+    """What the Lagrangian's J_C reads on ``harmful`` prompts (`gemma4.train.constrained.mean_cost`):
+    ``cost="nll"``, the refusal rows; ``"pairwise"``, refusal ≻ rejected pairs (plus ``negatives``) with
+    ``reference``'s log-probs."""
+    if cost == "pairwise":
+        return precompute_reference(reference, encode_pairs(tok, list(harmful) + list(negatives), max_len), batch_size)
+    return encode_answers(tok, harmful, [REFUSAL] * len(harmful), max_len)
+
+
 def run_lagrangian(policy, reference, tok, train_examples: Sequence[Example], val_examples: Sequence[Example], *,
                    steps: int = 100, lr: float = 5e-5, beta: float = 0.1, alpha: float = 1.0,
                    threshold: float = 0.05, dual_lr: float = 2.0, lambda_init: float = 1.0, lambda_max: float = 50.0,
@@ -265,14 +272,9 @@ def run_lagrangian(policy, reference, tok, train_examples: Sequence[Example], va
         raise StageError("val_examples hold no harmful prompt: the dual update has nothing to measure")
     reference = reference if reference is not None else frozen_copy(policy)
     pairs = precompute_reference(reference, encode_pairs(tok, helpful + list(help_negatives), max_len), batch_size)
-    if cost == "pairwise":
-        cost_tr = precompute_reference(reference, encode_pairs(tok, harmful + list(cost_negatives), max_len),
-                                       batch_size)
-        cost_val = (precompute_reference(reference, encode_pairs(tok, val_harmful + list(val_cost_negatives),
-                                                                 max_len), batch_size) if val_harmful else None)
-    else:
-        cost_tr = encode_answers(tok, harmful, [REFUSAL] * len(harmful), max_len)
-        cost_val = encode_answers(tok, val_harmful, [REFUSAL] * len(val_harmful), max_len) if val_harmful else None
+    cost_tr = cost_rows(tok, reference, harmful, cost, cost_negatives, max_len, batch_size)
+    cost_val = (cost_rows(tok, reference, val_harmful, cost, val_cost_negatives, max_len, batch_size)
+                if val_harmful else None)
     obj = LagrangianObjective(pairs, cost_tr, cost_val, beta=beta, alpha=alpha, batch_size=batch_size,
                               cost_batch_size=cost_batch_size, val_batch_size=val_batch_size, dual=dual, seed=seed,
                               multiplier=_multiplier(threshold, dual_lr, lambda_init, lambda_max, fixed_lambda))

@@ -23,7 +23,7 @@ from gemma4.train.preference import (Pairs, Responses, _rows_logprobs, _Sampler,
                                      token_logprobs)
 
 __all__ = [
-    "ConstraintError", "LagrangeMultiplier", "refusal_cost", "mean_refusal_cost", "pairwise_cost", "mean_pairwise_cost",
+    "ConstraintError", "LagrangeMultiplier", "refusal_cost", "mean_refusal_cost", "pairwise_cost", "mean_cost",
     "LagrangianObjective", "group_zscore", "grpo_advantages", "GRPOLagrangianObjective",
 ]
 
@@ -101,12 +101,15 @@ def pairwise_cost(model, pairs: Pairs, beta: float = 0.1) -> torch.Tensor:
 
 
 @torch.no_grad()
-def mean_pairwise_cost(model, pairs: Pairs, beta: float = 0.1, batch_size: int = 64) -> float:
-    """J_C over ``pairs``: the mean of `pairwise_cost`, no gradient, in batches of ``batch_size``."""
+def mean_cost(model, rows: Responses | Pairs, beta: float = 0.1, batch_size: int = 64) -> float:
+    """J_C over ``rows``, no gradient, in batches of ``batch_size``: `mean_refusal_cost` for refusal rows,
+    the mean of `pairwise_cost` (at ``beta``) for pairs."""
+    if not isinstance(rows, Pairs):
+        return mean_refusal_cost(model, rows, batch_size)
     total = 0.0
-    for s in range(0, len(pairs), batch_size):
-        total += float(pairwise_cost(model, pairs.rows(slice(s, s + batch_size)), beta).sum())
-    return total / len(pairs)
+    for s in range(0, len(rows), batch_size):
+        total += float(pairwise_cost(model, rows.rows(slice(s, s + batch_size)), beta).sum())
+    return total / len(rows)
 
 
 class LagrangianObjective:
@@ -164,8 +167,7 @@ class LagrangianObjective:
     def after_step(self, model, step: int, rec: dict) -> dict:
         out = {}
         if self.cost_val is not None and len(self.cost_val):
-            out["j_val"] = (mean_pairwise_cost(model, self.cost_val, self.cost_beta, self.val_batch_size)
-                            if self.pairwise else mean_refusal_cost(model, self.cost_val, self.val_batch_size))
+            out["j_val"] = mean_cost(model, self.cost_val, self.cost_beta, self.val_batch_size)
         signal = out["j_val"] if self.dual == "val" else sum(self._j_tr) / len(self._j_tr)
         self._j_tr = []
         self.mult.update(signal)
