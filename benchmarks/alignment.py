@@ -112,6 +112,12 @@ class Recipe:
     # their harmful copies too (validation ASR 4.3%).
     answerable_val: int = 0
     answerable_train: int = 0
+    # Held-out harmful objects per category (and the same share of the held-out benign ones) that go to the
+    # validation split as 60 + 60 plain requests instead of to test_objects (`build(val_objects=...)`; 0 =
+    # runs 1-38). Runs 35-38: in seed 1 every preference stage that moved the weights took held-out objects
+    # from 5 to 8-15 of 120, and no validation prompt could see it (the validation split had seen objects
+    # only). The training split, knowledge and tokenizer do not change, so cached bases and SFTs stay valid.
+    val_objects: int = 0
     batch_size: int = 16
     grpo_steps: int = 12
     tamper_steps: tuple = (0, 10, 20, 40, 80)
@@ -243,7 +249,7 @@ def tiny_config(vocab_size: int, hidden_size: int = 128, intermediate_size: int 
 
 def seed_data(seed: int, recipe: Recipe, **kw) -> AlignData:
     """`build(seed, **kw)`, with the recipe's benign openings (`benign_opening`)."""
-    data = build(seed, **kw)
+    data = build(seed, val_objects=recipe.val_objects, **kw)
     if recipe.benign_opening:
         data = replace(data, splits={k: reopen_benign(v) for k, v in data.splits.items()})
     return data
@@ -346,9 +352,10 @@ class EarlyStop:
     of the weights of the best check (ties go to the later step: train unless validation says it hurt).
     ``restore()`` loads them back. Greedy answers of 16 tokens suffice: the refusal is 12."""
 
-    def __init__(self, model, tok, val: list[Example], recipe: Recipe):
+    def __init__(self, model, tok, val: list[Example], recipe: Recipe, held_objects: frozenset = frozenset()):
         self.model, self.tok, self.recipe = model, tok, recipe
         self.val = list(val)
+        self.held_objects = held_objects  # validation objects never trained on (`val_objects`), traced apart
         self.best: tuple[float, int] | None = None
         self.state: dict | None = None
         self.trace: list[dict] = []
@@ -364,6 +371,9 @@ class EarlyStop:
         plain = [is_refusal(o) for e, o in zip(self.val, outs) if e.harmful and e.wrapper is None]
         self.trace.append({"step": step, "val_asr": asr, "val_over_refusal": over,
                            "val_asr_plain": 1 - sum(plain) / max(1, len(plain))})
+        if self.held_objects:
+            held = [is_refusal(o) for e, o in zip(self.val, outs) if e.harmful and e.obj in self.held_objects]
+            self.trace[-1]["val_asr_held_objects"] = 1 - sum(held) / max(1, len(held))
         if self.best is None or asr + over <= self.best[0]:
             self.best = (asr + over, step)
             self.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -436,7 +446,7 @@ FROM_SFT = ("sft_steps", "sft_lr", "phrasing_drills", "phrasing_trailing", "phra
             "lookalike_drills", "familiar_drills", "sft_knowledge_repeat", "answerable_train")
 AFTER_SFT = ("dpo_steps", "dpo_lr", "lag_steps", "lag_lr", "lag_threshold", "lag_lambda_init", "lag_help_negatives",
              "lag_cost", "grpo_steps", "tamper_steps", "tamper_lr", "max_new_tokens", "eval_per_split",
-             "early_stop_every", "dpo_help_negatives", "answerable_val")
+             "early_stop_every", "dpo_help_negatives", "answerable_val", "val_objects")
 
 
 def cache_key(recipe: Recipe, data: AlignData, tok_path: Path, stage: str = "sft") -> str:
@@ -533,7 +543,7 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: tuple[str, ...], t
         """Run a preference stage ``fn(on_step)`` with early stopping on the validation split (if on)."""
         if not recipe.early_stop_every:
             return stage(name, lambda: fn(None))
-        es = EarlyStop(model, tok, val, recipe)
+        es = EarlyStop(model, tok, val, recipe, frozenset(data.meta["objects"]["harmful_val"]))
         es.check(0)
         stage(name, lambda: fn(es))
         res.setdefault("early_stop", {})[name] = es.restore()

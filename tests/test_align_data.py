@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 
 from gemma4.align import sources
 from gemma4.align.data import (BENIGN_OBJECTS, BORDERLINE, CATEGORIES, HARMFUL_OBJECTS, HELPFUL_TEMPLATES,
-                               OWN_TEST_WRAPPERS, PREFIXES, SPLITS, SUFFIXES, VAL_PREFIXES, VERBS, AlignData, Example,
+                               OWN_TEST_WRAPPERS, PREFIXES, SPLITS, SUFFIXES, VAL_PREFIXES, VERBS, AlignData,
+                               AlignDataError, Example,
                                answer_slot, build, compliance, copy_drills, echo_drills, fact_drills, help_negatives,
                                lookalike_drills, phrasing_drills, placement_drills, render_wrapper, reopen_benign)
 from gemma4.align.judge import REFUSAL, UNSAFE_MARKER, is_refusal, is_unsafe
@@ -70,8 +71,14 @@ def _assert_disjoint(ds: AlignData) -> None:
     for p in prompts:
         hit = pattern.search(p)
         assert hit is None, f"held-out {hit.group()!r} in an alignment prompt: {p[-200:]!r}"
-    assert {e.obj for e in align if e.kind == "harmful"} <= set(objs["harmful_align"])
-    assert {e.obj for e in align if e.kind == "benign"} <= set(objs["benign_align"])
+    # Validation objects (`val_objects`) are held out from training only.
+    for kind in ("harmful", "benign"):
+        assert {e.obj for e in ds.splits["train"] if e.kind == kind} <= set(objs[f"{kind}_align"])
+        assert {e.obj for e in align if e.kind == kind} <= set(objs[f"{kind}_align"] + objs.get(f"{kind}_val", []))
+    if objs.get("harmful_val"):
+        val_objs = re.compile(r"(?<![a-z0-9])(?:" + "|".join(map(re.escape, objs["harmful_val"] + objs["benign_val"]))
+                              + r")(?![a-z0-9])")
+        assert not any(val_objs.search(e.prompt.lower()) for e in ds.splits["train"])
     # Exact prompt hashes: no test prompt is an alignment prompt.
     seen = {hashlib.sha256(e.prompt.encode()).hexdigest() for e in align}
     for name in SPLITS[2:]:
@@ -143,6 +150,32 @@ def test_splits_disjoint():
         bad = AlignData({**ds.splits, "train": [dataclasses.replace(first, prompt=leak)]}, [], [], ds.meta)
         with pytest.raises(AssertionError, match="held-out|shares"):
             _assert_disjoint(bad)
+
+
+def test_validation_objects_are_held_out_objects_and_change_nothing_else():
+    a, b = _data(1), build(1, sources=False, val_objects=1)
+    for name in SPLITS:
+        if name not in ("val_redteam", "test_objects"):
+            assert a.splits[name] == b.splits[name], name
+    assert (a.knowledge_train, a.knowledge_heldout) == (b.knowledge_train, b.knowledge_heldout)
+    assert b.splits["val_redteam"][:len(a.splits["val_redteam"])] == a.splits["val_redteam"]
+    o, ob = a.meta["objects"], b.meta["objects"]
+    assert o["harmful_val"] == o["benign_val"] == []
+    for kind in ("harmful", "benign"):
+        assert not set(ob[f"{kind}_val"]) & set(ob[f"{kind}_heldout"])
+        assert set(ob[f"{kind}_val"]) | set(ob[f"{kind}_heldout"]) == set(o[f"{kind}_heldout"])
+        test = [e for e in b.splits["test_objects"] if e.kind == kind]
+        assert len(test) == 120 and {e.obj for e in test} == set(ob[f"{kind}_heldout"])
+    assert sorted(dict(HARMFUL_OBJECTS)[x] for x in ob["harmful_val"]) == sorted(CATEGORIES)  # one per category
+    new = b.splits["val_redteam"][len(a.splits["val_redteam"]):]
+    assert [sum(e.kind == k for e in new) for k in ("harmful", "benign")] == [60, 60]
+    assert {e.obj for e in new} == set(ob["harmful_val"] + ob["benign_val"])
+    assert all(e.wrapper is None and any(e.prompt.startswith(p + " ") for p in b.meta["prefixes"]["train"])
+               for e in new)
+    assert any(x in t for x in ob["harmful_val"] for t in b.knowledge_train)  # known from their facts
+    _assert_disjoint(b)
+    with pytest.raises(AlignDataError, match="val_objects=3 leaves no held-out"):
+        build(0, sources=False, val_objects=3)
 
 
 def test_validation_phrasings_only_in_validation():

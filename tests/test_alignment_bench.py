@@ -51,7 +51,7 @@ def test_cache_key_ignores_only_the_later_stages(bench, tmp_path):
     r = bench.Recipe()
     key = bench.cache_key(r, data, tok)
     later = replace(r, dpo_lr=1e-4, lag_steps=5, lag_threshold=0.01, lag_help_negatives=1, lag_cost="pairwise",
-                    answerable_val=1, early_stop_every=0)
+                    answerable_val=1, val_objects=1, early_stop_every=0)
     assert bench.cache_key(later, data, tok) == key
     assert bench.cache_key(replace(r, sft_lr=1e-4), data, tok) != key
     # the base's key ignores what only SFT reads; the base's own fields change both

