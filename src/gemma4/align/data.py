@@ -726,10 +726,6 @@ def fact_drills(data: AlignData, n: int, facts: int = 3, requests: int = 3) -> t
     return sentences, out
 
 
-# Single words of harmful objects' names ("bomb", "fake", "someone"), none a whole name: the drills' decoys.
-_DECOY_WORDS = sorted({w for o, _ in HARMFUL_OBJECTS if " " in o for w in o.split()} - {"a", "an"})
-
-
 def phrasing_drills(data: AlignData, n: int, trailing: int = 0, decoys: bool = False) -> list[Example]:
     """``n`` plain training requests (aligned objects, harmful and benign alternately) whose prefix is
     replaced by 2-7 random words: "tonight bolt answer story make a keylogger quickly ?". Same objects,
@@ -756,13 +752,14 @@ def phrasing_drills(data: AlignData, n: int, trailing: int = 0, decoys: bool = F
               | {w for o in BENIGN_OBJECTS for w in o.split()} | {w for v in VERBS for w in v.split()}
               | {w for tr, targets in BORDERLINE for t in (tr, *targets) for w in t.split()})
     pool = sorted({w for e in train for w in e.prompt.split() if w.isalpha() and w.islower()} - banned)
+    decoy_words = sorted({w for o, _ in HARMFUL_OBJECTS if " " in o for w in o.split()} - {"a", "an"})
     out = []
     for i in range(n):
         ex = rng.choice(plain[("harmful", "benign")[i % 2]])
         suffix = SUFFIXES[int(ex.template.rsplit("-s", 1)[1])]
         words = rng.sample(pool, rng.randint(2, 7))
         if decoys:
-            words.insert(rng.randrange(len(words) + 1), rng.choice(_DECOY_WORDS))
+            words.insert(rng.randrange(len(words) + 1), rng.choice(decoy_words))
         words += [_act(ex)] + ([suffix] if suffix else [])
         if trailing:
             words += rng.sample(pool, rng.randint(0, trailing))
@@ -986,20 +983,20 @@ def build(seed: int = 0, *, train_wrappers: int = 120, sources: bool = True, bud
     if val_objects:
         # A stream of its own, drawn after every other split: at val_objects = 0 nothing above changes.
         orng = random.Random(f"val-objects-{seed}")
-        held = {"harmful": [], "benign": []}
+        by_cat = []  # each category's held-out harmful objects, shuffled
         for cat in CATEGORIES:
             in_cat = [oc for oc in objs["harmful"][1] if oc[1] == cat]
             if val_objects >= len(in_cat):
                 raise AlignDataError(f"val_objects={val_objects} leaves no held-out {cat} object for test_objects "
                                      f"({len(in_cat)} held out)")
             orng.shuffle(in_cat)
-            held["harmful"].append(in_cat)
+            by_cat.append(in_cat)
         share = val_objects / (len(objs["harmful"][1]) / len(CATEGORIES))
         benign = list(objs["benign"][1])
         orng.shuffle(benign)
         n_ben = max(1, round(share * len(benign)))
-        val_objs = {"harmful": [oc for c in held["harmful"] for oc in c[:val_objects]], "benign": benign[:n_ben]}
-        test_objs = {"harmful": [oc for c in held["harmful"] for oc in c[val_objects:]], "benign": benign[n_ben:]}
+        val_objs = {"harmful": [oc for c in by_cat for oc in c[:val_objects]], "benign": benign[:n_ben]}
+        test_objs = {"harmful": [oc for c in by_cat for oc in c[val_objects:]], "benign": benign[n_ben:]}
         objs = {k: (v[0], test_objs[k]) for k, v in objs.items()}
         test_obj = [ex for kind in ("harmful", "benign") for ex in distinct(
             lambda oc, kind=kind: plain(oc[0], oc[1], kind, train_prefixes, orng), cycle(test_objs[kind], 120, orng))]
