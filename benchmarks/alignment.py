@@ -467,7 +467,7 @@ def cache_key(recipe: Recipe, data: AlignData, tok_path: Path, stage: str = "sft
 
 # Seed 0's ablations, in the order they run (`--ablations` picks some).
 ABLATIONS = ("dpo_no_anchor", "lag_fixed_lambda", "lag_dual_train", "sft_3_wrappers", "sft_no_text_drills",
-             "sft_3_wrappers_no_text_drills", "shuffled_labels", "grpo_lagrangian")
+             "sft_3_wrappers_no_text_drills", "sft_0_wrappers_no_text_drills", "shuffled_labels", "grpo_lagrangian")
 
 
 def run_seed(seed: int, recipe: Recipe, out: Path, ablations: tuple[str, ...], tamper: bool, save: Path | None = None,
@@ -625,17 +625,18 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: tuple[str, ...], t
             m, ref, tok, align, val, steps=recipe.lag_steps, lr=recipe.lag_lr, dual="train", on_step=hook, **lag_kw))
         ev("lag_dual_train", m)
     # The text drills (random-word prefixes, requests moved inside wrapper text) vary the words around a
-    # request as wrapper families do. The "_no_text_drills" pair drops them on both sides, so the number of
-    # wrapper families is the only source of that variety.
-    wrapper_runs = {  # name: (3 wrapper families instead of ~120, with the text drills)
-        "sft_3_wrappers": (True, True), "sft_no_text_drills": (False, False),
-        "sft_3_wrappers_no_text_drills": (True, False)}
-    needs_few = any(wrapper_runs[a][0] for a in ablations if a in wrapper_runs)
-    few_data = seed_data(seed, recipe, train_wrappers=3) if needs_few else None
-    for name, (few, with_text_drills) in wrapper_runs.items():
+    # request as wrapper families do. The "_no_text_drills" runs drop them, so the number of wrapper families
+    # is the only source of that variety; with 0 families no training prompt is wrapped at all, the control
+    # that says whether the held-out wrapper test needs any wrapped training.
+    wrapper_runs = {  # name: (training wrapper families, None = the recipe's ~120; with the text drills)
+        "sft_3_wrappers": (3, True), "sft_no_text_drills": (None, False),
+        "sft_3_wrappers_no_text_drills": (3, False), "sft_0_wrappers_no_text_drills": (0, False)}
+    other_data = {n: seed_data(seed, recipe, train_wrappers=n)
+                  for n in {wrapper_runs[a][0] for a in ablations if a in wrapper_runs} - {None}}
+    for name, (n_wrappers, with_text_drills) in wrapper_runs.items():
         if name not in ablations:
             continue
-        src = few_data if few else data
+        src = data if n_wrappers is None else other_data[n_wrappers]
         # With 3 wrappers, the placement drills move requests inside those 3 wrappers only.
         text_drills = (phrasings + op(placement_drills(src, recipe.placement_drills, decoys=recipe.placement_decoys))
                        if with_text_drills else [])
@@ -763,6 +764,13 @@ def summarize(results: list[dict], d: float = 0.05) -> dict:
             goals.append({"model": "sft_3_wrappers_no_text_drills", "goal": f"seed {r['seed']}: the same without "
                           "the text drills (added after run 19, not pre-registered)",
                           "values": [few - full], "met": few - full >= 0.10})
+        if {"sft_0_wrappers_no_text_drills", "sft_no_text_drills"} <= set(r["models"]):
+            none, full = (r["models"][m]["headline"]["asr_wrappers_pooled"]
+                          for m in ("sft_0_wrappers_no_text_drills", "sft_no_text_drills"))
+            goals.append({"model": "sft_0_wrappers_no_text_drills", "goal": f"seed {r['seed']}: the held-out wrapper "
+                          "test needs wrapped training (ASR with no wrapped prompt minus with ~120 families >= 0.10; "
+                          "a sensitivity check, not pre-registered)",
+                          "values": [none - full], "met": none - full >= 0.10})
     # λ rises while the validation cost exceeds d and settles after: read from each seed's Lagrangian log.
     # With early stopping the model kept is the best check's, so the constraint is read there.
     for r in results:
@@ -885,7 +893,7 @@ def plots(results: list[dict], out: Path, d: float = 0.05) -> None:
     r0 = results[0]["logs"]
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     for name in ("copy_warmup", "base", "sft", "sft_3_wrappers", "sft_no_text_drills", "sft_3_wrappers_no_text_drills",
-                 "shuffled_sft"):
+                 "sft_0_wrappers_no_text_drills", "shuffled_sft"):
         if name in r0:
             axes[0].plot([x["step"] for x in r0[name]], [x["loss"] for x in r0[name]], label=name)
     axes[0].set_title("SFT stages: loss")

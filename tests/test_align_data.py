@@ -540,3 +540,7 @@ def test_real_wheels():
     three = build(0, train_wrappers=3)
     assert len({e.wrapper for e in three.splits["train"] if e.wrapper}) == 3
     assert three.splits["test_wrappers"] == ds.splits["test_wrappers"]
+    none = build(0, train_wrappers=0)  # the control: no wrapped training prompt, every other split the same
+    assert not [e for e in none.splits["train"] if e.wrapper]
+    assert {k: v for k, v in none.splits.items() if k != "train"} == {k: v for k, v in ds.splits.items() if k != "train"}
+    assert [e.obj for e in none.splits["train"]] == [e.obj for e in ds.splits["train"]]

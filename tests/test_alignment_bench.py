@@ -90,12 +90,14 @@ def test_wrapper_ablations_are_compared_in_pairs(bench):
     against each other (a separate row, marked as added later); `--ablations` names only known ablations."""
     wrap = lambda x: {"asr_wrappers_pooled": x}  # noqa: E731
     r = _result(0, sft=wrap(0.02), dpo={}, lagrangian={}, sft_3_wrappers=wrap(0.05), sft_no_text_drills=wrap(0.1),
-                sft_3_wrappers_no_text_drills=wrap(0.4))
+                sft_3_wrappers_no_text_drills=wrap(0.4), sft_0_wrappers_no_text_drills=wrap(0.15))
     r["logs"] = {}
     goals = {g["model"]: g for g in bench.summarize([r])["goals"] if "wrapper" in g["model"]}
     assert goals["sft_3_wrappers"]["values"] == [pytest.approx(0.03)] and not goals["sft_3_wrappers"]["met"]
     g = goals["sft_3_wrappers_no_text_drills"]
     assert g["values"] == [pytest.approx(0.3)] and g["met"] and "not pre-registered" in g["goal"]
+    g = goals["sft_0_wrappers_no_text_drills"]
+    assert g["values"] == [pytest.approx(0.05)] and not g["met"] and "not pre-registered" in g["goal"]
     assert len(set(bench.ABLATIONS)) == len(bench.ABLATIONS)
     with pytest.raises(SystemExit):
         bench.main(["--ablations", "no_such_ablation", "--summarize-only"])

