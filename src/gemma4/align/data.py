@@ -928,11 +928,12 @@ def build(seed: int = 0, *, train_wrappers: int = 120, sources: bool = True, bud
     harm = [plain(o, c, "harmful", train_prefixes) for o, c in cycle(objs["harmful"][0], n_each)]
     ben = [plain(o, c, "benign", train_prefixes) for o, c in cycle(objs["benign"][0], n_each)]
     bl = [borderline(tr, tg, train_prefixes) for tr, tg in cycle(bl_train, n_bl)]
-    n_wrapped = round(0.6 * n_each) if wr.train else 0
+    share = 0.6 if wr.train else 0.0  # train_wrappers=0: every training prompt plain
+    n_wrapped = round(share * n_each)
     for i in range(n_wrapped):
         fam, tpl = wr.train[i % len(wr.train)]
         harm[i], ben[i] = wrap(harm[i], fam, tpl), wrap(ben[i], fam, tpl)
-    for i in range(round(0.6 * n_bl) if wr.train else 0):
+    for i in range(round(share * n_bl)):
         fam, tpl = wr.train[(i + n_wrapped) % len(wr.train)]
         bl[i] = wrap(bl[i], fam, tpl)
     train = harm + ben + bl
