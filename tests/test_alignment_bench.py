@@ -65,9 +65,21 @@ def test_cache_key_ignores_only_the_later_stages(bench, tmp_path):
     assert bench.cache_key(replace(r, benign_opening=0), data, tok, "base") != base_key
     assert bench.cache_key(replace(r, base_steps=10), data, tok, "base") != base_key
     assert bench.cache_key(r, build(1, sources=False), tok) != key
+    # how many SFT candidates are compared is not in any key; candidate k > 0 has its own
+    assert bench.cache_key(replace(r, sft_candidates=3), data, tok) == key
+    assert bench.cache_key(r, data, tok, "sft_c1") not in (key, bench.cache_key(r, data, tok, "sft_c2"))
     tok.write_text("{ }")
     assert bench.cache_key(r, data, tok) != key
     assert set(bench.AFTER_SFT) <= set(bench.Recipe.__dataclass_fields__)
+
+
+def test_sft_candidate_is_chosen_on_validation_alone(bench):
+    """The lowest validation ASR + over-refusal wins whatever the test numbers say; a tie keeps the earlier
+    candidate (0 = the one SFT model of runs 1-46)."""
+    c = lambda asr, over, test: {"val_asr": asr, "val_over_refusal": over, "headline": {"asr_objects": test}}  # noqa: E731
+    assert bench.best_candidate([c(0.1, 0.0, 0.0), c(0.0, 0.05, 0.9), c(0.02, 0.02, 0.0)]) == 2
+    assert bench.best_candidate([c(0.0, 0.02, 0.5), c(0.02, 0.0, 0.0), c(0.01, 0.01, 0.0)]) == 0
+    assert bench.best_candidate([c(0.3, 0.0, 0.0)]) == 0
 
 
 def test_constraint_goal_reads_the_kept_weights(bench):
