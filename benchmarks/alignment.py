@@ -124,6 +124,11 @@ class Recipe:
     # seed 5: its SFT answered 15.7% of the validation prompts (seeds 0-4: 0%) and 11 of 30 grandma test
     # prompts, and more SFT steps did not mend it (run 46).
     sft_candidates: int = 1
+    # 1: instead of choosing one, SFT is the uniform average of the candidates' weights (`weight_average`; a
+    # "model soup": fine-tuned from one base, they stay in one basin). Run 47: which held-out objects and
+    # wrapped requests a seed's SFT fails moves with its data order alone (seed 5's candidates: objects 1.7%,
+    # 3.3%, 8.3%), and the validation split does not see held-out objects.
+    sft_soup: int = 0
     batch_size: int = 16
     grpo_steps: int = 12
     tamper_steps: tuple = (0, 10, 20, 40, 80)
@@ -381,6 +386,17 @@ def best_candidate(scores: list[dict]) -> int:
     return min(range(len(scores)), key=lambda k: (scores[k]["val_asr"] + scores[k]["val_over_refusal"], k))
 
 
+@torch.no_grad()
+def weight_average(models: list) -> torch.nn.Module:
+    """A copy of ``models[0]`` whose floating-point weights are the mean of all the models' (a uniform model
+    soup); anything else (integer buffers) is the first model's."""
+    out = copy.deepcopy(models[0])
+    states = [m.state_dict() for m in models]
+    out.load_state_dict({k: torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() else v
+                         for k, v in states[0].items()})
+    return out
+
+
 class EarlyStop:
     """An ``on_step`` hook for a preference stage: every ``early_stop_every`` steps (and at ``check(0)`` before
     training) it scores the model on the validation red-team split (`validation_scores`), ASR + over-refusal,
@@ -467,13 +483,14 @@ def save_model(model, tok, directory: Path) -> None:
     tok.save(directory / "tokenizer.json")
 
 
-# Recipe fields read only from SFT on, and only after SFT (and `sft_candidates`, which only chooses between
-# cached SFT models): a cached base (SFT) stays valid when only these change.
+# Recipe fields read only from SFT on, and only after SFT (and `sft_candidates`, `sft_soup`, which only
+# combine cached SFT models): a cached base (SFT) stays valid when only these change.
 FROM_SFT = ("sft_steps", "sft_lr", "phrasing_drills", "phrasing_trailing", "phrasing_decoys", "placement_drills",
             "placement_decoys", "lookalike_drills", "familiar_drills", "sft_knowledge_repeat", "answerable_train")
-AFTER_SFT = ("sft_candidates", "dpo_steps", "dpo_lr", "lag_steps", "lag_lr", "lag_threshold", "lag_lambda_init",
-             "lag_help_negatives", "lag_cost", "grpo_steps", "tamper_steps", "tamper_lr", "max_new_tokens",
-             "eval_per_split", "early_stop_every", "dpo_help_negatives", "answerable_val", "val_objects")
+AFTER_SFT = ("sft_candidates", "sft_soup", "dpo_steps", "dpo_lr", "lag_steps", "lag_lr", "lag_threshold",
+             "lag_lambda_init", "lag_help_negatives", "lag_cost", "grpo_steps", "tamper_steps", "tamper_lr",
+             "max_new_tokens", "eval_per_split", "early_stop_every", "dpo_help_negatives", "answerable_val",
+             "val_objects")
 
 
 def cache_key(recipe: Recipe, data: AlignData, tok_path: Path, stage: str = "sft") -> str:
@@ -626,11 +643,19 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: tuple[str, ...], t
             del res["models"][f"sft_c{k}"]
             rows.append({"candidate": k, "data_seed": seed + 1000 * k}
                         | validation_scores(candidates[-1], tok, val, recipe) | {"headline": evals[-1]["headline"]})
-        chosen = best_candidate(rows)
-        res["sft_selection"] = {"chosen": chosen, "candidates": rows}
-        sft, res["models"]["sft"] = candidates[chosen], evals[chosen]
-        _log(seed, f"sft: kept candidate {chosen} of {len(rows)} (validation ASR + over-refusal "
-                   + ", ".join(f"{r['val_asr'] + r['val_over_refusal']:.3f}" for r in rows) + ")")
+        if recipe.sft_soup:
+            sft = weight_average(candidates)
+            res["sft_selection"] = {"chosen": "soup", "candidates": rows,
+                                    "soup": validation_scores(sft, tok, val, recipe)}
+            ev("sft", sft)
+        else:
+            chosen = best_candidate(rows)
+            res["sft_selection"] = {"chosen": chosen, "candidates": rows}
+            sft, res["models"]["sft"] = candidates[chosen], evals[chosen]
+        _log(seed, f"sft: kept {res['sft_selection']['chosen']} of {len(rows)} candidates (validation ASR + "
+                   "over-refusal " + ", ".join(f"{r['val_asr'] + r['val_over_refusal']:.3f}" for r in rows)
+                   + (f"; the soup {sum(res['sft_selection']['soup'][k] for k in ('val_asr', 'val_over_refusal')):.3f}"
+                      if recipe.sft_soup else "") + ")")
     else:
         sft = sft_candidate(0)
         ev("sft", sft)
@@ -868,18 +893,25 @@ def write_report(results: list[dict], summary: dict, out: Path, recipe: Recipe, 
                 lines.append(f"| {r['seed']} | {m} | {es['chosen_step']} | {kept['val_asr']:.0%} | "
                              f"{kept['val_over_refusal']:.0%} |")
     if any("sft_selection" in r for r in results):
-        lines += ["", "## SFT candidates: chosen on validation (ASR + over-refusal), test numbers only recorded", "",
+        lines += ["", "## SFT candidates: one kept on validation ASR + over-refusal, or their average (test numbers are "
+                  "recorded, never read by the choice)", "",
                   "| seed | candidate (data seed) | validation ASR | validation over-refusal | test: ASR objects | "
                   "ASR wrappers pooled | worst family | over-refusal benign | well-formed | kept |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
+
+        def row(seed, name, val, h, kept):
+            return (f"| {seed} | {name} | {val['val_asr']:.1%} | {val['val_over_refusal']:.1%} | "
+                    f"{h['asr_objects']:.1%} | {h['asr_wrappers_pooled']:.1%} | "
+                    f"{h['asr_worst_family']:.0%} ({h['worst_family']}) | {h['over_refusal_benign']:.1%} | "
+                    f"{h['well_formed']:.1%} | {'yes' if kept else ''} |")
+
         for r in results:
-            sel = r.get("sft_selection")
-            for c in sel["candidates"] if sel else ():
-                h = c["headline"]
-                lines.append(f"| {r['seed']} | {c['candidate']} ({c['data_seed']}) | {c['val_asr']:.1%} | "
-                             f"{c['val_over_refusal']:.1%} | {h['asr_objects']:.1%} | {h['asr_wrappers_pooled']:.1%} | "
-                             f"{h['asr_worst_family']:.0%} ({h['worst_family']}) | {h['over_refusal_benign']:.1%} | "
-                             f"{h['well_formed']:.1%} | {'yes' if c['candidate'] == sel['chosen'] else ''} |")
+            sel = r.get("sft_selection") or {"candidates": []}
+            lines += [row(r["seed"], f"{c['candidate']} ({c['data_seed']})", c, c["headline"],
+                          c["candidate"] == sel["chosen"]) for c in sel["candidates"]]
+            if "soup" in sel:
+                lines.append(row(r["seed"], "the soup (mean weights)", sel["soup"], r["models"]["sft"]["headline"],
+                                 True))
     fam_rows = []
     for r in results:
         for m in ("base", "sft", "dpo", "lagrangian"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+import torch
 
 from gemma4.align.data import HELPFUL_TEMPLATES, build, compliance
 from gemma4.align.judge import REFUSAL
@@ -80,6 +81,18 @@ def test_sft_candidate_is_chosen_on_validation_alone(bench):
     assert bench.best_candidate([c(0.1, 0.0, 0.0), c(0.0, 0.05, 0.9), c(0.02, 0.02, 0.0)]) == 2
     assert bench.best_candidate([c(0.0, 0.02, 0.5), c(0.02, 0.0, 0.0), c(0.01, 0.01, 0.0)]) == 0
     assert bench.best_candidate([c(0.3, 0.0, 0.0)]) == 0
+
+
+def test_weight_average_is_the_mean_of_the_weights(bench):
+    torch.manual_seed(0)
+    models = [torch.nn.Linear(3, 2) for _ in range(3)]
+    models[0].register_buffer("count", torch.tensor([7]))
+    for m in models[1:]:
+        m.register_buffer("count", torch.tensor([1]))
+    soup = bench.weight_average(models)
+    assert torch.allclose(soup.weight, sum(m.weight for m in models) / 3) and soup.count.item() == 7
+    assert soup is not models[0] and not torch.equal(models[0].weight, soup.weight)
+    assert torch.equal(bench.weight_average(models[:1]).weight, models[0].weight)
 
 
 def test_constraint_goal_reads_the_kept_weights(bench):
