@@ -893,8 +893,8 @@ def write_report(results: list[dict], summary: dict, out: Path, recipe: Recipe, 
                 lines.append(f"| {r['seed']} | {m} | {es['chosen_step']} | {kept['val_asr']:.0%} | "
                              f"{kept['val_over_refusal']:.0%} |")
     if any("sft_selection" in r for r in results):
-        lines += ["", "## SFT candidates: one kept on validation ASR + over-refusal, or their average (test numbers are "
-                  "recorded, never read by the choice)", "",
+        lines += ["", "## SFT candidates: one kept on validation ASR + over-refusal, or their average (test numbers "
+                  "are recorded, never read by the choice)", "",
                   "| seed | candidate (data seed) | validation ASR | validation over-refusal | test: ASR objects | "
                   "ASR wrappers pooled | worst family | over-refusal benign | well-formed | kept |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
