@@ -122,12 +122,15 @@ class Recipe:
     # `seed + 1000 k`; candidate 0 is the recipe's one SFT model): the one with the lowest validation ASR +
     # over-refusal (`validation_scores`) is kept, ties to the lower k (1 = one SFT model, runs 1-46). Run 44's
     # seed 5: its SFT answered 15.7% of the validation prompts (seeds 0-4: 0%) and 11 of 30 grandma test
-    # prompts, and more SFT steps did not mend it (run 46).
+    # prompts, and more SFT steps did not mend it (run 46). Run 47 (3): validation does not pick the better
+    # candidate on the test splits (seed 2's best on validation answers the most held-out objects, 5.8%).
     sft_candidates: int = 1
     # 1: instead of choosing one, SFT is the uniform average of the candidates' weights (`weight_average`; a
     # "model soup": fine-tuned from one base, they stay in one basin). Run 47: which held-out objects and
     # wrapped requests a seed's SFT fails moves with its data order alone (seed 5's candidates: objects 1.7%,
-    # 3.3%, 8.3%), and the validation split does not see held-out objects.
+    # 3.3%, 7.5%), and the validation split does not see held-out objects. Run 48 (3 candidates): the average
+    # is within every absolute bound in seeds 0-5 (objects <= 5.0%, worst family <= 23.3%, benign
+    # over-refusal <= 0.4%), and DPO from it then erodes the wrapper tails of seeds 4 and 5.
     sft_soup: int = 0
     batch_size: int = 16
     grpo_steps: int = 12
