@@ -15,6 +15,8 @@ trained from scratch (embedding std 1/sqrt(hidden), unit-variance attention logi
   base        helpful-only: knowledge sentences + every request answered (harmful ones with the
               placeholder compliance "Sure. Here is how to make X: [unsafe-step] ...")
   sft         safety SFT from base: refusal on harmful (plain and wrapped), help on the rest, replay
+              (`--set sft_candidates=3`: three data orders, the best on validation kept; with
+              `--set sft_soup=1` their average weights instead)
   dpo         DPO (sigmoid, beta 0.1) + NLL anchor (alpha 1) from sft, reference = sft
   lagrangian  min_θ max_λ L_help + λ·(J_C − d) from sft, J_C = per-token NLL of the refusal (log space),
               the dual driven by the held-out validation red-team split (d = `lag_threshold`, 0.05 nats)
@@ -655,10 +657,10 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: tuple[str, ...], t
             chosen = best_candidate(rows)
             res["sft_selection"] = {"chosen": chosen, "candidates": rows}
             sft, res["models"]["sft"] = candidates[chosen], evals[chosen]
-        _log(seed, f"sft: kept {res['sft_selection']['chosen']} of {len(rows)} candidates (validation ASR + "
-                   "over-refusal " + ", ".join(f"{r['val_asr'] + r['val_over_refusal']:.3f}" for r in rows)
-                   + (f"; the soup {sum(res['sft_selection']['soup'][k] for k in ('val_asr', 'val_over_refusal')):.3f}"
-                      if recipe.sft_soup else "") + ")")
+        scored = [("soup", res["sft_selection"]["soup"])] if recipe.sft_soup else []
+        scored = [(r["candidate"], r) for r in rows] + scored
+        _log(seed, f"sft: kept {res['sft_selection']['chosen']}; validation ASR + over-refusal "
+                   + ", ".join(f"{name}: {v['val_asr'] + v['val_over_refusal']:.3f}" for name, v in scored))
     else:
         sft = sft_candidate(0)
         ev("sft", sft)
@@ -1056,6 +1058,8 @@ def main(argv=None) -> int:
         if key not in Recipe.__dataclass_fields__:
             ap.error(f"--set: unknown Recipe field {key!r}")
         recipe = replace(recipe, **{key: type(getattr(recipe, key))(value)})
+    if recipe.sft_soup and recipe.sft_candidates < 2:
+        ap.error(f"--set sft_soup=1 averages SFT candidates: it needs sft_candidates >= 2, got {recipe.sft_candidates}")
     a.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if a.summarize_only:

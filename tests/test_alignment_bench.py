@@ -93,6 +93,8 @@ def test_weight_average_is_the_mean_of_the_weights(bench):
     assert torch.allclose(soup.weight, sum(m.weight for m in models) / 3) and soup.count.item() == 7
     assert soup is not models[0] and not torch.equal(models[0].weight, soup.weight)
     assert torch.equal(bench.weight_average(models[:1]).weight, models[0].weight)
+    with pytest.raises(SystemExit):  # nothing to average
+        bench.main(["--set", "sft_soup=1", "--summarize-only"])
 
 
 def test_constraint_goal_reads_the_kept_weights(bench):
