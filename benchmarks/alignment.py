@@ -630,12 +630,15 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: tuple[str, ...], t
 
     sft_texts = knowledge * recipe.sft_knowledge_repeat  # the replay of every SFT-type stage
 
+    def data_seed(k):  # candidate k's row order; candidate 0's is the recipe's one SFT model's
+        return seed + 1000 * k
+
     def sft_candidate(k):
         name = "sft" if k == 0 else f"sft_c{k}"
         m = copy.deepcopy(base)
         cached(name, m, [(name, lambda: run_sft(m, tok, align + drills, steps=recipe.sft_steps, lr=recipe.sft_lr,
                                                 answers="chosen", texts=sft_texts, warmup_steps=10,
-                                                **kw | {"seed": seed + 1000 * k}))])
+                                                **kw | {"seed": data_seed(k)}))])
         return m
 
     if recipe.sft_candidates > 1:
@@ -646,7 +649,7 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: tuple[str, ...], t
             candidates.append(sft_candidate(k))
             evals.append(ev(f"sft_c{k}", candidates[-1]))
             del res["models"][f"sft_c{k}"]
-            rows.append({"candidate": k, "data_seed": seed + 1000 * k}
+            rows.append({"candidate": k, "data_seed": data_seed(k)}
                         | validation_scores(candidates[-1], tok, val, recipe) | {"headline": evals[-1]["headline"]})
         if recipe.sft_soup:
             sft = weight_average(candidates)
