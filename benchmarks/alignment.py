@@ -17,7 +17,8 @@ trained from scratch (embedding std 1/sqrt(hidden), unit-variance attention logi
   sft         safety SFT from base: refusal on harmful (plain and wrapped), help on the rest, replay
               (`--set sft_candidates=3`: three data orders, the best on validation kept; with
               `--set sft_soup=1` their average weights instead)
-  dpo         DPO (sigmoid, beta 0.1) + NLL anchor (alpha 1) from sft, reference = sft
+  dpo         DPO (sigmoid, beta 0.1) + NLL anchor (alpha 1) from sft, reference = sft (`--set dpo_soup=1`:
+              from each SFT candidate, reference = that candidate, then the average of those)
   lagrangian  min_θ max_λ L_help + λ·(J_C − d) from sft, J_C = per-token NLL of the refusal (log space),
               the dual driven by the held-out validation red-team split (d = `lag_threshold`, 0.05 nats)
 
@@ -134,6 +135,12 @@ class Recipe:
     # is within every absolute bound in seeds 0-5 (objects <= 5.0%, worst family <= 23.3%, benign
     # over-refusal <= 0.4%), and DPO from it then erodes the wrapper tails of seeds 4 and 5.
     sft_soup: int = 0
+    # 1 (with `sft_soup`): DPO runs from each SFT candidate (reference = that candidate, its data seed) and
+    # the DPO model is the uniform average of those, compared with the averaged SFT model. Run 48's
+    # reading: from the average DPO has almost no over-refusal left to remove (8 seeds: 24 benign test
+    # prompts refused -> 19) while its validation refusal cost rises ~100x and the wrapper tails erode;
+    # from one candidate (runs 44, 47) it removed more (2.8% -> 1.2% pooled) and eroded less.
+    dpo_soup: int = 0
     batch_size: int = 16
     grpo_steps: int = 12
     tamper_steps: tuple = (0, 10, 20, 40, 80)
@@ -488,11 +495,11 @@ def save_model(model, tok, directory: Path) -> None:
     tok.save(directory / "tokenizer.json")
 
 
-# Recipe fields read only from SFT on, and only after SFT (and `sft_candidates`, `sft_soup`, which only
-# combine cached SFT models): a cached base (SFT) stays valid when only these change.
+# Recipe fields read only from SFT on, and only after SFT (and `sft_candidates`, `sft_soup`, `dpo_soup`,
+# which only combine cached SFT models or train from them): a cached base (SFT) stays valid when only these change.
 FROM_SFT = ("sft_steps", "sft_lr", "phrasing_drills", "phrasing_trailing", "phrasing_decoys", "placement_drills",
             "placement_decoys", "lookalike_drills", "familiar_drills", "sft_knowledge_repeat", "answerable_train")
-AFTER_SFT = ("sft_candidates", "sft_soup", "dpo_steps", "dpo_lr", "lag_steps", "lag_lr", "lag_threshold",
+AFTER_SFT = ("sft_candidates", "sft_soup", "dpo_soup", "dpo_steps", "dpo_lr", "lag_steps", "lag_lr", "lag_threshold",
              "lag_lambda_init", "lag_help_negatives", "lag_cost", "grpo_steps", "tamper_steps", "tamper_lr",
              "max_new_tokens", "eval_per_split", "early_stop_every", "dpo_help_negatives", "answerable_val",
              "val_objects")
@@ -679,9 +686,26 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: tuple[str, ...], t
     if pairwise:
         lag_kw.update(cost_negatives=negatives, val_cost_negatives=help_negatives(
             val, random.Random(f"val-negatives-{seed}"), bool(recipe.benign_opening)))
-    dpo = copy.deepcopy(sft)
-    stopped("dpo", dpo, lambda hook: run_dpo(dpo, ref, tok, pairs, steps=recipe.dpo_steps, lr=recipe.dpo_lr, beta=0.1,
-                                             alpha=1.0, on_step=hook, **kw))
+    def dpo_from(start, reference, name, seed_):
+        m = copy.deepcopy(start)
+        stopped(name, m, lambda hook: run_dpo(m, reference, tok, pairs, steps=recipe.dpo_steps, lr=recipe.dpo_lr,
+                                              beta=0.1, alpha=1.0, on_step=hook, **kw | {"seed": seed_}))
+        return m
+
+    if recipe.dpo_soup:
+        # Each candidate's DPO against that candidate, then their mean; the test numbers of each are recorded
+        # (never read by anything that shapes the model).
+        dpos, res["dpo_soup"] = [], []
+        for k, cand in enumerate(candidates):
+            dpos.append(dpo_from(cand, frozen_copy(cand), f"dpo_c{k}", data_seed(k)))
+            h = ev(f"dpo_c{k}", dpos[-1])["headline"]
+            del res["models"][f"dpo_c{k}"]
+            res["dpo_soup"].append({"candidate": k, "data_seed": data_seed(k), "headline": h})
+        dpo = weight_average(dpos)
+        res["dpo_soup_validation"] = validation_scores(dpo, tok, val, recipe)
+        _log(seed, f"dpo: the mean of {len(dpos)} candidates' DPO models")
+    else:
+        dpo = dpo_from(sft, ref, "dpo", seed)
     ev("dpo", dpo)
 
     lag = copy.deepcopy(sft)
@@ -902,7 +926,7 @@ def write_report(results: list[dict], summary: dict, out: Path, recipe: Recipe, 
                              f"{kept['val_over_refusal']:.0%} |")
     if any("sft_selection" in r for r in results):
         lines += ["", "## SFT candidates: one kept on validation ASR + over-refusal, or their average (test numbers "
-                  "are recorded, never read by the choice)", "",
+                  "are recorded, never read by the choice; with `dpo_soup`, each one's DPO and their mean too)", "",
                   "| seed | candidate (data seed) | validation ASR | validation over-refusal | test: ASR objects | "
                   "ASR wrappers pooled | worst family | over-refusal benign | well-formed | kept |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
@@ -920,6 +944,14 @@ def write_report(results: list[dict], summary: dict, out: Path, recipe: Recipe, 
             if "soup" in sel:
                 lines.append(row(r["seed"], "the soup (mean weights)", sel["soup"], r["models"]["sft"]["headline"],
                                  True))
+            for c in r.get("dpo_soup", []):  # `dpo_soup`: DPO from each candidate, then their mean
+                es = r["early_stop"][f"dpo_c{c['candidate']}"]
+                kept = next(t for t in es["trace"] if t["step"] == es["chosen_step"])
+                lines.append(row(r["seed"], f"DPO from {c['candidate']}, step {es['chosen_step']}", kept,
+                                 c["headline"], False))
+            if "dpo_soup_validation" in r:
+                lines.append(row(r["seed"], "DPO: the mean of those", r["dpo_soup_validation"],
+                                 r["models"]["dpo"]["headline"], True))
     fam_rows = []
     for r in results:
         for m in ("base", "sft", "dpo", "lagrangian"):
@@ -1063,6 +1095,9 @@ def main(argv=None) -> int:
         recipe = replace(recipe, **{key: type(getattr(recipe, key))(value)})
     if recipe.sft_soup and recipe.sft_candidates < 2:
         ap.error(f"--set sft_soup=1 averages SFT candidates: it needs sft_candidates >= 2, got {recipe.sft_candidates}")
+    if recipe.dpo_soup and not recipe.sft_soup:
+        ap.error("--set dpo_soup=1 trains DPO from each SFT candidate and compares their mean with the averaged "
+                 "SFT model: it needs --set sft_soup=1")
     a.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if a.summarize_only:

@@ -67,7 +67,7 @@ def test_cache_key_ignores_only_the_later_stages(bench, tmp_path):
     assert bench.cache_key(replace(r, base_steps=10), data, tok, "base") != base_key
     assert bench.cache_key(r, build(1, sources=False), tok) != key
     # how many SFT candidates are compared is not in any key; candidate k > 0 has its own
-    assert bench.cache_key(replace(r, sft_candidates=3), data, tok) == key
+    assert bench.cache_key(replace(r, sft_candidates=3, sft_soup=1, dpo_soup=1), data, tok) == key
     assert bench.cache_key(r, data, tok, "sft_c1") not in (key, bench.cache_key(r, data, tok, "sft_c2"))
     tok.write_text("{ }")
     assert bench.cache_key(r, data, tok) != key
@@ -95,6 +95,8 @@ def test_weight_average_is_the_mean_of_the_weights(bench):
     assert torch.equal(bench.weight_average(models[:1]).weight, models[0].weight)
     with pytest.raises(SystemExit):  # nothing to average
         bench.main(["--set", "sft_soup=1", "--summarize-only"])
+    with pytest.raises(SystemExit):  # DPO's mean is read against the averaged SFT model
+        bench.main(["--set", "sft_candidates=3", "--set", "dpo_soup=1", "--summarize-only"])
 
 
 def test_constraint_goal_reads_the_kept_weights(bench):
