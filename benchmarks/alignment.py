@@ -139,7 +139,9 @@ class Recipe:
     # the DPO model is the uniform average of those, compared with the averaged SFT model. Run 48's
     # reading: from the average DPO has almost no over-refusal left to remove (8 seeds: 24 benign test
     # prompts refused -> 19) while its validation refusal cost rises ~100x and the wrapper tails erode;
-    # from one candidate (runs 44, 47) it removed more (2.8% -> 1.2% pooled) and eroded less.
+    # from one candidate (runs 44, 47) it removed more (2.8% -> 1.2% pooled) and eroded less. Run 50 (seeds
+    # 0-7): the same as DPO from the average (every goal in the same 5 seeds, 19 of those 24 prompts
+    # refused, seeds 4 and 5's families 27% and 40%); not kept.
     dpo_soup: int = 0
     batch_size: int = 16
     grpo_steps: int = 12
