@@ -149,6 +149,11 @@ class Recipe:
     tamper_lr: float = 1e-3
     max_new_tokens: int = 40
     eval_per_split: int = 0  # 0 = every example of a test split
+    # Training wrapper templates (`build(train_wrappers=...)`): PyRIT's single-slot templates that survive the
+    # deduplication against every test source, less the 30 the validation split takes (~150 remain; a larger
+    # number takes them all). Only which template wraps each training pair changes: the other draws, the
+    # validation and test splits stay the same. Runs 1-51: 120.
+    train_wrappers: int = 120
     # Model size (run 4: more data repetition no longer helped the 0.97M model on held-out objects).
     hidden_size: int = 128
     intermediate_size: int = 256
@@ -279,7 +284,9 @@ def tiny_config(vocab_size: int, hidden_size: int = 128, intermediate_size: int 
 
 
 def seed_data(seed: int, recipe: Recipe, **kw) -> AlignData:
-    """`build(seed, **kw)`, with the recipe's benign openings (`benign_opening`)."""
+    """`build(seed, **kw)`, with the recipe's training wrappers (unless ``kw`` names them, as the wrapper
+    ablations do) and benign openings (`benign_opening`)."""
+    kw.setdefault("train_wrappers", recipe.train_wrappers)
     data = build(seed, val_objects=recipe.val_objects, **kw)
     if recipe.benign_opening:
         data = replace(data, splits={k: reopen_benign(v) for k, v in data.splits.items()})
