@@ -132,6 +132,20 @@ def test_wrapper_ablations_are_compared_in_pairs(bench):
         bench.main(["--ablations", "no_such_ablation", "--summarize-only"])
 
 
+def test_recipe_sets_the_training_wrappers_unless_an_ablation_names_them(bench):
+    """`train_wrappers` changes only which template wraps each training pair; the wrapper ablations
+    (`seed_data(..., train_wrappers=n)`) still get their own count."""
+    base = bench.seed_data(0, bench.Recipe(), sources=False)
+    two = bench.seed_data(0, bench.Recipe(train_wrappers=2), sources=False)
+    assert len(two.meta["wrappers"]["train"]) == 2 < len(base.meta["wrappers"]["train"])
+    assert {e.wrapper for e in two.splits["train"] if e.wrapper} == set(two.meta["wrappers"]["train"])
+    assert all(two.splits[k] == base.splits[k] for k in base.splits if k != "train")
+    assert [e.prompt for e in two.splits["train"] if not e.wrapper] == [
+        e.prompt for e in base.splits["train"] if not e.wrapper]
+    one = bench.seed_data(0, bench.Recipe(train_wrappers=2), sources=False, train_wrappers=1)
+    assert len(one.meta["wrappers"]["train"]) == 1
+
+
 def test_copy_probe_runs_a_setting_with_echo_chats(tmp_path):
     """`benchmarks/copy_probe.py` end to end at 30 steps (the plumbing, not the numbers): its echo setting
     trains on drills + echo chats and counts copies with the experiment's well-formedness test."""
