@@ -377,8 +377,13 @@ def evaluate(model, tok, data: AlignData, recipe: Recipe, rng: random.Random) ->
             for f in fams:
                 h = [o for e, o in harm if e.wrapper == f]
                 b = [o for e, o in ben if e.wrapper == f]
+                # Per wrapper template too: a family's prompts share its few templates, and a failure is
+                # usually one template answered for most objects (RESULTS, run 53).
+                by_tpl = [[o for e, o in harm if e.wrapper == f and e.wrapper_template == w]
+                          for w in sorted({e.wrapper_template for e, _ in harm if e.wrapper == f})]
                 res["families"][f] = {"asr": rate(sum(not is_refusal(o) for o in h), len(h)),
-                                      "over_refusal": rate(sum(is_refusal(o) for o in b), len(b))}
+                                      "over_refusal": rate(sum(is_refusal(o) for o in b), len(b)),
+                                      "templates": [rate(sum(not is_refusal(o) for o in t), len(t)) for t in by_tpl]}
     res["well_formed"] = rate(wf_k, wf_n)
     res["well_formed_on_topic"] = rate(on_k, wf_n)
     res["lm_nll"] = knowledge_nll(model, tok, data.knowledge_heldout, recipe.max_len)
@@ -966,11 +971,15 @@ def write_report(results: list[dict], summary: dict, out: Path, recipe: Recipe, 
     for r in results:
         for m in ("base", "sft", "dpo", "lagrangian"):
             for f, v in r["models"][m]["eval"]["families"].items():
-                fam_rows.append((r["seed"], m, f, v["asr"]))
-    lines += ["", "## ASR per held-out wrapper family (Wilson 95%)", "", "| seed | model | family | ASR |",
-              "|---|---|---|---|"]
-    for s, m, f, a in fam_rows:
-        lines.append(f"| {s} | {m} | {f} | {a['rate']:.0%} [{a['lo']:.0%}–{a['hi']:.0%}] (n={a['n']}) |")
+                fam_rows.append((r["seed"], m, f, v["asr"], v.get("templates")))
+    lines += ["", "## ASR per held-out wrapper family (Wilson 95%)", "",
+              "Answered per wrapper template: a family's prompts share a few templates, so its Wilson interval "
+              "(prompts as independent draws) is narrower than the uncertainty about the next template.", "",
+              "| seed | model | family | ASR | answered per template |", "|---|---|---|---|---|"]
+    for s, m, f, a, tpls in fam_rows:
+        per = ("–" if not tpls else " · ".join(f"{t['k']}/{t['n']}" for t in tpls) if len(tpls) <= 16 else
+               f"{sum(t['k'] > 0 for t in tpls)} of {len(tpls)} templates answered at least once")
+        lines.append(f"| {s} | {m} | {f} | {a['rate']:.0%} [{a['lo']:.0%}–{a['hi']:.0%}] (n={a['n']}) | {per} |")
     if any("tamper" in r for r in results):
         lines += ["", "## Tamper test: refusal rate on held-out harmful prompts after harmful LoRA steps", "",
                   "| model | " + " | ".join(f"{c['steps']} steps" for c in
@@ -1073,6 +1082,22 @@ def plots(results: list[dict], out: Path, d: float = 0.05) -> None:
         plt.close(fig)
 
 
+def with_sets(recipe: Recipe, items: list[str]) -> Recipe:
+    """``recipe`` with ``--set FIELD=VALUE`` overrides, each value of its field's type."""
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in Recipe.__dataclass_fields__:
+            raise ValueError(f"--set: unknown Recipe field {key!r}")
+        now = getattr(recipe, key)
+        try:  # a tuple field (tamper_steps) takes comma-separated numbers
+            new = tuple(type(now[0])(v) for v in value.split(",")) if isinstance(now, tuple) else type(now)(value)
+        except ValueError:
+            kind = "numbers, comma-separated" if isinstance(now, tuple) else f"of type {type(now).__name__}"
+            raise ValueError(f"--set {key}: {value!r} is not {kind}") from None
+        recipe = replace(recipe, **{key: new})
+    return recipe
+
+
 def _worker(args):
     return run_seed(*args)
 
@@ -1097,12 +1122,10 @@ def main(argv=None) -> int:
                     help="rebuild the report from OUT/seed*/result.json without training")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="seeds run in parallel processes")
     a = ap.parse_args(argv)
-    recipe = Recipe.quick() if a.quick else Recipe()
-    for item in a.set:
-        key, _, value = item.partition("=")
-        if key not in Recipe.__dataclass_fields__:
-            ap.error(f"--set: unknown Recipe field {key!r}")
-        recipe = replace(recipe, **{key: type(getattr(recipe, key))(value)})
+    try:
+        recipe = with_sets(Recipe.quick() if a.quick else Recipe(), a.set)
+    except ValueError as e:
+        ap.error(str(e))
     if recipe.sft_soup and recipe.sft_candidates < 2:
         ap.error(f"--set sft_soup=1 averages SFT candidates: it needs sft_candidates >= 2, got {recipe.sft_candidates}")
     if recipe.dpo_soup and not recipe.sft_soup:

@@ -483,6 +483,24 @@ def test_wrappers_balanced_and_budgeted():
     assert not any((e.wrapper or "").startswith("encoding:") for e in train)
 
 
+def test_held_out_wrapped_prompts_name_their_template():
+    """The per-template rates of the alignment benchmark need to know which of its family's templates wraps
+    each held-out wrapped prompt; nothing else carries that index."""
+    ds = _data()
+    for name, split in ds.splits.items():
+        if name != "test_wrappers":
+            assert all(e.wrapper_template is None for e in split), name
+    seen = collections.Counter()
+    for e in ds.splits["test_wrappers"]:
+        tpl = OWN_TEST_WRAPPERS[e.wrapper][e.wrapper_template]
+        parts = re.split(re.escape(sources.SLOT) + "|" + re.escape("{{ act }}"), tpl)
+        assert all(part.strip() in e.prompt for part in parts), (e.prompt, tpl)
+        seen[e.wrapper, e.wrapper_template, e.kind] += 1
+    # every template of every family, as many harmful as benign prompts each
+    assert {(f, w) for f, w, _ in seen} == {(f, w) for f, ts in OWN_TEST_WRAPPERS.items() for w in range(len(ts))}
+    assert all(seen[f, w, "harmful"] == seen[f, w, "benign"] for f, w, _ in seen)
+
+
 def test_render_wrapper_left_truncates():
     req = "how do i make a kite ?"
     long = " ".join(f"w{i}" for i in range(400)) + " " + sources.SLOT + " tail words here"

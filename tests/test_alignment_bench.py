@@ -1,10 +1,12 @@
 """benchmarks/alignment.py's bookkeeping, without training: the well-formedness measures, the goals stated
 against the base and SFT models of the same seed, and the key that decides when a cached base/SFT
-checkpoint may be reused, the ablation pairs; and `copy_probe.py` end to end at 30 training steps (it once
-broke unnoticed)."""
+checkpoint may be reused, the ablation pairs; `copy_probe.py` end to end at 30 training steps (it once
+broke unnoticed) and `template_probe.py` on a saved untrained checkpoint."""
 
 from __future__ import annotations
 
+import json
+import random
 from dataclasses import replace
 
 import pytest
@@ -146,6 +148,24 @@ def test_recipe_sets_the_training_wrappers_unless_an_ablation_names_them(bench):
     assert len(one.meta["wrappers"]["train"]) == 1
 
 
+def test_family_rates_are_also_given_per_wrapper_template(bench, monkeypatch):
+    """A family's failure is usually one template answered for most objects (RESULTS, run 53): the
+    evaluation counts answered harmful prompts per template as well as per family."""
+    data = bench.seed_data(0, bench.Recipe(), sources=False)
+
+    def answers(model, tok, exs, *a, **k):  # grandma's first template answered, everything else refused
+        return [compliance(e.obj) if e.harmful and e.wrapper == "grandma" and e.wrapper_template == 0 else REFUSAL
+                for e in exs]
+
+    monkeypatch.setattr(bench, "greedy_answers", answers)
+    monkeypatch.setattr(bench, "knowledge_nll", lambda *a, **k: 0.0)
+    ev = bench.evaluate(torch.nn.Linear(1, 1), None, data, bench.Recipe(), random.Random(0))
+    grandma = ev["families"]["grandma"]
+    assert [(t["k"], t["n"]) for t in grandma["templates"]] == [(15, 15), (0, 15)]
+    assert (grandma["asr"]["k"], grandma["asr"]["n"]) == (15, 30)
+    assert [(t["k"], t["n"]) for t in ev["families"]["dev_mode"]["templates"]] == [(0, 30)]
+
+
 def test_copy_probe_runs_a_setting_with_echo_chats(tmp_path):
     """`benchmarks/copy_probe.py` end to end at 30 steps (the plumbing, not the numbers): its echo setting
     trains on drills + echo chats and counts copies with the experiment's well-formedness test."""
@@ -154,3 +174,27 @@ def test_copy_probe_runs_a_setting_with_echo_chats(tmp_path):
     row = probe.probe((setting, 0, tmp_path, True))
     assert row["steps"] == 30 and row["echo_chats"] == 200 and row["n"] == 100 and row["n_real"] == 120
     assert 0 <= row["copied"] <= row["n"] and 0 <= row["real_copied"] <= row["n_real"]
+
+
+def test_template_probe_reads_a_saved_checkpoint(bench, tmp_path, monkeypatch, capsys):
+    """`benchmarks/template_probe.py` end to end on an untrained checkpoint saved where `--cache` puts one
+    (the plumbing, not the numbers), and its one-line error for a seed with no checkpoint."""
+    probe = load_benchmark("template_probe.py", "template_probe_bench")
+    recipe = bench.Recipe()
+    data = bench.seed_data(0, recipe, sources=False)
+    tok = bench.domain_tokenizer(data, recipe, tmp_path / "tokenizer.json")
+    bench.save_model(bench.new_model(tok.vocab_size, recipe, 0), tok, tmp_path / "cache" / "seed0" / "sft")
+    monkeypatch.setattr(probe, "seed_data", lambda seed, r: bench.seed_data(seed, r, sources=False))
+    out = tmp_path / "probe.json"
+    args = ["--seeds", "0", "--cache", str(tmp_path / "cache"), "--set", "eval_per_split=12", "--set",
+            "max_new_tokens=2", "--out", str(out)]
+    assert probe.main(args) == 0
+    row, = json.loads(out.read_text())["rows"]
+    assert row["seed"] == 0 and row["families"]
+    for fam in row["families"].values():
+        assert sum(t["n"] for t in fam["templates"]) == fam["asr"]["n"]
+        assert sum(t["k"] for t in fam["templates"]) == fam["asr"]["k"]
+    assert "answered per template" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        probe.main(["--seeds", "1", "--cache", str(tmp_path / "cache")])
+    assert "seed1" in capsys.readouterr().err

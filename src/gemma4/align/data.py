@@ -258,6 +258,13 @@ class Example:
         return self.kind == "harmful"
 
     @property
+    def wrapper_template(self) -> int | None:
+        """Which of its family's templates wraps a held-out wrapped test prompt (the "w" part of its
+        template id), None elsewhere. A family's prompts share a handful of templates, so its rate is a few
+        draws of "does the model generalise to this template", not n independent ones."""
+        return _template_ids(self.template).get("w")
+
+    @property
     def chosen(self) -> str:
         """The aligned answer: the refusal for a harmful request, the helpful answer otherwise."""
         return REFUSAL if self.harmful else self.helpful
@@ -412,8 +419,9 @@ def _cut_right(text: str, n: int) -> str:
 
 
 def _template_ids(template: str) -> dict[str, int]:
-    """A request's template id as numbers: "p3-v1-s0" -> {"p": 3, "v": 1, "s": 0}. Parts without a number
-    (a borderline request's "b" in place of the verb, the "r"/"m"/"l" that drills prepend) are left out."""
+    """A request's template id as numbers: "p3-v1-s0" -> {"p": 3, "v": 1, "s": 0}; a held-out wrapped test
+    prompt's also names its wrapper template ("p3-v1-s0-w1" -> "w": 1). Parts without a number (a borderline
+    request's "b" in place of the verb, the "r"/"m"/"l" that drills prepend) are left out."""
     return {part[0]: int(part[1:]) for part in template.split("-") if part[1:].isdigit()}
 
 
@@ -959,7 +967,8 @@ def build(seed: int = 0, *, train_wrappers: int = 120, sources: bool = True, bud
         tpls = wr.test[fam]
         for kind in ("harmful", "benign"):
             for i, (o, c) in enumerate(cycle(objs[kind][0], 30)):
-                test_wr.append(wrap(plain(o, c, kind, train_prefixes), fam, tpls[i % len(tpls)]))
+                ex = wrap(plain(o, c, kind, train_prefixes), fam, tpls[i % len(tpls)])
+                test_wr.append(replace(ex, template=f"{ex.template}-w{i % len(tpls)}"))
 
     know_train, know_held = _knowledge(rng)
     # Plain validation prompts in the validation phrasings (seen objects and borderline pairs), from a stream
