@@ -60,7 +60,7 @@ from gemma4.align.data import (AlignData, Example, answer_slot, build, complianc
                                reopen_benign)
 from gemma4.align.judge import REFUSAL, is_refusal, is_unsafe, wilson
 from gemma4.align.stages import (answerable, cost_rows, frozen_copy, greedy_answers, is_helpful, run_dpo,
-                                 run_grpo_lagrangian, run_lagrangian, run_sft)
+                                 run_grpo_lagrangian, run_lagrangian, run_lat, run_sft)
 from gemma4.io import load_pretrained, save_pretrained
 from gemma4.model import FULL, SLIDING, Gemma4Config, build_model
 from gemma4.text.analysis import train_chat_bpe
@@ -143,6 +143,21 @@ class Recipe:
     # 0-7): the same as DPO from the average (every goal in the same 5 seeds, 19 of those 24 prompts
     # refused, seeds 4 and 5's families 27% and 40%); not kept.
     dpo_soup: int = 0
+    # Steps of latent adversarial training after SFT (`gemma4.align.stages.run_lat`, `gemma4.train.latent`;
+    # 0 = none, runs 1-53): the aligned answer trained to hold while projected gradient descent perturbs
+    # layer `lat_layer`'s output at the prompt (each token by at most `lat_eps` of its own residual norm)
+    # toward the rejected answer, harmful and benign pairs alike. The SFT model the report shows is then
+    # SFT + LAT, and DPO and the Lagrangian start from it. Why: runs 44-53 fixed one held-out template at a
+    # time with data and moved the failure to another (RESULTS, the template probe); LAT asks for robustness
+    # to every perturbation of a prompt's hidden states in a ball, not to the wrappers in the data. eps 0.1
+    # at layer 1 (of 4): on 64 training pairs of run 44's seed-5 SFT model, 4 PGD steps take the compliance
+    # NLL of harmful prompts from 0.39 to 0.12 nats per token and the refusal's on benign ones from 0.92 to
+    # 0.05; at 0.25 both reach ~0.01 (layers 0 and 2 alike).
+    lat_steps: int = 0
+    lat_lr: float = 2e-4
+    lat_eps: float = 0.1
+    lat_layer: int = 1
+    lat_pgd_steps: int = 4
     batch_size: int = 16
     grpo_steps: int = 12
     tamper_steps: tuple = (0, 10, 20, 40, 80)
@@ -514,7 +529,8 @@ def save_model(model, tok, directory: Path) -> None:
 # which only combine cached SFT models or train from them): a cached base (SFT) stays valid when only these change.
 FROM_SFT = ("sft_steps", "sft_lr", "phrasing_drills", "phrasing_trailing", "phrasing_decoys", "placement_drills",
             "placement_decoys", "lookalike_drills", "familiar_drills", "sft_knowledge_repeat", "answerable_train")
-AFTER_SFT = ("sft_candidates", "sft_soup", "dpo_soup", "dpo_steps", "dpo_lr", "lag_steps", "lag_lr", "lag_threshold",
+AFTER_SFT = ("sft_candidates", "sft_soup", "dpo_soup", "lat_steps", "lat_lr", "lat_eps", "lat_layer", "lat_pgd_steps",
+             "dpo_steps", "dpo_lr", "lag_steps", "lag_lr", "lag_threshold",
              "lag_lambda_init", "lag_help_negatives", "lag_cost", "grpo_steps", "tamper_steps", "tamper_lr",
              "max_new_tokens", "eval_per_split", "early_stop_every", "dpo_help_negatives", "answerable_val",
              "val_objects")
@@ -688,6 +704,10 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: tuple[str, ...], t
                    + ", ".join(f"{name}: {v['val_asr'] + v['val_over_refusal']:.3f}" for name, v in scored))
     else:
         sft = sft_candidate(0)
+        if recipe.lat_steps:  # after the cached SFT model: its key ignores the lat_* fields
+            stage("lat", lambda: run_lat(sft, tok, align, steps=recipe.lat_steps, lr=recipe.lat_lr,
+                                         layer=recipe.lat_layer, eps=recipe.lat_eps, pgd_steps=recipe.lat_pgd_steps,
+                                         warmup_steps=10, **kw))
         ev("sft", sft)
     ref = frozen_copy(sft)
 
@@ -1128,6 +1148,8 @@ def main(argv=None) -> int:
         ap.error(str(e))
     if recipe.sft_soup and recipe.sft_candidates < 2:
         ap.error(f"--set sft_soup=1 averages SFT candidates: it needs sft_candidates >= 2, got {recipe.sft_candidates}")
+    if recipe.lat_steps and recipe.sft_candidates > 1:
+        ap.error("--set lat_steps trains the one SFT model further: it does not combine with sft_candidates > 1")
     if recipe.dpo_soup and not recipe.sft_soup:
         ap.error("--set dpo_soup=1 trains DPO from each SFT candidate and compares their mean with the averaged "
                  "SFT model: it needs --set sft_soup=1")

@@ -29,6 +29,7 @@ from gemma4.infer import generate
 from gemma4.train import make_trainable
 from gemma4.train.constrained import GRPOLagrangianObjective, LagrangeMultiplier, LagrangianObjective
 from gemma4.train.data import encode_chat, encode_text
+from gemma4.train.latent import LATObjective, prompt_mask
 from gemma4.train.loop import TrainConfig, Trainer
 from gemma4.train.preference import DPOObjective, Pairs, Responses, SFTObjective, precompute_reference
 
@@ -215,6 +216,28 @@ def run_dpo(policy, reference, tok, examples: Sequence[Example], *, steps: int =
     obj = DPOObjective(pairs, beta=beta, alpha=alpha, loss_type=loss_type, label_smoothing=label_smoothing,
                        batch_size=batch_size, seed=seed)
     return _fit(policy, obj, steps=steps, lr=lr, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm,
+                dtype=dtype, seed=seed, out=out, on_step=on_step)
+
+
+def run_lat(model, tok, examples: Sequence[Example], *, steps: int = 100, lr: float = 1e-4, layer: int = 1,
+            eps: float = 0.5, pgd_steps: int = 4, batch_size: int = 16, max_len: int = 128, warmup_steps: int = 0,
+            max_grad_norm: float = 1.0, dtype: str = "float32", seed: int = 0, out=None,
+            on_step: Callable[[dict], None] | None = None) -> list[dict]:
+    """Latent adversarial training (`gemma4.train.latent.LATObjective`) on each example's chosen ≻
+    rejected pair: the chosen answer under the residual perturbation that makes the rejected one likely.
+    Pairs whose chosen and rejected rows were truncated differently (a prompt too long for ``max_len``
+    beside one of the answers) are left out: one δ must sit on the same prompt tokens in both."""
+    pairs = encode_pairs(tok, examples, max_len)
+    c, r = pairs.chosen, pairs.rejected
+    t = min(c.input_ids.shape[1], r.input_ids.shape[1])
+    pc, pr = prompt_mask(c)[:, :t], prompt_mask(r)[:, :t]  # [N, t]; a prompt never reaches t (answers follow)
+    same = [i for i in range(len(pairs))
+            if torch.equal(pc[i], pr[i]) and torch.equal(c.input_ids[i, :t][pc[i]], r.input_ids[i, :t][pr[i]])]
+    if not same:
+        raise StageError("run_lat: no pair keeps the same prompt tokens in both answers' rows")
+    obj = LATObjective(pairs.rows(torch.tensor(same)), layer=layer, eps=eps, pgd_steps=pgd_steps,
+                       batch_size=batch_size, seed=seed)
+    return _fit(model, obj, steps=steps, lr=lr, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm,
                 dtype=dtype, seed=seed, out=out, on_step=on_step)
 
 

@@ -1,0 +1,100 @@
+"""Latent adversarial training: the prompt mask, the residual hook (where it acts, and that it leaves),
+the PGD attack (inside its ball, on the prompt only, toward the rejected answer) and the objective on the
+training loop."""
+
+import pytest
+import torch
+
+from gemma4.train.latent import LATError, LATObjective, perturbed, prompt_mask
+from gemma4.train.loop import TrainConfig, Trainer
+from gemma4.train.preference import Pairs, Responses, response_nll, sequence_logprobs
+from train_tiny import tiny_model
+
+REFUSE = [60, 61, 62, 63, 1]
+HELP = [70, 71, 72, 1]
+
+
+def _prompts(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [[2] + torch.randint(100, 380, (3 + i % 3,), generator=g).tolist() for i in range(n)]
+
+
+def _resp(prompts, answer):
+    return Responses.from_lists([p + answer for p in prompts],
+                                [[False] * len(p) + [True] * len(answer) for p in prompts])
+
+
+def _pairs(n=8, seed=0):
+    prompts = _prompts(n, seed)
+    return Pairs(_resp(prompts, REFUSE), _resp(prompts, HELP)), prompts
+
+
+def test_prompt_mask_is_the_prompt():
+    pairs, prompts = _pairs(4)
+    m = prompt_mask(pairs.chosen)
+    for i, p in enumerate(prompts):
+        assert m[i].tolist() == [True] * len(p) + [False] * (m.shape[1] - len(p))
+
+
+def test_the_hook_moves_the_masked_positions_and_later_ones_only_and_leaves():
+    model = tiny_model("ple6", seed=1).eval()
+    ids = torch.randint(3, 380, (2, 9), generator=torch.Generator().manual_seed(0))
+    clean = model.model(ids)
+    delta = torch.randn(2, 9, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[:, 4] = True
+    seen = []
+    with perturbed(model, 1, delta, mask, seen):
+        out = model.model(ids)
+    assert torch.equal(out[:, :4], clean[:, :4])  # causal: nothing before the perturbed position moves
+    assert (out[:, 4:] - clean[:, 4:]).abs().amax(-1).min() > 1e-4
+    assert seen[0].shape == (2, 9, model.config.hidden_size)
+    assert torch.equal(model.model(ids), clean)  # the hook is gone
+    with perturbed(model, 1, torch.zeros_like(delta), mask):
+        assert torch.equal(model.model(ids), clean)
+    with pytest.raises(LATError, match="layer must be in"):
+        with perturbed(model, 99, delta, mask):
+            pass
+
+
+def test_the_attack_stays_in_its_ball_on_the_prompt_and_finds_the_rejected_answer():
+    model = tiny_model("ple6", seed=2)
+    pairs, _ = _pairs(6, seed=3)
+    obj = LATObjective(pairs, layer=1, eps=0.5, pgd_steps=5, batch_size=6)
+    batch = pairs.rows(torch.arange(6))
+    delta, mask, logs = obj.attack(model, batch)
+    seen = []
+    with perturbed(model, 1, torch.zeros_like(delta), mask, seen):
+        sequence_logprobs(model, batch.rejected.input_ids, batch.rejected.response_mask)
+    h = seen[0]
+    t = h.shape[1]
+    norms, radius = delta[:, :t].norm(dim=-1), 0.5 * h.norm(dim=-1)
+    assert bool((norms <= radius * (1 + 1e-5) + 1e-6).all())
+    assert bool((norms[~mask[:, :t]] == 0).all()) and bool((norms[mask[:, :t]] > 0).all())
+    assert logs["adv_rejected_nll"] < logs["adv_rejected_nll_clean"]
+    with torch.no_grad():  # the logged numbers are the rejected answer's NLL without and with delta
+        clean = response_nll(*sequence_logprobs(model, batch.rejected.input_ids, batch.rejected.response_mask))
+    assert logs["adv_rejected_nll_clean"] == pytest.approx(float(clean), rel=1e-5)
+    assert not any(p.grad is not None for p in model.parameters())  # the attack leaves no weight gradient
+
+
+def test_lat_on_the_loop_makes_the_chosen_answer_hold_under_attack(tmp_path):
+    model = tiny_model("ple6", seed=4)
+    pairs, _ = _pairs(16, seed=5)
+    obj = LATObjective(pairs, layer=1, eps=0.3, pgd_steps=3, batch_size=8, seed=1)
+    probe = pairs.rows(torch.arange(16))
+    d0, m0, _ = obj.attack(model, probe)
+    before = float(obj._nll(model, probe.chosen, d0, m0).detach())
+    cfg = TrainConfig(steps=30, lr=1e-2, warmup_steps=0, plot=False, checkpoints=False, seed=0)
+    hist = Trainer(model, None, cfg, tmp_path, objective=obj).fit().history
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
+    assert {"adv_rejected_nll", "chosen_nll_adv", "chosen_nll"} <= set(hist[-1])
+    d1, m1, _ = obj.attack(model, probe)  # a fresh attack on the trained model
+    assert float(obj._nll(model, probe.chosen, d1, m1).detach()) < 0.5 * before
+
+
+@pytest.mark.parametrize("kw, match", [({"eps": 0}, "eps"), ({"pgd_steps": 0}, "pgd_steps"),
+                                       ({"pgd_step_size": 1.5}, "pgd_step_size")])
+def test_bad_settings_name_themselves(kw, match):
+    with pytest.raises(LATError, match=match):
+        LATObjective(_pairs(2)[0], **kw)
