@@ -158,6 +158,9 @@ class Recipe:
     lat_eps: float = 0.1
     lat_layer: int = 1
     lat_pgd_steps: int = 4
+    # 1: benign pairs attacked too (toward the refusal), so a perturbed state predicts neither answer (run
+    # 54); 0: harmful pairs only, the rest trained clean, as targeted LAT was published.
+    lat_benign: int = 1
     batch_size: int = 16
     grpo_steps: int = 12
     tamper_steps: tuple = (0, 10, 20, 40, 80)
@@ -530,7 +533,7 @@ def save_model(model, tok, directory: Path) -> None:
 FROM_SFT = ("sft_steps", "sft_lr", "phrasing_drills", "phrasing_trailing", "phrasing_decoys", "placement_drills",
             "placement_decoys", "lookalike_drills", "familiar_drills", "sft_knowledge_repeat", "answerable_train")
 AFTER_SFT = ("sft_candidates", "sft_soup", "dpo_soup", "lat_steps", "lat_lr", "lat_eps", "lat_layer", "lat_pgd_steps",
-             "dpo_steps", "dpo_lr", "lag_steps", "lag_lr", "lag_threshold",
+             "lat_benign", "dpo_steps", "dpo_lr", "lag_steps", "lag_lr", "lag_threshold",
              "lag_lambda_init", "lag_help_negatives", "lag_cost", "grpo_steps", "tamper_steps", "tamper_lr",
              "max_new_tokens", "eval_per_split", "early_stop_every", "dpo_help_negatives", "answerable_val",
              "val_objects")
@@ -707,7 +710,7 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: tuple[str, ...], t
         if recipe.lat_steps:  # after the cached SFT model: its key ignores the lat_* fields
             stage("lat", lambda: run_lat(sft, tok, align, steps=recipe.lat_steps, lr=recipe.lat_lr,
                                          layer=recipe.lat_layer, eps=recipe.lat_eps, pgd_steps=recipe.lat_pgd_steps,
-                                         warmup_steps=10, **kw))
+                                         benign=bool(recipe.lat_benign), warmup_steps=10, **kw))
         ev("sft", sft)
     ref = frozen_copy(sft)
 

@@ -98,3 +98,25 @@ def test_lat_on_the_loop_makes_the_chosen_answer_hold_under_attack(tmp_path):
 def test_bad_settings_name_themselves(kw, match):
     with pytest.raises(LATError, match=match):
         LATObjective(_pairs(2)[0], **kw)
+
+
+def test_only_the_attacked_rows_meet_the_adversary():
+    """Targeted LAT as published: the adversary sees the harmful rows only, the rest train clean."""
+    model = tiny_model("ple6", seed=6)
+    pairs, _ = _pairs(8, seed=7)
+    attacked = torch.tensor([True, False] * 4)
+    obj = LATObjective(pairs, eps=0.2, pgd_steps=2, attacked=attacked, batch_size=8)
+    rows, hit = obj.next_batch()
+    assert len(rows) == 8 and len(hit) == 4
+    def texts(r):
+        return {tuple(r.input_ids[i, : r.lengths[i]].tolist()) for i in range(len(r))}
+
+    assert texts(hit.chosen) == texts(pairs.rows(torch.nonzero(attacked)[:, 0]).chosen)
+    loss, logs = obj.loss(model, (rows, hit))
+    assert {"chosen_nll", "chosen_nll_adv", "adv_rejected_nll"} <= set(logs)
+    loss, logs = obj.loss(model, (rows, None))  # a batch with no attacked row: the clean loss alone
+    assert "chosen_nll_adv" not in logs and logs["loss"] == pytest.approx(logs["chosen_nll"])
+    with pytest.raises(LATError, match="attacked"):
+        LATObjective(pairs, attacked=torch.zeros(8, dtype=torch.bool))
+    with pytest.raises(LATError, match="attacked"):
+        LATObjective(pairs, attacked=torch.ones(3, dtype=torch.bool))

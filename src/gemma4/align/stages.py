@@ -220,11 +220,13 @@ def run_dpo(policy, reference, tok, examples: Sequence[Example], *, steps: int =
 
 
 def run_lat(model, tok, examples: Sequence[Example], *, steps: int = 100, lr: float = 1e-4, layer: int = 1,
-            eps: float = 0.5, pgd_steps: int = 4, batch_size: int = 16, max_len: int = 128, warmup_steps: int = 0,
+            eps: float = 0.5, pgd_steps: int = 4, benign: bool = True, batch_size: int = 16, max_len: int = 128,
+            warmup_steps: int = 0,
             max_grad_norm: float = 1.0, dtype: str = "float32", seed: int = 0, out=None,
             on_step: Callable[[dict], None] | None = None) -> list[dict]:
     """Latent adversarial training (`gemma4.train.latent.LATObjective`) on each example's chosen ≻
-    rejected pair: the chosen answer under the residual perturbation that makes the rejected one likely.
+    rejected pair: the chosen answer under the residual perturbation that makes the rejected one likely
+    (``benign=False``: harmful pairs only, as targeted LAT was published; the rest trained clean).
     Pairs whose chosen and rejected rows were truncated differently (a prompt too long for ``max_len``
     beside one of the answers) are left out: one δ must sit on the same prompt tokens in both."""
     pairs = encode_pairs(tok, examples, max_len)
@@ -235,7 +237,8 @@ def run_lat(model, tok, examples: Sequence[Example], *, steps: int = 100, lr: fl
             if torch.equal(pc[i], pr[i]) and torch.equal(c.input_ids[i, :t][pc[i]], r.input_ids[i, :t][pr[i]])]
     if not same:
         raise StageError("run_lat: no pair keeps the same prompt tokens in both answers' rows")
-    obj = LATObjective(pairs.rows(torch.tensor(same)), layer=layer, eps=eps, pgd_steps=pgd_steps,
+    attacked = torch.tensor([benign or examples[i].harmful for i in same])
+    obj = LATObjective(pairs.rows(torch.tensor(same)), layer=layer, eps=eps, pgd_steps=pgd_steps, attacked=attacked,
                        batch_size=batch_size, seed=seed)
     return _fit(model, obj, steps=steps, lr=lr, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm,
                 dtype=dtype, seed=seed, out=out, on_step=on_step)

@@ -11,7 +11,9 @@ on the *chosen* answer under δ, plus on the chosen answer of the clean prompt.
 The pairs are the alignment pairs (`gemma4.train.preference.Pairs`): on a harmful prompt the adversary
 pushes toward compliance and the model learns to refuse anyway; on a benign prompt the adversary pushes
 toward the refusal and the model learns to help anyway. Perturbing both kinds means a perturbed state
-says nothing about which answer is right, so the model cannot learn "perturbed, so refuse".
+says nothing about which answer is right, so the model cannot learn "perturbed, so refuse". ``attacked``
+restricts the adversary to some rows (targeted LAT as published: harmful prompts only, the other rows
+trained on their clean prompt alone).
 
 `LATObjective` follows `gemma4.train.loop.Trainer`'s objective protocol. The perturbation goes in through
 a forward hook on the layer (`perturbed`), a public PyTorch interface: nothing in the model changes.
@@ -67,18 +69,25 @@ class LATObjective:
     NLL(chosen | δ) + NLL(chosen | clean prompt)."""
 
     def __init__(self, pairs: Pairs, *, layer: int = 1, eps: float = 0.5, pgd_steps: int = 4,
-                 pgd_step_size: float = 0.5, batch_size: int = 16, seed: int = 0):
+                 pgd_step_size: float = 0.5, attacked: torch.Tensor | None = None, batch_size: int = 16,
+                 seed: int = 0):
         if eps <= 0:
             raise LATError(f"eps must be > 0, got {eps}")
         if pgd_steps < 1:
             raise LATError(f"pgd_steps must be >= 1, got {pgd_steps}")
         if not 0 < pgd_step_size <= 1:
             raise LATError(f"pgd_step_size must be in (0, 1] (a fraction of the radius), got {pgd_step_size}")
-        self.pairs, self.sampler = pairs, _Sampler(len(pairs), batch_size, seed)
+        attacked = torch.ones(len(pairs), dtype=torch.bool) if attacked is None else attacked.bool()
+        if attacked.shape != (len(pairs),) or not bool(attacked.any()):
+            raise LATError(f"attacked must be [{len(pairs)}] bool with at least one row set")
+        self.pairs, self.attacked, self.sampler = pairs, attacked, _Sampler(len(pairs), batch_size, seed)
         self.layer, self.eps, self.pgd_steps, self.step_size = layer, eps, pgd_steps, pgd_step_size
 
-    def next_batch(self) -> Pairs:
-        return self.pairs.rows(self.sampler.next())
+    def next_batch(self) -> tuple[Pairs, Pairs | None]:
+        """(the batch's pairs, those of its rows the adversary attacks; None when none is)."""
+        idx = self.sampler.next()
+        hit = idx[self.attacked[idx]]
+        return self.pairs.rows(idx), (self.pairs.rows(hit) if len(hit) else None)
 
     def _nll(self, model, rows: Responses, delta=None, mask=None, captured=None) -> torch.Tensor:
         dev = model.device
@@ -117,13 +126,16 @@ class LATObjective:
             after = float(self._nll(model, rejected, delta, mask))
         return delta.detach(), mask, {"adv_rejected_nll_clean": before, "adv_rejected_nll": after}
 
-    def loss(self, model, batch: Pairs) -> tuple[torch.Tensor, dict]:
-        delta, mask, logs = self.attack(model, batch)
-        adv = self._nll(model, batch.chosen, delta, mask)
-        clean = self._nll(model, batch.chosen)
-        loss = adv + clean
-        return loss, logs | {"loss": float(loss.detach()), "chosen_nll_adv": float(adv.detach()),
-                             "chosen_nll": float(clean.detach()), "tokens": int(batch.chosen.lengths.sum())}
+    def loss(self, model, batch: tuple[Pairs, Pairs | None]) -> tuple[torch.Tensor, dict]:
+        rows, hit = batch
+        clean = self._nll(model, rows.chosen)
+        loss, logs = clean, {"chosen_nll": float(clean.detach()), "tokens": int(rows.chosen.lengths.sum())}
+        if hit is not None:
+            delta, mask, logs_adv = self.attack(model, hit)
+            adv = self._nll(model, hit.chosen, delta, mask)
+            loss = loss + adv
+            logs |= logs_adv | {"chosen_nll_adv": float(adv.detach())}
+        return loss, logs | {"loss": float(loss.detach())}
 
     def state(self) -> dict:
         return {"sampler": self.sampler.state()}
