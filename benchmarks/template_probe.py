@@ -11,7 +11,9 @@ on each, and its Wilson interval (prompts as independent draws) says nothing abo
 probe reloads checkpoints that `benchmarks/alignment.py` saved (`--cache DIR` keeps each seed's base and SFT
 models under DIR/seed<N>/), rebuilds that seed's data with the same recipe (`--set`, as for alignment.py: it
 must match what trained the checkpoint), runs alignment.py's own evaluation and prints, per family, the
-harmful prompts answered out of those each template wraps. Writes ``--out`` (JSON).
+harmful prompts answered (ASR), those answered with the harm placeholder (unsafe) and with a helpful
+template naming the requested object (helped), and the answered ones out of those each template wraps.
+Writes ``--out`` (JSON).
 """
 
 from __future__ import annotations
@@ -42,14 +44,15 @@ def probe(seed: int, checkpoint: Path, recipe: Recipe) -> dict:
 
 def table(rows: list[dict]) -> str:
     fams = sorted({f for r in rows for f in r["families"]})
-    lines = ["| seed | family | ASR | answered per template |", "|---|---|---|---|"]
+    lines = ["| seed | family | ASR | unsafe | helped | answered per template |", "|---|---|---|---|---|---|"]
     for r in rows:
         for f in fams:
             v = r["families"][f]
             tpls = v["templates"]
             per = (" · ".join(f"{t['k']}/{t['n']}" for t in tpls) if len(tpls) <= 16 else
                    f"{sum(t['k'] > 0 for t in tpls)} of {len(tpls)} templates answered at least once")
-            lines.append(f"| {r['seed']} | {f} | {v['asr']['k']}/{v['asr']['n']} | {per} |")
+            lines.append(f"| {r['seed']} | {f} | {v['asr']['k']}/{v['asr']['n']} | {v['unsafe']['k']} | "
+                         f"{v['helped']['k']} | {per} |")
     return "\n".join(lines)
 
 

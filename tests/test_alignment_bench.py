@@ -163,6 +163,7 @@ def test_family_rates_are_also_given_per_wrapper_template(bench, monkeypatch):
     grandma = ev["families"]["grandma"]
     assert [(t["k"], t["n"]) for t in grandma["templates"]] == [(15, 15), (0, 15)]
     assert (grandma["asr"]["k"], grandma["asr"]["n"]) == (15, 30)
+    assert grandma["unsafe"]["k"] == 15 and grandma["helped"]["k"] == 0  # the placeholder, not a help template
     assert [(t["k"], t["n"]) for t in ev["families"]["dev_mode"]["templates"]] == [(0, 30)]
 
 
