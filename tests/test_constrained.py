@@ -15,8 +15,8 @@ from gemma4.train.constrained import (ConstraintError, GRPOLagrangianObjective, 
 from gemma4.train.cost_model import (CostModel, CostModelError, cost_model_loss, load_cost_model,
                                      save_cost_model)
 from gemma4.train.loop import TrainConfig, Trainer, read_log
-from gemma4.train.preference import Pairs, Responses, precompute_reference
-from train_tiny import tiny_model
+from gemma4.train.preference import Pairs, precompute_reference
+from train_tiny import HELP, REFUSE, tiny_model, token_prompts, token_responses
 
 
 # ----------------------------------------------------------------------------- multiplier
@@ -44,26 +44,12 @@ def test_multiplier_rises_decays_and_clamps():
         m.update(float("nan"))
 
 
-# ----------------------------------------------------------------------------- data helpers
-REFUSE = [60, 61, 62, 63, 1]
-HELP = [70, 71, 72, 1]
-
-
-def _prompts(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return [[2] + torch.randint(100, 380, (3 + i % 3,), generator=g).tolist() for i in range(n)]
-
-
-def _resp(prompts, answer):
-    return Responses.from_lists([p + answer for p in prompts], [[False] * len(p) + [True] * len(answer) for p in prompts])
-
-
 def test_lagrangian_objective_logs_dual_every_step_and_lowers_cost(tmp_path):
     ref = tiny_model("ple6", seed=5)
     policy = make_trainable(copy.deepcopy(ref))
-    benign = _prompts(8, 0)
-    pairs = precompute_reference(ref, Pairs(_resp(benign, HELP), _resp(benign, REFUSE)))
-    harm_tr, harm_val = _resp(_prompts(8, 1), REFUSE), _resp(_prompts(6, 2), REFUSE)
+    benign = token_prompts(8, 0)
+    pairs = precompute_reference(ref, Pairs(token_responses(benign, HELP), token_responses(benign, REFUSE)))
+    harm_tr, harm_val = token_responses(token_prompts(8, 1), REFUSE), token_responses(token_prompts(6, 2), REFUSE)
     mult = LagrangeMultiplier(threshold=0.05, lr=0.1)  # small η: the random model's J ≈ 5.5 would clamp at once
     obj = LagrangianObjective(pairs, harm_tr, harm_val, multiplier=mult, batch_size=4, cost_batch_size=4)
     with torch.no_grad():
@@ -94,17 +80,18 @@ def test_pairwise_cost_starts_at_log2_keeps_its_gradient_and_drives_the_dual(tmp
     refusal NLL's does."""
     ref = tiny_model("ple6", seed=5)
     policy = make_trainable(copy.deepcopy(ref))
-    harm = _prompts(6, 1)
-    cost_pairs = precompute_reference(ref, Pairs(_resp(harm, REFUSE), _resp(harm, HELP)))
+    harm = token_prompts(6, 1)
+    cost_pairs = precompute_reference(ref, Pairs(token_responses(harm, REFUSE), token_responses(harm, HELP)))
     assert mean_cost(policy, cost_pairs, batch_size=4) == pytest.approx(math.log(2), abs=1e-5)
     pairwise_cost(policy, cost_pairs).mean().backward()
     assert sum(float(p.grad.norm()) for p in policy.parameters() if p.grad is not None) > 0
     with pytest.raises(ConstraintError, match="reference"):
-        pairwise_cost(policy, Pairs(_resp(harm, REFUSE), _resp(harm, HELP)))
+        pairwise_cost(policy, Pairs(token_responses(harm, REFUSE), token_responses(harm, HELP)))
 
-    benign = _prompts(8, 0)
-    pairs = precompute_reference(ref, Pairs(_resp(benign, HELP), _resp(benign, REFUSE)))
-    val = precompute_reference(ref, Pairs(_resp(_prompts(6, 2), REFUSE), _resp(_prompts(6, 2), HELP)))
+    benign = token_prompts(8, 0)
+    pairs = precompute_reference(ref, Pairs(token_responses(benign, HELP), token_responses(benign, REFUSE)))
+    val_prompts = token_prompts(6, 2)
+    val = precompute_reference(ref, Pairs(token_responses(val_prompts, REFUSE), token_responses(val_prompts, HELP)))
     mult = LagrangeMultiplier(threshold=0.6, lr=2.0)
     obj = LagrangianObjective(pairs, cost_pairs, val, multiplier=mult, batch_size=4, cost_batch_size=4)
     policy.zero_grad(set_to_none=True)
@@ -114,7 +101,7 @@ def test_pairwise_cost_starts_at_log2_keeps_its_gradient_and_drives_the_dual(tmp
     assert log[0]["j_tr"] == pytest.approx(math.log(2), abs=1e-4)  # the first step's policy is the reference
     assert log[0]["log_lambda"] == pytest.approx(2.0 * (log[0]["j_val"] - 0.6))
     with pytest.raises(ConstraintError, match="both"):
-        LagrangianObjective(pairs, cost_pairs, _resp(_prompts(6, 2), REFUSE))
+        LagrangianObjective(pairs, cost_pairs, token_responses(token_prompts(6, 2), REFUSE))
 
 
 # ----------------------------------------------------------------------------- GRPO
@@ -137,7 +124,7 @@ def test_group_zscore_per_component_and_zero_std():
 def test_grpo_lagrangian_step_on_the_loop(tmp_path):
     ref = tiny_model("ple6", seed=7)
     policy = make_trainable(copy.deepcopy(ref))
-    prompts = _prompts(4, 3)
+    prompts = token_prompts(4, 3)
     harmful = [True, False, True, False]
 
     def score(i, text):  # reward on benign prompts: the text has an "a"; cost on harmful: it has no "b"

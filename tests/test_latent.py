@@ -7,26 +7,13 @@ import torch
 
 from gemma4.train.latent import LATError, LATObjective, perturbed, prompt_mask
 from gemma4.train.loop import TrainConfig, Trainer
-from gemma4.train.preference import Pairs, Responses, response_nll, sequence_logprobs
-from train_tiny import tiny_model
-
-REFUSE = [60, 61, 62, 63, 1]
-HELP = [70, 71, 72, 1]
-
-
-def _prompts(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return [[2] + torch.randint(100, 380, (3 + i % 3,), generator=g).tolist() for i in range(n)]
-
-
-def _resp(prompts, answer):
-    return Responses.from_lists([p + answer for p in prompts],
-                                [[False] * len(p) + [True] * len(answer) for p in prompts])
+from gemma4.train.preference import Pairs, response_nll, sequence_logprobs
+from train_tiny import HELP, REFUSE, tiny_model, token_prompts, token_responses
 
 
 def _pairs(n=8, seed=0):
-    prompts = _prompts(n, seed)
-    return Pairs(_resp(prompts, REFUSE), _resp(prompts, HELP)), prompts
+    prompts = token_prompts(n, seed)
+    return Pairs(token_responses(prompts, REFUSE), token_responses(prompts, HELP)), prompts
 
 
 def test_prompt_mask_is_the_prompt():

@@ -8,6 +8,7 @@ import torch
 
 import gemma4
 from gemma4.text.tokenizer import Tokenizer, build_from_vocab
+from gemma4.train.preference import Responses
 
 CONTROL, NORMAL, BYTE, UNKNOWN, USER = 3, 1, 6, 2, 4
 SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|think|>",
@@ -60,3 +61,20 @@ def tame_(model, seed: int = 0):
             if name.endswith(("q_norm.weight", "k_norm.weight")):
                 p.copy_(torch.empty(p.shape).uniform_(0.125, 0.375, generator=g))
     return model
+
+
+# Token-id stand-ins for the refusal and a helpful answer, and random prompts (ids 100-379, after <bos>),
+# for the preference, constrained and latent-adversarial objectives' tests.
+REFUSE = [60, 61, 62, 63, 1]
+HELP = [70, 71, 72, 1]
+
+
+def token_prompts(n: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [[2] + torch.randint(100, 380, (3 + i % 3,), generator=g).tolist() for i in range(n)]
+
+
+def token_responses(prompts: list[list[int]], answer: list[int]) -> Responses:
+    """Each prompt followed by ``answer``, the answer marked as the response."""
+    return Responses.from_lists([p + answer for p in prompts],
+                                [[False] * len(p) + [True] * len(answer) for p in prompts])
