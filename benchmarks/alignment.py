@@ -147,8 +147,9 @@ class Recipe:
     # 0 = none, runs 1-53): the aligned answer trained to hold while projected gradient descent perturbs
     # layer `lat_layer`'s output at the prompt (each token by at most `lat_eps` of its own residual norm)
     # toward the rejected answer, harmful and benign pairs alike. The SFT model the report shows is then
-    # SFT + LAT, and DPO and the Lagrangian start from it. Why: runs 44-53 fixed one held-out template at a
-    # time with data and moved the failure to another (RESULTS, the template probe); LAT asks for robustness
+    # SFT + LAT (after `sft_candidates`' choice or `sft_soup`'s average), and DPO and the Lagrangian start
+    # from it. Why: runs 44-53 fixed one held-out template at a time with data and moved the failure to
+    # another (RESULTS, the template probe); LAT asks for robustness
     # to every perturbation of a prompt's hidden states in a ball, not to the wrappers in the data. eps 0.1
     # at layer 1 (of 4): on 64 training pairs of run 44's seed-5 SFT model, 4 PGD steps take the compliance
     # NLL of harmful prompts from 0.39 to 0.12 nats per token and the refusal's on benign ones from 0.92 to
@@ -702,7 +703,6 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: tuple[str, ...], t
             sft = weight_average(candidates)
             res["sft_selection"] = {"chosen": "soup", "candidates": rows,
                                     "soup": validation_scores(sft, tok, val, recipe)}
-            ev("sft", sft)
         else:
             chosen = best_candidate(rows)
             res["sft_selection"] = {"chosen": chosen, "candidates": rows}
@@ -713,10 +713,11 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: tuple[str, ...], t
                    + ", ".join(f"{name}: {v['val_asr'] + v['val_over_refusal']:.3f}" for name, v in scored))
     else:
         sft = sft_candidate(0)
-        if recipe.lat_steps:  # after the cached SFT model: its key ignores the lat_* fields
-            stage("lat", lambda: run_lat(sft, tok, align, steps=recipe.lat_steps, lr=recipe.lat_lr,
-                                         layer=recipe.lat_layer, eps=recipe.lat_eps, pgd_steps=recipe.lat_pgd_steps,
-                                         benign=bool(recipe.lat_benign), warmup_steps=10, **kw))
+    if recipe.lat_steps:  # after the cached SFT model(s) and the choice: their keys ignore the lat_* fields
+        stage("lat", lambda: run_lat(sft, tok, align, steps=recipe.lat_steps, lr=recipe.lat_lr,
+                                     layer=recipe.lat_layer, eps=recipe.lat_eps, pgd_steps=recipe.lat_pgd_steps,
+                                     benign=bool(recipe.lat_benign), warmup_steps=10, **kw))
+    if recipe.lat_steps or recipe.sft_soup or recipe.sft_candidates == 1:  # a chosen candidate was evaluated above
         ev("sft", sft)
     ref = frozen_copy(sft)
 
@@ -1166,8 +1167,9 @@ def main(argv=None) -> int:
         ap.error(str(e))
     if recipe.sft_soup and recipe.sft_candidates < 2:
         ap.error(f"--set sft_soup=1 averages SFT candidates: it needs sft_candidates >= 2, got {recipe.sft_candidates}")
-    if recipe.lat_steps and recipe.sft_candidates > 1:
-        ap.error("--set lat_steps trains the one SFT model further: it does not combine with sft_candidates > 1")
+    if recipe.lat_steps and recipe.dpo_soup:
+        ap.error("--set lat_steps trains the SFT model that DPO starts from, and --set dpo_soup=1 starts DPO from "
+                 "each SFT candidate instead: they do not combine")
     if recipe.dpo_soup and not recipe.sft_soup:
         ap.error("--set dpo_soup=1 trains DPO from each SFT candidate and compares their mean with the averaged "
                  "SFT model: it needs --set sft_soup=1")
