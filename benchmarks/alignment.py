@@ -703,6 +703,9 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: tuple[str, ...], t
             sft = weight_average(candidates)
             res["sft_selection"] = {"chosen": "soup", "candidates": rows,
                                     "soup": validation_scores(sft, tok, val, recipe)}
+            if recipe.lat_steps:  # the report's SFT row becomes SFT + LAT: the average's own numbers go here
+                res["sft_selection"]["soup"]["headline"] = ev("sft_soup", sft)["headline"]
+                del res["models"]["sft_soup"]
         else:
             chosen = best_candidate(rows)
             res["sft_selection"] = {"chosen": chosen, "candidates": rows}
@@ -997,8 +1000,8 @@ def write_report(results: list[dict], summary: dict, out: Path, recipe: Recipe, 
             lines += [row(r["seed"], f"{c['candidate']} ({c['data_seed']})", c, c["headline"],
                           c["candidate"] == sel["chosen"]) for c in sel["candidates"]]
             if "soup" in sel:
-                lines.append(row(r["seed"], "the soup (mean weights)", sel["soup"], r["models"]["sft"]["headline"],
-                                 True))
+                lines.append(row(r["seed"], "the soup (mean weights)", sel["soup"],
+                                 sel["soup"].get("headline", r["models"]["sft"]["headline"]), True))
             for c in r.get("dpo_soup", []):  # `dpo_soup`: DPO from each candidate, then their mean
                 es = r["early_stop"][f"dpo_c{c['candidate']}"]
                 kept = next(t for t in es["trace"] if t["step"] == es["chosen_step"])

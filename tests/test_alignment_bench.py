@@ -85,7 +85,7 @@ def test_sft_candidate_is_chosen_on_validation_alone(bench):
     assert bench.best_candidate([c(0.3, 0.0, 0.0)]) == 0
 
 
-def test_weight_average_is_the_mean_of_the_weights(bench):
+def test_weight_average_is_the_mean_of_the_weights(bench, capsys):
     torch.manual_seed(0)
     models = [torch.nn.Linear(3, 2) for _ in range(3)]
     models[0].register_buffer("count", torch.tensor([7]))
@@ -99,6 +99,10 @@ def test_weight_average_is_the_mean_of_the_weights(bench):
         bench.main(["--set", "sft_soup=1", "--summarize-only"])
     with pytest.raises(SystemExit):  # DPO's mean is read against the averaged SFT model
         bench.main(["--set", "sft_candidates=3", "--set", "dpo_soup=1", "--summarize-only"])
+    with pytest.raises(SystemExit):  # LAT trains the one SFT model DPO starts from; dpo_soup starts from each candidate
+        bench.main(["--set", "sft_candidates=3", "--set", "sft_soup=1", "--set", "dpo_soup=1", "--set", "lat_steps=10",
+                    "--summarize-only"])
+    assert "do not combine" in capsys.readouterr().err
 
 
 def test_constraint_goal_reads_the_kept_weights(bench):
