@@ -149,11 +149,13 @@ class Recipe:
     # toward the rejected answer, harmful and benign pairs alike. The SFT model the report shows is then
     # SFT + LAT (after `sft_candidates`' choice or `sft_soup`'s average), and DPO and the Lagrangian start
     # from it. Why: runs 44-53 fixed one held-out template at a time with data and moved the failure to
-    # another (RESULTS, the template probe); LAT asks for robustness
-    # to every perturbation of a prompt's hidden states in a ball, not to the wrappers in the data. eps 0.1
-    # at layer 1 (of 4): on 64 training pairs of run 44's seed-5 SFT model, 4 PGD steps take the compliance
-    # NLL of harmful prompts from 0.39 to 0.12 nats per token and the refusal's on benign ones from 0.92 to
-    # 0.05; at 0.25 both reach ~0.01 (layers 0 and 2 alike).
+    # another (RESULTS, the template probe); LAT asks for robustness to every perturbation of a prompt's
+    # hidden states in a ball, not to the wrappers in the data. Run 56 (after `sft_soup`, harmful pairs
+    # only): no family above 10% in eight seeds, for 2-11 points of helpfulness; DPO from it meets every goal
+    # in 6 of 8, not the default by its rule. eps 0.1 at layer 1 (of 4): on 64 training pairs of run 44's
+    # seed-5 SFT model, 4 PGD steps take the compliance NLL of harmful prompts from 0.39 to 0.12 nats per
+    # token and the refusal's on benign ones from 0.92 to 0.05; at 0.25 both reach ~0.01 (layers 0 and 2
+    # alike).
     lat_steps: int = 0
     lat_lr: float = 2e-4
     lat_eps: float = 0.1
