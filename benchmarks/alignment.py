@@ -164,6 +164,12 @@ class Recipe:
     # 1: benign pairs attacked too (toward the refusal), so a perturbed state predicts neither answer (run
     # 54); 0: harmful pairs only, the rest trained clean, as targeted LAT was published.
     lat_benign: int = 1
+    # 1: SFT's copy drills (`copy_drills`, made-up objects) join LAT's rows, trained clean as the other unattacked
+    # rows (0 = LAT on the alignment rows alone, runs 54-56). Run 56's LAT cost 2-11 points of on-topic
+    # helpfulness, all of it on held-out objects (seed 3: 120/120 held-out phrasings answered, objects 35/120),
+    # whose answers must copy a name never trained on; the copy drills are the SFT stage's only rows that
+    # train copying, and LAT had none for 300 steps.
+    lat_drills: int = 0
     batch_size: int = 16
     grpo_steps: int = 12
     tamper_steps: tuple = (0, 10, 20, 40, 80)
@@ -542,7 +548,7 @@ def save_model(model, tok, directory: Path) -> None:
 FROM_SFT = ("sft_steps", "sft_lr", "phrasing_drills", "phrasing_trailing", "phrasing_decoys", "placement_drills",
             "placement_decoys", "lookalike_drills", "familiar_drills", "sft_knowledge_repeat", "answerable_train")
 AFTER_SFT = ("sft_candidates", "sft_soup", "dpo_soup", "lat_steps", "lat_lr", "lat_eps", "lat_layer", "lat_pgd_steps",
-             "lat_benign", "dpo_steps", "dpo_lr", "lag_steps", "lag_lr", "lag_threshold",
+             "lat_benign", "lat_drills", "dpo_steps", "dpo_lr", "lag_steps", "lag_lr", "lag_threshold",
              "lag_lambda_init", "lag_help_negatives", "lag_cost", "grpo_steps", "tamper_steps", "tamper_lr",
              "max_new_tokens", "eval_per_split", "early_stop_every", "dpo_help_negatives", "answerable_val",
              "val_objects")
@@ -719,7 +725,8 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: tuple[str, ...], t
     else:
         sft = sft_candidate(0)
     if recipe.lat_steps:  # after the cached SFT model(s) and the choice: their keys ignore the lat_* fields
-        stage("lat", lambda: run_lat(sft, tok, align, steps=recipe.lat_steps, lr=recipe.lat_lr,
+        lat_rows = align + (drills if recipe.lat_drills else [])
+        stage("lat", lambda: run_lat(sft, tok, lat_rows, steps=recipe.lat_steps, lr=recipe.lat_lr,
                                      layer=recipe.lat_layer, eps=recipe.lat_eps, pgd_steps=recipe.lat_pgd_steps,
                                      benign=bool(recipe.lat_benign), warmup_steps=10, **kw))
     if recipe.lat_steps or recipe.sft_soup or recipe.sft_candidates == 1:  # a chosen candidate was evaluated above
