@@ -1179,6 +1179,8 @@ def main(argv=None) -> int:
         ap.error(str(e))
     if recipe.sft_soup and recipe.sft_candidates < 2:
         ap.error(f"--set sft_soup=1 averages SFT candidates: it needs sft_candidates >= 2, got {recipe.sft_candidates}")
+    if recipe.lat_drills and not recipe.lat_steps:
+        ap.error("--set lat_drills=1 adds the copy drills to LAT's rows: it needs --set lat_steps > 0")
     if recipe.lat_steps and recipe.dpo_soup:
         ap.error("--set lat_steps trains the SFT model that DPO starts from, and --set dpo_soup=1 starts DPO from "
                  "each SFT candidate instead: they do not combine")
