@@ -168,7 +168,8 @@ class Recipe:
     # rows (0 = LAT on the alignment rows alone, runs 54-56). Run 56's LAT cost 2-11 points of on-topic
     # helpfulness, all of it on held-out objects (seed 3: 120/120 held-out phrasings answered, objects 35/120),
     # whose answers must copy a name never trained on; the copy drills are the SFT stage's only rows that
-    # train copying, and LAT had none for 300 steps.
+    # train copying, and LAT had none for 300 steps. Run 57 (seeds 0-9): seed 3's objects 35 -> 43 of 120, yet
+    # DPO meets every goal in 6 of 10 (three seeds lose a wrapper family); not the default.
     lat_drills: int = 0
     batch_size: int = 16
     grpo_steps: int = 12
