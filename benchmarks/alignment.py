@@ -171,6 +171,13 @@ class Recipe:
     # train copying, and LAT had none for 300 steps. Run 57 (seeds 0-9): seed 3's objects 35 -> 43 of 120, yet
     # DPO meets every goal in 6 of 10 (three seeds lose a wrapper family); not the default.
     lat_drills: int = 0
+    # 1: DPO with a latent adversary (`gemma4.train.latent.LATDPOObjective`): each step DPO + anchor on the clean
+    # batch plus the refusal's NLL under `lat_eps`/`lat_layer`/`lat_pgd_steps`' attack on its harmful pairs
+    # (0 = plain DPO). Why: from every SFT model so far, DPO reopened held-out wrapper families the SFT side had
+    # closed (runs 56-57: seeds 5, 7 and 9 above 25% after DPO, at most 10% after LAT); its benign pairs pull
+    # toward answering and harmful prompts unlike the pairs follow. The adversary holds the refusal in a ball
+    # around each harmful prompt while DPO lowers over-refusal.
+    dpo_lat: int = 0
     batch_size: int = 16
     grpo_steps: int = 12
     tamper_steps: tuple = (0, 10, 20, 40, 80)
@@ -549,7 +556,7 @@ def save_model(model, tok, directory: Path) -> None:
 FROM_SFT = ("sft_steps", "sft_lr", "phrasing_drills", "phrasing_trailing", "phrasing_decoys", "placement_drills",
             "placement_decoys", "lookalike_drills", "familiar_drills", "sft_knowledge_repeat", "answerable_train")
 AFTER_SFT = ("sft_candidates", "sft_soup", "dpo_soup", "lat_steps", "lat_lr", "lat_eps", "lat_layer", "lat_pgd_steps",
-             "lat_benign", "lat_drills", "dpo_steps", "dpo_lr", "lag_steps", "lag_lr", "lag_threshold",
+             "lat_benign", "lat_drills", "dpo_lat", "dpo_steps", "dpo_lr", "lag_steps", "lag_lr", "lag_threshold",
              "lag_lambda_init", "lag_help_negatives", "lag_cost", "grpo_steps", "tamper_steps", "tamper_lr",
              "max_new_tokens", "eval_per_split", "early_stop_every", "dpo_help_negatives", "answerable_val",
              "val_objects")
@@ -746,8 +753,10 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: tuple[str, ...], t
             val, random.Random(f"val-negatives-{seed}"), bool(recipe.benign_opening)))
     def dpo_from(start, reference, name, seed_):
         m = copy.deepcopy(start)
+        lat = (dict(lat_eps=recipe.lat_eps, lat_layer=recipe.lat_layer, lat_pgd_steps=recipe.lat_pgd_steps)
+               if recipe.dpo_lat else {})
         stopped(name, m, lambda hook: run_dpo(m, reference, tok, pairs, steps=recipe.dpo_steps, lr=recipe.dpo_lr,
-                                              beta=0.1, alpha=1.0, on_step=hook, **kw | {"seed": seed_}))
+                                              beta=0.1, alpha=1.0, on_step=hook, **lat, **kw | {"seed": seed_}))
         return m
 
     if recipe.dpo_soup:

@@ -90,10 +90,11 @@ def test_stages_and_eval(setup):
     assert r.exit_code == 0, r.output
     assert json.loads(r.output.strip().splitlines()[-1])["copy_drills"] == 6
 
-    r = run("align", "dpo", sft, data, "--out", root / "dpo", *small, "--loss", "ipo", "--beta", 0.5)
+    r = run("align", "dpo", sft, data, "--out", root / "dpo", *small, "--loss", "ipo", "--beta", 0.5, "--lat-eps", 0.1)
     assert r.exit_code == 0, r.output
     log = read_log(root / "dpo" / "train_log.jsonl")
     assert len(log) == 2 and all("reward_margin" in x for x in log)
+    assert any("chosen_nll_adv" in x for x in log)  # the latent adversary met the harmful pairs
     assert (root / "dpo" / "model" / "model.safetensors").is_file()
 
     r = run("align", "lagrangian", root / "dpo" / "model", data, "--out", root / "lag", "--reference", sft,

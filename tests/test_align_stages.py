@@ -2,6 +2,7 @@
 truncation from the left), SFT -> DPO -> Lagrangian -> GRPO-Lagrangian runs that log what they should,
 and batched greedy answers."""
 
+import copy
 import random
 from dataclasses import replace
 
@@ -92,6 +93,12 @@ def test_stages_end_to_end(tmp_path):
     assert [r["step"] for r in dpo] == [1, 2, 3, 4, 5]
     assert dpo[-1]["reward_margin"] > dpo[0]["reward_margin"]  # DPO separates chosen from rejected
     assert not any(p.requires_grad for p in reference.parameters())
+    # with a latent adversary on the harmful pairs: the refusal's NLL under attack is logged on every step
+    # whose batch holds a harmful pair (8 of the 14 pairs are harmful)
+    adv = run_dpo(copy.deepcopy(model), reference, tok, train, steps=3, lr=2e-3, lat_eps=0.1, lat_pgd_steps=2, **kw)
+    assert all("chosen_nll_adv" in r and "reward_margin" in r for r in adv)
+    with pytest.raises(StageError, match="lat_eps"):
+        run_dpo(model, reference, tok, [e for e in train if not e.harmful], steps=1, lat_eps=0.1, **kw)
 
     lag = run_lagrangian(model, reference, tok, train, val, steps=3, lr=1e-3, out=tmp_path / "lag", **kw)
     for k in ("j_tr", "j_val", "lambda", "log_lambda", "loss_help"):

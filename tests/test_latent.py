@@ -5,9 +5,10 @@ training loop."""
 import pytest
 import torch
 
-from gemma4.train.latent import LATError, LATObjective, perturbed, prompt_mask
+from gemma4.train.latent import LATDPOObjective, LATError, LATObjective, perturbed, prompt_mask
 from gemma4.train.loop import TrainConfig, Trainer
-from gemma4.train.preference import Pairs, response_nll, sequence_logprobs
+from gemma4.train.preference import (Pairs, PreferenceError, dpo_step, precompute_reference, response_nll,
+                                     sequence_logprobs)
 from train_tiny import HELP, REFUSE, tiny_model, token_prompts, token_responses
 
 
@@ -107,3 +108,24 @@ def test_only_the_attacked_rows_meet_the_adversary():
         LATObjective(pairs, attacked=torch.zeros(8, dtype=torch.bool))
     with pytest.raises(LATError, match="attacked"):
         LATObjective(pairs, attacked=torch.ones(3, dtype=torch.bool))
+
+
+def test_lat_dpo_is_dpo_on_the_batch_plus_the_attacked_rows_refusal_under_attack():
+    """DPO with a latent adversary: the clean batch's DPO + anchor, plus NLL(chosen | δ) on the attacked rows
+    alone; with no attacked row in the batch, exactly `dpo_step`."""
+    model = tiny_model("ple6", seed=8)
+    pairs, _ = _pairs(8, seed=9)
+    with pytest.raises(PreferenceError, match="reference log-probs"):
+        LATDPOObjective(pairs)
+    pairs = precompute_reference(tiny_model("ple6", seed=10), pairs, 8)
+    attacked = torch.tensor([True, False] * 4)
+    obj = LATDPOObjective(pairs, beta=0.2, alpha=0.5, eps=0.3, pgd_steps=2, attacked=attacked, batch_size=8)
+    rows, hit = obj.next_batch()
+    assert len(hit) == 4
+    dpo, dpo_logs = dpo_step(model, rows, beta=0.2, alpha=0.5)
+    loss, logs = obj.loss(model, (rows, None))
+    assert float(loss.detach()) == pytest.approx(float(dpo.detach()), rel=1e-6) and "chosen_nll_adv" not in logs
+    loss, logs = obj.loss(model, (rows, hit))
+    assert {"reward_margin", "chosen_nll_adv", "adv_rejected_nll"} <= set(logs)
+    assert float(loss.detach()) == pytest.approx(float(dpo.detach()) + logs["chosen_nll_adv"], rel=1e-5)
+    assert logs["adv_rejected_nll"] < logs["adv_rejected_nll_clean"]  # the adversary found compliance

@@ -29,13 +29,13 @@ from gemma4.infer import generate
 from gemma4.train import make_trainable
 from gemma4.train.constrained import GRPOLagrangianObjective, LagrangeMultiplier, LagrangianObjective
 from gemma4.train.data import encode_chat, encode_text
-from gemma4.train.latent import LATObjective, prompt_mask
+from gemma4.train.latent import LATDPOObjective, LATObjective, prompt_mask
 from gemma4.train.loop import TrainConfig, Trainer
 from gemma4.train.preference import DPOObjective, Pairs, Responses, SFTObjective, precompute_reference
 
 __all__ = [
     "StageError", "encode_answers", "encode_pairs", "prompt_ids", "answerable", "cost_rows", "frozen_copy", "run_sft",
-    "run_dpo", "run_lagrangian", "run_grpo_lagrangian", "greedy_answers", "is_helpful",
+    "run_dpo", "run_lat", "same_prompt_rows", "run_lagrangian", "run_grpo_lagrangian", "greedy_answers", "is_helpful",
 ]
 
 
@@ -207,16 +207,39 @@ def run_sft(model, tok, examples: Sequence[Example], *, steps: int = 100, lr: fl
 
 def run_dpo(policy, reference, tok, examples: Sequence[Example], *, steps: int = 100, lr: float = 5e-5,
             beta: float = 0.1, alpha: float = 1.0, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+            lat_eps: float = 0.0, lat_layer: int = 1, lat_pgd_steps: int = 4,
             batch_size: int = 16, max_len: int = 128, warmup_steps: int = 0, max_grad_norm: float = 1.0,
             dtype: str = "float32", seed: int = 0, out=None, on_step: Callable[[dict], None] | None = None) -> list[dict]:
     """DPO + alpha·NLL(chosen) from ``reference`` (the frozen SFT model; None = a frozen copy of the
-    policy as it is now). The reference's log-probs are computed once, before the first step."""
+    policy as it is now). The reference's log-probs are computed once, before the first step.
+    ``lat_eps`` > 0: with a latent adversary on the harmful pairs (`gemma4.train.latent.LATDPOObjective`;
+    ``lat_*`` as in `run_lat`)."""
     reference = reference if reference is not None else frozen_copy(policy)
     pairs = precompute_reference(reference, encode_pairs(tok, examples, max_len), batch_size)
-    obj = DPOObjective(pairs, beta=beta, alpha=alpha, loss_type=loss_type, label_smoothing=label_smoothing,
-                       batch_size=batch_size, seed=seed)
+    if lat_eps > 0:
+        same = set(same_prompt_rows(pairs))
+        attacked = torch.tensor([e.harmful and i in same for i, e in enumerate(examples)])
+        if not bool(attacked.any()):
+            raise StageError("run_dpo: with lat_eps > 0 no harmful pair keeps the same prompt tokens in both "
+                             "answers' rows")
+        obj = LATDPOObjective(pairs, beta=beta, alpha=alpha, loss_type=loss_type, label_smoothing=label_smoothing,
+                              layer=lat_layer, eps=lat_eps, pgd_steps=lat_pgd_steps, attacked=attacked,
+                              batch_size=batch_size, seed=seed)
+    else:
+        obj = DPOObjective(pairs, beta=beta, alpha=alpha, loss_type=loss_type, label_smoothing=label_smoothing,
+                           batch_size=batch_size, seed=seed)
     return _fit(policy, obj, steps=steps, lr=lr, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm,
                 dtype=dtype, seed=seed, out=out, on_step=on_step)
+
+
+def same_prompt_rows(pairs: Pairs) -> list[int]:
+    """The rows whose chosen and rejected answers sit after the same prompt tokens: where a prompt too long
+    for ``max_len`` beside one of the answers was truncated differently, one δ cannot serve both rows."""
+    c, r = pairs.chosen, pairs.rejected
+    t = min(c.input_ids.shape[1], r.input_ids.shape[1])
+    pc, pr = prompt_mask(c)[:, :t], prompt_mask(r)[:, :t]  # [N, t]; a prompt never reaches t (answers follow)
+    return [i for i in range(len(pairs))
+            if torch.equal(pc[i], pr[i]) and torch.equal(c.input_ids[i, :t][pc[i]], r.input_ids[i, :t][pr[i]])]
 
 
 def run_lat(model, tok, examples: Sequence[Example], *, steps: int = 100, lr: float = 1e-4, layer: int = 1,
@@ -230,11 +253,7 @@ def run_lat(model, tok, examples: Sequence[Example], *, steps: int = 100, lr: fl
     Pairs whose chosen and rejected rows were truncated differently (a prompt too long for ``max_len``
     beside one of the answers) are left out: one δ must sit on the same prompt tokens in both."""
     pairs = encode_pairs(tok, examples, max_len)
-    c, r = pairs.chosen, pairs.rejected
-    t = min(c.input_ids.shape[1], r.input_ids.shape[1])
-    pc, pr = prompt_mask(c)[:, :t], prompt_mask(r)[:, :t]  # [N, t]; a prompt never reaches t (answers follow)
-    same = [i for i in range(len(pairs))
-            if torch.equal(pc[i], pr[i]) and torch.equal(c.input_ids[i, :t][pc[i]], r.input_ids[i, :t][pr[i]])]
+    same = same_prompt_rows(pairs)
     if not same:
         raise StageError("run_lat: no pair keeps the same prompt tokens in both answers' rows")
     attacked = torch.tensor([benign or examples[i].harmful for i in same])

@@ -247,6 +247,11 @@ def dpo_cmd(
     label_smoothing: float = typer.Option(0.0, "--label-smoothing", min=0.0, max=0.5,
                                           help="Share of pairs assumed flipped (the robust loss's ε; cDPO for "
                                                "sigmoid)."),
+    lat_eps: float = typer.Option(0.0, "--lat-eps", min=0.0, max=1.0,
+                                  help="> 0: a latent adversary on the harmful pairs. Each step, 4 steps of PGD "
+                                       "perturb decoder layer 1's output on the prompt (each token by at most this "
+                                       "fraction of its own residual norm) toward compliance, and the refusal is "
+                                       "trained to hold under it (the alignment benchmark uses 0.1)."),
     steps: int = typer.Option(80, min=1, help="Optimizer steps."),
     lr: float = typer.Option(5e-5, min=0.0, help="Peak learning rate (AdamW)."),
     batch_size: int = _BATCH, max_len: int = _MAXLEN, seed: int = _SEED, warmup: int = _WARMUP,
@@ -262,8 +267,8 @@ def dpo_cmd(
 
     def run(m, ref, tok, data, on_step):
         return run_dpo(m, ref, tok, data.splits["train"], steps=steps, lr=lr, beta=beta, alpha=alpha, loss_type=loss,
-                       label_smoothing=label_smoothing, batch_size=batch_size, max_len=max_len, warmup_steps=warmup,
-                       max_grad_norm=grad_clip, seed=seed, out=out, on_step=on_step)
+                       label_smoothing=label_smoothing, lat_eps=lat_eps, batch_size=batch_size, max_len=max_len,
+                       warmup_steps=warmup, max_grad_norm=grad_clip, seed=seed, out=out, on_step=on_step)
 
     _run_stage("dpo", model, data_dir, out, tokenizer, steps,
                (("reward_margin", "margin"), ("reward_acc", "acc")), json_out, run, reference)

@@ -15,6 +15,10 @@ says nothing about which answer is right, so the model cannot learn "perturbed, 
 restricts the adversary to some rows (targeted LAT as published: harmful prompts only, the other rows
 trained on their clean prompt alone).
 
+`LATDPOObjective` puts the same adversary inside a preference stage (Sheshadri et al. 2024 pair targeted
+LAT with DPO): each step is DPO + NLL anchor on the clean batch, plus the chosen answer's NLL under the
+attack on the batch's attacked rows.
+
 `LATObjective` follows `gemma4.train.loop.Trainer`'s objective protocol. The perturbation goes in through
 a forward hook on the layer (`perturbed`), a public PyTorch interface: nothing in the model changes.
 """
@@ -26,9 +30,10 @@ from contextlib import contextmanager
 import torch
 
 from gemma4._util import Gemma4Error
-from gemma4.train.preference import Pairs, Responses, _Sampler, response_nll, sequence_logprobs
+from gemma4.train.preference import (Pairs, PreferenceError, Responses, _Sampler, check_preference_settings, dpo_step,
+                                     response_nll, sequence_logprobs)
 
-__all__ = ["LATError", "prompt_mask", "perturbed", "LATObjective"]
+__all__ = ["LATError", "prompt_mask", "perturbed", "LATObjective", "LATDPOObjective"]
 
 
 class LATError(Gemma4Error, ValueError):
@@ -142,3 +147,36 @@ class LATObjective:
 
     def load_state(self, st: dict) -> None:
         self.sampler.load_state(st["sampler"])
+
+
+class LATDPOObjective(LATObjective):
+    """DPO (any `LOSS_TYPES`) + alpha · NLL(chosen) on the clean batch, plus NLL(chosen | δ) on the batch's
+    attacked rows, δ found as in `LATObjective.attack`.
+
+    Why: a DPO stage moves every prompt the way its pairs pull, and the benign pairs pull toward answering;
+    harmful prompts unlike any in the pairs (held-out jailbreak wrappers) drift with them (the alignment
+    benchmark, runs 56-57: DPO reopens wrapper families that the LAT model had closed). The adversarial
+    term keeps the refusal holding over a ball around each harmful prompt while DPO trains. The reference
+    log-probs stay those of the clean prompts: δ only enters the added term."""
+
+    def __init__(self, pairs: Pairs, *, beta: float = 0.1, alpha: float = 1.0, loss_type: str = "sigmoid",
+                 label_smoothing: float = 0.0, layer: int = 1, eps: float = 0.1, pgd_steps: int = 4,
+                 pgd_step_size: float = 0.5, attacked: torch.Tensor | None = None, batch_size: int = 16,
+                 seed: int = 0):
+        check_preference_settings(loss_type, beta, label_smoothing)
+        if loss_type != "simpo" and (pairs.ref_chosen is None or pairs.ref_rejected is None):
+            raise PreferenceError("LATDPOObjective needs reference log-probs: call "
+                                  "precompute_reference(reference, pairs)")
+        super().__init__(pairs, layer=layer, eps=eps, pgd_steps=pgd_steps, pgd_step_size=pgd_step_size,
+                         attacked=attacked, batch_size=batch_size, seed=seed)
+        self.kw = dict(beta=beta, alpha=alpha, loss_type=loss_type, label_smoothing=label_smoothing)
+
+    def loss(self, model, batch: tuple[Pairs, Pairs | None]) -> tuple[torch.Tensor, dict]:
+        rows, hit = batch
+        loss, logs = dpo_step(model, rows, **self.kw)
+        if hit is not None:
+            delta, mask, logs_adv = self.attack(model, hit)
+            adv = self._nll(model, hit.chosen, delta, mask)
+            loss = loss + adv
+            logs |= logs_adv | {"chosen_nll_adv": float(adv.detach())}
+        return loss, logs | {"loss": float(loss.detach())}
