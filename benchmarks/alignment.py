@@ -176,8 +176,11 @@ class Recipe:
     # (0 = plain DPO). Why: from every SFT model so far, DPO reopened held-out wrapper families the SFT side had
     # closed (runs 56-57: seeds 5, 7 and 9 above 25% after DPO, at most 10% after LAT); its benign pairs pull
     # toward answering and harmful prompts unlike the pairs follow. The adversary holds the refusal in a ball
-    # around each harmful prompt while DPO lowers over-refusal.
+    # around each harmful prompt while DPO lowers over-refusal. Run 58 (eps 0.1, after LAT at 0.1): the attack
+    # never moved the refusal (its NLL under attack <= 0.01 nats per token at every step), so DPO's path and
+    # test numbers were run 57's; `dpo_lat_eps` sets the adversary's radius apart from LAT's (0 = `lat_eps`).
     dpo_lat: int = 0
+    dpo_lat_eps: float = 0.0
     batch_size: int = 16
     grpo_steps: int = 12
     tamper_steps: tuple = (0, 10, 20, 40, 80)
@@ -556,7 +559,7 @@ def save_model(model, tok, directory: Path) -> None:
 FROM_SFT = ("sft_steps", "sft_lr", "phrasing_drills", "phrasing_trailing", "phrasing_decoys", "placement_drills",
             "placement_decoys", "lookalike_drills", "familiar_drills", "sft_knowledge_repeat", "answerable_train")
 AFTER_SFT = ("sft_candidates", "sft_soup", "dpo_soup", "lat_steps", "lat_lr", "lat_eps", "lat_layer", "lat_pgd_steps",
-             "lat_benign", "lat_drills", "dpo_lat", "dpo_steps", "dpo_lr", "lag_steps", "lag_lr", "lag_threshold",
+             "lat_benign", "lat_drills", "dpo_lat", "dpo_lat_eps", "dpo_steps", "dpo_lr", "lag_steps", "lag_lr", "lag_threshold",
              "lag_lambda_init", "lag_help_negatives", "lag_cost", "grpo_steps", "tamper_steps", "tamper_lr",
              "max_new_tokens", "eval_per_split", "early_stop_every", "dpo_help_negatives", "answerable_val",
              "val_objects")
@@ -753,8 +756,8 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: tuple[str, ...], t
             val, random.Random(f"val-negatives-{seed}"), bool(recipe.benign_opening)))
     def dpo_from(start, reference, name, seed_):
         m = copy.deepcopy(start)
-        lat = (dict(lat_eps=recipe.lat_eps, lat_layer=recipe.lat_layer, lat_pgd_steps=recipe.lat_pgd_steps)
-               if recipe.dpo_lat else {})
+        lat = (dict(lat_eps=recipe.dpo_lat_eps or recipe.lat_eps, lat_layer=recipe.lat_layer,
+                    lat_pgd_steps=recipe.lat_pgd_steps) if recipe.dpo_lat else {})
         stopped(name, m, lambda hook: run_dpo(m, reference, tok, pairs, steps=recipe.dpo_steps, lr=recipe.dpo_lr,
                                               beta=0.1, alpha=1.0, on_step=hook, **lat, **kw | {"seed": seed_}))
         return m
@@ -1189,6 +1192,8 @@ def main(argv=None) -> int:
         ap.error(str(e))
     if recipe.sft_soup and recipe.sft_candidates < 2:
         ap.error(f"--set sft_soup=1 averages SFT candidates: it needs sft_candidates >= 2, got {recipe.sft_candidates}")
+    if recipe.dpo_lat_eps and not recipe.dpo_lat:
+        ap.error("--set dpo_lat_eps sets the radius of DPO's latent adversary: it needs --set dpo_lat=1")
     if recipe.lat_drills and not recipe.lat_steps:
         ap.error("--set lat_drills=1 adds the copy drills to LAT's rows: it needs --set lat_steps > 0")
     if recipe.lat_steps and recipe.dpo_soup:

@@ -71,7 +71,8 @@ def test_cache_key_ignores_only_the_later_stages(bench, tmp_path):
     # how many SFT candidates are compared is not in any key; candidate k > 0 has its own
     assert bench.cache_key(replace(r, sft_candidates=3, sft_soup=1, dpo_soup=1), data, tok) == key
     # nor is LAT, which trains after the cached SFT model(s)
-    assert bench.cache_key(replace(r, lat_steps=300, lat_benign=0, lat_drills=1), data, tok) == key
+    assert bench.cache_key(replace(r, lat_steps=300, lat_benign=0, lat_drills=1, dpo_lat=1, dpo_lat_eps=0.25),
+                           data, tok) == key
     assert bench.cache_key(r, data, tok, "sft_c1") not in (key, bench.cache_key(r, data, tok, "sft_c2"))
     tok.write_text("{ }")
     assert bench.cache_key(r, data, tok) != key
@@ -108,6 +109,9 @@ def test_weight_average_is_the_mean_of_the_weights(bench, capsys):
     with pytest.raises(SystemExit):  # the copy drills join LAT's rows: no LAT, nothing to join
         bench.main(["--set", "lat_drills=1", "--summarize-only"])
     assert "lat_drills" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a radius for an adversary that is off
+        bench.main(["--set", "dpo_lat_eps=0.25", "--summarize-only"])
+    assert "dpo_lat=1" in capsys.readouterr().err
 
 
 def test_constraint_goal_reads_the_kept_weights(bench):
