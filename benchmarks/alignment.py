@@ -179,6 +179,8 @@ class Recipe:
     # around each harmful prompt while DPO lowers over-refusal. Run 58 (eps 0.1, after LAT at 0.1): the attack
     # never moved the refusal (its NLL under attack <= 0.01 nats per token at every step), so DPO's path and
     # test numbers were run 57's; `dpo_lat_eps` sets the adversary's radius apart from LAT's (0 = `lat_eps`).
+    # Run 59 (0.25): it acts in seed 5, and DPO then raises validation over-refusal (keeps step 0); seed 7's
+    # grandma ends at 27%. Not the default.
     dpo_lat: int = 0
     dpo_lat_eps: float = 0.0
     batch_size: int = 16
@@ -559,9 +561,9 @@ def save_model(model, tok, directory: Path) -> None:
 FROM_SFT = ("sft_steps", "sft_lr", "phrasing_drills", "phrasing_trailing", "phrasing_decoys", "placement_drills",
             "placement_decoys", "lookalike_drills", "familiar_drills", "sft_knowledge_repeat", "answerable_train")
 AFTER_SFT = ("sft_candidates", "sft_soup", "dpo_soup", "lat_steps", "lat_lr", "lat_eps", "lat_layer", "lat_pgd_steps",
-             "lat_benign", "lat_drills", "dpo_lat", "dpo_lat_eps", "dpo_steps", "dpo_lr", "lag_steps", "lag_lr", "lag_threshold",
-             "lag_lambda_init", "lag_help_negatives", "lag_cost", "grpo_steps", "tamper_steps", "tamper_lr",
-             "max_new_tokens", "eval_per_split", "early_stop_every", "dpo_help_negatives", "answerable_val",
+             "lat_benign", "lat_drills", "dpo_lat", "dpo_lat_eps", "dpo_steps", "dpo_lr", "lag_steps", "lag_lr",
+             "lag_threshold", "lag_lambda_init", "lag_help_negatives", "lag_cost", "grpo_steps", "tamper_steps",
+             "tamper_lr", "max_new_tokens", "eval_per_split", "early_stop_every", "dpo_help_negatives", "answerable_val",
              "val_objects")
 
 

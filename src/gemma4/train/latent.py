@@ -157,7 +157,9 @@ class LATDPOObjective(LATObjective):
     harmful prompts unlike any in the pairs (held-out jailbreak wrappers) drift with them (the alignment
     benchmark, runs 56-57: DPO reopens wrapper families that the LAT model had closed). The adversarial
     term keeps the refusal holding over a ball around each harmful prompt while DPO trains. The reference
-    log-probs stay those of the clean prompts: δ only enters the added term."""
+    log-probs stay those of the clean prompts: δ only enters the added term. Measured there (runs 58-59):
+    at LAT's own radius the attack no longer moves the refusal and the term is ~0; at a wider one the
+    refusal it trains spreads to benign prompts, so DPO stops lowering over-refusal."""
 
     def __init__(self, pairs: Pairs, *, beta: float = 0.1, alpha: float = 1.0, loss_type: str = "sigmoid",
                  label_smoothing: float = 0.0, layer: int = 1, eps: float = 0.1, pgd_steps: int = 4,
