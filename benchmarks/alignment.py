@@ -563,8 +563,8 @@ FROM_SFT = ("sft_steps", "sft_lr", "phrasing_drills", "phrasing_trailing", "phra
 AFTER_SFT = ("sft_candidates", "sft_soup", "dpo_soup", "lat_steps", "lat_lr", "lat_eps", "lat_layer", "lat_pgd_steps",
              "lat_benign", "lat_drills", "dpo_lat", "dpo_lat_eps", "dpo_steps", "dpo_lr", "lag_steps", "lag_lr",
              "lag_threshold", "lag_lambda_init", "lag_help_negatives", "lag_cost", "grpo_steps", "tamper_steps",
-             "tamper_lr", "max_new_tokens", "eval_per_split", "early_stop_every", "dpo_help_negatives", "answerable_val",
-             "val_objects")
+             "tamper_lr", "max_new_tokens", "eval_per_split", "early_stop_every", "dpo_help_negatives",
+             "answerable_val", "val_objects")
 
 
 def cache_key(recipe: Recipe, data: AlignData, tok_path: Path, stage: str = "sft") -> str:
