@@ -131,10 +131,14 @@ class LATObjective:
             after = float(self._nll(model, rejected, delta, mask))
         return delta.detach(), mask, {"adv_rejected_nll_clean": before, "adv_rejected_nll": after}
 
+    def clean_loss(self, model, rows: Pairs) -> tuple[torch.Tensor, dict]:
+        """The loss on the whole batch's clean prompts: the chosen answer's NLL."""
+        clean = self._nll(model, rows.chosen)
+        return clean, {"chosen_nll": float(clean.detach()), "tokens": int(rows.chosen.lengths.sum())}
+
     def loss(self, model, batch: tuple[Pairs, Pairs | None]) -> tuple[torch.Tensor, dict]:
         rows, hit = batch
-        clean = self._nll(model, rows.chosen)
-        loss, logs = clean, {"chosen_nll": float(clean.detach()), "tokens": int(rows.chosen.lengths.sum())}
+        loss, logs = self.clean_loss(model, rows)
         if hit is not None:
             delta, mask, logs_adv = self.attack(model, hit)
             adv = self._nll(model, hit.chosen, delta, mask)
@@ -173,12 +177,6 @@ class LATDPOObjective(LATObjective):
                          attacked=attacked, batch_size=batch_size, seed=seed)
         self.kw = dict(beta=beta, alpha=alpha, loss_type=loss_type, label_smoothing=label_smoothing)
 
-    def loss(self, model, batch: tuple[Pairs, Pairs | None]) -> tuple[torch.Tensor, dict]:
-        rows, hit = batch
-        loss, logs = dpo_step(model, rows, **self.kw)
-        if hit is not None:
-            delta, mask, logs_adv = self.attack(model, hit)
-            adv = self._nll(model, hit.chosen, delta, mask)
-            loss = loss + adv
-            logs |= logs_adv | {"chosen_nll_adv": float(adv.detach())}
-        return loss, logs | {"loss": float(loss.detach())}
+    def clean_loss(self, model, rows: Pairs) -> tuple[torch.Tensor, dict]:
+        """DPO + alpha · NLL(chosen) on the whole batch (`dpo_step`); `LATObjective.loss` adds the attacked term."""
+        return dpo_step(model, rows, **self.kw)
