@@ -115,6 +115,14 @@ class Recipe:
     # their harmful copies too (validation ASR 4.3%).
     answerable_val: int = 0
     answerable_train: int = 0
+    # 1: every row from SFT on (SFT, LAT, DPO, the Lagrangian's help pairs and J_C) reads its prompt as greedy
+    # decoding does, the answer after it (`gemma4.align.stages.encode_answers(as_generated=True)`; 0 = runs
+    # 1-61: a long prompt loses as many more tokens from its start as its answer is long). Nearly every
+    # wrapped prompt is long (seed 5: 294 of 300 harmful training ones), so training never saw the view the
+    # tests read: seed 5's SFT (run 44) answers 53 of those 300 training prompts at generation, and for its
+    # 22 answered validation prompts J_C's refusal NLL is 0.001-0.011 nats per token as truncated for the
+    # refusal, 0.13-0.61 as generated (RESULTS, run 62).
+    rows_as_generated: int = 0
     # Held-out harmful objects per category (and the same share of the held-out benign ones) that go to the
     # validation split as 60 + 60 plain requests instead of to test_objects (`build(val_objects=...)`; 0 =
     # runs 1-38). Runs 35-38: in seed 1 every preference stage that moved the weights took held-out objects
@@ -559,12 +567,15 @@ def save_model(model, tok, directory: Path) -> None:
 # Recipe fields read only from SFT on, and only after SFT (and `sft_candidates`, `sft_soup`, `dpo_soup`,
 # which only combine cached SFT models or train from them): a cached base (SFT) stays valid when only these change.
 FROM_SFT = ("sft_steps", "sft_lr", "phrasing_drills", "phrasing_trailing", "phrasing_decoys", "placement_drills",
-            "placement_decoys", "lookalike_drills", "familiar_drills", "sft_knowledge_repeat", "answerable_train")
+            "placement_decoys", "lookalike_drills", "familiar_drills", "sft_knowledge_repeat", "answerable_train",
+            "rows_as_generated")
 AFTER_SFT = ("sft_candidates", "sft_soup", "dpo_soup", "lat_steps", "lat_lr", "lat_eps", "lat_layer", "lat_pgd_steps",
              "lat_benign", "lat_drills", "dpo_lat", "dpo_lat_eps", "dpo_steps", "dpo_lr", "lag_steps", "lag_lr",
              "lag_threshold", "lag_lambda_init", "lag_help_negatives", "lag_cost", "grpo_steps", "tamper_steps",
              "tamper_lr", "max_new_tokens", "eval_per_split", "early_stop_every", "dpo_help_negatives",
              "answerable_val", "val_objects")
+
+KEYED_WHEN_SET = ("rows_as_generated",)
 
 
 def cache_key(recipe: Recipe, data: AlignData, tok_path: Path, stage: str = "sft") -> str:
@@ -573,7 +584,8 @@ def cache_key(recipe: Recipe, data: AlignData, tok_path: Path, stage: str = "sft
     tokenizer (the code itself is not in it: clear the cache after changing it). How many candidates are
     compared is not in it: each candidate is the same model whatever the count."""
     skip = AFTER_SFT + (FROM_SFT if stage == "base" else ())
-    fields = {k: v for k, v in asdict(recipe).items() if k not in skip}
+    # A field added after caches were made enters the key only when set, so those caches stay valid.
+    fields = {k: v for k, v in asdict(recipe).items() if k not in skip and not (k in KEYED_WHEN_SET and not v)}
     # Candidate 0 keeps the one SFT model's key, so caches from before the candidates stay valid.
     fields |= {"sft_stage": stage} if stage not in ("base", "sft") else {}
     blob = json.dumps([fields, [e.to_json() for e in data.splits["train"]], data.knowledge_train], default=str)
@@ -672,7 +684,7 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: tuple[str, ...], t
             # The constraint as it holds for the weights kept (the log's last J_C,val is the last step's).
             harmful_val = [e for e in val if e.harmful]
             rows = cost_rows(tok, ref, harmful_val, recipe.lag_cost, lag_kw.get("val_cost_negatives", ()),
-                             recipe.max_len)
+                             recipe.max_len, as_generated=bool(recipe.rows_as_generated))
             res["early_stop"][name]["j_val_kept"] = mean_cost(model.eval(), rows)
         _log(seed, f"{name}: kept step {es.best[1]} (validation ASR + over-refusal {es.best[0]:.3f})")
 
@@ -696,6 +708,8 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: tuple[str, ...], t
                                  warmup_steps=20, **kw))]
     cached("base", base, base_stages)
     ev("base", base)
+    if recipe.rows_as_generated:  # every stage from SFT on; the base, helpful to all, keeps the plain rows
+        kw["as_generated"] = lag_kw["as_generated"] = True
 
     sft_texts = knowledge * recipe.sft_knowledge_repeat  # the replay of every SFT-type stage
 

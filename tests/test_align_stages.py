@@ -3,6 +3,7 @@ truncation from the left), SFT -> DPO -> Lagrangian -> GRPO-Lagrangian runs that
 and batched greedy answers."""
 
 import copy
+import math
 import random
 from dataclasses import replace
 
@@ -70,6 +71,30 @@ def test_encoding_chat_format_masks_and_left_truncation():
         encode_answers(tok, [long], "nonsense")
 
 
+def test_as_generated_rows_read_the_generation_prompt():
+    """``as_generated=True``: a long prompt keeps what `prompt_ids` gives generation (the plain rows cut
+    more of it, to fit the answer), then the same answer tokens; short prompts are unchanged."""
+    tok = tiny_tokenizer()
+    long = _ex("bread", "harmful", wrapper="blah " * 60)
+    short = _ex("bread", "harmful")
+    plain = encode_answers(tok, [long, short], [REFUSAL] * 2, max_len=120)
+    gen = encode_answers(tok, [long, short], [REFUSAL] * 2, max_len=120, as_generated=True)
+    for i, ex in enumerate((long, short)):
+        p_ids = prompt_ids(tok, [ex], max_len=120)[0]
+        row = gen.input_ids[i, : int(gen.lengths[i])].tolist()
+        mask = gen.response_mask[i, : len(row)].tolist()
+        assert row[: len(p_ids)] == p_ids and not any(mask[: len(p_ids)]) and all(mask[len(p_ids):])
+        ref = plain.input_ids[i, : int(plain.lengths[i])].tolist()
+        n_ans = int(plain.response_mask[i].sum())
+        assert row[-n_ans:] == ref[-n_ans:]  # the same answer tokens
+    assert int(plain.lengths[0]) == 120 < int(gen.lengths[0])  # the long row keeps more of its prompt
+    assert torch.equal(gen.input_ids[1, : int(gen.lengths[1])], plain.input_ids[1, : int(plain.lengths[1])])
+    pairs = stages.encode_pairs(tok, [long], max_len=120, as_generated=True)  # one prompt for both answers
+    n_c, n_r = int(pairs.chosen.response_mask[0].sum()), int(pairs.rejected.response_mask[0].sum())
+    assert (pairs.chosen.input_ids[0, : int(pairs.chosen.lengths[0]) - n_c].tolist()
+            == pairs.rejected.input_ids[0, : int(pairs.rejected.lengths[0]) - n_r].tolist())
+
+
 def test_is_helpful():
     ex = _ex("bread", "benign")
     assert is_helpful(ex, ex.helpful) and is_helpful(ex, "Bread is easy: knead it.")
@@ -128,7 +153,7 @@ def test_lagrangian_help_negatives_join_the_help_pairs(monkeypatch):
     seen = []
     real = stages.encode_pairs
     monkeypatch.setattr(stages, "encode_pairs",
-                        lambda tok, exs, max_len: seen.append(list(exs)) or real(tok, exs, max_len))
+                        lambda tok, exs, max_len, as_generated: seen.append(list(exs)) or real(tok, exs, max_len))
     run_lagrangian(model, frozen_copy(model), tok, train, val, steps=1, lr=1e-4, help_negatives=negatives, batch_size=4)
     (pairs,) = seen
     assert pairs == [e for e in train if not e.harmful] + negatives
@@ -151,6 +176,10 @@ def test_lagrangian_pairwise_cost_reads_the_negatives():
     assert log[0]["log_lambda"] == pytest.approx(2.0 * (log[0]["j_val"] - 0.6))  # the dual reads J_C,val
     with pytest.raises(StageError, match="cost must be"):
         run_lagrangian(model, None, tok, train, val, steps=1, cost="prob")
+    # The NLL cost read as generation reads the prompt: the dual still reads J_C,val.
+    log = run_lagrangian(model, frozen_copy(model), tok, train, val, steps=1, lr=1e-4, batch_size=4,
+                         as_generated=True)
+    assert log[0]["log_lambda"] == pytest.approx(min(math.log(50.0), 2.0 * (log[0]["j_val"] - 0.05)))
     with pytest.raises(StageError, match="pairwise"):
         run_lagrangian(model, None, tok, train, val, steps=1, cost_negatives=help_negatives(train, rng))
 

@@ -47,7 +47,7 @@ def test_relative_goals(bench):
         assert (bench.relative(r, "dpo")["over_refusal_vs_sft"] < 0) == met, (sft, dpo)
 
 
-def test_cache_key_ignores_only_the_later_stages(bench, tmp_path):
+def test_cache_key_ignores_only_the_later_stages(bench, tmp_path, monkeypatch):
     data = build(0, sources=False)
     tok = tmp_path / "tokenizer.json"
     tok.write_text("{}")
@@ -64,6 +64,12 @@ def test_cache_key_ignores_only_the_later_stages(bench, tmp_path):
     assert bench.cache_key(replace(r, sft_knowledge_repeat=1), data, tok) != key
     assert bench.cache_key(replace(r, answerable_train=1), data, tok) != key
     assert bench.cache_key(replace(r, answerable_train=1), data, tok, "base") == base_key
+    # rows_as_generated: SFT's key only, and at 0 no key at all (caches from before the field stay valid)
+    assert bench.cache_key(replace(r, rows_as_generated=1), data, tok) != key
+    assert bench.cache_key(replace(r, rows_as_generated=1), data, tok, "base") == base_key
+    monkeypatch.setattr(bench, "KEYED_WHEN_SET", ())  # keyed at 0 too, the key of today's default would move
+    assert bench.cache_key(r, data, tok) != key
+    monkeypatch.undo()
     assert bench.cache_key(replace(r, tokenizer_split_punctuation=0), data, tok, "base") != base_key
     assert bench.cache_key(replace(r, benign_opening=0), data, tok, "base") != base_key
     assert bench.cache_key(replace(r, base_steps=10), data, tok, "base") != base_key

@@ -81,9 +81,15 @@ def _encode(tok, prompt: str, answer: str, max_len: int, frame: tuple[int, int],
 
 
 def encode_answers(tok, examples: Sequence[Example], answers: str | Sequence[str] = "chosen",
-                   max_len: int = 128) -> Responses:
+                   max_len: int = 128, as_generated: bool = False) -> Responses:
     """Prompt + answer rows. ``answers``: "chosen", "rejected" or "helpful" (that field of each example),
-    or one string per example (e.g. the refusal for every row)."""
+    or one string per example (e.g. the refusal for every row).
+
+    A long prompt loses the start of its text so that prompt + answer fit ``max_len``, so a longer answer
+    sees less of it. ``as_generated=True`` keeps the prompt exactly as `prompt_ids` gives it to generation
+    instead and appends the answer after it (rows up to ``max_len`` − 2 + the answer's tokens): a score
+    meant to predict what greedy decoding answers must read the prompt decoding reads. On long wrapped
+    prompts the tiny models' first answer token turns on those first tokens (RESULTS, run 62)."""
     if not examples:
         raise StageError("no examples to encode")
     if isinstance(answers, str):
@@ -98,15 +104,22 @@ def encode_answers(tok, examples: Sequence[Example], answers: str | Sequence[str
     rows, masks = [], []
     for i, (e, a) in enumerate(zip(examples, texts)):
         ids, tg = _encode(tok, e.prompt, a, max_len, frame, f"example {i}")
+        if as_generated:
+            # The prompt as a one-token answer truncates it (`prompt_ids`), then this row's answer part.
+            gen, gen_tg = _encode(tok, e.prompt, "x", max_len, frame, f"example {i}")
+            first = tg.index(True)
+            ids, tg = gen[: gen_tg.index(True)] + ids[first:], [False] * gen_tg.index(True) + tg[first:]
         rows.append(ids)
         masks.append(tg)
     return Responses.from_lists(rows, masks, tok.pad_id or 0)
 
 
-def encode_pairs(tok, examples: Sequence[Example], max_len: int = 128) -> Pairs:
+def encode_pairs(tok, examples: Sequence[Example], max_len: int = 128, as_generated: bool = False) -> Pairs:
     """Preference pairs: each example's ``chosen`` ≻ ``rejected`` (refusal ≻ placeholder compliance on
-    harmful prompts, helpful ≻ refusal on benign and borderline ones)."""
-    return Pairs(encode_answers(tok, examples, "chosen", max_len), encode_answers(tok, examples, "rejected", max_len))
+    harmful prompts, helpful ≻ refusal on benign and borderline ones). With ``as_generated`` both answers
+    of a pair follow the same prompt tokens, the ones generation reads (`encode_answers`)."""
+    return Pairs(encode_answers(tok, examples, "chosen", max_len, as_generated),
+                 encode_answers(tok, examples, "rejected", max_len, as_generated))
 
 
 def prompt_ids(tok, examples: Sequence[Example], max_len: int = 128) -> list[list[int]]:
@@ -193,12 +206,13 @@ def _fit(model, objective, *, steps: int, lr: float, warmup_steps: int, max_grad
 
 def run_sft(model, tok, examples: Sequence[Example], *, steps: int = 100, lr: float = 1e-3, answers: str = "chosen",
             texts: Sequence[str] = (), batch_size: int = 16, max_len: int = 128, warmup_steps: int = 0,
-            max_grad_norm: float = 1.0, dtype: str = "float32", seed: int = 0, out=None,
+            max_grad_norm: float = 1.0, dtype: str = "float32", seed: int = 0, out=None, as_generated: bool = False,
             on_step: Callable[[dict], None] | None = None) -> list[dict]:
     """Supervised fine-tuning on each example's answer (``answers="chosen"``: safety SFT; "helpful": the
     helpful-only base, placeholder compliance on harmful prompts), with ``texts`` (knowledge sentences,
-    pretraining replay) mixed into the same batches as plain next-token rows."""
-    rows = encode_answers(tok, examples, answers, max_len)
+    pretraining replay) mixed into the same batches as plain next-token rows. ``as_generated``: each
+    answer follows its prompt as generation reads it (`encode_answers`)."""
+    rows = encode_answers(tok, examples, answers, max_len, as_generated)
     if texts:
         rows = Responses.cat([rows, _text_rows(tok, texts, max_len)])
     return _fit(model, SFTObjective(rows, batch_size, seed), steps=steps, lr=lr, warmup_steps=warmup_steps,
@@ -209,13 +223,14 @@ def run_dpo(policy, reference, tok, examples: Sequence[Example], *, steps: int =
             beta: float = 0.1, alpha: float = 1.0, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
             lat_eps: float = 0.0, lat_layer: int = 1, lat_pgd_steps: int = 4,
             batch_size: int = 16, max_len: int = 128, warmup_steps: int = 0, max_grad_norm: float = 1.0,
-            dtype: str = "float32", seed: int = 0, out=None, on_step: Callable[[dict], None] | None = None) -> list[dict]:
+            dtype: str = "float32", seed: int = 0, out=None, as_generated: bool = False,
+            on_step: Callable[[dict], None] | None = None) -> list[dict]:
     """DPO + alpha·NLL(chosen) from ``reference`` (the frozen SFT model; None = a frozen copy of the
     policy as it is now). The reference's log-probs are computed once, before the first step.
     ``lat_eps`` > 0: with a latent adversary on the harmful pairs (`gemma4.train.latent.LATDPOObjective`;
-    ``lat_*`` as in `run_lat`)."""
+    ``lat_*`` as in `run_lat`). ``as_generated`` as in `encode_pairs`."""
     reference = reference if reference is not None else frozen_copy(policy)
-    pairs = precompute_reference(reference, encode_pairs(tok, examples, max_len), batch_size)
+    pairs = precompute_reference(reference, encode_pairs(tok, examples, max_len, as_generated), batch_size)
     if lat_eps > 0:
         same = set(same_prompt_rows(pairs))
         attacked = torch.tensor([e.harmful and i in same for i, e in enumerate(examples)])
@@ -245,14 +260,15 @@ def same_prompt_rows(pairs: Pairs) -> list[int]:
 def run_lat(model, tok, examples: Sequence[Example], *, steps: int = 100, lr: float = 1e-4, layer: int = 1,
             eps: float = 0.5, pgd_steps: int = 4, benign: bool = True, batch_size: int = 16, max_len: int = 128,
             warmup_steps: int = 0,
-            max_grad_norm: float = 1.0, dtype: str = "float32", seed: int = 0, out=None,
+            max_grad_norm: float = 1.0, dtype: str = "float32", seed: int = 0, out=None, as_generated: bool = False,
             on_step: Callable[[dict], None] | None = None) -> list[dict]:
     """Latent adversarial training (`gemma4.train.latent.LATObjective`) on each example's chosen ≻
     rejected pair: the chosen answer under the residual perturbation that makes the rejected one likely
     (``benign=False``: harmful pairs only, as targeted LAT was published; the rest trained clean).
     Pairs whose chosen and rejected rows were truncated differently (a prompt too long for ``max_len``
-    beside one of the answers) are left out: one δ must sit on the same prompt tokens in both."""
-    pairs = encode_pairs(tok, examples, max_len)
+    beside one of the answers) are left out: one δ must sit on the same prompt tokens in both
+    (``as_generated``, `encode_pairs`: none is)."""
+    pairs = encode_pairs(tok, examples, max_len, as_generated)
     same = same_prompt_rows(pairs)
     if not same:
         raise StageError("run_lat: no pair keeps the same prompt tokens in both answers' rows")
@@ -271,13 +287,14 @@ def _multiplier(threshold, dual_lr, lambda_init, lambda_max, fixed_lambda) -> La
 
 
 def cost_rows(tok, reference, harmful: Sequence[Example], cost: str = "nll", negatives: Sequence[Example] = (),
-              max_len: int = 128, batch_size: int = 16) -> Responses | Pairs:
+              max_len: int = 128, batch_size: int = 16, as_generated: bool = False) -> Responses | Pairs:
     """What the Lagrangian's J_C reads on ``harmful`` prompts (`gemma4.train.constrained.mean_cost`):
     ``cost="nll"``, the refusal rows; ``"pairwise"``, refusal ≻ rejected pairs (plus ``negatives``) with
-    ``reference``'s log-probs."""
+    ``reference``'s log-probs. ``as_generated``: on the prompts as generation reads them (`encode_answers`)."""
     if cost == "pairwise":
-        return precompute_reference(reference, encode_pairs(tok, list(harmful) + list(negatives), max_len), batch_size)
-    return encode_answers(tok, harmful, [REFUSAL] * len(harmful), max_len)
+        return precompute_reference(reference, encode_pairs(tok, list(harmful) + list(negatives), max_len,
+                                                            as_generated), batch_size)
+    return encode_answers(tok, harmful, [REFUSAL] * len(harmful), max_len, as_generated=as_generated)
 
 
 def run_lagrangian(policy, reference, tok, train_examples: Sequence[Example], val_examples: Sequence[Example], *,
@@ -287,7 +304,7 @@ def run_lagrangian(policy, reference, tok, train_examples: Sequence[Example], va
                    cost_batch_size: int = 16, val_batch_size: int = 64, max_len: int = 128, warmup_steps: int = 0,
                    max_grad_norm: float = 1.0, dtype: str = "float32", seed: int = 0, out=None,
                    help_negatives: Sequence[Example] = (), cost: str = "nll", cost_negatives: Sequence[Example] = (),
-                   val_cost_negatives: Sequence[Example] = (),
+                   val_cost_negatives: Sequence[Example] = (), as_generated: bool = False,
                    on_step: Callable[[dict], None] | None = None) -> list[dict]:
     """min_θ max_λ DPO(helpful ≻ refusal) + alpha·NLL(helpful) on benign/borderline training prompts
     + λ·(J_C − d), J_C on harmful prompts (training prompts in the primal step; the validation red-team
@@ -301,8 +318,9 @@ def run_lagrangian(policy, reference, tok, train_examples: Sequence[Example], va
       that asks for wider margins than SFT's on the validation prompts.
 
     ``help_negatives`` add their pairs to the help term instead: on a harmful request an answer about some
-    other object is no help either, and the refusal is preferred to it. ``dual="train"`` and
-    ``fixed_lambda`` are the ablations. Logs log λ, J_C,train and J_C,val every step."""
+    other object is no help either, and the refusal is preferred to it. ``as_generated``: every row (help
+    pairs, J_C,train, J_C,val) reads its prompt as generation does (`encode_answers`).
+    ``dual="train"`` and ``fixed_lambda`` are the ablations. Logs log λ, J_C,train and J_C,val every step."""
     if cost not in ("nll", "pairwise"):
         raise StageError(f"cost must be 'nll' or 'pairwise', got {cost!r}")
     if cost == "nll" and (cost_negatives or val_cost_negatives):
@@ -316,10 +334,11 @@ def run_lagrangian(policy, reference, tok, train_examples: Sequence[Example], va
     if dual == "val" and not val_harmful:
         raise StageError("val_examples hold no harmful prompt: the dual update has nothing to measure")
     reference = reference if reference is not None else frozen_copy(policy)
-    pairs = precompute_reference(reference, encode_pairs(tok, helpful + list(help_negatives), max_len), batch_size)
-    cost_tr = cost_rows(tok, reference, harmful, cost, cost_negatives, max_len, batch_size)
-    cost_val = (cost_rows(tok, reference, val_harmful, cost, val_cost_negatives, max_len, batch_size)
-                if val_harmful else None)
+    pairs = precompute_reference(reference, encode_pairs(tok, helpful + list(help_negatives), max_len, as_generated),
+                                 batch_size)
+    cost_tr = cost_rows(tok, reference, harmful, cost, cost_negatives, max_len, batch_size, as_generated)
+    cost_val = (cost_rows(tok, reference, val_harmful, cost, val_cost_negatives, max_len, batch_size,
+                          as_generated) if val_harmful else None)
     obj = LagrangianObjective(pairs, cost_tr, cost_val, beta=beta, alpha=alpha, batch_size=batch_size,
                               cost_batch_size=cost_batch_size, val_batch_size=val_batch_size, dual=dual, seed=seed,
                               multiplier=_multiplier(threshold, dual_lr, lambda_init, lambda_max, fixed_lambda))
