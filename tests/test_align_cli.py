@@ -86,7 +86,8 @@ def test_stages_and_eval(setup):
     sft = root / "sft" / "model"
     assert (sft / "config.json").is_file() and (sft / "model.safetensors").is_file()
     assert (sft / "tokenizer.json").is_file()
-    r = run("align", "sft", base, data, "--out", root / "sft_drills", *small, "--copy-drills", 6, "--json")
+    r = run("align", "sft", base, data, "--out", root / "sft_drills", *small, "--copy-drills", 6, "--json",
+            "--as-generated")
     assert r.exit_code == 0, r.output
     assert json.loads(r.output.strip().splitlines()[-1])["copy_drills"] == 6
 
@@ -106,7 +107,8 @@ def test_stages_and_eval(setup):
     for k in ("log_lambda", "lambda", "j_val", "j_tr", "loss_help"):
         assert all(k in x for x in log), k
     # A plain summary names the final λ and J_C,val.
-    r = run("align", "lagrangian", sft, data, "--out", root / "lag_fixed", *small, "--fixed-lambda", 2.0)
+    r = run("align", "lagrangian", sft, data, "--out", root / "lag_fixed", *small, "--fixed-lambda", 2.0,
+            "--as-generated")  # rows that read each prompt as generation does
     assert r.exit_code == 0, r.output
     assert "λ 2" in r.output and "J_C,val" in r.output
     assert [x["lambda"] for x in read_log(root / "lag_fixed" / "train_log.jsonl")] == pytest.approx([2.0, 2.0])

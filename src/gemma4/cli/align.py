@@ -89,6 +89,11 @@ _OUT = typer.Option(..., "--out", "-o",
 _BATCH = typer.Option(16, "--batch-size", min=1, help="Examples (or preference pairs) per optimizer step.")
 _MAXLEN = typer.Option(128, "--max-len", min=8, help="Tokens per row; long prompts lose text from the left of the "
                                                      "user's turn (the request at the end is kept).")
+_AS_GEN = typer.Option(False, "--as-generated/--fit-answer",
+                       help="Long prompts: keep each prompt as generation reads it (--max-len minus 2 tokens) and "
+                            "append the answer, so rows can run past --max-len; or cut each prompt to fit its own "
+                            "answer within --max-len (the default), so a long answer sees less of the prompt than "
+                            "generation does.")
 _SEED = typer.Option(0, help="Seed for the data order (and GRPO's sampling).")
 _WARMUP = typer.Option(0, "--warmup", min=0, help="Linear warmup steps, then a cosine to 0.1 x --lr.")
 _CLIP = typer.Option(1.0, "--grad-clip", min=0.0, help="Clip the gradient norm to this (0: no clipping).")
@@ -215,8 +220,8 @@ def sft_cmd(
                                help="Add this many benign requests about made-up names, answered by naming them: "
                                     "teaches a small model trained from scratch to copy the requested object "
                                     "into its answer instead of recalling a memorised one."),
-    batch_size: int = _BATCH, max_len: int = _MAXLEN, seed: int = _SEED, warmup: int = _WARMUP,
-    grad_clip: float = _CLIP, tokenizer: Optional[str] = _TOK, json_out: bool = _JSON,
+    batch_size: int = _BATCH, max_len: int = _MAXLEN, as_generated: bool = _AS_GEN, seed: int = _SEED,
+    warmup: int = _WARMUP, grad_clip: float = _CLIP, tokenizer: Optional[str] = _TOK, json_out: bool = _JSON,
 ) -> None:
     """Supervised fine-tuning on the curated train split: next-token loss on the answer each example
     teaches (the exact refusal on harmful requests, plain or wrapped in a jailbreak; the helpful answer on
@@ -228,7 +233,8 @@ def sft_cmd(
     def run(m, ref, tok, data, on_step):
         return run_sft(m, tok, data.splits["train"] + copy_drills(data, drills), steps=steps, lr=lr, answers=answers,
                        texts=data.knowledge_train if replay else (), batch_size=batch_size, max_len=max_len,
-                       warmup_steps=warmup, max_grad_norm=grad_clip, seed=seed, out=out, on_step=on_step)
+                       as_generated=as_generated, warmup_steps=warmup, max_grad_norm=grad_clip, seed=seed, out=out,
+                       on_step=on_step)
 
     _run_stage("sft", model, data_dir, out, tokenizer, steps, (("nll", "nll"),), json_out, run,
                summary=lambda log: {"copy_drills": drills})
@@ -254,8 +260,8 @@ def dpo_cmd(
                                        "trained to hold under it (the alignment benchmark uses 0.1)."),
     steps: int = typer.Option(80, min=1, help="Optimizer steps."),
     lr: float = typer.Option(5e-5, min=0.0, help="Peak learning rate (AdamW)."),
-    batch_size: int = _BATCH, max_len: int = _MAXLEN, seed: int = _SEED, warmup: int = _WARMUP,
-    grad_clip: float = _CLIP, tokenizer: Optional[str] = _TOK, json_out: bool = _JSON,
+    batch_size: int = _BATCH, max_len: int = _MAXLEN, as_generated: bool = _AS_GEN, seed: int = _SEED,
+    warmup: int = _WARMUP, grad_clip: float = _CLIP, tokenizer: Optional[str] = _TOK, json_out: bool = _JSON,
 ) -> None:
     """Direct preference optimization on the train split's pairs (refusal ≻ placeholder compliance on
     harmful requests, help ≻ refusal on benign and borderline ones) plus alpha x NLL of the chosen answer,
@@ -268,7 +274,8 @@ def dpo_cmd(
     def run(m, ref, tok, data, on_step):
         return run_dpo(m, ref, tok, data.splits["train"], steps=steps, lr=lr, beta=beta, alpha=alpha, loss_type=loss,
                        label_smoothing=label_smoothing, lat_eps=lat_eps, batch_size=batch_size, max_len=max_len,
-                       warmup_steps=warmup, max_grad_norm=grad_clip, seed=seed, out=out, on_step=on_step)
+                       as_generated=as_generated, warmup_steps=warmup, max_grad_norm=grad_clip, seed=seed, out=out,
+                       on_step=on_step)
 
     _run_stage("dpo", model, data_dir, out, tokenizer, steps,
                (("reward_margin", "margin"), ("reward_acc", "acc")), json_out, run, reference)
@@ -296,8 +303,8 @@ def lagrangian_cmd(
     alpha: float = typer.Option(1.0, min=0.0, help="Weight of the NLL anchor on the helpful answer."),
     steps: int = typer.Option(80, min=1, help="Optimizer steps."),
     lr: float = typer.Option(5e-5, min=0.0, help="Peak learning rate (AdamW)."),
-    batch_size: int = _BATCH, max_len: int = _MAXLEN, seed: int = _SEED, warmup: int = _WARMUP,
-    grad_clip: float = _CLIP, tokenizer: Optional[str] = _TOK, json_out: bool = _JSON,
+    batch_size: int = _BATCH, max_len: int = _MAXLEN, as_generated: bool = _AS_GEN, seed: int = _SEED,
+    warmup: int = _WARMUP, grad_clip: float = _CLIP, tokenizer: Optional[str] = _TOK, json_out: bool = _JSON,
 ) -> None:
     """Safety as a constraint inside the loss: helpfulness (DPO + NLL on benign and borderline prompts)
     is minimized subject to J_C <= d, J_C = mean per-token NLL of the refusal on harmful prompts, through
@@ -311,8 +318,8 @@ def lagrangian_cmd(
         return run_lagrangian(m, ref, tok, data.splits["train"], data.splits["val_redteam"], steps=steps, lr=lr,
                               beta=beta, alpha=alpha, threshold=threshold, dual_lr=dual_lr, lambda_init=lambda_init,
                               lambda_max=lambda_max, dual=dual, fixed_lambda=fixed_lambda, batch_size=batch_size,
-                              cost_batch_size=batch_size, max_len=max_len, warmup_steps=warmup,
-                              max_grad_norm=grad_clip, seed=seed, out=out, on_step=on_step)
+                              cost_batch_size=batch_size, max_len=max_len, as_generated=as_generated,
+                              warmup_steps=warmup, max_grad_norm=grad_clip, seed=seed, out=out, on_step=on_step)
 
     _run_stage("lagrangian", model, data_dir, out, tokenizer, steps,
                (("lambda", "λ"), ("j_val", "J_C,val"), ("j_tr", "J_C,train")), json_out, run, reference,
