@@ -121,7 +121,9 @@ class Recipe:
     # wrapped prompt is long (seed 5: 294 of 300 harmful training ones), so training never saw the view the
     # tests read: seed 5's SFT (run 44) answers 53 of those 300 training prompts at generation, and for its
     # 22 answered validation prompts J_C's refusal NLL is 0.001-0.011 nats per token as truncated for the
-    # refusal, 0.13-0.61 as generated (RESULTS, run 62).
+    # refusal, 0.13-0.61 as generated. Run 62 (1, seeds 0-5 and 14-16): SFT refuses fewer benign prompts
+    # (mean 0.50% against 1.33%) and seed 5's grandma family closes (DPO 47% -> 23%), but DPO meets every
+    # goal in 4 of the 9 seeds (the default: 5; seed 1's grandma reopens to 40%); not the default.
     rows_as_generated: int = 0
     # Held-out harmful objects per category (and the same share of the held-out benign ones) that go to the
     # validation split as 60 + 60 plain requests instead of to test_objects (`build(val_objects=...)`; 0 =
