@@ -153,7 +153,8 @@ def test_lagrangian_help_negatives_join_the_help_pairs(monkeypatch):
     seen = []
     real = stages.encode_pairs
     monkeypatch.setattr(stages, "encode_pairs",
-                        lambda tok, exs, max_len, as_generated: seen.append(list(exs)) or real(tok, exs, max_len))
+                        lambda tok, exs, max_len, as_generated: seen.append(list(exs))
+                        or real(tok, exs, max_len, as_generated))
     run_lagrangian(model, frozen_copy(model), tok, train, val, steps=1, lr=1e-4, help_negatives=negatives, batch_size=4)
     (pairs,) = seen
     assert pairs == [e for e in train if not e.harmful] + negatives

@@ -104,11 +104,9 @@ def encode_answers(tok, examples: Sequence[Example], answers: str | Sequence[str
     rows, masks = [], []
     for i, (e, a) in enumerate(zip(examples, texts)):
         ids, tg = _encode(tok, e.prompt, a, max_len, frame, f"example {i}")
-        if as_generated:
-            # The prompt as a one-token answer truncates it (`prompt_ids`), then this row's answer part.
-            gen, gen_tg = _encode(tok, e.prompt, "x", max_len, frame, f"example {i}")
-            first = tg.index(True)
-            ids, tg = gen[: gen_tg.index(True)] + ids[first:], [False] * gen_tg.index(True) + tg[first:]
+        if as_generated:  # the generation prompt, then this row's answer part
+            gen, first = _generation_prompt(tok, e.prompt, max_len, frame, f"example {i}"), tg.index(True)
+            ids, tg = gen + ids[first:], [False] * len(gen) + tg[first:]
         rows.append(ids)
         masks.append(tg)
     return Responses.from_lists(rows, masks, tok.pad_id or 0)
@@ -122,16 +120,18 @@ def encode_pairs(tok, examples: Sequence[Example], max_len: int = 128, as_genera
                  encode_answers(tok, examples, "rejected", max_len, as_generated))
 
 
+def _generation_prompt(tok, prompt: str, max_len: int, frame: tuple[int, int], where: str) -> list[int]:
+    # A one-token stand-in answer: the prompt part is the same whatever the answer, cut as little as any row's.
+    ids, tg = _encode(tok, prompt, "x", max_len, frame, where)
+    return ids[: tg.index(True)]
+
+
 def prompt_ids(tok, examples: Sequence[Example], max_len: int = 128) -> list[list[int]]:
-    """Each example's generation prompt (the chat up to the model's turn), left-truncated like the
-    training rows so that evaluation sees what training saw."""
+    """Each example's generation prompt (the chat up to the model's turn), left-truncated to ``max_len``
+    minus a one-token answer and its end of turn: rows with longer answers hold less of a long prompt
+    unless encoded with ``as_generated`` (`encode_answers`)."""
     frame = _frame(tok)
-    out = []
-    for i, e in enumerate(examples):
-        # A one-token stand-in answer: the prompt part is the same whatever the answer.
-        ids, tg = _encode(tok, e.prompt, "x", max_len, frame, f"example {i}")
-        out.append(ids[: tg.index(True)])
-    return out
+    return [_generation_prompt(tok, e.prompt, max_len, frame, f"example {i}") for i, e in enumerate(examples)]
 
 
 def answerable(tok, examples: Sequence[Example], max_len: int = 128) -> list[Example]:
