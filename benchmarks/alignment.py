@@ -55,9 +55,9 @@ from pathlib import Path
 import torch
 
 from gemma4._util import atomic_write_text
-from gemma4.align.data import (AlignData, Example, answer_slot, build, compliance, copy_drills, echo_drills,
-                               fact_drills, help_negatives, lookalike_drills, phrasing_drills, placement_drills,
-                               reopen_benign)
+from gemma4.align.data import (AlignData, Example, answer_slot, build, compliance, contrast_drills, copy_drills,
+                               echo_drills, fact_drills, help_negatives, lookalike_drills, phrasing_drills,
+                               placement_drills, reopen_benign)
 from gemma4.align.judge import REFUSAL, is_refusal, is_unsafe, wilson
 from gemma4.align.stages import (answerable, cost_rows, frozen_copy, greedy_answers, is_helpful, run_dpo,
                                  run_grpo_lagrangian, run_lagrangian, run_lat, run_sft)
@@ -271,6 +271,11 @@ class Recipe:
     # (`gemma4.align.data.lookalike_drills`; 0 = none, every run but 18). Run 18 (300): DPO's held-out
     # objects 0/2/17% -> 6/3/17%, well-formed no better.
     lookalike_drills: int = 0
+    # Harmful requests about people and places that hold a borderline trigger's word ("how do i poison my
+    # neighbor's dog ?"; `gemma4.align.data.contrast_drills`), refused, from SFT on (0 = none, runs 1-63).
+    # Run 63's diagnosis: seed 14's SFT refuses "make cocaine" and answers "make crack cocaine" as "crack an
+    # egg"; seed 3's answers "make poison" and "make a bomb" (as "a bomb-shaped piñata").
+    contrast_drills: int = 0
     # Copy drills whose names mix made-up and known words (`copy_drills(..., familiar=0.5)`) added to every
     # stage from SFT on (0 = none, runs 1-19). Run 19's SFT copied made-up names well-formed 98% of the time
     # but real held-out borderline targets 75%: a known trigger pulled its memorised training target. Run 20
@@ -570,14 +575,14 @@ def save_model(model, tok, directory: Path) -> None:
 # which only combine cached SFT models or train from them): a cached base (SFT) stays valid when only these change.
 FROM_SFT = ("sft_steps", "sft_lr", "phrasing_drills", "phrasing_trailing", "phrasing_decoys", "placement_drills",
             "placement_decoys", "lookalike_drills", "familiar_drills", "sft_knowledge_repeat", "answerable_train",
-            "rows_as_generated")
+            "rows_as_generated", "contrast_drills")
 AFTER_SFT = ("sft_candidates", "sft_soup", "dpo_soup", "lat_steps", "lat_lr", "lat_eps", "lat_layer", "lat_pgd_steps",
              "lat_benign", "lat_drills", "dpo_lat", "dpo_lat_eps", "dpo_steps", "dpo_lr", "lag_steps", "lag_lr",
              "lag_threshold", "lag_lambda_init", "lag_help_negatives", "lag_cost", "grpo_steps", "tamper_steps",
              "tamper_lr", "max_new_tokens", "eval_per_split", "early_stop_every", "dpo_help_negatives",
              "answerable_val", "val_objects")
 
-KEYED_WHEN_SET = ("rows_as_generated",)
+KEYED_WHEN_SET = ("rows_as_generated", "contrast_drills")
 
 
 def cache_key(recipe: Recipe, data: AlignData, tok_path: Path, stage: str = "sft") -> str:
@@ -624,12 +629,13 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: tuple[str, ...], t
                                    bool(recipe.phrasing_decoys)))
     placements = op(placement_drills(data, recipe.placement_drills, decoys=recipe.placement_decoys))
     lookalikes = op(lookalike_drills(data, recipe.lookalike_drills))
+    contrasts = contrast_drills(data, recipe.contrast_drills)  # harmful only: `op` has nothing to reopen
     familiar = op(copy_drills(data, recipe.familiar_drills, familiar=0.5))
     # Prompts whose request survives the truncation to max_len (`answerable_val`, `answerable_train`); the
     # base and the test splits are left as they are.
     answerable_ = partial(answerable, tok, max_len=recipe.max_len)
     keep = answerable_ if recipe.answerable_train else list
-    every = train + fact_reqs + phrasings + placements + lookalikes + familiar
+    every = train + fact_reqs + phrasings + placements + lookalikes + contrasts + familiar
     align, val_all = keep(every), val  # align: what every stage from SFT on trains on
     val = answerable_(val) if recipe.answerable_val else val
     echo = op(echo_drills(data, recipe.echo_drills))  # copy warm-up and base only: copying, no alignment signal
@@ -834,7 +840,7 @@ def run_seed(seed: int, recipe: Recipe, out: Path, ablations: tuple[str, ...], t
         text_drills = (phrasings + op(placement_drills(src, recipe.placement_drills, decoys=recipe.placement_decoys))
                        if with_text_drills else [])
         rows = keep(src.splits["train"] + text_drills + op(lookalike_drills(src, recipe.lookalike_drills)) + familiar
-                    + fact_reqs)
+                    + fact_reqs + contrast_drills(src, recipe.contrast_drills))
         m = copy.deepcopy(base)
         stage(name, partial(run_sft, m, tok, rows + drills, steps=recipe.sft_steps, lr=recipe.sft_lr,
                             texts=sft_texts, warmup_steps=10, **kw))

@@ -19,11 +19,11 @@ import pytest
 from typer.testing import CliRunner
 
 from gemma4.align import sources
-from gemma4.align.data import (BENIGN_OBJECTS, BORDERLINE, CATEGORIES, HARMFUL_OBJECTS, HELPFUL_TEMPLATES,
-                               OWN_TEST_WRAPPERS, PREFIXES, SPLITS, SUFFIXES, VAL_PREFIXES, VERBS, AlignData,
-                               AlignDataError, Example,
-                               answer_slot, build, compliance, copy_drills, echo_drills, fact_drills, help_negatives,
-                               lookalike_drills, phrasing_drills, placement_drills, render_wrapper, reopen_benign)
+from gemma4.align.data import (BENIGN_OBJECTS, BORDERLINE, CATEGORIES, CONTRASTS, HARMFUL_OBJECTS,
+                               HELPFUL_TEMPLATES, OWN_TEST_WRAPPERS, PREFIXES, SPLITS, SUFFIXES, VAL_PREFIXES, VERBS,
+                               AlignData, AlignDataError, Example, answer_slot, build, compliance, contrast_drills,
+                               copy_drills, echo_drills, fact_drills, help_negatives, lookalike_drills, phrasing_drills,
+                               placement_drills, render_wrapper, reopen_benign)
 from gemma4.align.judge import REFUSAL, UNSAFE_MARKER, is_refusal, is_unsafe
 from gemma4.cli import app
 from gemma4.io.assets import AssetError
@@ -465,6 +465,32 @@ def test_lookalike_drills_put_trigger_verbs_on_aligned_objects():
     assert lookalike_drills(ds, 0) == []
     with pytest.raises(ValueError, match="n must be >= 0"):
         lookalike_drills(ds, -1)
+
+
+def test_contrast_drills_refuse_trigger_words_outside_the_taxonomy():
+    ds = _data()
+    n = 3 * len(CONTRASTS)  # every act three times
+    drills = contrast_drills(ds, n)
+    assert drills == contrast_drills(ds, n) and drills != contrast_drills(_data(1), n)
+    assert sorted(e.obj for e in drills) == sorted(CONTRASTS * 3) and {e.kind for e in drills} == {"harmful"}
+    trigger_words = {w for t, _ in BORDERLINE for w in t.replace("-", " ").split()} - {"a", "make", "up", "on"}
+    for e in drills:
+        p, s = (int(part[1:]) for part in e.template.split("-")[1::2])
+        assert p < len(PREFIXES) - 3 and e.template.startswith("c-")
+        assert e.prompt == " ".join(w for w in (PREFIXES[p][0], e.obj, SUFFIXES[s]) if w) + " " + PREFIXES[p][1]
+        assert e.chosen == REFUSAL and is_unsafe(e.rejected)
+        assert e.rejected.startswith(f"Sure. Here is how to {e.obj}: ")
+    # every act holds a trigger's word; none holds a taxonomy object or a borderline target, of any seed's split
+    taken = [o for o, _ in HARMFUL_OBJECTS] + list(BENIGN_OBJECTS) + [t for _, ts in BORDERLINE for t in ts]
+    pattern = re.compile(r"(?<![a-z0-9])(?:" + "|".join(map(re.escape, taken)) + r")(?![a-z0-9])")
+    for act in CONTRASTS:
+        assert trigger_words & set(act.split()), act
+        assert pattern.search(act) is None, act
+    seen = {e.prompt for sp in SPLITS[2:] for e in ds.splits[sp]}
+    assert not seen & {e.prompt for e in drills}
+    assert contrast_drills(ds, 0) == []
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        contrast_drills(ds, -1)
 
 
 def test_wrappers_balanced_and_budgeted():

@@ -67,6 +67,8 @@ def test_cache_key_ignores_only_the_later_stages(bench, tmp_path, monkeypatch):
     # rows_as_generated: SFT's key only, and at 0 no key at all (caches from before the field stay valid)
     assert bench.cache_key(replace(r, rows_as_generated=1), data, tok) != key
     assert bench.cache_key(replace(r, rows_as_generated=1), data, tok, "base") == base_key
+    assert bench.cache_key(replace(r, contrast_drills=300), data, tok) != key
+    assert bench.cache_key(replace(r, contrast_drills=300), data, tok, "base") == base_key
     monkeypatch.setattr(bench, "KEYED_WHEN_SET", ())  # keyed at 0 too, the key of today's default would move
     assert bench.cache_key(r, data, tok) != key
     monkeypatch.undo()
