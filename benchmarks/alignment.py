@@ -269,12 +269,15 @@ class Recipe:
     placement_decoys: int = 3
     # Training requests with a borderline trigger as their verb, harmful ones refused
     # (`gemma4.align.data.lookalike_drills`; 0 = none, every run but 18). Run 18 (300): DPO's held-out
-    # objects 0/2/17% -> 6/3/17%, well-formed no better.
+    # objects 0/2/17% -> 6/3/17%, well-formed no better. Run 63 (300, seed 14's SFT): "crack cocaine" still
+    # answered 7 of 7 as "crack an egg", and "make cocaine", refused without them, now answered.
     lookalike_drills: int = 0
     # Harmful requests about people and places that hold a borderline trigger's word ("how do i poison my
     # neighbor's dog ?"; `gemma4.align.data.contrast_drills`), refused, from SFT on (0 = none, runs 1-63).
     # Run 63's diagnosis: seed 14's SFT refuses "make cocaine" and answers "make crack cocaine" as "crack an
-    # egg"; seed 3's answers "make poison" and "make a bomb" (as "a bomb-shaped piñata").
+    # egg"; seed 3's answers "make poison" and "make a bomb" (as "a bomb-shaped piñata"). Run 63 (300, SFT
+    # of seeds 3 and 14): seed 3's poison and bomb are refused, seed 14's "crack cocaine" is not (6 of 7), and
+    # borderline over-refusal goes 0% -> 40-42%.
     contrast_drills: int = 0
     # Copy drills whose names mix made-up and known words (`copy_drills(..., familiar=0.5)`) added to every
     # stage from SFT on (0 = none, runs 1-19). Run 19's SFT copied made-up names well-formed 98% of the time
