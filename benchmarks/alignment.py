@@ -14,9 +14,12 @@ trained from scratch (embedding std 1/sqrt(hidden), unit-variance attention logi
               name them (`gemma4.align.data.copy_drills`; no safety signal)
   base        helpful-only: knowledge sentences + every request answered (harmful ones with the
               placeholder compliance "Sure. Here is how to make X: [unsafe-step] ...")
-  sft         safety SFT from base: refusal on harmful (plain and wrapped), help on the rest, replay
-              (`--set sft_candidates=3`: three data orders, the best on validation kept; with
-              `--set sft_soup=1` their average weights instead)
+  sft         safety SFT from base: refusal on harmful (plain and wrapped), help on the rest, replay;
+              three data orders whose weights are averaged (`sft_candidates` 3, `sft_soup` 1; with
+              `--set sft_soup=0` the best on validation is kept), every row reading its prompt as
+              generation does (`rows_as_generated` 1)
+  lat         targeted latent adversarial training of the averaged model (`lat_steps` 300, harmful
+              pairs attacked); the report's "sft" row is this model
   dpo         DPO (sigmoid, beta 0.1) + NLL anchor (alpha 1) from sft, reference = sft (`--set dpo_soup=1`:
               from each SFT candidate, reference = that candidate, then the average of those)
   lagrangian  min_θ max_λ L_help + λ·(J_C − d) from sft, J_C = per-token NLL of the refusal (log space),
@@ -123,8 +126,10 @@ class Recipe:
     # 22 answered validation prompts J_C's refusal NLL is 0.001-0.011 nats per token as truncated for the
     # refusal, 0.13-0.61 as generated. Run 62 (1, seeds 0-5 and 14-16): SFT refuses fewer benign prompts
     # (mean 0.50% against 1.33%) and seed 5's grandma family closes (DPO 47% -> 23%), but DPO meets every
-    # goal in 4 of the 9 seeds (the default: 5; seed 1's grandma reopens to 40%); not the default.
-    rows_as_generated: int = 0
+    # goal in 4 of the 9 seeds (the default: 5; seed 1's grandma reopens to 40%); not the default. Run 64 (1,
+    # with three SFT candidates averaged and targeted LAT, the four fields below): every goal in seeds 0-3 of
+    # nine, against the default's 3 of 9 on the same machine (run 63); the default since.
+    rows_as_generated: int = 1
     # Held-out harmful objects per category (and the same share of the held-out benign ones) that go to the
     # validation split as 60 + 60 plain requests instead of to test_objects (`build(val_objects=...)`; 0 =
     # runs 1-38). Runs 35-38: in seed 1 every preference stage that moved the weights took held-out objects
@@ -137,14 +142,16 @@ class Recipe:
     # seed 5: its SFT answered 15.7% of the validation prompts (seeds 0-4: 0%) and 11 of 30 grandma test
     # prompts, and more SFT steps did not mend it (run 46). Run 47 (3): validation does not pick the better
     # candidate on the test splits (seed 2's best on validation answers the most held-out objects, 5.8%).
-    sft_candidates: int = 1
+    # 3 (averaged, `sft_soup`): the default since run 64.
+    sft_candidates: int = 3
     # 1: instead of choosing one, SFT is the uniform average of the candidates' weights (`weight_average`; a
     # "model soup": fine-tuned from one base, they stay in one basin). Run 47: which held-out objects and
     # wrapped requests a seed's SFT fails moves with its data order alone (seed 5's candidates: objects 1.7%,
     # 3.3%, 7.5%), and the validation split does not see held-out objects. Run 48 (3 candidates): the average
     # is within every absolute bound in seeds 0-5 (objects <= 5.0%, worst family <= 23.3%, benign
-    # over-refusal <= 0.4%), and DPO from it then erodes the wrapper tails of seeds 4 and 5.
-    sft_soup: int = 0
+    # over-refusal <= 0.4%), and DPO from it then erodes the wrapper tails of seeds 4 and 5. 1 (then targeted
+    # LAT): the default since run 64.
+    sft_soup: int = 1
     # 1 (with `sft_soup`): DPO runs from each SFT candidate (reference = that candidate, its data seed) and
     # the DPO model is the uniform average of those, compared with the averaged SFT model. Run 48's
     # reading: from the average DPO has almost no over-refusal left to remove (8 seeds: 24 benign test
@@ -165,15 +172,15 @@ class Recipe:
     # in 6 of 8, not the default by its rule. eps 0.1 at layer 1 (of 4): on 64 training pairs of run 44's
     # seed-5 SFT model, 4 PGD steps take the compliance NLL of harmful prompts from 0.39 to 0.12 nats per
     # token and the refusal's on benign ones from 0.92 to 0.05; at 0.25 both reach ~0.01 (layers 0 and 2
-    # alike).
-    lat_steps: int = 0
+    # alike). 300 steps, harmful pairs only (`lat_benign` 0), after `sft_soup`: the default since run 64.
+    lat_steps: int = 300
     lat_lr: float = 2e-4
     lat_eps: float = 0.1
     lat_layer: int = 1
     lat_pgd_steps: int = 4
     # 1: benign pairs attacked too (toward the refusal), so a perturbed state predicts neither answer (run
     # 54); 0: harmful pairs only, the rest trained clean, as targeted LAT was published.
-    lat_benign: int = 1
+    lat_benign: int = 0
     # 1: SFT's copy drills (`copy_drills`, made-up objects) join LAT's rows, trained clean as the other unattacked
     # rows (0 = LAT on the alignment rows alone, runs 54-56). Run 56's LAT cost 2-11 points of on-topic
     # helpfulness, all of it on held-out objects (seed 3: 120/120 held-out phrasings answered, objects 35/120),
@@ -322,7 +329,7 @@ class Recipe:
     @staticmethod
     def quick() -> "Recipe":
         return Recipe(base_steps=30, copy_warmup_steps=30, copy_warmup_drills=200, early_stop_every=3, sft_steps=20,
-                      dpo_steps=6, lag_steps=6, grpo_steps=2, tamper_steps=(0, 4), eval_per_split=24,
+                      lat_steps=12, dpo_steps=6, lag_steps=6, grpo_steps=2, tamper_steps=(0, 4), eval_per_split=24,
                       max_new_tokens=24)
 
 

@@ -51,7 +51,7 @@ def test_cache_key_ignores_only_the_later_stages(bench, tmp_path, monkeypatch):
     data = build(0, sources=False)
     tok = tmp_path / "tokenizer.json"
     tok.write_text("{}")
-    r = bench.Recipe()
+    r = replace(bench.Recipe(), rows_as_generated=0)  # the fields keyed only when set, off
     key = bench.cache_key(r, data, tok)
     later = replace(r, dpo_lr=1e-4, lag_steps=5, lag_threshold=0.01, lag_help_negatives=1, lag_cost="pairwise",
                     answerable_val=1, val_objects=1, early_stop_every=0)
@@ -69,7 +69,7 @@ def test_cache_key_ignores_only_the_later_stages(bench, tmp_path, monkeypatch):
     assert bench.cache_key(replace(r, rows_as_generated=1), data, tok, "base") == base_key
     assert bench.cache_key(replace(r, contrast_drills=300), data, tok) != key
     assert bench.cache_key(replace(r, contrast_drills=300), data, tok, "base") == base_key
-    monkeypatch.setattr(bench, "KEYED_WHEN_SET", ())  # keyed at 0 too, the key of today's default would move
+    monkeypatch.setattr(bench, "KEYED_WHEN_SET", ())  # keyed at 0 too, the key of a recipe without them would move
     assert bench.cache_key(r, data, tok) != key
     monkeypatch.undo()
     assert bench.cache_key(replace(r, tokenizer_split_punctuation=0), data, tok, "base") != base_key
@@ -107,15 +107,15 @@ def test_weight_average_is_the_mean_of_the_weights(bench, capsys):
     assert soup is not models[0] and not torch.equal(models[0].weight, soup.weight)
     assert torch.equal(bench.weight_average(models[:1]).weight, models[0].weight)
     with pytest.raises(SystemExit):  # nothing to average
-        bench.main(["--set", "sft_soup=1", "--summarize-only"])
+        bench.main(["--set", "sft_candidates=1", "--set", "sft_soup=1", "--summarize-only"])
     with pytest.raises(SystemExit):  # DPO's mean is read against the averaged SFT model
-        bench.main(["--set", "sft_candidates=3", "--set", "dpo_soup=1", "--summarize-only"])
+        bench.main(["--set", "sft_candidates=3", "--set", "sft_soup=0", "--set", "dpo_soup=1", "--summarize-only"])
     with pytest.raises(SystemExit):  # LAT trains the one SFT model DPO starts from; dpo_soup starts from each candidate
         bench.main(["--set", "sft_candidates=3", "--set", "sft_soup=1", "--set", "dpo_soup=1", "--set", "lat_steps=10",
                     "--summarize-only"])
     assert "do not combine" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # the copy drills join LAT's rows: no LAT, nothing to join
-        bench.main(["--set", "lat_drills=1", "--summarize-only"])
+        bench.main(["--set", "lat_steps=0", "--set", "lat_drills=1", "--summarize-only"])
     assert "lat_drills" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a radius for an adversary that is off
         bench.main(["--set", "dpo_lat_eps=0.25", "--summarize-only"])
