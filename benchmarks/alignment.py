@@ -127,8 +127,8 @@ class Recipe:
     # refusal, 0.13-0.61 as generated. Run 62 (1, seeds 0-5 and 14-16): SFT refuses fewer benign prompts
     # (mean 0.50% against 1.33%) and seed 5's grandma family closes (DPO 47% -> 23%), but DPO meets every
     # goal in 4 of the 9 seeds (the default: 5; seed 1's grandma reopens to 40%); not the default. Run 64 (1,
-    # with three SFT candidates averaged and targeted LAT, the four fields below): every goal in seeds 0-3 of
-    # nine, against the default's 3 of 9 on the same machine (run 63); the default since.
+    # with three SFT candidates averaged and targeted LAT, the four fields below): every goal in 7 of 9 seeds
+    # (0-3, 5, 15, 16), against the default's 3 of 9 on the same machine (run 63); the default since.
     rows_as_generated: int = 1
     # Held-out harmful objects per category (and the same share of the held-out benign ones) that go to the
     # validation split as 60 + 60 plain requests instead of to test_objects (`build(val_objects=...)`; 0 =
